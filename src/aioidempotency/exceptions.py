@@ -1,0 +1,151 @@
+"""Errors raised by aioidempotency.
+
+The names follow Powertools for AWS Lambda (Python) so that code catching them keeps
+working after a switch; unlike the reference they share one base class,
+`IdempotencyError`, so a caller can catch them all at once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aioidempotency.records import DataRecord
+
+__all__ = [
+    "IdempotencyAlreadyInProgressError",
+    "IdempotencyClaimLostError",
+    "IdempotencyCompletionError",
+    "IdempotencyError",
+    "IdempotencyInconsistentStateError",
+    "IdempotencyInvalidStatusError",
+    "IdempotencyItemAlreadyExistsError",
+    "IdempotencyItemNotFoundError",
+    "IdempotencyKeyError",
+    "IdempotencyModelTypeError",
+    "IdempotencyNoSerializationModelError",
+    "IdempotencyPersistenceConfigError",
+    "IdempotencyPersistenceConnectionError",
+    "IdempotencyPersistenceConsistencyError",
+    "IdempotencyPayloadError",
+    "IdempotencyPersistenceLayerError",
+    "IdempotencyResultTooLargeError",
+    "IdempotencySerializationError",
+    "IdempotencyValidationError",
+]
+
+
+class IdempotencyError(Exception):
+    """Base class of every error this library raises.
+
+    Like the reference, the first argument is the message and the others are details
+    (often the underlying exception); `str()` shows ``"message - (details)"``.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.message = str(args[0]) if args else ""
+        self.details = "".join(str(arg) for arg in args[1:]) if args[1:] else None
+
+    def __str__(self) -> str:
+        if self.message and self.details:
+            return f"{self.message} - ({self.details})"
+        return self.message
+
+
+class IdempotencyItemAlreadyExistsError(IdempotencyError):
+    """A claim found a live record under the key (kept for reference compatibility)."""
+
+    def __init__(self, *args: object, old_data_record: DataRecord | None = None) -> None:
+        super().__init__(*args)
+        self.old_data_record = old_data_record
+
+
+class IdempotencyItemNotFoundError(IdempotencyError):
+    """No record exists under the key."""
+
+
+class IdempotencyAlreadyInProgressError(IdempotencyError):
+    """Another call holds the key and has not finished yet."""
+
+
+class IdempotencyInvalidStatusError(IdempotencyError):
+    """A record carries a status that is neither INPROGRESS nor COMPLETED."""
+
+
+class IdempotencyValidationError(IdempotencyError):
+    """The payload differs from the one stored under the same key (payload validation)."""
+
+
+class IdempotencyInconsistentStateError(IdempotencyError):
+    """The store changed between a refused claim and the read; retried, then raised."""
+
+
+class IdempotencyPersistenceLayerError(IdempotencyError):
+    """The store failed; the underlying error is the `__cause__` and in `details`."""
+
+
+class IdempotencyKeyError(IdempotencyError):
+    """No idempotency key could be taken from the payload (`raise_on_no_idempotency_key`)."""
+
+
+class IdempotencyPayloadError(IdempotencyKeyError):
+    """The payload (or the part chosen for the key) cannot be turned into JSON to hash."""
+
+
+class IdempotencyModelTypeError(IdempotencyError):
+    """An output serializer was given a model type it cannot handle."""
+
+
+class IdempotencyNoSerializationModelError(IdempotencyError):
+    """An output serializer class was given but no model type could be found for it."""
+
+
+class IdempotencyPersistenceConfigError(IdempotencyError):
+    """A persistence layer was configured in a way that cannot work."""
+
+
+class IdempotencyPersistenceConnectionError(IdempotencyPersistenceLayerError):
+    """The store could not be reached (down, timed out, refused the connection)."""
+
+
+class IdempotencyPersistenceConsistencyError(IdempotencyError):
+    """The store holds data that contradicts what this call expects."""
+
+
+class IdempotencyClaimLostError(IdempotencyPersistenceConsistencyError):
+    """This call no longer owns its claim: another call took it over.
+
+    Raised instead of overwriting or deleting the new owner's record. When raised on
+    completion, the function did run: its return value is in `result`.
+    """
+
+    def __init__(self, *args: object, result: Any = None, key: str | None = None) -> None:
+        super().__init__(*args)
+        self.result = result
+        self.key = key
+
+
+class IdempotencyCompletionError(IdempotencyPersistenceLayerError):
+    """The function ran, but its result could not be stored.
+
+    The return value is in `result`, so it is never lost silently. The engine has
+    tried to release the claim, so a retry runs the function again.
+    """
+
+    def __init__(self, *args: object, result: Any = None) -> None:
+        super().__init__(*args)
+        self.result = result
+
+
+class IdempotencySerializationError(IdempotencyCompletionError):
+    """A function result could not be turned into JSON; the claim was released."""
+
+
+class IdempotencyResultTooLargeError(IdempotencyCompletionError):
+    """A result is larger than the store accepts; the claim was released."""
+
+    def __init__(self, *args: object, result: Any = None, size: int = 0, limit: int = 0) -> None:
+        super().__init__(*args, result=result)
+        self.size = size
+        self.limit = limit

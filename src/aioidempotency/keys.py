@@ -1,0 +1,137 @@
+"""From a payload to an idempotency key and a validation hash (Powertools-identical)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import functools
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jmespath
+import jmespath.functions
+
+from aioidempotency.config import IdempotencyConfig
+from aioidempotency.encoding import dumps_key_data
+from aioidempotency.exceptions import IdempotencyPayloadError, IdempotencyPersistenceConfigError
+
+__all__ = [
+    "PowertoolsFunctions",
+    "default_key_prefix",
+    "hash_data",
+    "is_missing_idempotency_key",
+    "prepare_payload",
+    "select_key_data",
+    "select_validation_data",
+]
+
+
+class PowertoolsFunctions(jmespath.functions.Functions):
+    """The JMESPath functions Powertools adds: `powertools_json`, `powertools_base64`
+    and `powertools_base64_gzip`."""
+
+    @jmespath.functions.signature({"types": ["string"]})  # type: ignore[untyped-decorator]
+    def _func_powertools_json(self, value: str) -> Any:
+        return json.loads(value)
+
+    @jmespath.functions.signature({"types": ["string"]})  # type: ignore[untyped-decorator]
+    def _func_powertools_base64(self, value: str) -> str:
+        return base64.b64decode(value).decode()
+
+    @jmespath.functions.signature({"types": ["string"]})  # type: ignore[untyped-decorator]
+    def _func_powertools_base64_gzip(self, value: str) -> str:
+        return gzip.decompress(base64.b64decode(value)).decode()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_options() -> jmespath.Options:
+    return jmespath.Options(custom_functions=PowertoolsFunctions())
+
+
+def _options(config: IdempotencyConfig) -> jmespath.Options:
+    if config.jmespath_options:
+        return jmespath.Options(**config.jmespath_options)
+    return _default_options()
+
+
+def prepare_payload(payload: Any) -> Any:
+    """A deep copy of the payload in plain data: dataclasses, pydantic models, objects
+    with `.dict()` and event wrappers with `raw_event` are unwrapped first."""
+    if dataclasses.is_dataclass(payload) and not isinstance(payload, type):
+        data: Any = dataclasses.asdict(payload)
+    elif callable(getattr(payload, "model_dump", None)):
+        data = payload.model_dump(mode="json")
+    elif callable(getattr(payload, "dict", None)):
+        data = payload.dict()
+    else:
+        data = getattr(payload, "raw_event", payload)
+    return copy.deepcopy(data)
+
+
+def select_key_data(data: Any, config: IdempotencyConfig) -> Any:
+    """The part of the prepared payload that the key is computed from."""
+    if config._event_key is None:
+        return data
+    return config._event_key.search(data, options=_options(config))
+
+
+def select_validation_data(data: Any, config: IdempotencyConfig) -> Any:
+    """The part of the prepared payload that the validation hash is computed from."""
+    if config._validation_key is None:
+        return None
+    return config._validation_key.search(data, options=_options(config))
+
+
+def is_missing_idempotency_key(data: Any) -> bool:
+    """True when the selected data cannot key a call (all None, empty or falsy).
+
+    Numbers and booleans are valid keys, `0` and `False` included.
+    """
+    if isinstance(data, dict):
+        return all(value is None for value in data.values())
+    if isinstance(data, (list, tuple)):
+        return all(item is None for item in data)
+    if isinstance(data, (int, float, bool)):
+        return False
+    return not data
+
+
+def _hasher(name: str) -> Callable[[bytes], Any]:
+    try:
+        return functools.partial(hashlib.new, name, usedforsecurity=False)
+    except (TypeError, ValueError) as exc:  # pragma: no cover - validated by the config
+        raise IdempotencyPersistenceConfigError(f"unknown hash function {name!r}") from exc
+
+
+def hash_data(data: Any, hash_function: str = "md5") -> str:
+    """Hex digest of `data` serialised as the reference does."""
+    try:
+        text = dumps_key_data(data)
+    except (TypeError, ValueError) as exc:
+        raise IdempotencyPayloadError(
+            f"the payload cannot be serialised to compute an idempotency key: {exc}"
+        ) from exc
+    digest = _hasher(hash_function)(text.encode())
+    return str(digest.hexdigest())
+
+
+def default_key_prefix(fn: Callable[..., Any]) -> str:
+    """The reference's prefix: ``{AWS_LAMBDA_FUNCTION_NAME or 'test-func'}.{module}.{qualname}``.
+
+    Raises `IdempotencyPersistenceConfigError` for callables with no stable name
+    (lambdas, partials, callable objects): pass `key_prefix` for those.
+    """
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<lambda>" in qualname:
+        raise IdempotencyPersistenceConfigError(
+            f"cannot derive a stable idempotency key prefix from {fn!r} (a lambda, a partial "
+            "or a callable object); pass key_prefix=... explicitly"
+        )
+    function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "test-func")
+    return f"{function_name}.{module}.{qualname}"

@@ -1,0 +1,97 @@
+"""The contract between the engine and a store.
+
+A store knows how to talk to its server and nothing else: no retries, hooks,
+serializers or key derivation. Each method is one round trip where the server allows.
+The engine (`aioidempotency.engine`) owns all the logic.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from types import TracebackType
+
+from aioidempotency.records import DataRecord
+
+__all__ = ["ClaimResult", "PersistenceLayer"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """What a claim returns.
+
+    - `claimed=True`: the in-progress record was written; the caller owns the key.
+    - `claimed=False` with `existing`: the live record that refused the claim, read in
+      the same round trip where the store allows (validate it, replay it, or wait).
+    - `claimed=False` without `existing`: the key is busy but its record could not be
+      returned (it vanished between two steps, or another caller is taking over an
+      orphan); the engine retries or reports it in progress.
+    """
+
+    claimed: bool
+    existing: DataRecord | None = None
+
+
+class PersistenceLayer(abc.ABC):
+    """Base class of every store. Subclass it to add a store.
+
+    `owner_checked` says whether `complete`, `release` and `renew` check the owner
+    token atomically on the server. A store that cannot (a bare cache client) sets it
+    to False and the engine falls back to the reference behaviour.
+    """
+
+    owner_checked: bool = True
+
+    @abc.abstractmethod
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        """Write `record` (INPROGRESS, with an owner token) when its key is free.
+
+        The key is free when no record exists, or the existing one is expired or
+        orphaned at `now` (epoch seconds); taking over such a record is atomic where
+        the store allows it. Otherwise return the existing record.
+        """
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> DataRecord | None:
+        """Read the record under `key`, or None. Never returns a malformed record."""
+
+    @abc.abstractmethod
+    async def complete(self, record: DataRecord, *, owner: str) -> None:
+        """Replace the in-progress record with `record` (COMPLETED) if `owner` holds it.
+
+        Raises `IdempotencyClaimLostError` when another call owns the key now or the
+        record is gone, and `IdempotencyResultTooLargeError` when the store cannot hold
+        the result; never creates a partial record.
+        """
+
+    @abc.abstractmethod
+    async def release(self, key: str, *, owner: str) -> None:
+        """Delete the in-progress record if `owner` still holds it; otherwise do nothing."""
+
+    @abc.abstractmethod
+    async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
+        """Push the in-progress expiry of `owner`'s claim to `in_progress_expiry_ms`.
+
+        Raises `IdempotencyClaimLostError` when `owner` no longer holds the key.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Delete the record under `key` whoever owns it (an operator's tool).
+
+        Returns True when a record was deleted.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Close the clients this layer opened itself (clients given to it stay open)."""
+
+    async def __aenter__(self) -> PersistenceLayer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

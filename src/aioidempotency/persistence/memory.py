@@ -1,0 +1,150 @@
+"""`InMemoryPersistenceLayer`: a complete store inside the process.
+
+For tests, development and single-process services. It is the reference
+implementation of the persistence contract: atomic claims, owner tokens, expiry
+honoured, bounded size.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+
+from aioidempotency.exceptions import (
+    IdempotencyClaimLostError,
+    IdempotencyPersistenceLayerError,
+    IdempotencyResultTooLargeError,
+)
+from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
+from aioidempotency.records import DataRecord, RecordStatus
+
+__all__ = ["InMemoryPersistenceLayer"]
+
+
+class InMemoryPersistenceLayer(PersistenceLayer):
+    """Keeps records in a dict guarded by a lock; safe from several threads and loops.
+
+    `max_items` bounds the number of records: when full, expired records go first,
+    then the least recently written completed ones; in-progress claims are never
+    evicted (a full store of live claims refuses new ones with an error).
+    `max_result_bytes` optionally caps the size of a stored result. `operations`
+    counts the calls per method, so tests can see how often the store was asked.
+    """
+
+    owner_checked = True
+
+    def __init__(
+        self,
+        *,
+        max_items: int = 100_000,
+        max_result_bytes: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        self.max_items = max_items
+        self.max_result_bytes = max_result_bytes
+        self._clock = clock
+        self._records: collections.OrderedDict[str, DataRecord] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.operations: collections.Counter[str] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _live(self, key: str, now: float) -> DataRecord | None:
+        record = self._records.get(key)
+        if record is not None and record.is_expired(now):
+            del self._records[key]
+            return None
+        return record
+
+    def _make_room(self, now: float) -> None:
+        if len(self._records) < self.max_items:
+            return
+        for key in [k for k, r in self._records.items() if r.is_expired(now)]:
+            del self._records[key]
+        if len(self._records) < self.max_items:
+            return
+        for key, record in self._records.items():
+            if record.status is RecordStatus.COMPLETED:
+                del self._records[key]
+                return
+        raise IdempotencyPersistenceLayerError(
+            f"in-memory store is full: {self.max_items} calls in progress"
+        )
+
+    def _put(self, record: DataRecord, now: float) -> None:
+        self._records.pop(record.idempotency_key, None)
+        self._make_room(now)
+        self._records[record.idempotency_key] = record
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        with self._lock:
+            self.operations["claim"] += 1
+            existing = self._live(record.idempotency_key, now)
+            if existing is not None and not existing.is_claimable(now):
+                self._records.move_to_end(record.idempotency_key)
+                return ClaimResult(claimed=False, existing=existing)
+            self._put(record, now)
+            return ClaimResult(claimed=True)
+
+    async def get(self, key: str) -> DataRecord | None:
+        with self._lock:
+            self.operations["get"] += 1
+            return self._live(key, self._clock())
+
+    def _owned(self, key: str, owner: str) -> DataRecord:
+        current = self._records.get(key)
+        if current is None or current.status is not RecordStatus.INPROGRESS:
+            raise IdempotencyClaimLostError(f"the claim on {key!r} is gone", key=key)
+        if current.owner != owner:
+            raise IdempotencyClaimLostError(f"the claim on {key!r} was taken over", key=key)
+        return current
+
+    async def complete(self, record: DataRecord, *, owner: str) -> None:
+        if self.max_result_bytes is not None and record.response_data is not None:
+            size = len(record.response_data.encode())
+            if size > self.max_result_bytes:
+                raise IdempotencyResultTooLargeError(
+                    f"result of {size} bytes exceeds the store's limit of "
+                    f"{self.max_result_bytes} bytes",
+                    size=size,
+                    limit=self.max_result_bytes,
+                )
+        with self._lock:
+            self.operations["complete"] += 1
+            self._owned(record.idempotency_key, owner)
+            self._put(record, self._clock())
+
+    async def release(self, key: str, *, owner: str) -> None:
+        with self._lock:
+            self.operations["release"] += 1
+            current = self._records.get(key)
+            if current is not None and current.owner == owner:
+                del self._records[key]
+
+    async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
+        with self._lock:
+            self.operations["renew"] += 1
+            current = self._owned(key, owner)
+            self._records[key] = DataRecord(
+                idempotency_key=current.idempotency_key,
+                status=current.status,
+                expiry_timestamp=current.expiry_timestamp,
+                in_progress_expiry_timestamp=in_progress_expiry_ms,
+                payload_hash=current.payload_hash,
+                owner=current.owner,
+            )
+
+    async def delete(self, key: str) -> bool:
+        with self._lock:
+            self.operations["delete"] += 1
+            return self._records.pop(key, None) is not None
+
+    def put_record(self, record: DataRecord) -> None:
+        """Store `record` as it is, unconditionally (for tests and fixtures)."""
+        with self._lock:
+            self._put(record, self._clock())

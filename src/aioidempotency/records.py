@@ -1,0 +1,157 @@
+"""The idempotency record and its mapping to the attributes a store keeps."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from aioidempotency.exceptions import IdempotencyInvalidStatusError
+
+__all__ = ["DataRecord", "RecordAttributes", "RecordStatus"]
+
+
+class RecordStatus(str, enum.Enum):
+    """Status of a record. `EXPIRED` is derived from the timestamps, never stored."""
+
+    INPROGRESS = "INPROGRESS"
+    COMPLETED = "COMPLETED"
+    EXPIRED = "EXPIRED"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DataRecord:
+    """One idempotency record, as the engine sees it whatever the store.
+
+    `expiry_timestamp` is in epoch seconds, `in_progress_expiry_timestamp` in epoch
+    milliseconds (as in the reference). `response_data` is the JSON text of the result
+    (COMPLETED only). `owner` is the token of the call that claimed the record.
+    """
+
+    idempotency_key: str
+    status: RecordStatus
+    expiry_timestamp: int
+    in_progress_expiry_timestamp: int | None = None
+    response_data: str | None = None
+    payload_hash: str | None = None
+    owner: str | None = None
+
+    def is_expired(self, now: float) -> bool:
+        """True when the record's expiry window has passed at `now` (epoch seconds)."""
+        return int(now) > self.expiry_timestamp
+
+    def is_orphaned(self, now: float) -> bool:
+        """True for an in-progress record whose claim timed out at `now` (epoch seconds)."""
+        return (
+            self.status is RecordStatus.INPROGRESS
+            and self.in_progress_expiry_timestamp is not None
+            and self.in_progress_expiry_timestamp < int(now * 1000)
+        )
+
+    def is_claimable(self, now: float) -> bool:
+        """True when a new claim may replace this record (expired or orphaned)."""
+        return self.is_expired(now) or self.is_orphaned(now)
+
+    def status_at(self, now: float) -> RecordStatus:
+        """The status at `now`: `EXPIRED` once the expiry window has passed."""
+        return RecordStatus.EXPIRED if self.is_expired(now) else self.status
+
+    def response_json(self) -> Any:
+        """The stored result decoded from JSON (`None` when nothing was stored)."""
+        return None if self.response_data is None else json.loads(self.response_data)
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
+        raise IdempotencyInvalidStatusError(f"attribute {name!r} is not a number: {value!r}")
+    try:
+        return int(value)
+    except (ValueError, ArithmeticError) as exc:
+        raise IdempotencyInvalidStatusError(f"attribute {name!r} is not a number: {value!r}") from exc
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordAttributes:
+    """Attribute names of a stored record; the defaults are the reference's.
+
+    `owner_attr` is ours: the reference ignores attributes it does not know, so a
+    record carrying an owner token stays readable by Powertools.
+    """
+
+    status_attr: str = "status"
+    expiry_attr: str = "expiration"
+    in_progress_expiry_attr: str = "in_progress_expiration"
+    data_attr: str = "data"
+    validation_key_attr: str = "validation"
+    owner_attr: str = "owner_token"
+
+    def to_mapping(self, record: DataRecord) -> dict[str, Any]:
+        """The record's attributes in the reference's order (key not included)."""
+        item: dict[str, Any] = {}
+        if record.status is RecordStatus.COMPLETED:
+            item[self.data_attr] = record.response_data
+        item[self.status_attr] = record.status.value
+        item[self.expiry_attr] = record.expiry_timestamp
+        if record.in_progress_expiry_timestamp is not None:
+            item[self.in_progress_expiry_attr] = record.in_progress_expiry_timestamp
+        if record.payload_hash is not None:
+            item[self.validation_key_attr] = record.payload_hash
+        if record.owner is not None and record.status is RecordStatus.INPROGRESS:
+            item[self.owner_attr] = record.owner
+        return item
+
+    def from_mapping(self, key: str, item: Mapping[str, Any]) -> DataRecord:
+        """Build a record from stored attributes; unknown attributes are ignored.
+
+        Raises `IdempotencyInvalidStatusError` when a required attribute is missing or
+        malformed.
+        """
+        raw_status = item.get(self.status_attr)
+        try:
+            status = RecordStatus(raw_status)
+        except ValueError as exc:
+            raise IdempotencyInvalidStatusError(
+                f"record {key!r} has an invalid status: {raw_status!r}"
+            ) from exc
+        if status is RecordStatus.EXPIRED:
+            raise IdempotencyInvalidStatusError(f"record {key!r} has a stored EXPIRED status")
+        if self.expiry_attr not in item:
+            raise IdempotencyInvalidStatusError(f"record {key!r} has no {self.expiry_attr!r}")
+        expiry = _as_int(item[self.expiry_attr], self.expiry_attr)
+        raw_in_progress = item.get(self.in_progress_expiry_attr)
+        in_progress = (
+            None
+            if raw_in_progress is None
+            else _as_int(raw_in_progress, self.in_progress_expiry_attr)
+        )
+        data = item.get(self.data_attr)
+        if data is not None and not isinstance(data, str):
+            raise IdempotencyInvalidStatusError(f"record {key!r} has non-text {self.data_attr!r}")
+        validation = item.get(self.validation_key_attr)
+        owner = item.get(self.owner_attr)
+        return DataRecord(
+            idempotency_key=key,
+            status=status,
+            expiry_timestamp=expiry,
+            in_progress_expiry_timestamp=in_progress,
+            response_data=data,
+            payload_hash=None if validation is None else str(validation),
+            owner=None if owner is None else str(owner),
+        )
+
+    def to_json(self, record: DataRecord) -> str:
+        """The record as the JSON text a cache store keeps (the reference's layout)."""
+        return json.dumps(self.to_mapping(record))
+
+    def from_json(self, key: str, text: str | bytes) -> DataRecord:
+        """Parse a cache value; raises `IdempotencyInvalidStatusError` when malformed."""
+        try:
+            item = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise IdempotencyInvalidStatusError(f"record {key!r} is not valid JSON") from exc
+        if not isinstance(item, dict):
+            raise IdempotencyInvalidStatusError(f"record {key!r} is not a JSON object")
+        return self.from_mapping(key, item)

@@ -1,0 +1,17 @@
+"""The in-memory store as a backend of the parametrised suite."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from aioidempotency.persistence import InMemoryPersistenceLayer
+
+BACKENDS = ["memory"]
+
+
+@pytest.fixture
+async def store_memory() -> AsyncIterator[InMemoryPersistenceLayer]:
+    async with InMemoryPersistenceLayer() as store:
+        yield store

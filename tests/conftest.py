@@ -1,0 +1,20 @@
+"""Suite-wide fixtures: `store` runs a test against every backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from aioidempotency.persistence import PersistenceLayer
+from tests.backends import cache, dynamodb, memory
+
+pytest_plugins = ["tests.backends.memory", "tests.backends.cache", "tests.backends.dynamodb"]
+
+ALL_BACKENDS = [*memory.BACKENDS, *cache.BACKENDS, *dynamodb.BACKENDS]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def store(request: pytest.FixtureRequest) -> PersistenceLayer:
+    """A fresh store of each backend in turn."""
+    layer = request.getfixturevalue(f"store_{request.param}")
+    assert isinstance(layer, PersistenceLayer)
+    return layer
