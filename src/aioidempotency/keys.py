@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-class PowertoolsFunctions(jmespath.functions.Functions):
+class PowertoolsFunctions(jmespath.functions.Functions):  # type: ignore[misc]
     """The JMESPath functions Powertools adds: `powertools_json`, `powertools_base64`
     and `powertools_base64_gzip`."""
 

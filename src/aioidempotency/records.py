@@ -70,7 +70,9 @@ def _as_int(value: Any, name: str) -> int:
     try:
         return int(value)
     except (ValueError, ArithmeticError) as exc:
-        raise IdempotencyInvalidStatusError(f"attribute {name!r} is not a number: {value!r}") from exc
+        raise IdempotencyInvalidStatusError(
+            f"attribute {name!r} is not a number: {value!r}"
+        ) from exc
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

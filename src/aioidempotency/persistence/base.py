@@ -22,14 +22,18 @@ class ClaimResult:
 
     - `claimed=True`: the in-progress record was written; the caller owns the key.
     - `claimed=False` with `existing`: the live record that refused the claim, read in
-      the same round trip where the store allows (validate it, replay it, or wait).
-    - `claimed=False` without `existing`: the key is busy but its record could not be
-      returned (it vanished between two steps, or another caller is taking over an
-      orphan); the engine retries or reports it in progress.
+      the same round trip where the store allows (the engine validates it, replays it,
+      refuses or waits).
+    - `claimed=False, busy=True` without `existing`: another caller is taking over an
+      orphaned record right now (the reference's lock key); the engine reports the key
+      as in progress (or waits).
+    - `claimed=False, busy=False` without `existing`: the record vanished between two
+      steps of the claim; the engine retries the claim (up to 3 attempts).
     """
 
     claimed: bool
     existing: DataRecord | None = None
+    busy: bool = False
 
 
 class PersistenceLayer(abc.ABC):

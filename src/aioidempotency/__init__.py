@@ -1,0 +1,88 @@
+"""aioidempotency: asyncio-native idempotency for Python.
+
+A call is keyed by a hash of (part of) its payload; the first call claims the key,
+runs and stores its result; repeats within the expiry window get the stored result
+back without running. Keys, records and knobs are those of Powertools for AWS Lambda
+(Python), so a team can switch without losing the records in its table.
+"""
+
+from aioidempotency.config import IdempotencyConfig
+from aioidempotency.decorators import idempotent_async, idempotent_function_async
+from aioidempotency.engine import IdempotencyDisabledWarning, IdempotencyEngine
+from aioidempotency.exceptions import (
+    IdempotencyAlreadyInProgressError,
+    IdempotencyClaimLostError,
+    IdempotencyCompletionError,
+    IdempotencyError,
+    IdempotencyInconsistentStateError,
+    IdempotencyInvalidStatusError,
+    IdempotencyItemAlreadyExistsError,
+    IdempotencyItemNotFoundError,
+    IdempotencyKeyError,
+    IdempotencyModelTypeError,
+    IdempotencyNoSerializationModelError,
+    IdempotencyPayloadError,
+    IdempotencyPersistenceConfigError,
+    IdempotencyPersistenceConnectionError,
+    IdempotencyPersistenceConsistencyError,
+    IdempotencyPersistenceLayerError,
+    IdempotencyResultTooLargeError,
+    IdempotencySerializationError,
+    IdempotencyValidationError,
+)
+from aioidempotency.persistence import ClaimResult, InMemoryPersistenceLayer, PersistenceLayer
+from aioidempotency.persistence.urls import store_from_url
+from aioidempotency.records import DataRecord, RecordStatus
+from aioidempotency.serialization import (
+    BaseIdempotencyModelSerializer,
+    BaseIdempotencySerializer,
+    CustomDictSerializer,
+    DataclassSerializer,
+    NoOpSerializer,
+    PydanticSerializer,
+)
+from aioidempotency.sync import idempotent, idempotent_function
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseIdempotencyModelSerializer",
+    "BaseIdempotencySerializer",
+    "ClaimResult",
+    "CustomDictSerializer",
+    "DataRecord",
+    "DataclassSerializer",
+    "IdempotencyAlreadyInProgressError",
+    "IdempotencyClaimLostError",
+    "IdempotencyCompletionError",
+    "IdempotencyConfig",
+    "IdempotencyDisabledWarning",
+    "IdempotencyEngine",
+    "IdempotencyError",
+    "IdempotencyInconsistentStateError",
+    "IdempotencyInvalidStatusError",
+    "IdempotencyItemAlreadyExistsError",
+    "IdempotencyItemNotFoundError",
+    "IdempotencyKeyError",
+    "IdempotencyModelTypeError",
+    "IdempotencyNoSerializationModelError",
+    "IdempotencyPayloadError",
+    "IdempotencyPersistenceConfigError",
+    "IdempotencyPersistenceConnectionError",
+    "IdempotencyPersistenceConsistencyError",
+    "IdempotencyPersistenceLayerError",
+    "IdempotencyResultTooLargeError",
+    "IdempotencySerializationError",
+    "IdempotencyValidationError",
+    "InMemoryPersistenceLayer",
+    "NoOpSerializer",
+    "PersistenceLayer",
+    "PydanticSerializer",
+    "RecordStatus",
+    "__version__",
+    "idempotent",
+    "idempotent_async",
+    "idempotent_function",
+    "idempotent_function_async",
+    "store_from_url",
+]

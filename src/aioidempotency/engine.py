@@ -1,0 +1,532 @@
+"""`IdempotencyEngine`: the state machine of one idempotent call, written once.
+
+Every entry point (decorators, sync shims, web middleware, CLI) goes through
+`IdempotencyEngine.run`. The engine derives the key, claims it in the store, runs
+the function once, stores the result and replays it; it releases the claim when the
+function fails or is cancelled, renews an in-progress lease while the function runs,
+and (opt-in) waits for a duplicate's result. Stores only move records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+from aioidempotency.config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
+from aioidempotency.encoding import dumps_result
+from aioidempotency.exceptions import (
+    IdempotencyAlreadyInProgressError,
+    IdempotencyClaimLostError,
+    IdempotencyCompletionError,
+    IdempotencyError,
+    IdempotencyInconsistentStateError,
+    IdempotencyKeyError,
+    IdempotencyPersistenceLayerError,
+    IdempotencySerializationError,
+    IdempotencyValidationError,
+)
+from aioidempotency.keys import (
+    default_key_prefix,
+    hash_data,
+    is_missing_idempotency_key,
+    prepare_payload,
+    select_key_data,
+    select_validation_data,
+)
+from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
+from aioidempotency.records import DataRecord, RecordStatus
+from aioidempotency.serialization import BaseIdempotencySerializer, NoOpSerializer
+
+__all__ = ["DISABLED_ENV", "IdempotencyDisabledWarning", "IdempotencyEngine", "is_disabled"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("aioidempotency")
+
+DISABLED_ENV = "POWERTOOLS_IDEMPOTENCY_DISABLED"
+_TRUE_VALUES = frozenset({"1", "y", "yes", "t", "true", "on"})
+_MAX_CLAIM_ATTEMPTS = 3
+_MAX_POLL_INTERVAL = 1.0
+
+
+class IdempotencyDisabledWarning(UserWarning):
+    """Idempotency is switched off by `POWERTOOLS_IDEMPOTENCY_DISABLED`."""
+
+
+def is_disabled() -> bool:
+    """True when `POWERTOOLS_IDEMPOTENCY_DISABLED` holds a true value."""
+    return os.environ.get(DISABLED_ENV, "false").strip().lower() in _TRUE_VALUES
+
+
+@dataclasses.dataclass
+class _Flight:
+    """A call of this process that holds a claim; duplicates in the process join it."""
+
+    loop: asyncio.AbstractEventLoop
+    payload_hash: str | None
+    done: asyncio.Future[DataRecord | None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Call:
+    key: str
+    payload_hash: str | None
+    lambda_context: LambdaContextLike | None
+
+
+class IdempotencyEngine:
+    """Runs functions at most once per payload within the expiry window.
+
+    ``persistence_store`` keeps the records; ``config`` says what to key on and how
+    long to remember; ``key_prefix`` replaces the prefix otherwise derived from the
+    function (``{AWS_LAMBDA_FUNCTION_NAME}.{module}.{qualname}``). ``output_serializer``
+    turns results into JSON-able data and back. One engine may serve many concurrent
+    calls; it keeps no per-call state.
+    """
+
+    def __init__(
+        self,
+        persistence_store: PersistenceLayer,
+        config: IdempotencyConfig | None = None,
+        *,
+        key_prefix: str | None = None,
+        output_serializer: BaseIdempotencySerializer | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(persistence_store, PersistenceLayer):
+            raise TypeError(
+                f"persistence_store must be a PersistenceLayer, not {type(persistence_store)!r}"
+            )
+        self.persistence_store = persistence_store
+        self.config = config or IdempotencyConfig()
+        self.key_prefix = key_prefix
+        self.output_serializer = output_serializer or NoOpSerializer()
+        self._clock = clock
+        self._cache: collections.OrderedDict[str, DataRecord] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._flights: dict[str, _Flight] = {}
+
+    # -- public API -----------------------------------------------------------------
+
+    async def run(
+        self,
+        payload: Any,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        lambda_context: LambdaContextLike | None = None,
+    ) -> T:
+        """Run ``fn()`` once for ``payload``; replay its stored result to duplicates.
+
+        ``fn`` is a zero-argument async callable. ``lambda_context`` (or the one
+        registered with `IdempotencyConfig.register_lambda_context`) bounds the claim
+        by the invocation's remaining time. Raises `IdempotencyAlreadyInProgressError`
+        for a concurrent duplicate, `IdempotencyValidationError` when the payload
+        differs from the stored one, and re-raises whatever ``fn`` raises.
+        """
+        return await self.run_for(payload, fn, key_source=fn, lambda_context=lambda_context)
+
+    async def run_for(
+        self,
+        payload: Any,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        key_source: Callable[..., Any],
+        lambda_context: LambdaContextLike | None = None,
+    ) -> T:
+        """Like `run`, with the key prefix derived from ``key_source`` instead of ``fn``.
+
+        Decorators use it: they run a bound call of the function they decorate.
+        """
+        if is_disabled():
+            warnings.warn(
+                "Disabling idempotency is intended for development environments only "
+                "and should not be used in production.",
+                IdempotencyDisabledWarning,
+                stacklevel=3,
+            )
+            return await fn()
+        call = self._make_call(payload, key_source, lambda_context)
+        if call is None:
+            return await fn()
+        return await self._process(call, fn)
+
+    def idempotency_key(self, payload: Any, key_source: Callable[..., Any] | None = None) -> str:
+        """The key a call with ``payload`` would use (for debugging and tools)."""
+        prefix = self._prefix(key_source)
+        data = select_key_data(prepare_payload(payload), self.config)
+        if is_missing_idempotency_key(data):
+            raise IdempotencyKeyError("No data found to create a hashed idempotency_key")
+        return f"{prefix}#{hash_data(data, self.config.hash_function)}"
+
+    # -- key derivation -------------------------------------------------------------
+
+    def _prefix(self, key_source: Callable[..., Any] | None) -> str:
+        if self.key_prefix:
+            return self.key_prefix
+        if key_source is None:
+            raise IdempotencyKeyError("no key_prefix and no function to derive it from")
+        return default_key_prefix(key_source)
+
+    def _make_call(
+        self,
+        payload: Any,
+        key_source: Callable[..., Any],
+        lambda_context: LambdaContextLike | None,
+    ) -> _Call | None:
+        config = self.config
+        prefix = self._prefix(key_source)
+        data = prepare_payload(payload)
+        key_data = select_key_data(data, config)
+        if is_missing_idempotency_key(key_data):
+            if config.raise_on_no_idempotency_key:
+                raise IdempotencyKeyError("No data found to create a hashed idempotency_key")
+            warnings.warn(
+                "No idempotency key value found. Skipping persistence layer and validation "
+                f"operations. jmespath: {config.event_key_jmespath}",
+                stacklevel=4,
+            )
+            return None
+        key = f"{prefix}#{hash_data(key_data, config.hash_function)}"
+        payload_hash = None
+        if config.payload_validation_enabled:
+            payload_hash = hash_data(select_validation_data(data, config), config.hash_function)
+        context = lambda_context if lambda_context is not None else registered_lambda_context()
+        return _Call(key=key, payload_hash=payload_hash, lambda_context=context)
+
+    # -- the state machine ------------------------------------------------------------
+
+    async def _process(self, call: _Call, fn: Callable[[], Awaitable[T]]) -> T:
+        cached = self._cache_get(call.key)
+        if cached is not None:
+            self._validate(call, cached.payload_hash)
+            return cast(T, self._replay(cached))
+        wait = self.config.wait_for_in_progress_seconds
+        deadline = self._clock() + wait if wait > 0 else None
+        inconsistent = 0
+        while True:
+            flight = self._flight(call.key)
+            if flight is not None:
+                record = await self._join(call, flight, deadline)
+                if record is not None:
+                    return cast(T, self._replay(record))
+                continue  # the owner released the key: try to claim it
+            in_progress = self._new_claim(call)
+            result = await self._claim(in_progress)
+            if result.claimed:
+                return await self._execute(call, in_progress, fn)
+            existing = result.existing
+            if existing is not None:
+                self._validate(call, existing.payload_hash)
+                now = self._clock()
+                if existing.is_expired(now) or existing.is_orphaned(now):
+                    existing = None  # it changed between the claim and the read
+                elif existing.status is RecordStatus.COMPLETED:
+                    self._cache_put(existing)
+                    return cast(T, self._replay(existing))
+                else:
+                    record = await self._wait(call, deadline)
+                    if record is not None:
+                        return cast(T, self._replay(record))
+                    continue
+            elif result.busy:
+                record = await self._wait(call, deadline)
+                if record is not None:
+                    return cast(T, self._replay(record))
+                continue
+            inconsistent += 1
+            if inconsistent >= _MAX_CLAIM_ATTEMPTS:
+                raise IdempotencyInconsistentStateError(
+                    "save_inprogress and get_record return inconsistent results."
+                )
+
+    def _new_claim(self, call: _Call) -> DataRecord:
+        now = self._clock()
+        in_progress_ms: int | None = None
+        if call.lambda_context is not None:
+            remaining_ms = call.lambda_context.get_remaining_time_in_millis()
+            in_progress_ms = int(now * 1000) + int(remaining_ms)
+        elif self.config.in_progress_lease_seconds is not None:
+            in_progress_ms = int((now + self.config.in_progress_lease_seconds) * 1000)
+        return DataRecord(
+            idempotency_key=call.key,
+            status=RecordStatus.INPROGRESS,
+            expiry_timestamp=int(now) + self.config.expires_after_seconds,
+            in_progress_expiry_timestamp=in_progress_ms,
+            payload_hash=call.payload_hash,
+            owner=uuid.uuid4().hex,
+        )
+
+    async def _claim(self, record: DataRecord) -> ClaimResult:
+        try:
+            return await self.persistence_store.claim(record, now=self._clock())
+        except IdempotencyError:
+            raise
+        except Exception as exc:
+            raise IdempotencyPersistenceLayerError(
+                "Failed to save in progress record to idempotency store", exc
+            ) from exc
+
+    def _validate(self, call: _Call, stored_hash: str | None) -> None:
+        if call.payload_hash is not None and stored_hash != call.payload_hash:
+            raise IdempotencyValidationError(
+                "Payload does not match stored record for this event key"
+            )
+
+    def _in_progress_error(self, key: str) -> IdempotencyAlreadyInProgressError:
+        return IdempotencyAlreadyInProgressError(
+            "Execution already in progress with idempotency key: "
+            f"{self.config.event_key_jmespath}={key}"
+        )
+
+    def _replay(self, record: DataRecord) -> Any:
+        try:
+            stored = record.response_json()
+        except ValueError as exc:
+            raise IdempotencyPersistenceLayerError(
+                f"stored result of {record.idempotency_key!r} is not valid JSON", exc
+            ) from exc
+        response = None if stored is None else self.output_serializer.from_dict(stored)
+        if self.config.response_hook is not None:
+            return self.config.response_hook(response, record)
+        return response
+
+    # -- running the function -----------------------------------------------------------
+
+    async def _execute(self, call: _Call, claim: DataRecord, fn: Callable[[], Awaitable[T]]) -> T:
+        owner = claim.owner
+        assert owner is not None
+        loop = asyncio.get_running_loop()
+        flight = _Flight(loop=loop, payload_hash=call.payload_hash, done=loop.create_future())
+        self._flights[call.key] = flight
+        renewer = self._start_renewer(call, claim)
+        try:
+            try:
+                result = await fn()
+            except BaseException:
+                await self._stop(renewer)
+                await self._release(call.key, owner)
+                raise
+            await self._stop(renewer)
+            completed = await self._complete(call, owner, result)
+            self._cache_put(completed)
+            flight.done.set_result(completed)
+            return result
+        finally:
+            if self._flights.get(call.key) is flight:
+                del self._flights[call.key]
+            if not flight.done.done():
+                flight.done.set_result(None)
+
+    async def _complete(self, call: _Call, owner: str, result: Any) -> DataRecord:
+        try:
+            data = None if result is None else self.output_serializer.to_dict(result)
+            response_data = dumps_result(data)
+        except Exception as exc:
+            await self._release(call.key, owner)
+            raise IdempotencySerializationError(
+                f"the result of type {type(result).__name__} cannot be stored as JSON; "
+                "the key was released (return JSON-able data or pass an output_serializer)",
+                exc,
+                result=result,
+            ) from exc
+        completed = DataRecord(
+            idempotency_key=call.key,
+            status=RecordStatus.COMPLETED,
+            expiry_timestamp=int(self._clock()) + self.config.expires_after_seconds,
+            response_data=response_data,
+            payload_hash=call.payload_hash,
+        )
+        try:
+            await _shielded(self.persistence_store.complete(completed, owner=owner))
+        except IdempotencyClaimLostError as exc:
+            exc.result = result
+            raise
+        except IdempotencyCompletionError as exc:
+            exc.result = result
+            await self._release(call.key, owner)
+            raise
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await self._release(call.key, owner)
+            raise IdempotencyCompletionError(
+                "Failed to update record state to success in idempotency store; "
+                "the function ran and its result is attached",
+                exc,
+                result=result,
+            ) from exc
+        return completed
+
+    async def _release(self, key: str, owner: str) -> None:
+        """Delete our claim; survives the caller's cancellation."""
+        try:
+            await _shielded(self.persistence_store.release(key, owner=owner))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise IdempotencyPersistenceLayerError(
+                "Failed to delete record from idempotency store", exc
+            ) from exc
+        finally:
+            self._cache_delete(key)
+
+    # -- lease renewal ----------------------------------------------------------------
+
+    def _start_renewer(self, call: _Call, claim: DataRecord) -> asyncio.Task[None] | None:
+        lease = self.config.in_progress_lease_seconds
+        if call.lambda_context is not None or lease is None:
+            return None
+        assert claim.owner is not None
+        assert claim.in_progress_expiry_timestamp is not None
+        return asyncio.get_running_loop().create_task(
+            self._renew_lease(call.key, claim.owner, lease, claim.in_progress_expiry_timestamp),
+            name=f"aioidempotency-lease:{call.key}",
+        )
+
+    async def _renew_lease(self, key: str, owner: str, lease: float, held_until_ms: int) -> None:
+        interval = lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            until_ms = int((self._clock() + lease) * 1000)
+            while True:
+                try:
+                    await self.persistence_store.renew(
+                        key, owner=owner, in_progress_expiry_ms=until_ms
+                    )
+                except IdempotencyClaimLostError:
+                    logger.warning(
+                        "lease on %s lost to another call; its result will not be stored", key
+                    )
+                    return
+                except Exception:
+                    left = held_until_ms / 1000 - self._clock()
+                    if left <= 0:
+                        logger.warning("lease on %s expired while its renewal kept failing", key)
+                        return
+                    logger.warning("renewing the lease on %s failed; retrying", key, exc_info=True)
+                    await asyncio.sleep(min(interval, left / 4, 1.0))
+                    continue
+                held_until_ms = until_ms
+                break
+
+    @staticmethod
+    async def _stop(task: asyncio.Task[None] | None) -> None:
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+
+    # -- waiting for a duplicate's result -------------------------------------------------
+
+    def _flight(self, key: str) -> _Flight | None:
+        flight = self._flights.get(key)
+        if flight is None or flight.loop is not asyncio.get_running_loop():
+            return None
+        return flight
+
+    async def _join(
+        self, call: _Call, flight: _Flight, deadline: float | None
+    ) -> DataRecord | None:
+        """Share the result of a call of this process that holds the key."""
+        if call.payload_hash is not None and flight.payload_hash != call.payload_hash:
+            raise IdempotencyValidationError(
+                "Payload does not match stored record for this event key"
+            )
+        if deadline is None:
+            raise self._in_progress_error(call.key)
+        left = deadline - self._clock()
+        if left <= 0:
+            raise self._in_progress_error(call.key)
+        try:
+            return await asyncio.wait_for(asyncio.shield(flight.done), left)
+        except asyncio.TimeoutError:
+            raise self._in_progress_error(call.key) from None
+
+    async def _wait(self, call: _Call, deadline: float | None) -> DataRecord | None:
+        """Poll for the result of a call that holds the key elsewhere.
+
+        Returns the completed record, or None when the key became free (released,
+        expired, or orphaned) so the caller should claim it.
+        """
+        if deadline is None:
+            raise self._in_progress_error(call.key)
+        interval = self.config.wait_poll_interval_seconds
+        while True:
+            flight = self._flight(call.key)
+            if flight is not None:
+                return await self._join(call, flight, deadline)
+            left = deadline - self._clock()
+            if left <= 0:
+                raise self._in_progress_error(call.key)
+            await asyncio.sleep(min(interval, left))
+            interval = min(interval * 2, _MAX_POLL_INTERVAL)
+            try:
+                record = await self.persistence_store.get(call.key)
+            except IdempotencyError:
+                raise
+            except Exception as exc:
+                raise IdempotencyPersistenceLayerError(
+                    "Failed to get record from idempotency store", exc
+                ) from exc
+            now = self._clock()
+            if record is None or record.is_expired(now) or record.is_orphaned(now):
+                return None
+            self._validate(call, record.payload_hash)
+            if record.status is RecordStatus.COMPLETED:
+                self._cache_put(record)
+                return record
+
+    # -- local cache --------------------------------------------------------------------
+
+    def _cache_get(self, key: str) -> DataRecord | None:
+        if not self.config.use_local_cache:
+            return None
+        with self._cache_lock:
+            record = self._cache.get(key)
+            if record is None:
+                return None
+            if record.is_expired(self._clock()):
+                del self._cache[key]
+                return None
+            self._cache.move_to_end(key)
+            return record
+
+    def _cache_put(self, record: DataRecord) -> None:
+        if not self.config.use_local_cache or record.status is not RecordStatus.COMPLETED:
+            return
+        with self._cache_lock:
+            self._cache[record.idempotency_key] = record
+            self._cache.move_to_end(record.idempotency_key)
+            while len(self._cache) > self.config.local_cache_max_items:
+                self._cache.popitem(last=False)
+
+    def _cache_delete(self, key: str) -> None:
+        if self.config.use_local_cache:
+            with self._cache_lock:
+                self._cache.pop(key, None)
+
+
+async def _shielded(awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` in its own task so that cancelling the caller does not
+    interrupt it; the caller still sees the cancellation."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_log_background_failure)
+        raise
+
+
+def _log_background_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("store operation failed after cancellation", exc_info=task.exception())

@@ -1,0 +1,251 @@
+"""Sync shims: `@idempotent` and `@idempotent_function` for plain ``def`` code.
+
+The persistence calls run on one long-lived event loop in a daemon thread, so the
+store's clients and connection pools survive across calls (warm Lambda
+invocations). The decorated function itself runs in the caller's thread, never in
+an executor, so nested idempotent calls cannot exhaust a pool. Every wait across
+threads has a timeout, and a forked child starts its own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from typing_extensions import ParamSpec
+
+from aioidempotency.config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
+from aioidempotency.decorators import OutputSerializer, PayloadArgument, handler_event_and_context
+from aioidempotency.engine import IdempotencyEngine
+from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
+from aioidempotency.persistence.base import PersistenceLayer
+from aioidempotency.serialization import resolve_output_serializer
+
+__all__ = ["BackgroundLoop", "background_loop", "idempotent", "idempotent_function", "run_sync"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_STORE_TIMEOUT = 60.0
+
+
+class BackgroundLoop:
+    """An event loop running forever in a daemon thread, started on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread running the loop (None before first use)."""
+        return self._thread
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running background loop, started if needed."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            return loop
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                self._loop = self._start()
+            return self._loop
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        thread = threading.Thread(target=serve, name="aioidempotency-loop", daemon=True)
+        thread.start()
+        if not ready.wait(timeout=10):  # pragma: no cover - a thread that cannot start
+            raise RuntimeError("the aioidempotency background loop did not start")
+        self._thread = thread
+        return loop
+
+    def _after_fork(self) -> None:
+        # The parent's loop thread does not exist in the child: start afresh.
+        self._lock = threading.Lock()
+        self._loop = None
+        self._thread = None
+
+
+background_loop = BackgroundLoop()
+"""The loop every sync shim of this process shares."""
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=background_loop._after_fork)
+
+
+class _CallerRaised(Exception):
+    """Carries an exception raised in the caller's thread across to the loop."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(repr(original))
+        self.original = original
+
+
+def _settle(waiter: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if waiter.done():
+        return
+    if error is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(result)
+
+
+def run_sync(
+    engine: IdempotencyEngine,
+    payload: Any,
+    fn: Callable[[], R],
+    *,
+    key_source: Callable[..., Any],
+    lambda_context: LambdaContextLike | None = None,
+    timeout: float = DEFAULT_STORE_TIMEOUT,
+) -> R:
+    """Run the engine for a sync function: store calls on the background loop,
+    ``fn`` in this thread. ``timeout`` bounds each wait for the store."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            "a sync idempotent function was called from inside a running event loop, "
+            "which it would block; use @idempotent_async / @idempotent_function_async "
+            "or `await engine.run(payload, fn)` in async code"
+        )
+    loop = background_loop.loop()
+    channel: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    async def run_in_caller() -> R:
+        waiter: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        channel.put(("run", waiter))
+        return await waiter
+
+    future: concurrent.futures.Future[R] = asyncio.run_coroutine_threadsafe(
+        engine.run_for(
+            payload, run_in_caller, key_source=key_source, lambda_context=lambda_context
+        ),
+        loop,
+    )
+    future.add_done_callback(lambda done: channel.put(("done", done)))
+    wait = timeout + engine.config.wait_for_in_progress_seconds
+    try:
+        while True:
+            try:
+                kind, item = channel.get(timeout=wait)
+            except queue.Empty:
+                raise IdempotencyPersistenceConnectionError(
+                    f"the idempotency store did not answer within {wait:g} s"
+                ) from None
+            if kind == "done":
+                break
+            try:
+                result = fn()
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle, item, None, _CallerRaised(exc))
+            else:
+                loop.call_soon_threadsafe(_settle, item, result, None)
+    except BaseException:
+        future.cancel()  # the engine releases any claim it holds
+        raise
+    error: BaseException | None = None
+    try:
+        return future.result()
+    except _CallerRaised as wrapped:
+        error = wrapped.original
+    assert error is not None
+    raise error
+
+
+def _require_plain_function(function: Callable[..., Any], async_name: str) -> None:
+    if inspect.iscoroutinefunction(function):
+        raise TypeError(
+            f"{getattr(function, '__qualname__', function)!r} is an async function; "
+            f"use @{async_name} for it"
+        )
+
+
+def idempotent(
+    *,
+    persistence_store: PersistenceLayer,
+    config: IdempotencyConfig | None = None,
+    key_prefix: str | None = None,
+    output_serializer: OutputSerializer = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Make a ``def handler(event, context)`` Lambda handler idempotent (sync shim)."""
+
+    def decorate(handler: Callable[P, R]) -> Callable[P, R]:
+        _require_plain_function(handler, "idempotent_async")
+        engine = IdempotencyEngine(
+            persistence_store,
+            config,
+            key_prefix=key_prefix,
+            output_serializer=resolve_output_serializer(output_serializer, handler),
+        )
+
+        @functools.wraps(handler)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            event, context = handler_event_and_context(args, kwargs)
+            return run_sync(
+                engine,
+                event,
+                functools.partial(handler, *args, **kwargs),
+                key_source=handler,
+                lambda_context=context,
+            )
+
+        wrapper.engine = engine  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def idempotent_function(
+    *,
+    data_keyword_argument: str,
+    persistence_store: PersistenceLayer,
+    config: IdempotencyConfig | None = None,
+    output_serializer: OutputSerializer = None,
+    key_prefix: str | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Make any plain ``def`` idempotent on one of its arguments (sync shim)."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        _require_plain_function(function, "idempotent_function_async")
+        argument = PayloadArgument(function, data_keyword_argument)
+        engine = IdempotencyEngine(
+            persistence_store,
+            config,
+            key_prefix=key_prefix,
+            output_serializer=resolve_output_serializer(output_serializer, function),
+        )
+
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            payload = argument.extract(args, kwargs)
+            return run_sync(
+                engine,
+                payload,
+                functools.partial(function, *args, **kwargs),
+                key_source=function,
+                lambda_context=registered_lambda_context(),
+            )
+
+        wrapper.engine = engine  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
