@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from aioidempotency.persistence import PersistenceLayer
-from tests.backends import cache, dynamodb, memory
+pytest.register_assert_rewrite("tests.backends", "tests.servers", "tests.wrappers")
+
+from aioidempotency.persistence import PersistenceLayer  # noqa: E402
+from tests.backends import cache, dynamodb, memory  # noqa: E402
 
 pytest_plugins = ["tests.backends.memory", "tests.backends.cache", "tests.backends.dynamodb"]
 

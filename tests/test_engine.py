@@ -1,0 +1,682 @@
+"""Engine behaviour (semantics A6 and B), run against every store backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+import warnings
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from aioidempotency import (
+    IdempotencyAlreadyInProgressError,
+    IdempotencyClaimLostError,
+    IdempotencyConfig,
+    IdempotencyDisabledWarning,
+    IdempotencyEngine,
+    IdempotencyInconsistentStateError,
+    IdempotencyKeyError,
+    IdempotencyPersistenceConfigError,
+    IdempotencySerializationError,
+    IdempotencyValidationError,
+    InMemoryPersistenceLayer,
+)
+from aioidempotency.persistence import PersistenceLayer
+from aioidempotency.records import DataRecord, RecordStatus
+from tests.wrappers import CountingStore, VanishingStore
+
+PAYMENT = {"payment_id": "p-1", "amount": 100, "currency": "EUR"}
+
+
+class Calls:
+    """An async function that counts its executions and returns a chosen result."""
+
+    def __init__(self, result: Any = None) -> None:
+        self.result = result
+        self.count = 0
+
+    async def __call__(self) -> Any:
+        self.count += 1
+        return self.result
+
+
+class Gate:
+    """An async function that blocks until released, to hold a claim open."""
+
+    def __init__(self, result: Any = "done") -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.result = result
+        self.count = 0
+
+    async def __call__(self) -> Any:
+        self.count += 1
+        self.started.set()
+        await asyncio.wait_for(self.release.wait(), 10)
+        return self.result
+
+
+def engine_for(store: PersistenceLayer, **config: Any) -> IdempotencyEngine:
+    return IdempotencyEngine(store, IdempotencyConfig(**config), key_prefix="test-engine")
+
+
+async def plant(
+    store: PersistenceLayer,
+    key: str,
+    *,
+    status: RecordStatus = RecordStatus.INPROGRESS,
+    expiry: int | None = None,
+    in_progress_ms: int | None = None,
+    data: Any = None,
+    payload_hash: str | None = None,
+) -> str:
+    """Write a record as another (possibly crashed) caller would; returns its owner."""
+    now = time.time()
+    owner = uuid.uuid4().hex
+    claim = DataRecord(
+        idempotency_key=key,
+        status=RecordStatus.INPROGRESS,
+        expiry_timestamp=int(now) + 3600 if expiry is None else expiry,
+        in_progress_expiry_timestamp=in_progress_ms,
+        payload_hash=payload_hash,
+        owner=owner,
+    )
+    result = await store.claim(claim, now=now)
+    assert result.claimed
+    if status is RecordStatus.COMPLETED:
+        completed = DataRecord(
+            idempotency_key=key,
+            status=RecordStatus.COMPLETED,
+            expiry_timestamp=claim.expiry_timestamp,
+            response_data=json.dumps(data),
+            payload_hash=payload_hash,
+        )
+        await store.complete(completed, owner=owner)
+    return owner
+
+
+# -- replay ------------------------------------------------------------------------------
+
+
+async def test_first_call_runs_and_duplicates_replay(store: PersistenceLayer) -> None:
+    engine = engine_for(store)
+    fn = Calls({"status": "paid", "amount": 100})
+    first = await engine.run(PAYMENT, fn)
+    second = await engine.run(dict(PAYMENT), fn)
+    third = await engine_for(store).run(PAYMENT, fn)  # another "process"
+    assert fn.count == 1
+    assert first == second == third == {"status": "paid", "amount": 100}
+    assert second is not first  # a replay is a fresh copy, never the shared object
+
+
+async def test_stored_record_is_completed_with_reference_layout(store: PersistenceLayer) -> None:
+    engine = engine_for(store, payload_validation_jmespath="amount")
+    await engine.run(PAYMENT, Calls({"b": 1, "a": [1, 2]}))
+    key = engine.idempotency_key(PAYMENT)
+    record = await store.get(key)
+    assert record is not None
+    assert record.status is RecordStatus.COMPLETED
+    assert record.response_data == '{"a": [1, 2], "b": 1}'
+    assert record.payload_hash is not None  # kept on completion (B7)
+    assert record.expiry_timestamp >= int(time.time()) + 3600 - 5
+
+
+@pytest.mark.parametrize("result", [0, "", [], {}, False, None, 0.0])
+async def test_falsy_results_replay_as_themselves(store: PersistenceLayer, result: Any) -> None:
+    engine = engine_for(store)
+    fn = Calls(result)
+    assert await engine.run(PAYMENT, fn) == result
+    replayed = await engine.run(PAYMENT, fn)
+    assert fn.count == 1
+    assert replayed == result
+    assert type(replayed) is type(result)
+
+
+async def test_event_key_jmespath_selects_the_key(store: PersistenceLayer) -> None:
+    engine = engine_for(store, event_key_jmespath="payment_id")
+    fn = Calls("ok")
+    await engine.run({"payment_id": "a", "noise": 1}, fn)
+    await engine.run({"payment_id": "a", "noise": 2}, fn)
+    await engine.run({"payment_id": "b", "noise": 1}, fn)
+    assert fn.count == 2
+
+
+# -- in progress ---------------------------------------------------------------------------
+
+
+async def test_concurrent_duplicate_from_another_process_is_refused(
+    store: PersistenceLayer,
+) -> None:
+    gate = Gate()
+    first = asyncio.create_task(engine_for(store).run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    with pytest.raises(IdempotencyAlreadyInProgressError, match="already in progress"):
+        await engine_for(store).run(PAYMENT, Calls())
+    gate.release.set()
+    assert await first == "done"
+    assert gate.count == 1
+
+
+async def test_concurrent_duplicate_in_process_is_refused_without_store_traffic(
+    store: PersistenceLayer,
+) -> None:
+    counting = CountingStore(store)
+    engine = engine_for(counting)
+    gate = Gate()
+    first = asyncio.create_task(engine.run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    before = counting.total
+    with pytest.raises(IdempotencyAlreadyInProgressError):
+        await engine.run(PAYMENT, Calls())
+    assert counting.total == before
+    gate.release.set()
+    await first
+
+
+async def test_thousand_concurrent_calls_over_fifty_payloads_execute_each_once(
+    store: PersistenceLayer,
+) -> None:
+    engine = engine_for(store, wait_for_in_progress_seconds=30)
+    executions: Counter[int] = Counter()
+
+    async def call(i: int) -> int:
+        async def pay() -> int:
+            executions[i] += 1
+            await asyncio.sleep(0)
+            return i * 10
+
+        return await engine.run({"payment": i}, pay)
+
+    results = await asyncio.gather(*(call(n % 50) for n in range(1000)))
+    assert executions == Counter({i: 1 for i in range(50)})
+    assert results == [(n % 50) * 10 for n in range(1000)]
+
+
+async def test_concurrent_duplicates_without_waiting_execute_once(
+    store: PersistenceLayer,
+) -> None:
+    engine = engine_for(store)
+    executions: Counter[int] = Counter()
+
+    async def call(i: int) -> Any:
+        async def pay() -> int:
+            executions[i] += 1
+            await asyncio.sleep(0)
+            return i
+
+        try:
+            return await engine.run({"payment": i}, pay)
+        except IdempotencyAlreadyInProgressError as exc:
+            return exc
+
+    results = await asyncio.gather(*(call(n % 20) for n in range(200)))
+    assert executions == Counter({i: 1 for i in range(20)})
+    refused = [r for r in results if isinstance(r, IdempotencyAlreadyInProgressError)]
+    answered = [r for r in results if not isinstance(r, Exception)]
+    assert len(refused) + len(answered) == 200
+    assert all(r == n % 20 for n, r in enumerate(results) if not isinstance(r, Exception))
+
+
+# -- waiting (B9, C3) -------------------------------------------------------------------------
+
+
+async def test_waiting_duplicate_gets_the_result(store: PersistenceLayer) -> None:
+    gate = Gate({"receipt": 7})
+    first = asyncio.create_task(engine_for(store).run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    waiter_engine = engine_for(
+        store, wait_for_in_progress_seconds=20, wait_poll_interval_seconds=0.01
+    )
+    waiter = asyncio.create_task(waiter_engine.run(PAYMENT, Calls("never")))
+    gate.release.set()
+    assert await waiter == {"receipt": 7}
+    assert await first == {"receipt": 7}
+    assert gate.count == 1
+
+
+async def test_waiting_duplicate_claims_a_released_key(store: PersistenceLayer) -> None:
+    class Boom(Exception):
+        pass
+
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def failing() -> None:
+        started.set()
+        await asyncio.wait_for(release.wait(), 10)
+        raise Boom
+
+    first = asyncio.create_task(engine_for(store).run(PAYMENT, failing))
+    await asyncio.wait_for(started.wait(), 10)
+    waiter_engine = engine_for(
+        store, wait_for_in_progress_seconds=20, wait_poll_interval_seconds=0.01
+    )
+    second = Calls("second")
+    waiter = asyncio.create_task(waiter_engine.run(PAYMENT, second))
+    release.set()
+    with pytest.raises(Boom):
+        await first
+    assert await waiter == "second"
+    assert second.count == 1
+
+
+async def test_waiting_gives_up_after_the_bound(store: PersistenceLayer) -> None:
+    gate = Gate()
+    first = asyncio.create_task(engine_for(store).run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    waiter_engine = engine_for(
+        store, wait_for_in_progress_seconds=0.05, wait_poll_interval_seconds=0.01
+    )
+    with pytest.raises(IdempotencyAlreadyInProgressError):
+        await waiter_engine.run(PAYMENT, Calls())
+    gate.release.set()
+    await first
+
+
+async def test_in_process_waiters_share_one_execution_without_polling(
+    store: PersistenceLayer,
+) -> None:
+    counting = CountingStore(store)
+    engine = engine_for(counting, wait_for_in_progress_seconds=20)
+    gate = Gate({"ok": True})
+    first = asyncio.create_task(engine.run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    waiters = [asyncio.create_task(engine.run(PAYMENT, Calls())) for _ in range(10)]
+    await asyncio.sleep(0)
+    gate.release.set()
+    results = await asyncio.gather(first, *waiters)
+    assert results == [{"ok": True}] * 11
+    assert gate.count == 1
+    assert counting.calls["get"] == 0
+    assert counting.calls["claim"] == 1
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+async def test_payload_validation_mismatch_is_refused(store: PersistenceLayer) -> None:
+    engine = engine_for(
+        store, event_key_jmespath="payment_id", payload_validation_jmespath="amount"
+    )
+    fn = Calls("ok")
+    await engine.run(PAYMENT, fn)
+    assert await engine.run(dict(PAYMENT), fn) == "ok"
+    with pytest.raises(IdempotencyValidationError):
+        await engine.run({**PAYMENT, "amount": 999}, fn)
+    with pytest.raises(IdempotencyValidationError):
+        await engine_for(
+            store, event_key_jmespath="payment_id", payload_validation_jmespath="amount"
+        ).run({**PAYMENT, "amount": 999}, fn)
+    assert fn.count == 1
+
+
+async def test_validation_also_applies_to_a_call_in_progress(store: PersistenceLayer) -> None:
+    config = {"event_key_jmespath": "payment_id", "payload_validation_jmespath": "amount"}
+    gate = Gate()
+    engine = engine_for(store, **config)
+    first = asyncio.create_task(engine.run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    with pytest.raises(IdempotencyValidationError):
+        await engine.run({**PAYMENT, "amount": 1}, Calls())
+    with pytest.raises(IdempotencyValidationError):
+        await engine_for(store, **config).run({**PAYMENT, "amount": 1}, Calls())
+    gate.release.set()
+    await first
+
+
+# -- failure, cancellation, bad results --------------------------------------------------------------
+
+
+async def test_failure_releases_the_claim_and_reraises(store: PersistenceLayer) -> None:
+    class Declined(Exception):
+        pass
+
+    async def declined() -> None:
+        raise Declined("card declined")
+
+    engine = engine_for(store)
+    with pytest.raises(Declined, match="card declined"):
+        await engine.run(PAYMENT, declined)
+    assert await store.get(engine.idempotency_key(PAYMENT)) is None
+    fn = Calls("retried")
+    assert await engine.run(PAYMENT, fn) == "retried"
+    assert fn.count == 1
+
+
+async def test_cancellation_releases_the_claim(store: PersistenceLayer) -> None:
+    engine = engine_for(store)
+    gate = Gate()
+    task = asyncio.create_task(engine.run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await store.get(engine.idempotency_key(PAYMENT)) is None
+    fn = Calls("after cancel")
+    assert await engine.run(PAYMENT, fn) == "after cancel"
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in 3.11")
+async def test_timeout_releases_the_claim(store: PersistenceLayer) -> None:
+    engine = engine_for(store)
+    gate = Gate()
+    scopes: list[Any] = []
+
+    async def call() -> Any:
+        async with asyncio.timeout(None) as scope:
+            scopes.append(scope)
+            return await engine.run(PAYMENT, gate)
+
+    runner = asyncio.create_task(call())
+    await asyncio.wait_for(gate.started.wait(), 10)
+    scopes[0].reschedule(asyncio.get_running_loop().time())  # the deadline passes now
+    with pytest.raises(TimeoutError):
+        await runner
+    assert gate.count == 1
+    assert await store.get(engine.idempotency_key(PAYMENT)) is None
+    assert await engine.run(PAYMENT, Calls("again")) == "again"
+
+
+async def test_unserialisable_result_releases_the_key(store: PersistenceLayer) -> None:
+    engine = engine_for(store)
+    result = {"when": object()}
+    with pytest.raises(IdempotencySerializationError) as caught:
+        await engine.run(PAYMENT, Calls(result))
+    assert caught.value.result is result
+    assert await store.get(engine.idempotency_key(PAYMENT)) is None
+    assert await engine.run(PAYMENT, Calls("fine")) == "fine"
+
+
+# -- hooks, cache, missing keys, disabled -------------------------------------------------------------
+
+
+async def test_response_hook_sees_every_replay_also_none(store: PersistenceLayer) -> None:
+    seen: list[tuple[Any, str]] = []
+
+    def hook(response: Any, record: DataRecord) -> Any:
+        seen.append((response, record.status.value))
+        return {"replayed": response}
+
+    engine = engine_for(store, response_hook=hook)
+    assert await engine.run({"n": 1}, Calls({"a": 1})) == {"a": 1}
+    assert await engine.run({"n": 1}, Calls()) == {"replayed": {"a": 1}}
+    assert await engine.run({"n": 2}, Calls(None)) is None
+    assert await engine.run({"n": 2}, Calls()) == {"replayed": None}
+    assert seen == [({"a": 1}, "COMPLETED"), (None, "COMPLETED")]
+
+
+async def test_local_cache_replays_without_store_traffic(store: PersistenceLayer) -> None:
+    counting = CountingStore(store)
+    engine = engine_for(counting, use_local_cache=True, local_cache_max_items=2)
+    fn = Calls([1, 2])
+    await engine.run(PAYMENT, fn)
+    before = counting.total
+    for _ in range(5):
+        assert await engine.run(PAYMENT, fn) == [1, 2]
+    assert counting.total == before
+    assert fn.count == 1
+    # Bounded: two other payloads push the first one out.
+    await engine.run({"x": 1}, fn)
+    await engine.run({"x": 2}, fn)
+    await engine.run(PAYMENT, fn)
+    assert counting.total > before
+    assert fn.count == 3
+
+
+async def test_missing_key_runs_without_persistence(store: PersistenceLayer) -> None:
+    counting = CountingStore(store)
+    engine = engine_for(counting, event_key_jmespath="order_id")
+    fn = Calls("ran")
+    with pytest.warns(UserWarning, match="No idempotency key value found"):
+        assert await engine.run({"other": 1}, fn) == "ran"
+    with pytest.warns(UserWarning, match="No idempotency key value found"):
+        assert await engine.run({"other": 1}, fn) == "ran"
+    assert fn.count == 2
+    assert counting.total == 0
+
+
+async def test_missing_key_raises_when_asked(store: PersistenceLayer) -> None:
+    engine = engine_for(store, event_key_jmespath="order_id", raise_on_no_idempotency_key=True)
+    fn = Calls()
+    with pytest.raises(IdempotencyKeyError):
+        await engine.run({"other": 1}, fn)
+    assert fn.count == 0
+
+
+@pytest.mark.parametrize("value", ["1", "true", "Yes", "on", "t", "y"])
+async def test_disabled_by_environment(
+    store: PersistenceLayer, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("POWERTOOLS_IDEMPOTENCY_DISABLED", value)
+    counting = CountingStore(store)
+    engine = engine_for(counting)
+    fn = Calls("x")
+    with pytest.warns(IdempotencyDisabledWarning):
+        await engine.run(PAYMENT, fn)
+    with pytest.warns(IdempotencyDisabledWarning):
+        await engine.run(PAYMENT, fn)
+    assert fn.count == 2
+    assert counting.total == 0
+
+
+async def test_not_disabled_by_false_values(
+    store: PersistenceLayer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POWERTOOLS_IDEMPOTENCY_DISABLED", "false")
+    fn = Calls("x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        await engine_for(store).run(PAYMENT, fn)
+        await engine_for(store).run(PAYMENT, fn)
+    assert fn.count == 1
+
+
+# -- orphans, expiry, ownership (B3) ----------------------------------------------------------------
+
+
+async def test_orphaned_claim_is_taken_over(store: PersistenceLayer) -> None:
+    engine = engine_for(store)
+    key = engine.idempotency_key(PAYMENT)
+    await plant(store, key, in_progress_ms=int(time.time() * 1000) - 1000)
+    fn = Calls("taken over")
+    assert await engine.run(PAYMENT, fn) == "taken over"
+    assert fn.count == 1
+
+
+async def test_expired_record_runs_again(store: PersistenceLayer) -> None:
+    engine = engine_for(store)
+    key = engine.idempotency_key(PAYMENT)
+    await plant(store, key, status=RecordStatus.COMPLETED, expiry=int(time.time()) - 10, data=1)
+    fn = Calls("fresh")
+    assert await engine.run(PAYMENT, fn) == "fresh"
+    assert fn.count == 1
+
+
+async def test_live_claim_without_lease_is_in_progress(store: PersistenceLayer) -> None:
+    engine = engine_for(store)
+    await plant(store, engine.idempotency_key(PAYMENT))
+    with pytest.raises(IdempotencyAlreadyInProgressError):
+        await engine.run(PAYMENT, Calls())
+
+
+async def test_late_completion_after_takeover_is_refused(store: PersistenceLayer) -> None:
+    if not store.owner_checked:
+        pytest.skip("this store keeps the reference behaviour (no owner check)")
+    engine = engine_for(store)
+    key = engine.idempotency_key(PAYMENT)
+    stale_owner = await plant(store, key, in_progress_ms=int(time.time() * 1000) - 1000)
+    assert await engine.run(PAYMENT, Calls("new owner")) == "new owner"
+    late = DataRecord(
+        idempotency_key=key,
+        status=RecordStatus.COMPLETED,
+        expiry_timestamp=int(time.time()) + 3600,
+        response_data='"stale"',
+    )
+    with pytest.raises(IdempotencyClaimLostError):
+        await store.complete(late, owner=stale_owner)
+    await store.release(key, owner=stale_owner)
+    record = await store.get(key)
+    assert record is not None
+    assert record.response_data == '"new owner"'
+
+
+async def test_running_call_whose_claim_was_taken_over_gets_an_error(
+    store: PersistenceLayer,
+) -> None:
+    if not store.owner_checked:
+        pytest.skip("this store keeps the reference behaviour (no owner check)")
+    engine = engine_for(store, in_progress_lease_seconds=None)
+    key = engine.idempotency_key(PAYMENT)
+    started = asyncio.Event()
+    proceed = asyncio.Event()
+
+    async def slow() -> str:
+        started.set()
+        await asyncio.wait_for(proceed.wait(), 10)
+        return "late"
+
+    first = asyncio.create_task(engine.run(PAYMENT, slow))
+    await asyncio.wait_for(started.wait(), 10)
+    # Another worker deletes the stuck record (an operator) and a new call claims it.
+    assert await store.delete(key)
+    assert await engine_for(store).run(PAYMENT, Calls("winner")) == "winner"
+    proceed.set()
+    with pytest.raises(IdempotencyClaimLostError) as caught:
+        await first
+    assert caught.value.result == "late"
+    record = await store.get(key)
+    assert record is not None
+    assert record.response_data == '"winner"'
+
+
+# -- leases (B5, C4) ------------------------------------------------------------------------------
+
+
+async def test_lease_is_set_and_renewed_while_running(store: PersistenceLayer) -> None:
+    counting = CountingStore(store)
+    engine = engine_for(counting, in_progress_lease_seconds=0.3)
+    key = engine.idempotency_key(PAYMENT)
+    gate = Gate()
+    task = asyncio.create_task(engine.run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    record = await store.get(key)
+    assert record is not None
+    assert record.in_progress_expiry_timestamp is not None
+    first_expiry = record.in_progress_expiry_timestamp
+    assert first_expiry <= int((time.time() + 0.3) * 1000) + 5
+    deadline = time.monotonic() + 10
+    while counting.calls["renew"] < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    renewed = await store.get(key)
+    assert renewed is not None
+    assert renewed.in_progress_expiry_timestamp is not None
+    assert renewed.in_progress_expiry_timestamp > first_expiry
+    assert not renewed.is_orphaned(time.time())
+    gate.release.set()
+    assert await task == "done"
+
+
+async def test_a_failed_renewal_is_retried(store: PersistenceLayer) -> None:
+    counting = CountingStore(store)
+    failures = iter([ConnectionError("blip")])
+    counting.fail["renew"] = lambda: next(failures, None)
+    engine = engine_for(counting, in_progress_lease_seconds=0.3)
+    gate = Gate()
+    task = asyncio.create_task(engine.run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    deadline = time.monotonic() + 10
+    while counting.calls["renew"] < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert counting.calls["renew"] >= 3
+    record = await store.get(engine.idempotency_key(PAYMENT))
+    assert record is not None
+    assert not record.is_orphaned(time.time())
+    gate.release.set()
+    assert await task == "done"
+
+
+async def test_no_lease_keeps_the_reference_behaviour(store: PersistenceLayer) -> None:
+    engine = engine_for(store, in_progress_lease_seconds=None)
+    gate = Gate()
+    task = asyncio.create_task(engine.run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    record = await store.get(engine.idempotency_key(PAYMENT))
+    assert record is not None
+    assert record.in_progress_expiry_timestamp is None
+    gate.release.set()
+    await task
+
+
+class FakeLambdaContext:
+    def __init__(self, remaining_ms: int) -> None:
+        self.remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+@pytest.mark.parametrize("remaining_ms", [0, 5000])
+async def test_lambda_context_bounds_the_claim(store: PersistenceLayer, remaining_ms: int) -> None:
+    engine = engine_for(store)
+    gate = Gate()
+    before = int(time.time() * 1000)
+    task = asyncio.create_task(
+        engine.run(PAYMENT, gate, lambda_context=FakeLambdaContext(remaining_ms))
+    )
+    await asyncio.wait_for(gate.started.wait(), 10)
+    record = await store.get(engine.idempotency_key(PAYMENT))
+    assert record is not None
+    assert record.in_progress_expiry_timestamp is not None
+    assert before + remaining_ms <= record.in_progress_expiry_timestamp
+    assert record.in_progress_expiry_timestamp <= int(time.time() * 1000) + remaining_ms
+    gate.release.set()
+    await task
+
+
+# -- engine-only rules (no store differences) -----------------------------------------------------------
+
+
+async def test_inconsistent_state_is_retried_then_raised() -> None:
+    store = VanishingStore(InMemoryPersistenceLayer())
+    fn = Calls()
+    with pytest.raises(IdempotencyInconsistentStateError):
+        await engine_for(store).run(PAYMENT, fn)
+    assert store.calls["claim"] == 3
+    assert fn.count == 0
+
+
+async def test_two_functions_on_one_store_never_share_records() -> None:
+    store = InMemoryPersistenceLayer()
+    engine = IdempotencyEngine(store)
+
+    async def charge() -> str:
+        return "charge"
+
+    async def refund() -> str:
+        return "refund"
+
+    assert await engine.run(PAYMENT, charge) == "charge"
+    assert await engine.run(PAYMENT, refund) == "refund"
+    assert await engine.run(PAYMENT, charge) == "charge"
+    assert len(store) == 2
+
+
+async def test_lambdas_and_partials_need_a_prefix() -> None:
+    import functools
+
+    engine = IdempotencyEngine(InMemoryPersistenceLayer())
+
+    async def pay(amount: int) -> int:
+        return amount
+
+    with pytest.raises(IdempotencyPersistenceConfigError, match="key_prefix"):
+        await engine.run(PAYMENT, functools.partial(pay, 1))
+    with pytest.raises(IdempotencyPersistenceConfigError, match="key_prefix"):
+        await engine.run(PAYMENT, lambda: pay(1))
+    named = IdempotencyEngine(InMemoryPersistenceLayer(), key_prefix="payments")
+    assert await named.run(PAYMENT, lambda: pay(3)) == 3
