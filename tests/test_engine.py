@@ -100,7 +100,7 @@ async def plant(
     return owner
 
 
-# -- replay ------------------------------------------------------------------------------
+# -- replay ----------------------------------------------------------------------------
 
 
 async def test_first_call_runs_and_duplicates_replay(store: PersistenceLayer) -> None:
@@ -146,7 +146,7 @@ async def test_event_key_jmespath_selects_the_key(store: PersistenceLayer) -> No
     assert fn.count == 2
 
 
-# -- in progress ---------------------------------------------------------------------------
+# -- in progress -----------------------------------------------------------------------
 
 
 async def test_concurrent_duplicate_from_another_process_is_refused(
@@ -222,7 +222,7 @@ async def test_concurrent_duplicates_without_waiting_execute_once(
     assert all(r == n % 20 for n, r in enumerate(results) if not isinstance(r, Exception))
 
 
-# -- waiting (B9, C3) -------------------------------------------------------------------------
+# -- waiting (B9, C3) ------------------------------------------------------------------
 
 
 async def test_waiting_duplicate_gets_the_result(store: PersistenceLayer) -> None:
@@ -296,7 +296,7 @@ async def test_in_process_waiters_share_one_execution_without_polling(
     assert counting.calls["claim"] == 1
 
 
-# -- validation -----------------------------------------------------------------------------------
+# -- validation ------------------------------------------------------------------------
 
 
 async def test_payload_validation_mismatch_is_refused(store: PersistenceLayer) -> None:
@@ -329,7 +329,7 @@ async def test_validation_also_applies_to_a_call_in_progress(store: PersistenceL
     await first
 
 
-# -- failure, cancellation, bad results --------------------------------------------------------------
+# -- failure, cancellation, bad results ------------------------------------------------
 
 
 async def test_failure_releases_the_claim_and_reraises(store: PersistenceLayer) -> None:
@@ -392,7 +392,7 @@ async def test_unserialisable_result_releases_the_key(store: PersistenceLayer) -
     assert await engine.run(PAYMENT, Calls("fine")) == "fine"
 
 
-# -- hooks, cache, missing keys, disabled -------------------------------------------------------------
+# -- hooks, cache, missing keys, disabled ----------------------------------------------
 
 
 async def test_response_hook_sees_every_replay_also_none(store: PersistenceLayer) -> None:
@@ -476,7 +476,7 @@ async def test_not_disabled_by_false_values(
     assert fn.count == 1
 
 
-# -- orphans, expiry, ownership (B3) ----------------------------------------------------------------
+# -- orphans, expiry, ownership (B3) ---------------------------------------------------
 
 
 async def test_orphaned_claim_is_taken_over(store: PersistenceLayer) -> None:
@@ -554,7 +554,7 @@ async def test_running_call_whose_claim_was_taken_over_gets_an_error(
     assert record.response_data == '"winner"'
 
 
-# -- leases (B5, C4) ------------------------------------------------------------------------------
+# -- leases (B5, C4) -------------------------------------------------------------------
 
 
 async def test_lease_is_set_and_renewed_while_running(store: PersistenceLayer) -> None:
@@ -569,9 +569,7 @@ async def test_lease_is_set_and_renewed_while_running(store: PersistenceLayer) -
     assert record.in_progress_expiry_timestamp is not None
     first_expiry = record.in_progress_expiry_timestamp
     assert first_expiry <= int((time.time() + 0.3) * 1000) + 5
-    deadline = time.monotonic() + 10
-    while counting.calls["renew"] < 2 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await counting.wait_calls("renew", 2)
     renewed = await store.get(key)
     assert renewed is not None
     assert renewed.in_progress_expiry_timestamp is not None
@@ -589,10 +587,7 @@ async def test_a_failed_renewal_is_retried(store: PersistenceLayer) -> None:
     gate = Gate()
     task = asyncio.create_task(engine.run(PAYMENT, gate))
     await asyncio.wait_for(gate.started.wait(), 10)
-    deadline = time.monotonic() + 10
-    while counting.calls["renew"] < 3 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert counting.calls["renew"] >= 3
+    await counting.wait_calls("renew", 3)
     record = await store.get(engine.idempotency_key(PAYMENT))
     assert record is not None
     assert not record.is_orphaned(time.time())
@@ -638,7 +633,7 @@ async def test_lambda_context_bounds_the_claim(store: PersistenceLayer, remainin
     await task
 
 
-# -- engine-only rules (no store differences) -----------------------------------------------------------
+# -- engine-only rules (no store differences) ------------------------------------------
 
 
 async def test_inconsistent_state_is_retried_then_raised() -> None:

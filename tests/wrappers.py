@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import time
 from collections.abc import Callable
 
 from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
@@ -21,14 +23,24 @@ class CountingStore(PersistenceLayer):
         self.owner_checked = inner.owner_checked
         self.calls: collections.Counter[str] = collections.Counter()
         self.fail: dict[str, Callable[[], BaseException | None]] = {}
+        self._changed: asyncio.Event | None = None
 
     def _enter(self, name: str) -> None:
         self.calls[name] += 1
+        if self._changed is not None:
+            self._changed.set()
         make = self.fail.get(name)
         if make is not None:
             error = make()
             if error is not None:
                 raise error
+
+    async def wait_calls(self, name: str, count: int, timeout: float = 10.0) -> None:
+        """Return once `name` has been called `count` times; TimeoutError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.calls[name] < count:
+            self._changed = asyncio.Event()
+            await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
 
     @property
     def total(self) -> int:
