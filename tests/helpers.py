@@ -1,0 +1,92 @@
+"""Shared test helpers: a store wrapper that records every call, and a fake Lambda context."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections import Counter
+
+from aioidempotency.persistence import ClaimResult, InMemoryPersistenceLayer, PersistenceLayer
+from aioidempotency.records import DataRecord
+
+__all__ = ["FakeLambdaContext", "StoreCall", "WrapperStore"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreCall:
+    """One call to a store: which method, for which key, on which loop and thread."""
+
+    method: str
+    key: str
+    loop: asyncio.AbstractEventLoop
+    thread_ident: int
+    native_thread_id: int
+
+
+class WrapperStore(PersistenceLayer):
+    """Delegates every call to `inner` (an in-memory store by default) and records it.
+
+    `calls` keeps each call in order (with the running loop, so tests can prove which
+    loop and thread drove the store; it holds a reference to each loop, so a loop's
+    `id()` cannot be reused while the store lives); `counts` counts them per method.
+    """
+
+    def __init__(self, inner: PersistenceLayer | None = None) -> None:
+        self.inner = inner if inner is not None else InMemoryPersistenceLayer()
+        self.owner_checked = self.inner.owner_checked
+        self.calls: list[StoreCall] = []
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _record(self, method: str, key: str) -> None:
+        call = StoreCall(
+            method=method,
+            key=key,
+            loop=asyncio.get_running_loop(),
+            thread_ident=threading.get_ident(),
+            native_thread_id=threading.get_native_id(),
+        )
+        with self._lock:
+            self.calls.append(call)
+            self.counts[method] += 1
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        self._record("claim", record.idempotency_key)
+        return await self.inner.claim(record, now=now)
+
+    async def get(self, key: str) -> DataRecord | None:
+        self._record("get", key)
+        return await self.inner.get(key)
+
+    async def complete(self, record: DataRecord, *, owner: str) -> None:
+        self._record("complete", record.idempotency_key)
+        await self.inner.complete(record, owner=owner)
+
+    async def release(self, key: str, *, owner: str) -> None:
+        self._record("release", key)
+        await self.inner.release(key, owner=owner)
+
+    async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
+        self._record("renew", key)
+        await self.inner.renew(key, owner=owner, in_progress_expiry_ms=in_progress_expiry_ms)
+
+    async def delete(self, key: str) -> bool:
+        self._record("delete", key)
+        return await self.inner.delete(key)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class FakeLambdaContext:
+    """The part of a Lambda context the library reads."""
+
+    function_name = "test-func"
+    aws_request_id = "00000000-0000-0000-0000-000000000000"
+
+    def __init__(self, remaining_ms: int = 30_000) -> None:
+        self.remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
