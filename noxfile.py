@@ -1,0 +1,57 @@
+"""Developer tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+
+
+def _ensure_redis_server(session: nox.Session) -> None:
+    """The suite starts its own redis-server; install Debian's package when missing."""
+    if shutil.which("redis-server"):
+        return
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        session.run("apt-get", "update", "-qq", external=True)
+        session.run(
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "redis-server",
+            external=True,
+            env={"DEBIAN_FRONTEND": "noninteractive"},
+        )
+        return
+    session.error("redis-server is missing: install it (Debian: apt-get install redis-server)")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite against real Redis, Valkey and moto servers."""
+    _ensure_redis_server(session)
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format) and mypy --strict."""
+    session.install("-e", ".[test]", "ruff", "mypy")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy", "--strict", "src")
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The retry-storm demo on the embedded in-memory store."""
+    session.install("-e", ".[cli]")
+    session.run("python", "-m", "aioidempotency", "demo", *session.posargs)
