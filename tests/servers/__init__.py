@@ -1,0 +1,1 @@
+"""Real servers started by the test suite (Redis, Valkey) on free local ports."""
