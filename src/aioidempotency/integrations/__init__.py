@@ -1,0 +1,22 @@
+"""Web integrations: the ``Idempotency-Key`` header for Starlette/FastAPI and aiohttp.
+
+`aioidempotency.integrations.http` is the framework-free core both share;
+`aioidempotency.integrations.starlette` and `aioidempotency.integrations.aiohttp`
+import their framework and are only importable when it is installed.
+"""
+
+from aioidempotency.integrations.http import (
+    NOT_STORED_HEADER,
+    REPLAYED_HEADER,
+    HttpIdempotency,
+    HttpIdempotencyOptions,
+    Reply,
+)
+
+__all__ = [
+    "NOT_STORED_HEADER",
+    "REPLAYED_HEADER",
+    "HttpIdempotency",
+    "HttpIdempotencyOptions",
+    "Reply",
+]

@@ -1,0 +1,171 @@
+"""The ``Idempotency-Key`` header for aiohttp servers.
+
+::
+
+    idempotency = idempotency_middleware(store)
+    app = web.Application(middlewares=[idempotency])
+    app.on_response_prepare.append(idempotency.on_response_prepare)  # optional
+
+or, in one call, ``setup_idempotency(app, store)``. The optional signal marks
+responses that a handler streams itself (``await response.prepare(request)``) with
+`NOT_STORED_HEADER`; without it they are still released and passed on, unmarked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
+
+from aioidempotency.config import IdempotencyConfig
+from aioidempotency.integrations.http import (
+    DEFAULT_KEY_PREFIX,
+    NOT_STORED_HEADER,
+    HttpIdempotency,
+    HttpIdempotencyOptions,
+    HttpRequest,
+    PassThrough,
+    Reply,
+)
+from aioidempotency.persistence.base import PersistenceLayer
+
+__all__ = ["IdempotencyMiddleware", "ScopeFunction", "idempotency_middleware", "setup_idempotency"]
+
+ScopeFunction = Callable[[web.Request], "Awaitable[str | None] | str | None"]
+"""Returns the caller's scope (tenant, API client) from the request; it runs before
+the handler, after the middlewares listed before this one."""
+
+_STATE_KEY = "aioidempotency.state"
+_RECOMPUTED = frozenset({"content-length", "transfer-encoding"})
+
+
+@dataclasses.dataclass
+class _State:
+    in_handler: bool = False
+
+
+class IdempotencyMiddleware:
+    """An aiohttp middleware over `HttpIdempotency`; build it with
+    `idempotency_middleware`."""
+
+    __middleware_version__ = 1
+
+    def __init__(self, core: HttpIdempotency, scope_by: ScopeFunction | None = None) -> None:
+        self.core = core
+        self.scope_by = scope_by
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        core = self.core
+        if not core.handles(request.method):
+            return await handler(request)
+        key = core.parse_key(request.headers.getall(core.options.header_name, []))
+        if key is None:
+            return await handler(request)
+        if isinstance(key, Reply):
+            return _to_response(key)
+        limit = core.options.max_request_bytes
+        if (request.content_length or 0) > limit:
+            return _to_response(core.request_too_large())
+        body = await request.read()  # cached: the handler reads it again for free
+        if len(body) > limit:
+            return _to_response(core.request_too_large())
+        state = _State()
+        request[_STATE_KEY] = state
+        outcome = await core.run(
+            HttpRequest(
+                method=request.method,
+                path=request.path,
+                key=key,
+                query=request.rel_url.raw_query_string,
+                headers=list(request.headers.items()),
+                body=body,
+                scope=await self._caller_scope(request),
+            ),
+            lambda: _call_handler(request, handler, state),
+        )
+        response = outcome.response
+        if isinstance(response, Reply):
+            return _to_response(response)
+        streamed: web.StreamResponse = response.response
+        if not streamed.prepared:
+            streamed.headers[NOT_STORED_HEADER] = response.reason
+        return streamed
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """``app.on_response_prepare`` signal: marks responses a handler streams itself."""
+        state = request.get(_STATE_KEY)
+        if isinstance(state, _State) and state.in_handler:
+            response.headers[NOT_STORED_HEADER] = "streaming"
+
+    async def _caller_scope(self, request: web.Request) -> str | None:
+        if self.scope_by is None:
+            return None
+        value = self.scope_by(request)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+
+def idempotency_middleware(
+    store: PersistenceLayer,
+    config: IdempotencyConfig | None = None,
+    *,
+    scope_by: ScopeFunction | None = None,
+    key_prefix: str = DEFAULT_KEY_PREFIX,
+    options: HttpIdempotencyOptions | None = None,
+    **option_fields: Any,
+) -> IdempotencyMiddleware:
+    """A middleware for ``web.Application(middlewares=[...])``.
+
+    `store` and `config` are those of the engine (`config` gives expiry, lease and
+    the opt-in wait); `scope_by` adds the caller to the key's scope; `options`, or
+    its fields as keyword arguments, set the rules (see `HttpIdempotencyOptions`).
+    """
+    opts = options or HttpIdempotencyOptions()
+    if option_fields:
+        opts = dataclasses.replace(opts, **option_fields)
+    core = HttpIdempotency(store, config, options=opts, key_prefix=key_prefix)
+    return IdempotencyMiddleware(core, scope_by)
+
+
+def setup_idempotency(
+    app: web.Application,
+    store: PersistenceLayer,
+    config: IdempotencyConfig | None = None,
+    **kwargs: Any,
+) -> IdempotencyMiddleware:
+    """Append the middleware (innermost so far) and its signal to `app`."""
+    middleware = idempotency_middleware(store, config, **kwargs)
+    app.middlewares.append(middleware)
+    app.on_response_prepare.append(middleware.on_response_prepare)
+    return middleware
+
+
+async def _call_handler(
+    request: web.Request, handler: Handler, state: _State
+) -> Reply | PassThrough:
+    state.in_handler = True
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as exc:  # raised HTTP errors are responses in aiohttp 3
+        response = exc
+    finally:
+        state.in_handler = False
+    if not isinstance(response, web.Response) or response.prepared:
+        return PassThrough("streaming", response)  # streamed, or a file: not buffered
+    body = response.body
+    if body is not None and not isinstance(body, (bytes, bytearray)):
+        return PassThrough("streaming", response)  # a payload object, written on prepare
+    headers = list(response.headers.items())
+    headers += [("Set-Cookie", c.output(header="").strip()) for c in response.cookies.values()]
+    return Reply(response.status, tuple(headers), bytes(body or b""))
+
+
+def _to_response(reply: Reply) -> web.Response:
+    headers = CIMultiDict((n, v) for n, v in reply.headers if n.lower() not in _RECOMPUTED)
+    return web.Response(status=reply.status, body=reply.body, headers=headers)

@@ -1,0 +1,209 @@
+"""`IdempotencyMiddleware`: the ``Idempotency-Key`` header for Starlette and FastAPI.
+
+A pure ASGI middleware (no ``BaseHTTPMiddleware``)::
+
+    app.add_middleware(IdempotencyMiddleware, store=InMemoryPersistenceLayer())
+
+Requests it does not handle (other methods, no key) reach the application with the
+original ``receive`` and ``send``, untouched. Handled ones get their buffered body
+replayed once, then the original ``receive``; so streaming responses, which listen
+for the client's disconnect, keep working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from aioidempotency.config import IdempotencyConfig
+from aioidempotency.integrations.http import (
+    DEFAULT_KEY_PREFIX,
+    NOT_STORED_HEADER,
+    HttpIdempotency,
+    HttpIdempotencyOptions,
+    HttpRequest,
+    PassThrough,
+    Reply,
+)
+from aioidempotency.persistence.base import PersistenceLayer
+
+__all__ = ["IdempotencyMiddleware", "ScopeFunction"]
+
+ScopeFunction = Callable[[HTTPConnection], "Awaitable[str | None] | str | None"]
+"""Returns the caller's scope (tenant, API client) from the request's headers, URL or
+state; the request body is not available to it."""
+
+
+class IdempotencyMiddleware:
+    """Makes POST/PATCH requests with an ``Idempotency-Key`` header safe to retry.
+
+    `store` and `config` are those of the engine (`config` gives expiry, lease and
+    the opt-in wait); `scope_by` adds the caller to the key's scope; `options`, or
+    its fields as keyword arguments, set the rules (see `HttpIdempotencyOptions`).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        store: PersistenceLayer,
+        config: IdempotencyConfig | None = None,
+        *,
+        scope_by: ScopeFunction | None = None,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        options: HttpIdempotencyOptions | None = None,
+        **option_fields: Any,
+    ) -> None:
+        self.app = app
+        opts = options or HttpIdempotencyOptions()
+        if option_fields:
+            opts = dataclasses.replace(opts, **option_fields)
+        self.core = HttpIdempotency(store, config, options=opts, key_prefix=key_prefix)
+        self.scope_by = scope_by
+        self._header = opts.header_name.lower().encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.core.handles(scope["method"]):
+            await self.app(scope, receive, send)
+            return
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        values = [v.decode("latin-1") for n, v in raw_headers if n.lower() == self._header]
+        key = self.core.parse_key(values)
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        if isinstance(key, Reply):
+            await _send_reply(send, key)
+            return
+        try:
+            body = await _read_body(receive, self.core.options.max_request_bytes)
+        except _BodyTooLarge:
+            await _send_reply(send, self.core.request_too_large())
+            return
+        if body is None:
+            return  # the client left before sending its body: nothing was claimed
+        request = HttpRequest(
+            method=scope["method"],
+            path=scope["path"],
+            key=key,
+            query=scope.get("query_string", b"").decode("latin-1"),
+            headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw_headers],
+            body=body,
+            scope=await self._caller_scope(scope),
+        )
+        outcome = await self.core.run(request, lambda: self._call_app(scope, receive, send, body))
+        if isinstance(outcome.response, Reply):
+            await _send_reply(send, outcome.response)
+
+    async def _caller_scope(self, scope: Scope) -> str | None:
+        if self.scope_by is None:
+            return None
+        value = self.scope_by(HTTPConnection(scope))
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    async def _call_app(
+        self, scope: Scope, receive: Receive, send: Send, body: bytes
+    ) -> Reply | PassThrough:
+        body_sent = False
+
+        async def replay_receive() -> Message:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # disconnects and anything else: the real thing
+
+        capture = _ResponseCapture(send)
+        await self.app(scope, replay_receive, capture)
+        return capture.result()
+
+
+class _ResponseCapture:
+    """A ``send`` that buffers a response given in one body message and streams the
+    others straight through (marked as not stored)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._start: Message | None = None
+        self._reply: Reply | None = None
+        self._streaming = False
+
+    async def __call__(self, message: Message) -> None:
+        if self._streaming:
+            await self._send(message)
+            return
+        if self._reply is not None:
+            raise RuntimeError(f"ASGI message {message['type']!r} after the response ended")
+        kind = message["type"]
+        if kind == "http.response.start" and self._start is None and not message.get("trailers"):
+            self._start = message
+            return
+        whole = kind == "http.response.body" and not message.get("more_body", False)
+        if whole and self._start is not None:
+            self._reply = Reply(
+                status=int(self._start["status"]),
+                headers=tuple(
+                    (n.decode("latin-1"), v.decode("latin-1"))
+                    for n, v in self._start.get("headers", [])
+                ),
+                body=bytes(message.get("body", b"")),
+            )
+            return
+        self._streaming = True
+        if self._start is not None:
+            headers = [*self._start.get("headers", []), _encode(NOT_STORED_HEADER, "streaming")]
+            await self._send({**self._start, "headers": headers})
+        elif kind == "http.response.start":
+            headers = [*message.get("headers", []), _encode(NOT_STORED_HEADER, "streaming")]
+            message = {**message, "headers": headers}
+        await self._send(message)
+
+    def result(self) -> Reply | PassThrough:
+        if self._streaming:
+            return PassThrough("streaming")
+        if self._reply is None:
+            raise RuntimeError("the application returned without a complete response")
+        return self._reply
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None on a disconnect; `_BodyTooLarge` over `limit`."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _encode(name: str, value: str) -> tuple[bytes, bytes]:
+    return name.lower().encode("latin-1"), value.encode("latin-1")
+
+
+async def _send_reply(send: Send, reply: Reply) -> None:
+    headers = [_encode(n, v) for n, v in reply.headers]
+    if reply.header("content-length") is None and _has_body(reply.status):
+        headers.append((b"content-length", str(len(reply.body)).encode("ascii")))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+
+
+def _has_body(status: int) -> bool:
+    return status >= 200 and status not in (204, 304)
