@@ -151,7 +151,14 @@ def resolve_output_serializer(
             )
         try:
             hints = typing.get_type_hints(function)
-        except Exception:
+        except Exception as exc:
             hints = getattr(function, "__annotations__", {})
+            if isinstance(hints.get("return"), str):
+                raise IdempotencyModelTypeError(
+                    f"cannot resolve the return annotation {hints['return']!r} of "
+                    f"{getattr(function, '__qualname__', function)} ({exc}); define the model "
+                    "at module level or pass a serializer instance, e.g. "
+                    f"{output_serializer.__name__}(Model)"
+                ) from exc
         return output_serializer.instantiate(hints.get("return"))
     return output_serializer
