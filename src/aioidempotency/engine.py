@@ -312,11 +312,20 @@ class IdempotencyEngine:
         try:
             try:
                 result = await fn()
-            except BaseException:
-                await self._stop(renewer)
+            except BaseException as error:
+                try:
+                    await self._release(call.key, owner, renewer=renewer)
+                except IdempotencyPersistenceLayerError:
+                    if isinstance(error, Exception):
+                        raise
+                    # A cancellation or interrupt stays what it is; the lease frees the key.
+                    logger.exception("could not release %s after %r", call.key, error)
+                raise
+            try:
+                await _stop(renewer)  # no renewal may land after the completion
+            except asyncio.CancelledError:
                 await self._release(call.key, owner)
                 raise
-            await self._stop(renewer)
             completed = await self._complete(call, owner, result)
             self._cache_put(completed)
             flight.done.set_result(completed)
@@ -366,10 +375,17 @@ class IdempotencyEngine:
             ) from exc
         return completed
 
-    async def _release(self, key: str, owner: str) -> None:
-        """Delete our claim; survives the caller's cancellation."""
+    async def _release(
+        self, key: str, owner: str, *, renewer: asyncio.Task[None] | None = None
+    ) -> None:
+        """Stop renewing, then delete our claim; survives the caller's cancellation."""
+
+        async def release() -> None:
+            await _stop(renewer)
+            await self.persistence_store.release(key, owner=owner)
+
         try:
-            await _shielded(self.persistence_store.release(key, owner=owner))
+            await _shielded(release())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -417,14 +433,6 @@ class IdempotencyEngine:
                     continue
                 held_until_ms = until_ms
                 break
-
-    @staticmethod
-    async def _stop(task: asyncio.Task[None] | None) -> None:
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(task)
 
     # -- waiting for a duplicate's result -------------------------------------------------
 
@@ -514,6 +522,14 @@ class IdempotencyEngine:
         if self.config.use_local_cache:
             with self._cache_lock:
                 self._cache.pop(key, None)
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` and return once it has finished (raises only if we are cancelled)."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    await asyncio.wait({task})
 
 
 async def _shielded(awaitable: Awaitable[T]) -> T:
