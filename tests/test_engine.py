@@ -22,6 +22,7 @@ from aioidempotency import (
     IdempotencyInconsistentStateError,
     IdempotencyKeyError,
     IdempotencyPersistenceConfigError,
+    IdempotencyPersistenceLayerError,
     IdempotencySerializationError,
     IdempotencyValidationError,
     InMemoryPersistenceLayer,
@@ -675,3 +676,59 @@ async def test_lambdas_and_partials_need_a_prefix() -> None:
         await engine.run(PAYMENT, lambda: pay(1))
     named = IdempotencyEngine(InMemoryPersistenceLayer(), key_prefix="payments")
     assert await named.run(PAYMENT, lambda: pay(3)) == 3
+
+
+async def test_a_failed_release_after_an_error_is_a_persistence_error() -> None:
+    store = CountingStore(InMemoryPersistenceLayer())
+    store.fail["release"] = lambda: ConnectionError("store went away")
+
+    async def declined() -> None:
+        raise ValueError("declined")
+
+    with pytest.raises(IdempotencyPersistenceLayerError) as caught:
+        await engine_for(store).run(PAYMENT, declined)
+    assert isinstance(caught.value.__cause__, ConnectionError)
+
+
+async def test_a_cancellation_stays_a_cancellation_when_the_release_fails() -> None:
+    store = CountingStore(InMemoryPersistenceLayer())
+    store.fail["release"] = lambda: ConnectionError("store went away")
+    gate = Gate()
+    task = asyncio.create_task(engine_for(store).run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert store.calls["release"] == 1
+
+
+class SlowReleaseStore(CountingStore):
+    """Holds every release until `proceed` is set."""
+
+    def __init__(self, inner: PersistenceLayer) -> None:
+        super().__init__(inner)
+        self.releasing = asyncio.Event()
+        self.proceed = asyncio.Event()
+
+    async def release(self, key: str, *, owner: str) -> None:
+        self.releasing.set()
+        await asyncio.wait_for(self.proceed.wait(), 10)
+        await super().release(key, owner=owner)
+
+
+async def test_the_release_survives_a_second_cancellation() -> None:
+    inner = InMemoryPersistenceLayer()
+    store = SlowReleaseStore(inner)
+    engine = engine_for(store)
+    gate = Gate()
+    task = asyncio.create_task(engine.run(PAYMENT, gate))
+    await asyncio.wait_for(gate.started.wait(), 10)
+    task.cancel()
+    await asyncio.wait_for(store.releasing.wait(), 10)
+    task.cancel()  # cancelled again while the release is in flight
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(inner) == 1  # the release is still held
+    store.proceed.set()
+    await store.wait_calls("release", 1)
+    assert len(inner) == 0
