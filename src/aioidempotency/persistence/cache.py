@@ -1,0 +1,641 @@
+"""`CachePersistenceLayer`: idempotency records in Redis or Valkey, standalone or cluster.
+
+Records use the reference's layout (semantics A3): the key is the idempotency key
+itself and the value the record's JSON text, written with `EX` set to the seconds left
+until `expiration`. Two paths, chosen by what the client can do:
+
+- **protocol path**, for any `CacheClient` (get/set/delete): the reference algorithm
+  (semantics A5) with its orphan lock key `"{key}:lock"`; the record read after a
+  refused claim is handed to the engine instead of being read again. It cannot check
+  the owner token atomically, so `owner_checked` is False.
+- **atomic path**, for clients that run Lua scripts (redis-py asyncio, valkey-py
+  asyncio, valkey-glide): claim-or-return-existing, orphan takeover, completion,
+  release and renewal each in one round trip, conditional on the owner token. Every
+  script touches one key only, so it is cluster-safe, and reads at most 2 KiB of a
+  record to decide (the result itself is never decoded on the server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
+
+from aioidempotency.exceptions import (
+    IdempotencyClaimLostError,
+    IdempotencyError,
+    IdempotencyInvalidStatusError,
+    IdempotencyPersistenceConfigError,
+    IdempotencyPersistenceConnectionError,
+    IdempotencyPersistenceLayerError,
+    IdempotencyResultTooLargeError,
+)
+from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
+from aioidempotency.records import DataRecord, RecordAttributes, RecordStatus
+
+__all__ = ["CacheClient", "CachePersistenceLayer", "LuaScript", "ScriptingCacheClient"]
+
+logger = logging.getLogger(__name__)
+
+#: How long the reference's orphan lock lives at most (seconds).
+ORPHAN_LOCK_SECONDS = 10
+
+
+@runtime_checkable
+class CacheClient(Protocol):
+    """The minimum a cache must offer to hold idempotency records.
+
+    `redis.asyncio.Redis` and `redis.asyncio.RedisCluster` satisfy it as they are.
+    `set` returns something truthy when it wrote the value and a falsy value (None)
+    when `nx=True` refused it; `ex` is a TTL in seconds.
+    """
+
+    def get(self, name: str, /) -> Awaitable[bytes | str | None]: ...
+
+    def set(
+        self, name: str, value: str, /, *, ex: int | None = None, nx: bool = False
+    ) -> Awaitable[Any]: ...
+
+    def delete(self, *names: str) -> Awaitable[Any]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LuaScript:
+    """A Lua script and its SHA1, for EVALSHA."""
+
+    code: str
+    sha: str = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha1(self.code.encode(), usedforsecurity=False).hexdigest()
+        object.__setattr__(self, "sha", digest)
+
+
+@runtime_checkable
+class ScriptingCacheClient(CacheClient, Protocol):
+    """A `CacheClient` that can also run a one-key Lua script (enables the atomic path)."""
+
+    def run_script(
+        self, script: LuaScript, key: str, args: Sequence[str | int]
+    ) -> Awaitable[Any]: ...
+
+
+# --- Lua scripts -------------------------------------------------------------------------
+# `inspect` reads the status, expiry, in-progress expiry and owner of a record without
+# decoding it: values up to 2 KiB are read whole, larger ones through their first and
+# last KiB (the small attributes sit before or after `data` in every known writer).
+# A key pattern only matches a structural key: a quote not preceded by a backslash
+# cannot lie inside a JSON string, so text inside `data` never matches.
+_INSPECT = """
+local W = 1024
+local function pick(windows, keypat, valpat)
+  local pattern = '[{,]%s*' .. keypat .. '%s*:%s*' .. valpat
+  for i = 1, #windows do
+    local v = string.match(windows[i], pattern)
+    if v then return v end
+  end
+  return nil
+end
+local function inspect(key, pats)
+  local n = redis.call('STRLEN', key)
+  local r = {}
+  local windows
+  if n <= 2 * W then
+    local value = redis.call('GET', key)
+    if not value then return nil end
+    r.value = value
+    windows = {value}
+  else
+    windows = {redis.call('GETRANGE', key, 0, W - 1), redis.call('GETRANGE', key, -W, -1)}
+  end
+  r.status = pick(windows, pats[1], '"(%u+)"')
+  if not r.status and not r.value then
+    windows = {redis.call('GET', key)}
+    r.status = pick(windows, pats[1], '"(%u+)"')
+  end
+  r.expiry = tonumber(pick(windows, pats[2], '(%-?%d+)%s*[,}]'))
+  r.in_progress = tonumber(pick(windows, pats[3], '(%-?%d+)%s*[,}]'))
+  r.owner = pick(windows, pats[4], '"([^"\\\\]*)"')
+  r.valid = (r.status == 'INPROGRESS' or r.status == 'COMPLETED') and r.expiry ~= nil
+  return r
+end
+"""
+
+# ARGV: record JSON, TTL, now (s), now (ms), 4 key patterns.
+# Returns {1} claimed a free key, {3} took over an expired/orphaned record,
+# {2} took over an unparsable record, {0, value} refused with the live record.
+_CLAIM = LuaScript(
+    _INSPECT
+    + """
+local r = inspect(KEYS[1], {ARGV[5], ARGV[6], ARGV[7], ARGV[8]})
+local code = 1
+if r then
+  if not r.valid then
+    code = 2
+  elseif tonumber(ARGV[3]) > r.expiry
+      or (r.status == 'INPROGRESS' and r.in_progress and r.in_progress < tonumber(ARGV[4])) then
+    code = 3
+  else
+    return {0, r.value or redis.call('GET', KEYS[1])}
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {code}
+"""
+)
+
+# ARGV: owner, record JSON, TTL, 4 key patterns. Returns 1 done, 0 gone, 2 taken over.
+_COMPLETE = LuaScript(
+    _INSPECT
+    + """
+local r = inspect(KEYS[1], {ARGV[4], ARGV[5], ARGV[6], ARGV[7]})
+if not r or r.status ~= 'INPROGRESS' then return 0 end
+if r.owner ~= ARGV[1] then return 2 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+)
+
+# ARGV: owner, 4 key patterns. Returns 1 deleted, 0 not ours.
+_RELEASE = LuaScript(
+    _INSPECT
+    + """
+local r = inspect(KEYS[1], {ARGV[2], ARGV[3], ARGV[4], ARGV[5]})
+if r and r.owner == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+)
+
+# ARGV: owner, new in-progress expiry (ms), quoted in-progress key (gsub-escaped),
+# 4 key patterns. Returns 1 renewed, 0 gone, 2 taken over. The TTL is kept.
+_RENEW = LuaScript(
+    _INSPECT
+    + """
+local r = inspect(KEYS[1], {ARGV[4], ARGV[5], ARGV[6], ARGV[7]})
+if not r or r.status ~= 'INPROGRESS' then return 0 end
+if r.owner ~= ARGV[1] then return 2 end
+local value = r.value or redis.call('GET', KEYS[1])
+local pattern = '([{,]%s*' .. ARGV[6] .. '%s*:%s*)%-?%d+'
+local updated, n = string.gsub(value, pattern, '%1' .. ARGV[2], 1)
+if n == 0 then
+  updated = string.gsub(value, '}%s*$', ', ' .. ARGV[3] .. ': ' .. ARGV[2] .. '}', 1)
+end
+redis.call('SET', KEYS[1], updated, 'KEEPTTL')
+return 1
+"""
+)
+
+_CLAIM_FREE, _CLAIM_REFUSED, _CLAIM_UNPARSABLE, _CLAIM_TAKEOVER = 1, 0, 2, 3
+_DONE, _GONE, _TAKEN_OVER = 1, 0, 2
+
+
+def _key_pattern(name: str) -> str:
+    """The Lua pattern matching `name` as a JSON object key (quotes included)."""
+    return "".join(c if c.isalnum() else "%" + c for c in json.dumps(name))
+
+
+def _ttl(expiry_timestamp: int, now: float) -> int:
+    """Seconds left until `expiry_timestamp`, at least 1 (the EX of every write)."""
+    return max(1, expiry_timestamp - int(now))
+
+
+# --- errors --------------------------------------------------------------------------------
+def _connection_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError, OSError]
+    types.append(asyncio.TimeoutError)
+    for name in ("redis.exceptions", "valkey.exceptions"):
+        module = sys.modules.get(name)
+        if module is not None:
+            types += [module.ConnectionError, module.TimeoutError]
+    return tuple(types)
+
+
+@contextlib.contextmanager
+def _store_errors(action: str, key: str) -> Iterator[None]:
+    """Wrap client errors: unreachable -> connection error, others -> layer error."""
+    try:
+        yield
+    except IdempotencyError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, _connection_error_types()):
+            raise IdempotencyPersistenceConnectionError(
+                f"cache store unreachable during {action} of {key!r}", exc
+            ) from exc
+        raise IdempotencyPersistenceLayerError(
+            f"cache store failed during {action} of {key!r}", exc
+        ) from exc
+
+
+# --- client adapters -------------------------------------------------------------------
+def _module_root(client: object) -> tuple[str, bool]:
+    module = type(client).__module__
+    return module.split(".")[0], ".asyncio" in module
+
+
+class RedisPyCacheClient:
+    """A redis-py (or valkey-py) asyncio client, standalone or cluster, with scripts.
+
+    Scripts run with EVALSHA and fall back to EVAL once per server when the script is
+    not cached yet. `owned=True` closes the client on `aclose()`.
+    """
+
+    def __init__(self, client: Any, *, owned: bool = False) -> None:
+        self.client = client
+        self.owned = owned
+        root, _ = _module_root(client)
+        self._no_script: type[BaseException] = sys.modules[f"{root}.exceptions"].NoScriptError
+
+    async def get(self, name: str) -> bytes | str | None:
+        """GET `name`."""
+        value: bytes | str | None = await self.client.get(name)
+        return value
+
+    async def set(self, name: str, value: str, *, ex: int | None = None, nx: bool = False) -> Any:
+        """SET `name` with EX and NX."""
+        return await self.client.set(name, value, ex=ex, nx=nx)
+
+    async def delete(self, *names: str) -> int:
+        """DEL `names`."""
+        count: int = await self.client.delete(*names)
+        return count
+
+    async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
+        """EVALSHA `script` on `key`'s node; EVAL when the server does not know it yet."""
+        try:
+            return await self.client.evalsha(script.sha, 1, key, *args)
+        except self._no_script:
+            return await self.client.eval(script.code, 1, key, *args)
+
+    async def aclose(self) -> None:
+        """Close the client if this adapter created it."""
+        if self.owned:
+            await self.client.aclose()
+
+
+def _adapt(client: object) -> CacheClient:
+    """The `CacheClient` the store talks to for `client`."""
+    from aioidempotency.persistence.glide import GlideCacheClient, is_glide_client
+
+    if isinstance(client, (RedisPyCacheClient, GlideCacheClient)):
+        return client
+    if is_glide_client(client):
+        return GlideCacheClient(client)
+    root, is_async = _module_root(client)
+    if root in {"redis", "valkey"} and hasattr(client, "execute_command"):
+        if not is_async:
+            raise IdempotencyPersistenceConfigError(
+                f"a synchronous {root} client would block the event loop; "
+                f"pass a {root}.asyncio client instead"
+            )
+        return RedisPyCacheClient(client)
+    if isinstance(client, CacheClient):
+        return client
+    raise IdempotencyPersistenceConfigError(
+        f"{type(client).__name__} is not a cache client: it needs async get, set and delete"
+    )
+
+
+async def _aclose(client: object) -> None:
+    close = getattr(client, "aclose", None)
+    if close is not None:
+        await close()
+
+
+@dataclasses.dataclass
+class _LoopClient:
+    lock: asyncio.Lock
+    client: CacheClient | None = None
+
+
+ClientFactory = Callable[[], Awaitable[Any]]
+
+
+class CachePersistenceLayer(PersistenceLayer):
+    """Idempotency records in Redis or Valkey.
+
+    `client` is a `CacheClient` (protocol path), or a client that runs scripts: a
+    redis-py/valkey-py asyncio client (standalone or cluster), a valkey-glide
+    `GlideClient`/`GlideClusterClient`, or any `ScriptingCacheClient` (atomic path by
+    default; `atomic=False` forces the protocol path). Instead of a client, pass
+    `client_factory`, an async callable that opens one; it is called lazily, once per
+    event loop, and the clients it returns are closed by `aclose()`. `from_url` builds
+    such a layer. Attribute names default to the reference's.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        client_factory: ClientFactory | None = None,
+        atomic: bool | None = None,
+        status_attr: str = "status",
+        expiry_attr: str = "expiration",
+        in_progress_expiry_attr: str = "in_progress_expiration",
+        data_attr: str = "data",
+        validation_key_attr: str = "validation",
+        owner_attr: str = "owner_token",
+        max_result_bytes: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if (client is None) == (client_factory is None):
+            raise IdempotencyPersistenceConfigError("pass exactly one of client, client_factory")
+        self._client = None if client is None else _adapt(client)
+        self._factory = client_factory
+        can_script = client_factory is not None or isinstance(self._client, ScriptingCacheClient)
+        if atomic and not can_script:
+            raise IdempotencyPersistenceConfigError(
+                f"{type(client).__name__} cannot run scripts; use atomic=False"
+            )
+        self.atomic = can_script if atomic is None else atomic
+        self.owner_checked = self.atomic
+        self.attributes = RecordAttributes(
+            status_attr=status_attr,
+            expiry_attr=expiry_attr,
+            in_progress_expiry_attr=in_progress_expiry_attr,
+            data_attr=data_attr,
+            validation_key_attr=validation_key_attr,
+            owner_attr=owner_attr,
+        )
+        self._patterns = [
+            _key_pattern(name)
+            for name in (status_attr, expiry_attr, in_progress_expiry_attr, owner_attr)
+        ]
+        self._in_progress_key = json.dumps(in_progress_expiry_attr).replace("%", "%%")
+        self.max_result_bytes = max_result_bytes
+        self._clock = clock
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._loops_lock = threading.Lock()
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> CachePersistenceLayer:
+        """A layer whose client is opened lazily in each event loop that uses it.
+
+        ``redis://``, ``rediss://``, ``valkey://`` and ``valkeys://`` (the ``s`` means
+        TLS), with ``user:password@host:port/db``. Query options: ``cluster=true``,
+        ``client=redis`` (redis-py, the default) or ``client=glide``, ``atomic=false``
+        for the protocol path, ``timeout=SECONDS`` (default 2); other options go to
+        redis-py. Keyword `options` go to the constructor (attribute names, ...).
+        """
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in {"redis", "rediss", "valkey", "valkeys"}:
+            raise IdempotencyPersistenceConfigError(f"not a Redis/Valkey URL: {url!r}")
+        query = parse_qs(parts.query, keep_blank_values=True)
+        flags = {
+            name: query.pop(name)[-1]
+            for name in ("cluster", "client", "atomic", "timeout")
+            if name in query
+        }
+        cluster = _truthy(flags.get("cluster", "false"))
+        kind = flags.get("client", "redis").lower()
+        timeout = float(flags.get("timeout", "2"))
+        options.setdefault("atomic", _truthy(flags.get("atomic", "true")))
+        tls = scheme in {"rediss", "valkeys"}
+        if kind == "glide":
+            factory = _glide_factory(parts, cluster=cluster, tls=tls, timeout=timeout)
+        elif kind in {"redis", "redis-py", "redispy"}:
+            rest = urlunsplit(
+                (
+                    "rediss" if tls else "redis",
+                    parts.netloc,
+                    parts.path,
+                    urlencode(query, doseq=True),
+                    "",
+                )
+            )
+            factory = _redis_factory(rest, cluster=cluster, timeout=timeout)
+        else:
+            raise IdempotencyPersistenceConfigError(
+                f"unknown client {kind!r} in {url!r}; use client=redis or client=glide"
+            )
+        return cls(client_factory=factory, **options)
+
+    async def _connection(self) -> CacheClient:
+        if self._client is not None:
+            return self._client
+        loop = asyncio.get_running_loop()
+        with self._loops_lock:
+            state = self._loops.get(loop)
+            if state is None:
+                state = self._loops[loop] = _LoopClient(asyncio.Lock())
+        if state.client is None:
+            async with state.lock:
+                if state.client is None:
+                    assert self._factory is not None
+                    with _store_errors("connect", "-"):
+                        client = _adapt(await self._factory())
+                    if self.atomic and not isinstance(client, ScriptingCacheClient):
+                        raise IdempotencyPersistenceConfigError(
+                            f"{type(client).__name__} cannot run scripts; use atomic=False"
+                        )
+                    state.client = client
+        return state.client
+
+    async def aclose(self) -> None:
+        """Close the clients opened by the factory (a client given to the layer stays open).
+
+        The client of the running loop is closed here, those of other running loops in
+        their own loop; those of closed loops are dropped.
+        """
+        with self._loops_lock:
+            states = list(self._loops.items())
+            self._loops.clear()
+        current = asyncio.get_running_loop()
+        for loop, state in states:
+            if state.client is None:
+                continue
+            if loop is current:
+                with contextlib.suppress(Exception):
+                    await _aclose(state.client)
+            elif loop.is_running() and not loop.is_closed():
+                future = asyncio.run_coroutine_threadsafe(_aclose(state.client), loop)
+                with contextlib.suppress(Exception, concurrent.futures.TimeoutError):
+                    await asyncio.wait_for(asyncio.wrap_future(future), timeout=5)
+
+    async def _script(
+        self, client: CacheClient, script: LuaScript, key: str, args: Sequence[str | int]
+    ) -> Any:
+        assert isinstance(client, ScriptingCacheClient)
+        return await client.run_script(script, key, args)
+
+    def _parse(self, key: str, raw: bytes | str) -> DataRecord | None:
+        try:
+            return self.attributes.from_json(key, raw)
+        except IdempotencyInvalidStatusError as exc:
+            logger.warning("cache record %r is unparsable (%s); treating it as an orphan", key, exc)
+            return None
+
+    # --- the contract -------------------------------------------------------------------
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        key = record.idempotency_key
+        text = self.attributes.to_json(record)
+        ttl = _ttl(record.expiry_timestamp, now)
+        with _store_errors("claim", key):
+            client = await self._connection()
+            if self.atomic:
+                args: list[str | int] = [text, ttl, int(now), int(now * 1000), *self._patterns]
+                return self._claim_reply(key, await self._script(client, _CLAIM, key, args))
+            return await self._protocol_claim(client, key, text, ttl, now)
+
+    def _claim_reply(self, key: str, reply: Sequence[Any]) -> ClaimResult:
+        code = int(reply[0])
+        if code == _CLAIM_UNPARSABLE:
+            logger.warning("cache record %r was unparsable; taken over as an orphan", key)
+        if code != _CLAIM_REFUSED:
+            return ClaimResult(claimed=True)
+        return ClaimResult(claimed=False, existing=self._parse(key, reply[1]))
+
+    async def _protocol_claim(
+        self, client: CacheClient, key: str, text: str, ttl: int, now: float
+    ) -> ClaimResult:
+        if await client.set(key, text, ex=ttl, nx=True):
+            return ClaimResult(claimed=True)
+        raw = await client.get(key)
+        if raw is None:
+            return ClaimResult(claimed=False)
+        existing = self._parse(key, raw)
+        if existing is not None and not existing.is_claimable(now):
+            return ClaimResult(claimed=False, existing=existing)
+        lock_ttl = min(ORPHAN_LOCK_SECONDS, ttl)
+        if not await client.set(f"{key}:lock", "True", ex=lock_ttl, nx=True):
+            return ClaimResult(claimed=False)
+        await client.set(key, text, ex=ttl)
+        return ClaimResult(claimed=True)
+
+    async def get(self, key: str) -> DataRecord | None:
+        with _store_errors("get", key):
+            raw = await (await self._connection()).get(key)
+        if raw is None:
+            return None
+        record = self._parse(key, raw)
+        if record is None or record.is_expired(self._clock()):
+            return None
+        return record
+
+    async def complete(self, record: DataRecord, *, owner: str) -> None:
+        key = record.idempotency_key
+        text = self.attributes.to_json(record)
+        if self.max_result_bytes is not None and record.response_data is not None:
+            size = len(record.response_data.encode())
+            if size > self.max_result_bytes:
+                raise IdempotencyResultTooLargeError(
+                    f"result of {size} bytes exceeds the store's limit of "
+                    f"{self.max_result_bytes} bytes",
+                    size=size,
+                    limit=self.max_result_bytes,
+                )
+        ttl = _ttl(record.expiry_timestamp, self._clock())
+        with _store_errors("complete", key):
+            client = await self._connection()
+            if not self.atomic:
+                await client.set(key, text, ex=ttl)
+                return
+            code = await self._script(client, _COMPLETE, key, [owner, text, ttl, *self._patterns])
+        _raise_if_lost(key, int(code))
+
+    async def release(self, key: str, *, owner: str) -> None:
+        with _store_errors("release", key):
+            client = await self._connection()
+            if self.atomic:
+                await self._script(client, _RELEASE, key, [owner, *self._patterns])
+            else:
+                await client.delete(key)
+
+    async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
+        with _store_errors("renew", key):
+            client = await self._connection()
+            if self.atomic:
+                args: list[str | int] = [
+                    owner,
+                    in_progress_expiry_ms,
+                    self._in_progress_key,
+                    *self._patterns,
+                ]
+                code = int(await self._script(client, _RENEW, key, args))
+            else:
+                code = await self._protocol_renew(client, key, owner, in_progress_expiry_ms)
+        _raise_if_lost(key, code)
+
+    async def _protocol_renew(
+        self, client: CacheClient, key: str, owner: str, in_progress_expiry_ms: int
+    ) -> int:
+        raw = await client.get(key)
+        current = None if raw is None else self._parse(key, raw)
+        if current is None or current.status is not RecordStatus.INPROGRESS:
+            return _GONE
+        if current.owner != owner:
+            return _TAKEN_OVER
+        renewed = dataclasses.replace(current, in_progress_expiry_timestamp=in_progress_expiry_ms)
+        ttl = _ttl(current.expiry_timestamp, self._clock())
+        await client.set(key, self.attributes.to_json(renewed), ex=ttl)
+        return _DONE
+
+    async def delete(self, key: str) -> bool:
+        with _store_errors("delete", key):
+            deleted = await (await self._connection()).delete(key)
+        return bool(deleted)
+
+
+def _raise_if_lost(key: str, code: int) -> None:
+    if code == _GONE:
+        raise IdempotencyClaimLostError(f"the claim on {key!r} is gone", key=key)
+    if code == _TAKEN_OVER:
+        raise IdempotencyClaimLostError(f"the claim on {key!r} was taken over", key=key)
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in {"1", "y", "yes", "t", "true", "on"}
+
+
+def _redis_factory(url: str, *, cluster: bool, timeout: float) -> ClientFactory:
+    async def open_client() -> RedisPyCacheClient:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise IdempotencyPersistenceConfigError(
+                "redis-py is not installed; install aioidempotency[redis]"
+            ) from exc
+        kind: Any = aioredis.RedisCluster if cluster else aioredis.Redis
+        client = kind.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return RedisPyCacheClient(client, owned=True)
+
+    return open_client
+
+
+def _glide_factory(parts: Any, *, cluster: bool, tls: bool, timeout: float) -> ClientFactory:
+    path = parts.path.strip("/")
+    database = int(path) if path else 0
+
+    async def open_client() -> Any:
+        from aioidempotency.persistence.glide import GlideCacheClient
+
+        return await GlideCacheClient.connect(
+            parts.hostname or "localhost",
+            parts.port or 6379,
+            cluster=cluster,
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            database=database,
+            request_timeout_ms=int(timeout * 1000),
+        )
+
+    return open_client

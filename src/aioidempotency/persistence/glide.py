@@ -1,0 +1,178 @@
+"""Adapter from valkey-glide to the cache store (glide is an optional dependency).
+
+`GlideCacheClient` wraps a `GlideClient` or `GlideClusterClient` so that it offers the
+`CacheClient` methods and runs the store's Lua scripts. NX and EX are mapped to
+glide's own options (`ConditionalChange.ONLY_IF_DOES_NOT_EXIST`,
+`ExpirySet(ExpiryType.SEC, n)`); no option is ever dropped.
+
+A glide client is bound to the event loop that created it: used from another loop it
+hangs silently. The adapter checks the running loop before every call and refuses a
+foreign one with `IdempotencyPersistenceConfigError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+from aioidempotency.exceptions import (
+    IdempotencyError,
+    IdempotencyPersistenceConfigError,
+    IdempotencyPersistenceConnectionError,
+    IdempotencyPersistenceLayerError,
+)
+from aioidempotency.persistence.cache import LuaScript
+
+__all__ = ["GlideCacheClient", "is_glide_client"]
+
+_T = TypeVar("_T")
+_SCRIPTS: dict[str, Any] = {}
+
+
+def _glide() -> Any:
+    try:
+        import glide
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise IdempotencyPersistenceConfigError(
+            "valkey-glide is not installed; install aioidempotency[valkey]"
+        ) from exc
+    return glide
+
+
+def is_glide_client(client: object) -> bool:
+    """True for a valkey-glide `GlideClient` or `GlideClusterClient` (without importing glide)."""
+    return any(
+        cls.__module__.split(".")[0] == "glide"
+        and cls.__name__ in {"GlideClient", "GlideClusterClient"}
+        for cls in type(client).__mro__
+    )
+
+
+def _client_loop(client: object) -> asyncio.AbstractEventLoop | None:
+    loop = getattr(client, "_loop", None)
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return loop
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _map_error(exc: Exception) -> IdempotencyPersistenceLayerError:
+    glide = _glide()
+    connection_errors = (glide.ConnectionError, glide.TimeoutError, glide.ClosingError)
+    if isinstance(exc, (*connection_errors, ConnectionError, TimeoutError, OSError)):
+        return IdempotencyPersistenceConnectionError("valkey-glide could not reach the server", exc)
+    return IdempotencyPersistenceLayerError("valkey-glide command failed", exc)
+
+
+class GlideCacheClient:
+    """A valkey-glide client seen as a `CacheClient` that can also run Lua scripts.
+
+    Pass `owned=True` when this adapter should close the glide client on `aclose()`.
+    """
+
+    def __init__(self, client: Any, *, owned: bool = False) -> None:
+        if not is_glide_client(client):
+            raise IdempotencyPersistenceConfigError(
+                f"expected a GlideClient or GlideClusterClient, got {type(client).__name__}"
+            )
+        self.client = client
+        self.owned = owned
+        self._loop = _client_loop(client)
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        cluster: bool = False,
+        tls: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        database: int = 0,
+        request_timeout_ms: int = 2000,
+    ) -> GlideCacheClient:
+        """Create a glide client in the running loop; the adapter owns and closes it."""
+        glide = _glide()
+        credentials = None
+        if password is not None:
+            credentials = glide.ServerCredentials(password=password, username=username)
+        options: dict[str, Any] = {
+            "addresses": [glide.NodeAddress(host, port)],
+            "use_tls": tls,
+            "credentials": credentials,
+            "request_timeout": request_timeout_ms,
+        }
+        try:
+            if cluster:
+                config = glide.GlideClusterClientConfiguration(**options)
+                client = await glide.GlideClusterClient.create(config)
+            else:
+                if database:
+                    options["database_id"] = database
+                config = glide.GlideClientConfiguration(**options)
+                client = await glide.GlideClient.create(config)
+        except Exception as exc:
+            raise _map_error(exc) from exc
+        return cls(client, owned=True)
+
+    def _check_loop(self) -> None:
+        running = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = running
+        elif running is not self._loop:
+            raise IdempotencyPersistenceConfigError(
+                "this valkey-glide client was created on another event loop; a glide client "
+                "used from a foreign loop hangs, so the call is refused. Create the client "
+                "inside the loop that uses it, or use CachePersistenceLayer.from_url(...), "
+                "which opens one client per loop."
+            )
+
+    async def _call(self, awaitable: Awaitable[_T]) -> _T:
+        try:
+            return await awaitable
+        except IdempotencyError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc) from exc
+
+    async def get(self, name: str) -> bytes | None:
+        """GET `name`."""
+        self._check_loop()
+        value: bytes | None = await self._call(self.client.get(name))
+        return value
+
+    async def set(self, name: str, value: str, *, ex: int | None = None, nx: bool = False) -> bool:
+        """SET `name` with NX and EX mapped to glide's options; True when written."""
+        self._check_loop()
+        glide = _glide()
+        conditional = glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST if nx else None
+        expiry = None if ex is None else glide.ExpirySet(glide.ExpiryType.SEC, int(ex))
+        result = await self._call(
+            self.client.set(name, value, conditional_set=conditional, expiry=expiry)
+        )
+        return result is not None
+
+    async def delete(self, *names: str) -> int:
+        """DEL `names`; the number of keys removed."""
+        self._check_loop()
+        count: int = await self._call(self.client.delete(list(names)))
+        return count
+
+    async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
+        """Run `script` on the node holding `key` (EVALSHA, loading it when needed)."""
+        self._check_loop()
+        glide_script = _SCRIPTS.get(script.code)
+        if glide_script is None:
+            glide_script = _SCRIPTS.setdefault(script.code, _glide().Script(script.code))
+        return await self._call(
+            self.client.invoke_script(glide_script, keys=[key], args=[str(a) for a in args])
+        )
+
+    async def aclose(self) -> None:
+        """Close the glide client if this adapter created it."""
+        if self.owned:
+            await self._call(self.client.close())
