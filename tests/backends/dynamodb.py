@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -96,3 +97,35 @@ async def store_dynamodb_custom_attrs(
 ) -> AsyncIterator[DynamoDBPersistenceLayer]:
     async with fresh_store(moto_server, session=aws_session, **CUSTOM_ATTRS) as store:
         yield store
+
+
+class RequestCounter:
+    """Counts the HTTP requests a DynamoDB client sends, per operation.
+
+    Hooks botocore's ``before-send`` event, so retries count and short-circuited
+    calls do not: it sees what reaches the wire.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, event_name: str, **_: Any) -> None:
+        self.counts[event_name.rsplit(".", 1)[-1]] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+
+@contextlib.contextmanager
+def counting_requests(client: Any) -> Iterator[RequestCounter]:
+    """Count the requests `client` sends inside the block."""
+    counter = RequestCounter()
+    client.meta.events.register("before-send.dynamodb", counter)
+    try:
+        yield counter
+    finally:
+        client.meta.events.unregister("before-send.dynamodb", counter)
