@@ -13,6 +13,7 @@ responses that a handler streams itself (``await response.prepare(request)``) wi
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable
@@ -40,13 +41,10 @@ ScopeFunction = Callable[[web.Request], "Awaitable[str | None] | str | None"]
 """Returns the caller's scope (tenant, API client) from the request; it runs before
 the handler, after the middlewares listed before this one."""
 
-_STATE_KEY = "aioidempotency.state"
 _RECOMPUTED = frozenset({"content-length", "transfer-encoding"})
-
-
-@dataclasses.dataclass
-class _State:
-    in_handler: bool = False
+_in_handler: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "aioidempotency_in_handler", default=False
+)
 
 
 class IdempotencyMiddleware:
@@ -74,8 +72,6 @@ class IdempotencyMiddleware:
         body = await request.read()  # cached: the handler reads it again for free
         if len(body) > limit:
             return _to_response(core.request_too_large())
-        state = _State()
-        request[_STATE_KEY] = state
         outcome = await core.run(
             HttpRequest(
                 method=request.method,
@@ -86,7 +82,7 @@ class IdempotencyMiddleware:
                 body=body,
                 scope=await self._caller_scope(request),
             ),
-            lambda: _call_handler(request, handler, state),
+            lambda: _call_handler(request, handler),
         )
         response = outcome.response
         if isinstance(response, Reply):
@@ -98,8 +94,7 @@ class IdempotencyMiddleware:
 
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """``app.on_response_prepare`` signal: marks responses a handler streams itself."""
-        state = request.get(_STATE_KEY)
-        if isinstance(state, _State) and state.in_handler:
+        if _in_handler.get():  # prepared by a handler we run: it streams its body
             response.headers[NOT_STORED_HEADER] = "streaming"
 
     async def _caller_scope(self, request: web.Request) -> str | None:
@@ -146,16 +141,14 @@ def setup_idempotency(
     return middleware
 
 
-async def _call_handler(
-    request: web.Request, handler: Handler, state: _State
-) -> Reply | PassThrough:
-    state.in_handler = True
+async def _call_handler(request: web.Request, handler: Handler) -> Reply | PassThrough:
+    token = _in_handler.set(True)
     try:
         response: web.StreamResponse = await handler(request)
     except web.HTTPException as exc:  # raised HTTP errors are responses in aiohttp 3
         response = exc
     finally:
-        state.in_handler = False
+        _in_handler.reset(token)
     if not isinstance(response, web.Response) or response.prepared:
         return PassThrough("streaming", response)  # streamed, or a file: not buffered
     body = response.body

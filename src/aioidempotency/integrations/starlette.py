@@ -12,6 +12,7 @@ for the client's disconnect, keep working.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable
@@ -95,9 +96,15 @@ class IdempotencyMiddleware:
             body=body,
             scope=await self._caller_scope(scope),
         )
-        outcome = await self.core.run(request, lambda: self._call_app(scope, receive, send, body))
-        if isinstance(outcome.response, Reply):
-            await _send_reply(send, outcome.response)
+        run = _AppRun(self.app, scope, _replaying(body, receive), send)
+        try:
+            outcome = await self.core.run(request, run.until_response)
+            if isinstance(outcome.response, Reply):
+                await _send_reply(send, outcome.response)
+            elif outcome.response.response is not None:
+                await send(outcome.response.response)  # a stream's end, after the release
+        finally:
+            await run.finish()
 
     async def _caller_scope(self, scope: Scope) -> str | None:
         if self.scope_by is None:
@@ -107,36 +114,84 @@ class IdempotencyMiddleware:
             value = await value
         return value
 
-    async def _call_app(
-        self, scope: Scope, receive: Receive, send: Send, body: bytes
-    ) -> Reply | PassThrough:
-        body_sent = False
 
-        async def replay_receive() -> Message:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # disconnects and anything else: the real thing
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands out `body` once, then defers to the original (C1)."""
+    body_sent = False
 
-        capture = _ResponseCapture(send)
-        await self.app(scope, replay_receive, capture)
-        return capture.result()
+    async def replay_receive() -> Message:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # disconnects and anything else: the real thing
+
+    return replay_receive
+
+
+class _AppRun:
+    """Runs the app in its own task so that the response can be stored and sent as
+    soon as it is complete, while work the app does afterwards (Starlette background
+    tasks) goes on; `finish` waits for that work and re-raises its errors."""
+
+    def __init__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        self._capture = _ResponseCapture(send)
+        self._app, self._scope, self._receive = app, scope, receive
+        self._task: asyncio.Future[None] | None = None
+        self._awaited = False
+
+    async def until_response(self) -> Reply | PassThrough:
+        task = self._task = asyncio.ensure_future(
+            self._app(self._scope, self._receive, self._capture)
+        )
+        decided = self._capture.decided
+        either: set[asyncio.Future[Any]] = {task, decided}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.wait({task})
+            raise
+        if decided.done():
+            return decided.result()
+        self._awaited = True
+        task.result()  # the app's own exception, if it raised one
+        return self._capture.result()
+
+    async def finish(self) -> None:
+        task = self._task
+        if task is None or self._awaited:
+            return
+        self._awaited = True
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+            raise
 
 
 class _ResponseCapture:
     """A ``send`` that buffers a response given in one body message and streams the
-    others straight through (marked as not stored)."""
+    others straight through (marked as not stored). `decided` resolves with the
+    complete `Reply`, or with a `PassThrough` holding a stream's last message."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self._start: Message | None = None
         self._reply: Reply | None = None
         self._streaming = False
+        self.decided: asyncio.Future[Reply | PassThrough] = (
+            asyncio.get_running_loop().create_future()
+        )
 
     async def __call__(self, message: Message) -> None:
         if self._streaming:
-            await self._send(message)
+            if not _is_last(message):
+                await self._send(message)
+            elif not self.decided.done():
+                self.decided.set_result(PassThrough("streaming", message))  # sent after release
             return
         if self._reply is not None:
             raise RuntimeError(f"ASGI message {message['type']!r} after the response ended")
@@ -144,8 +199,7 @@ class _ResponseCapture:
         if kind == "http.response.start" and self._start is None and not message.get("trailers"):
             self._start = message
             return
-        whole = kind == "http.response.body" and not message.get("more_body", False)
-        if whole and self._start is not None:
+        if _is_last(message) and self._start is not None:
             self._reply = Reply(
                 status=int(self._start["status"]),
                 headers=tuple(
@@ -154,6 +208,7 @@ class _ResponseCapture:
                 ),
                 body=bytes(message.get("body", b"")),
             )
+            self.decided.set_result(self._reply)
             return
         self._streaming = True
         if self._start is not None:
@@ -162,14 +217,13 @@ class _ResponseCapture:
         elif kind == "http.response.start":
             headers = [*message.get("headers", []), _encode(NOT_STORED_HEADER, "streaming")]
             message = {**message, "headers": headers}
-        await self._send(message)
+        await self(message)
 
     def result(self) -> Reply | PassThrough:
+        """What the app produced, once it has returned without a decided response."""
         if self._streaming:
             return PassThrough("streaming")
-        if self._reply is None:
-            raise RuntimeError("the application returned without a complete response")
-        return self._reply
+        raise RuntimeError("the application returned without a complete response")
 
 
 class _BodyTooLarge(Exception):
@@ -191,6 +245,10 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _is_last(message: Message) -> bool:
+    return message["type"] == "http.response.body" and not message.get("more_body", False)
 
 
 def _encode(name: str, value: str) -> tuple[bytes, bytes]:

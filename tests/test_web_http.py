@@ -1,0 +1,395 @@
+"""The framework-free core of the web integrations: keys, fingerprints, stored replies,
+problems, and the decisions of `HttpIdempotency.run` (no server needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from aioidempotency import IdempotencyConfig
+from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
+from aioidempotency.integrations.http import (
+    NOT_STORED_HEADER,
+    REPLAYED_HEADER,
+    HttpIdempotency,
+    HttpIdempotencyOptions,
+    HttpRequest,
+    InvalidKeyError,
+    PassThrough,
+    Reply,
+    fingerprint,
+    parse_idempotency_key,
+    problem,
+)
+from aioidempotency.persistence import InMemoryPersistenceLayer
+from aioidempotency.persistence.base import ClaimResult
+from aioidempotency.records import DataRecord
+
+# -- keys ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ("abc", "abc"),
+        ('"abc"', "abc"),
+        ("  8e03978e-40d5-43e8-bc93-6894a57f9324 ", "8e03978e-40d5-43e8-bc93-6894a57f9324"),
+        ('"with space"', "with space"),
+        (r'"esc\"aped\\"', 'esc"aped\\'),
+        ('"abc";param=1', "abc"),
+        ("tok:en/x*", "tok:en/x*"),
+        ("x" * 255, "x" * 255),
+    ],
+)
+def test_key_forms_accepted(raw: str, key: str) -> None:
+    assert parse_idempotency_key([raw]) == key
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        ([], "exactly once"),
+        (["a", "b"], "exactly once"),
+        ([""], "empty"),
+        (['""'], "empty"),
+        (["x" * 256], "longer than 255"),
+        (['"' + "x" * 256 + '"'], "longer than 255"),
+        (["a b"], "not allowed"),
+        (["a,b"], "not allowed"),
+        (["clé"], "not allowed"),
+        (['"open'], "not terminated"),
+        (['"a"b'], "after the quoted key"),
+        ([r'"bad\n"'], "escape"),
+        (['"tab\there"'], "printable ASCII"),
+    ],
+)
+def test_key_forms_rejected(values: list[str], reason: str) -> None:
+    with pytest.raises(InvalidKeyError, match=reason):
+        parse_idempotency_key(values)
+
+
+def test_key_length_is_configurable() -> None:
+    assert parse_idempotency_key(["abcd"], max_length=4) == "abcd"
+    with pytest.raises(InvalidKeyError):
+        parse_idempotency_key(["abcde"], max_length=4)
+
+
+# -- fingerprint, replies, problems -------------------------------------------------------
+
+
+def test_fingerprint_covers_body_query_and_chosen_headers_only() -> None:
+    base = fingerprint(b"{}", query="a=1", headers=[("X-A", "1")], names=["x-a"])
+    assert base == fingerprint(b"{}", query="a=1", headers=[("x-a", "1")], names=["X-A"])
+    assert base != fingerprint(b"{ }", query="a=1", headers=[("x-a", "1")], names=["x-a"])
+    assert base != fingerprint(b"{}", query="a=2", headers=[("x-a", "1")], names=["x-a"])
+    assert base != fingerprint(b"{}", query="a=1", headers=[("x-a", "2")], names=["x-a"])
+    unchosen = fingerprint(b"{}", headers=[("x-b", "1")])
+    assert unchosen == fingerprint(b"{}", headers=[("x-b", "2")])
+    # length-prefixed parts: moving bytes between query and body changes the hash
+    assert fingerprint(b"b", query="a") != fingerprint(b"", query="ab")
+
+
+def test_reply_round_trips_through_json_without_excluded_headers() -> None:
+    reply = Reply(
+        201,
+        (
+            ("Content-Type", "application/json"),
+            ("Date", "Sun, 01 Mar 2026 00:00:00 GMT"),
+            ("Set-Cookie", "s=1"),
+            ("Connection", "keep-alive"),
+            ("Content-Length", "3"),
+            ("X-Custom", "a"),
+            ("X-Custom", "b"),
+        ),
+        b"\x00\xffok",
+    )
+    stored = json.loads(json.dumps(reply.to_stored(), sort_keys=True))
+    again = Reply.from_stored(stored)
+    assert again.status == 201
+    assert again.body == b"\x00\xffok"
+    assert again.headers == (
+        ("content-type", "application/json"),
+        ("x-custom", "a"),
+        ("x-custom", "b"),
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        {},
+        {"v": 2},
+        {"v": 1, "status": 200},
+        {"v": 1, "status": 200, "headers": [], "body": "!!"},
+    ],
+)
+def test_from_stored_rejects_foreign_data(data: object) -> None:
+    with pytest.raises(ValueError, match="stored"):
+        Reply.from_stored(data)
+
+
+def test_reply_with_header_replaces_case_insensitively() -> None:
+    reply = Reply(200, (("X-A", "1"), ("x-a", "2"), ("X-B", "3"))).with_header("x-A", "9")
+    assert reply.headers == (("X-B", "3"), ("x-A", "9"))
+    assert reply.header("X-a") == "9"
+    assert reply.header("missing") is None
+
+
+def test_problem_is_rfc9457_json() -> None:
+    reply = problem(
+        409,
+        "busy",
+        "Busy",
+        "Later.",
+        type_base="https://docs.example/p#",
+        headers=[("Retry-After", "2")],
+    )
+    assert reply.status == 409
+    assert reply.header("content-type") == "application/problem+json"
+    assert reply.header("retry-after") == "2"
+    assert json.loads(reply.body) == {
+        "type": "https://docs.example/p#busy",
+        "title": "Busy",
+        "status": 409,
+        "detail": "Later.",
+    }
+
+
+def test_options_normalise_and_validate() -> None:
+    opts = HttpIdempotencyOptions(
+        methods=frozenset({"post"}),
+        fingerprint_headers=("X-A",),
+        excluded_headers=frozenset({"X-B"}),
+    )
+    assert opts.methods == {"POST"}
+    assert opts.fingerprint_headers == ("x-a",)
+    assert opts.excluded_headers == {"x-b"}
+    for bad in (
+        {"header_name": ""},
+        {"max_key_length": 0},
+        {"max_request_bytes": -1},
+        {"retry_after_seconds": -1},
+    ):
+        with pytest.raises(ValueError, match="must"):
+            HttpIdempotencyOptions(**bad)  # type: ignore[arg-type]
+
+
+# -- HttpIdempotency.run ---------------------------------------------------------------------
+
+
+def _core(store: InMemoryPersistenceLayer | None = None, **fields: object) -> HttpIdempotency:
+    options = HttpIdempotencyOptions(**fields)  # type: ignore[arg-type]
+    return HttpIdempotency(
+        store if store is not None else InMemoryPersistenceLayer(), options=options
+    )
+
+
+def _request(key: str = "k", body: bytes = b"{}", **kw: object) -> HttpRequest:
+    return HttpRequest(method="POST", path="/p", key=key, body=body, **kw)  # type: ignore[arg-type]
+
+
+class _App:
+    def __init__(self, *replies: Reply | PassThrough) -> None:
+        self.replies = list(replies)
+        self.calls = 0
+
+    async def __call__(self) -> Reply | PassThrough:
+        self.calls += 1
+        return self.replies.pop(0)
+
+
+async def test_first_reply_is_returned_as_is_and_stored_for_replay() -> None:
+    core = _core()
+    first = Reply(201, (("content-type", "text/plain"), ("date", "x")), b"made")
+    app = _App(first)
+    outcome = await core.run(_request(), app)
+    assert outcome.response is first
+    assert outcome.stored
+    again = await core.run(_request(), app)
+    assert app.calls == 1
+    assert again.replayed
+    assert again.response == Reply(
+        201, (("content-type", "text/plain"), (REPLAYED_HEADER, "true")), b"made"
+    )
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason", "fields"),
+    [
+        (Reply(500, (), b"x"), "status", {}),
+        (Reply(503, (), b"x"), "status", {}),
+        (Reply(429, (), b"x"), "status", {"release_when": lambda s: s == 429 or s >= 500}),
+        (Reply(200, (), b"x" * 11), "too-large", {"max_response_bytes": 10}),
+        (PassThrough("streaming", "obj"), "streaming", {}),
+    ],
+)
+async def test_unstored_replies_release_the_key_and_say_why(
+    reply: Reply | PassThrough, reason: str, fields: dict[str, object]
+) -> None:
+    store = InMemoryPersistenceLayer()
+    core = _core(store, **fields)
+    ok = Reply(201, (), b"ok")
+    app = _App(reply, ok)
+    outcome = await core.run(_request(), app)
+    assert not outcome.stored
+    if isinstance(reply, Reply):
+        assert isinstance(outcome.response, Reply)
+        assert outcome.response.header(NOT_STORED_HEADER) == reason
+        assert outcome.response.body == reply.body
+    else:
+        assert outcome.response == PassThrough(reason, "obj")
+    assert len(store) == 0
+    retry = await core.run(_request(), app)
+    assert retry.response is ok
+    assert app.calls == 2
+
+
+async def test_4xx_is_stored_by_default() -> None:
+    core = _core()
+    app = _App(Reply(400, (), b"bad"))
+    await core.run(_request(), app)
+    again = await core.run(_request(), app)
+    assert again.replayed
+    assert isinstance(again.response, Reply)
+    assert again.response.status == 400
+    assert app.calls == 1
+
+
+async def test_same_key_other_body_is_422_and_other_scope_runs() -> None:
+    core = _core()
+    app = _App(Reply(201, (), b"a"), Reply(201, (), b"b"), Reply(201, (), b"c"))
+    await core.run(_request(body=b"1"), app)
+    mismatch = await core.run(_request(body=b"2"), app)
+    assert isinstance(mismatch.response, Reply)
+    assert mismatch.response.status == 422
+    assert json.loads(mismatch.response.body)["type"].endswith("key-reused")
+    other_tenant = await core.run(_request(body=b"2", scope="tenant-b"), app)
+    other_path = await core.run(HttpRequest(method="POST", path="/q", key="k", body=b"2"), app)
+    assert not other_tenant.replayed
+    assert not other_path.replayed
+    assert app.calls == 3
+
+
+async def test_busy_key_is_409_with_retry_after() -> None:
+    core = _core(retry_after_seconds=3)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> Reply:
+        started.set()
+        await release.wait()
+        return Reply(201, (), b"done")
+
+    first = asyncio.create_task(core.run(_request(), slow))
+    await started.wait()
+    busy = await core.run(_request(), _App())
+    release.set()
+    await first
+    assert isinstance(busy.response, Reply)
+    assert busy.response.status == 409
+    assert busy.response.header("retry-after") == "3"
+
+
+async def test_waiting_duplicate_gets_the_replay() -> None:
+    store = InMemoryPersistenceLayer()
+    core = HttpIdempotency(store, IdempotencyConfig(wait_for_in_progress_seconds=30))
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> Reply:
+        started.set()
+        await release.wait()
+        return Reply(201, (), b"done")
+
+    first = asyncio.create_task(core.run(_request(), slow))
+    await started.wait()
+    second = asyncio.create_task(core.run(_request(), _App()))
+    # FIFO: the duplicate's first step (up to its wait) runs before the release
+    asyncio.get_running_loop().call_soon(release.set)
+    assert (await first).stored
+    replay = await second
+    assert replay.replayed
+    assert isinstance(replay.response, Reply)
+    assert replay.response.body == b"done"
+
+
+async def test_exceptions_release_and_propagate() -> None:
+    store = InMemoryPersistenceLayer()
+    core = _core(store)
+
+    async def crash() -> Reply:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await core.run(_request(), crash)
+    assert len(store) == 0
+
+
+class _DownStore(InMemoryPersistenceLayer):
+    """Refuses every claim, or (``complete_fails``) every completion."""
+
+    def __init__(self, *, complete_fails: bool = False) -> None:
+        super().__init__()
+        self.complete_fails = complete_fails
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        if not self.complete_fails:
+            raise IdempotencyPersistenceConnectionError("store down")
+        return await super().claim(record, now=now)
+
+    async def complete(self, record: DataRecord, *, owner: str) -> None:
+        raise ConnectionError("store down")
+
+
+async def test_store_down_before_the_app_is_503_and_the_app_never_runs() -> None:
+    core = _core(_DownStore())
+    app = _App(Reply(201, (), b"x"))
+    outcome = await core.run(_request(), app)
+    assert isinstance(outcome.response, Reply)
+    assert outcome.response.status == 503
+    assert outcome.response.header("retry-after") == "1"
+    assert app.calls == 0
+
+
+async def test_store_down_after_the_app_ran_returns_its_reply_unstored() -> None:
+    core = _core(_DownStore(complete_fails=True))
+    outcome = await core.run(_request(), _App(Reply(201, (), b"charged")))
+    assert isinstance(outcome.response, Reply)
+    assert outcome.response.body == b"charged"
+    assert outcome.response.header(NOT_STORED_HEADER) == "store-error"
+
+
+async def test_result_too_large_for_the_store_says_too_large() -> None:
+    core = _core(InMemoryPersistenceLayer(max_result_bytes=50))
+    outcome = await core.run(_request(), _App(Reply(201, (), b"x" * 200)))
+    assert isinstance(outcome.response, Reply)
+    assert outcome.response.header(NOT_STORED_HEADER) == "too-large"
+
+
+def test_handles_methods_and_missing_or_bad_keys() -> None:
+    core = _core()
+    assert core.handles("post")
+    assert core.handles("PATCH")
+    assert not core.handles("GET")
+    assert not core.handles("PUT")
+    assert core.parse_key([]) is None
+    assert core.parse_key(['"a"']) == "a"
+    bad = core.parse_key(["a b"])
+    assert isinstance(bad, Reply)
+    assert bad.status == 400
+    strict = _core(required=True, header_name="X-Key")
+    missing = strict.parse_key([])
+    assert isinstance(missing, Reply)
+    assert missing.status == 400
+    assert json.loads(missing.body)["title"] == "X-Key is missing"
+
+
+def test_storage_key_is_scoped_and_prefixed() -> None:
+    core = _core()
+    key = core.storage_key("POST", "/p", "k")
+    assert key.startswith("aioidempotency.http#")
+    assert key == core.storage_key("post", "/p", "k", "")
+    assert key != core.storage_key("PATCH", "/p", "k")
+    assert key != core.storage_key("POST", "/q", "k")
+    assert key != core.storage_key("POST", "/p", "k", "tenant")
