@@ -18,7 +18,7 @@ from typing import Any
 
 import uvicorn
 from aiohttp import web
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,6 +37,8 @@ __all__ = [
     "Settings",
     "Site",
     "WatchedStore",
+    "run_aiohttp",
+    "run_uvicorn",
     "serve",
 ]
 
@@ -245,6 +247,18 @@ def build_fastapi(settings: Settings, store: WatchedStore, probe: Probe) -> Fast
                 yield chunk
 
         return StreamingResponse(chunks(), media_type="text/plain")
+
+    @app.post("/receipt", status_code=201)
+    async def receipt(request: Request, background: BackgroundTasks) -> dict[str, int]:
+        count = probe.run(request.headers.get(key_header))
+        gate = request.headers["x-gate"]
+
+        async def send_receipt() -> None:  # runs after the response was sent
+            await probe.event(f"{gate}:bg-open").wait()
+            probe.event(f"{gate}:bg-done").set()
+
+        background.add_task(send_receipt)
+        return {"calls": count}
 
     @app.post("/big", status_code=201)
     async def big(request: Request) -> Response:
@@ -463,7 +477,9 @@ def _loopback_socket() -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def _uvicorn(app: FastAPI, sock: socket.socket) -> AsyncIterator[None]:
+async def run_uvicorn(app: ASGIApp) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port; yields its base URL."""
+    sock = _loopback_socket()
     config = uvicorn.Config(
         app, lifespan="off", log_level="critical", access_log=False, timeout_graceful_shutdown=5
     )
@@ -473,19 +489,21 @@ async def _uvicorn(app: FastAPI, sock: socket.socket) -> AsyncIterator[None]:
     await server.startup(sockets=[sock])
     await server.on_tick(0)  # sets the Date and Server headers, as its main loop would
     try:
-        yield
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         await server.shutdown(sockets=[sock])
 
 
 @contextlib.asynccontextmanager
-async def _aiohttp(app: web.Application, sock: socket.socket) -> AsyncIterator[None]:
+async def run_aiohttp(app: web.Application) -> AsyncIterator[str]:
+    """Serve an aiohttp app with its runner on a free loopback port; yields its base URL."""
+    sock = _loopback_socket()
     # handler_cancellation: a client that disconnects cancels its handler.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     try:
-        yield
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         await runner.cleanup()
 
@@ -495,11 +513,9 @@ async def serve(framework: str, settings: Settings) -> AsyncIterator[Site]:
     """Run the app of `framework` on a free loopback port until the block ends."""
     store = WatchedStore()
     probe = Probe()
-    sock = _loopback_socket()
-    port = sock.getsockname()[1]
     if framework == "fastapi":
-        server = _uvicorn(build_fastapi(settings, store, probe), sock)
+        server = run_uvicorn(build_fastapi(settings, store, probe))
     else:
-        server = _aiohttp(build_aiohttp(settings, store, probe), sock)
-    async with server:
-        yield Site(framework, f"http://127.0.0.1:{port}", store, probe, settings)
+        server = run_aiohttp(build_aiohttp(settings, store, probe))
+    async with server as base_url:
+        yield Site(framework, base_url, store, probe, settings)
