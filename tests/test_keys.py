@@ -54,7 +54,7 @@ from aioidempotency.keys import (
 # -- the reference ---------------------------------------------------------------------
 
 
-class _ReferenceLayer(BasePersistenceLayer):  # type: ignore[misc]
+class _ReferenceLayer(BasePersistenceLayer):
     """Powertools' persistence layer with no storage: only its key derivation is used."""
 
     def _get_record(self, idempotency_key: str) -> Any:
@@ -95,11 +95,11 @@ def reference_key(layer: _ReferenceLayer, payload: Any) -> str | None:
     """Powertools' key for `payload`, or None when it finds no key in it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return layer._get_hashed_idempotency_key(copy.deepcopy(_prepare_data(payload)))  # type: ignore[no-any-return]
+        return layer._get_hashed_idempotency_key(copy.deepcopy(_prepare_data(payload)))
 
 
 def reference_validation_hash(layer: _ReferenceLayer, payload: Any) -> str:
-    return layer._get_hashed_payload(copy.deepcopy(_prepare_data(payload)))  # type: ignore[no-any-return]
+    return layer._get_hashed_payload(copy.deepcopy(_prepare_data(payload)))
 
 
 def reference_data(result: Any) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from typing_extensions import ParamSpec
@@ -104,14 +104,16 @@ def idempotent_async(
     config: IdempotencyConfig | None = None,
     key_prefix: str | None = None,
     output_serializer: OutputSerializer = None,
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Callable[P, Coroutine[Any, Any, R]]]:
     """Make an ``async def handler(event, context)`` Lambda handler idempotent.
 
     The payload is the event; the claim expires with the invocation's remaining time
     (``context.get_remaining_time_in_millis()``).
     """
 
-    def decorate(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    def decorate(
+        handler: Callable[P, Coroutine[Any, Any, R]],
+    ) -> Callable[P, Coroutine[Any, Any, R]]:
         _require_coroutine_function(handler, "idempotent")
         engine = IdempotencyEngine(
             persistence_store,
@@ -143,7 +145,7 @@ def idempotent_function_async(
     config: IdempotencyConfig | None = None,
     output_serializer: OutputSerializer = None,
     key_prefix: str | None = None,
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Callable[P, Coroutine[Any, Any, R]]]:
     """Make any ``async def`` idempotent on one of its arguments.
 
     The payload is the argument named ``data_keyword_argument``, passed by keyword or
@@ -151,7 +153,9 @@ def idempotent_function_async(
     (instantiated from the function's return annotation).
     """
 
-    def decorate(function: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    def decorate(
+        function: Callable[P, Coroutine[Any, Any, R]],
+    ) -> Callable[P, Coroutine[Any, Any, R]]:
         _require_coroutine_function(function, "idempotent_function")
         argument = PayloadArgument(function, data_keyword_argument)
         engine = IdempotencyEngine(
