@@ -174,7 +174,7 @@ def test_options_normalise_and_validate() -> None:
         {"retry_after_seconds": -1},
     ):
         with pytest.raises(ValueError, match="must"):
-            HttpIdempotencyOptions(**bad)  # type: ignore[arg-type]
+            HttpIdempotencyOptions(**bad)
 
 
 # -- HttpIdempotency.run ---------------------------------------------------------------------

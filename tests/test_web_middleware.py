@@ -302,8 +302,8 @@ async def test_background_tasks_run_after_the_response_is_stored_and_sent(
 # -- concurrency ------------------------------------------------------------------------------
 
 
-def _slow(client: httpx.AsyncClient, header: str, key: str) -> Awaitable[httpx.Response]:
-    return client.post("/slow", content=PAY, headers={header: key, "X-Gate": key})
+async def _slow(client: httpx.AsyncClient, header: str, key: str) -> httpx.Response:
+    return await client.post("/slow", content=PAY, headers={header: key, "X-Gate": key})
 
 
 async def test_a_duplicate_in_progress_is_409_with_retry_after(
@@ -326,7 +326,7 @@ async def test_50_concurrent_posts_run_once_and_the_rest_are_409(
 ) -> None:
     tasks = [asyncio.create_task(_slow(client, "Idempotency-Key", key)) for _ in range(50)]
     await bounded(site.probe.event(f"{key}:started").wait())
-    responses = []
+    responses: list[httpx.Response] = []
     for next_done in asyncio.as_completed(tasks, timeout=BOUND):
         if len(responses) == 49:  # only the running one is left: let it finish
             site.probe.event(f"{key}:open").set()

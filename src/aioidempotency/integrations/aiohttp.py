@@ -17,11 +17,11 @@ import contextvars
 import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
+from typing_extensions import Unpack
 
 from aioidempotency.config import IdempotencyConfig
 from aioidempotency.integrations.http import (
@@ -29,6 +29,7 @@ from aioidempotency.integrations.http import (
     NOT_STORED_HEADER,
     HttpIdempotency,
     HttpIdempotencyOptions,
+    HttpOptionFields,
     HttpRequest,
     PassThrough,
     Reply,
@@ -113,7 +114,7 @@ def idempotency_middleware(
     scope_by: ScopeFunction | None = None,
     key_prefix: str = DEFAULT_KEY_PREFIX,
     options: HttpIdempotencyOptions | None = None,
-    **option_fields: Any,
+    **option_fields: Unpack[HttpOptionFields],
 ) -> IdempotencyMiddleware:
     """A middleware for ``web.Application(middlewares=[...])``.
 
@@ -132,10 +133,17 @@ def setup_idempotency(
     app: web.Application,
     store: PersistenceLayer,
     config: IdempotencyConfig | None = None,
-    **kwargs: Any,
+    *,
+    scope_by: ScopeFunction | None = None,
+    key_prefix: str = DEFAULT_KEY_PREFIX,
+    options: HttpIdempotencyOptions | None = None,
+    **option_fields: Unpack[HttpOptionFields],
 ) -> IdempotencyMiddleware:
-    """Append the middleware (innermost so far) and its signal to `app`."""
-    middleware = idempotency_middleware(store, config, **kwargs)
+    """Append the middleware (innermost so far) and its signal to `app`; arguments as
+    for `idempotency_middleware`."""
+    middleware = idempotency_middleware(
+        store, config, scope_by=scope_by, key_prefix=key_prefix, options=options, **option_fields
+    )
     app.middlewares.append(middleware)
     app.on_response_prepare.append(middleware.on_response_prepare)
     return middleware

@@ -17,7 +17,10 @@ import hashlib
 import json
 import string
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
+
+from typing_extensions import TypedDict
 
 from aioidempotency.config import IdempotencyConfig
 from aioidempotency.engine import IdempotencyEngine
@@ -40,6 +43,7 @@ __all__ = [
     "REPLAYED_HEADER",
     "HttpIdempotency",
     "HttpIdempotencyOptions",
+    "HttpOptionFields",
     "HttpRequest",
     "InvalidKeyError",
     "Outcome",
@@ -110,14 +114,14 @@ class HttpIdempotencyOptions:
     """
 
     header_name: str = "Idempotency-Key"
-    methods: frozenset[str] = frozenset({"POST", "PATCH"})
+    methods: AbstractSet[str] = frozenset({"POST", "PATCH"})
     required: bool = False
     max_key_length: int = 255
-    fingerprint_headers: tuple[str, ...] = ()
+    fingerprint_headers: Sequence[str] = ()
     max_request_bytes: int = 1024 * 1024
     max_response_bytes: int = 1024 * 1024
     release_when: Callable[[int], bool] = is_server_error
-    excluded_headers: frozenset[str] = DEFAULT_EXCLUDED_HEADERS
+    excluded_headers: AbstractSet[str] = DEFAULT_EXCLUDED_HEADERS
     retry_after_seconds: int = 1
     problem_type_base: str = DEFAULT_PROBLEM_TYPE_BASE
 
@@ -137,6 +141,22 @@ class HttpIdempotencyOptions:
         object.__setattr__(
             self, "excluded_headers", frozenset(h.lower() for h in self.excluded_headers)
         )
+
+
+class HttpOptionFields(TypedDict, total=False):
+    """The fields of `HttpIdempotencyOptions`, as keyword arguments of the adapters."""
+
+    header_name: str
+    methods: AbstractSet[str]
+    required: bool
+    max_key_length: int
+    fingerprint_headers: Sequence[str]
+    max_request_bytes: int
+    max_response_bytes: int
+    release_when: Callable[[int], bool]
+    excluded_headers: AbstractSet[str]
+    retry_after_seconds: int
+    problem_type_base: str
 
 
 @dataclasses.dataclass(frozen=True)

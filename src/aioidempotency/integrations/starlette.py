@@ -20,6 +20,7 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing_extensions import Unpack
 
 from aioidempotency.config import IdempotencyConfig
 from aioidempotency.integrations.http import (
@@ -27,6 +28,7 @@ from aioidempotency.integrations.http import (
     NOT_STORED_HEADER,
     HttpIdempotency,
     HttpIdempotencyOptions,
+    HttpOptionFields,
     HttpRequest,
     PassThrough,
     Reply,
@@ -57,7 +59,7 @@ class IdempotencyMiddleware:
         scope_by: ScopeFunction | None = None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         options: HttpIdempotencyOptions | None = None,
-        **option_fields: Any,
+        **option_fields: Unpack[HttpOptionFields],
     ) -> None:
         self.app = app
         opts = options or HttpIdempotencyOptions()
