@@ -6,7 +6,6 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aioboto3
@@ -21,7 +20,7 @@ from aioidempotency.exceptions import (
 )
 from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
 from aioidempotency.records import DataRecord, RecordStatus
-from tests.backends.dynamodb import fresh_store
+from tests.backends.dynamodb import fresh_store, inject_error
 from tests.servers.moto import MotoServer, free_port
 
 
@@ -37,12 +36,6 @@ def in_progress(key: str = "fn#k") -> DataRecord:
 def http_sessions(client: Any) -> list[Any]:
     """The aiohttp sessions behind an aiobotocore client (created on its first request)."""
     return list(client._endpoint.http_session._sessions.values())
-
-
-@pytest.fixture
-async def user_client(moto_server: MotoServer, aws_session: Any) -> AsyncIterator[Any]:
-    async with aws_session.create_client("dynamodb", endpoint_url=moto_server.endpoint_url) as c:
-        yield c
 
 
 # -- lifecycle -----------------------------------------------------------------------------
@@ -214,20 +207,6 @@ async def test_an_unreachable_endpoint_is_a_connection_error(aws_session: Any) -
         await layer.claim(in_progress(), now=time.time())
     assert isinstance(e.value.__cause__, EndpointConnectionError)
     await layer.aclose()
-
-
-def inject_error(client: Any, operation: str, code: str) -> None:
-    """Make every `operation` call of `client` fail with `code`, without a request."""
-
-    class Response:
-        status_code = 400
-        headers: dict[str, str] = {}
-
-    def fail(**_: Any) -> tuple[Any, dict[str, Any]]:
-        error = {"Error": {"Code": code, "Message": f"injected {code}"}}
-        return Response(), {**error, "ResponseMetadata": {"HTTPStatusCode": 400}}
-
-    client.meta.events.register(f"before-call.dynamodb.{operation}", fail)
 
 
 @pytest.mark.parametrize(

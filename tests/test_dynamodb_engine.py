@@ -11,14 +11,16 @@ import pytest
 
 from aioidempotency import (
     IdempotencyClaimLostError,
+    IdempotencyCompletionError,
     IdempotencyConfig,
     IdempotencyEngine,
     IdempotencyResultTooLargeError,
     idempotent_function,
     idempotent_function_async,
 )
+from aioidempotency.exceptions import IdempotencyPersistenceLayerError
 from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
-from tests.backends.dynamodb import counting_requests, fresh_store
+from tests.backends.dynamodb import counting_requests, fresh_store, inject_error
 from tests.helpers import FakeLambdaContext
 from tests.servers.moto import MotoServer
 
@@ -95,6 +97,25 @@ async def test_a_result_too_large_is_reported_and_its_claim_released(
     fn.result = "small"
     assert await engine.run(ORDER, fn) == "small"
     assert fn.count == 2
+
+
+async def test_a_result_that_cannot_be_stored_is_attached_to_the_error(
+    moto_server: MotoServer, user_client: Any
+) -> None:
+    async with fresh_store(moto_server, client=user_client) as store:
+        inject_error(user_client, "UpdateItem", "ProvisionedThroughputExceededException")
+        engine = IdempotencyEngine(store, key_prefix="orders")
+        fn = Calls({"id": 7})
+        with (
+            counting_requests(user_client) as requests,
+            pytest.raises(IdempotencyCompletionError) as error,
+        ):
+            await engine.run(ORDER, fn)
+        assert requests.counts == {"PutItem": 1, "DeleteItem": 1}  # UpdateItem never sent
+        assert error.value.result == {"id": 7}
+        assert isinstance(error.value.__cause__, IdempotencyPersistenceLayerError)
+        assert "throttled" in str(error.value)
+        assert await store.get(engine.idempotency_key(ORDER)) is None  # released
 
 
 async def test_a_taken_over_call_cannot_complete_over_the_new_owner(

@@ -55,6 +55,13 @@ def aws_session(moto_server: MotoServer) -> Any:
     return AioSession()
 
 
+@pytest.fixture
+async def user_client(moto_server: MotoServer, aws_session: Any) -> AsyncIterator[Any]:
+    """A DynamoDB client of the test's own, as a user would pass it to the layer."""
+    async with aws_session.create_client("dynamodb", endpoint_url=moto_server.endpoint_url) as c:
+        yield c
+
+
 def new_table_name() -> str:
     return f"idempotency-{uuid.uuid4().hex[:12]}"
 
@@ -129,3 +136,17 @@ def counting_requests(client: Any) -> Iterator[RequestCounter]:
         yield counter
     finally:
         client.meta.events.unregister("before-send.dynamodb", counter)
+
+
+def inject_error(client: Any, operation: str, code: str) -> None:
+    """Make every `operation` call of `client` fail with `code`, without a request."""
+
+    class Response:
+        status_code = 400
+        headers: dict[str, str] = {}
+
+    def fail(**_: Any) -> tuple[Any, dict[str, Any]]:
+        error = {"Error": {"Code": code, "Message": f"injected {code}"}}
+        return Response(), {**error, "ResponseMetadata": {"HTTPStatusCode": 400}}
+
+    client.meta.events.register(f"before-call.dynamodb.{operation}", fail)
