@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import threading
 import time
 import uuid
@@ -229,3 +230,35 @@ async def test_throttling_and_access_denied_are_persistence_errors(
         assert error.value.__cause__.response["Error"]["Code"] == code
         assert code in str(error.value)
         assert await store.get("fn#k") is None  # other operations still work
+
+
+def _forked_child(store: DynamoDBPersistenceLayer, results: Any) -> None:  # pragma: no cover
+    async def main() -> str:
+        record = await store.get("fn#k")
+        await store.aclose()  # must not touch the parent's client or loop
+        return "missing" if record is None else record.status.value
+
+    try:
+        results.put(asyncio.run(asyncio.wait_for(main(), 30)))
+    except BaseException as exc:
+        results.put(repr(exc))
+
+
+async def test_a_forked_child_opens_its_own_client(moto_server: MotoServer) -> None:
+    async with fresh_store(moto_server) as store:
+        assert (await store.claim(in_progress(), now=time.time())).claimed
+        parent_client = await store.client()
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        child = context.Process(target=_forked_child, args=(store, results), daemon=True)
+        child.start()
+        try:
+            answer = await asyncio.to_thread(results.get, True, 60)
+        finally:
+            await asyncio.to_thread(child.join, 30)
+            if child.is_alive():
+                child.kill()
+        assert answer == "INPROGRESS"
+        assert child.exitcode == 0
+        assert await store.client() is parent_client  # the parent's client is untouched
+        assert not any(session.closed for session in http_sessions(parent_client))

@@ -89,14 +89,18 @@ class _LoopClient:
 
     The generator is an async generator on purpose: the loop registers it, so
     `asyncio.run` (through `loop.shutdown_asyncgens`) closes the client when the loop
-    ends, even if nobody calls `aclose()`.
+    ends, even if nobody calls `aclose()`. `pid` tells a forked child that the entry
+    (and its connections) belong to its parent.
     """
 
     loop: asyncio.AbstractEventLoop
     lifetime: Any  # AsyncGenerator[client, None]
     opening: asyncio.Task[Any]
+    pid: int = dataclasses.field(default_factory=os.getpid)
 
     def usable(self) -> bool:
+        if self.pid != os.getpid():
+            return False
         if not self.opening.done():
             return True
         if self.opening.cancelled() or self.opening.exception() is not None:
@@ -132,7 +136,7 @@ def _number_size(text: str) -> int:
     return (len(digits) + 1) // 2 + 1
 
 
-def item_size(item: Mapping[str, AttributeValue]) -> int:
+def _item_size(item: Mapping[str, AttributeValue]) -> int:
     """The size DynamoDB counts for an item of S and N attributes, in bytes."""
     size = 0
     for name, value in item.items():
@@ -324,8 +328,9 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         with self._clients_lock:
             entry = self._clients.get(loop)
             if entry is None or not entry.usable():
-                for old in [lp for lp in self._clients if lp.is_closed()]:
-                    del self._clients[old]
+                for old, stale in list(self._clients.items()):
+                    if old.is_closed() or stale.pid != os.getpid():
+                        del self._clients[old]
                 lifetime = self._client_lifetime()
                 entry = _LoopClient(loop, lifetime, loop.create_task(self._first(lifetime)))
                 self._clients[loop] = entry
@@ -349,6 +354,8 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
             self._clients.clear()
         loop = asyncio.get_running_loop()
         for entry in entries:
+            if entry.pid != os.getpid():
+                continue  # inherited from the parent process: its connections are not ours
             if entry.loop is loop:
                 await self._close_entry(entry)
             elif entry.loop.is_running():
@@ -438,7 +445,7 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
     async def complete(self, record: DataRecord, *, owner: str) -> None:
         """One UpdateItem conditional on `owner`; checks the 400 KB limit first."""
         final = self._item(record)
-        size = item_size(final)
+        size = _item_size(final)
         if size > MAX_ITEM_BYTES:
             raise IdempotencyResultTooLargeError(
                 f"the record of {record.idempotency_key!r} would be {size} bytes, over "
