@@ -1,0 +1,573 @@
+"""The cases of a run, and the `Bench` that builds their targets and measures them.
+
+Groups:
+
+- ``in-memory``: no server; the library's own CPU per call (aioidempotency's
+  `InMemoryPersistenceLayer` against Powertools on an equivalent dict layer).
+- ``valkey``: one Valkey server; the floor (raw redis-py and glide), Powertools
+  (sync redis-py) and aioidempotency (async and sync shim; redis-py and glide; atomic
+  and protocol paths).
+- ``dynamodb``: one moto server; throughput is reported as a ratio to Powertools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import math
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from aioidempotency import IdempotencyConfig, InMemoryPersistenceLayer, PersistenceLayer
+from benchmarks.counting import (
+    RequestCounter,
+    count_botocore,
+    count_glide,
+    count_redis_async,
+    count_redis_sync,
+)
+from benchmarks.runner import KeyStream, RunStats, run_async, run_threads
+from benchmarks.servers import ChildServer
+from benchmarks.targets import (
+    PowertoolsMemoryLayer,
+    Target,
+    attach_counter,
+    floor_dynamodb,
+    floor_glide,
+    floor_redis_async,
+    floor_redis_sync,
+    ours_async,
+    ours_sync,
+    powertools,
+)
+
+__all__ = ["Bench", "Budget", "Spec", "case_list", "needs_fresh_loop"]
+
+SIZES = (100, 10_000, 200_000)
+CONCURRENCY = (1, 10, 100, 1000)
+THREADS = 16
+TABLE = "idempotency-bench"
+SCENARIOS = ("first", "replay", "duplicates", "cache-hit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One case: who, on what, how many at once, which scenario, which payload size.
+
+    `mode` is ``async`` (`concurrency` tasks on one event loop) or ``sync``
+    (`concurrency` threads; 1 = sequential). `variant` marks a diagnostic twin of a
+    case with one setting changed (``no-lease``: ``in_progress_lease_seconds=None``).
+    """
+
+    group: str
+    library: str
+    client: str
+    path: str
+    mode: str
+    concurrency: int
+    scenario: str
+    payload: int = 100
+    variant: str = ""
+    headline: bool = False
+
+    @property
+    def id(self) -> str:
+        parts = [self.group, self.library, self.client, self.path or "-", self.mode]
+        parts += [f"c{self.concurrency}", self.scenario, f"{self.payload}B"]
+        if self.variant:
+            parts.append(self.variant)
+        return "/".join(parts)
+
+
+def _valkey_cases() -> Iterator[Spec]:
+    v = "valkey"
+    ours_clients = [("redis-py", "atomic"), ("redis-py", "protocol")]
+    ours_clients += [("glide", "atomic"), ("glide", "protocol")]
+    # The headline comparison first and back to back: same minute, same noise.
+    yield Spec(v, "floor", "glide", "", "async", 100, "first", headline=True)
+    yield Spec(v, "aioidempotency", "glide", "atomic", "async", 100, "first", headline=True)
+    yield Spec(v, "powertools", "redis-py", "", "sync", THREADS, "first", headline=True)
+    yield Spec(v, "aioidempotency", "glide", "atomic", "async", 100, "first", variant="no-lease")
+    for scenario in ("first", "replay"):
+        yield Spec(v, "powertools", "redis-py", "", "sync", 1, scenario, headline=True)
+        yield Spec(v, "aioidempotency", "redis-py", "atomic", "sync", 1, scenario, headline=True)
+        yield Spec(v, "aioidempotency", "glide", "atomic", "sync", 1, scenario, headline=True)
+    # Everything else at 100 B.
+    for scenario in ("first", "replay"):
+        for concurrency in CONCURRENCY:
+            for client in ("redis-py", "glide"):
+                yield Spec(v, "floor", client, "", "async", concurrency, scenario)
+            for client, path in ours_clients:
+                yield Spec(v, "aioidempotency", client, path, "async", concurrency, scenario)
+        for threads in (1, THREADS):
+            yield Spec(v, "floor", "redis-py", "", "sync", threads, scenario)
+            yield Spec(v, "powertools", "redis-py", "", "sync", threads, scenario)
+            for client, path in ours_clients:
+                yield Spec(v, "aioidempotency", client, path, "sync", threads, scenario)
+    for concurrency in CONCURRENCY[1:]:
+        for client in ("redis-py", "glide"):
+            yield Spec(v, "floor", client, "", "async", concurrency, "duplicates")
+        for client, path in ours_clients:
+            yield Spec(v, "aioidempotency", client, path, "async", concurrency, "duplicates")
+    yield Spec(v, "floor", "redis-py", "", "sync", THREADS, "duplicates")
+    yield Spec(v, "powertools", "redis-py", "", "sync", THREADS, "duplicates")
+    for client, path in ours_clients:
+        yield Spec(v, "aioidempotency", client, path, "sync", THREADS, "duplicates")
+    yield Spec(v, "powertools", "redis-py", "", "sync", 1, "cache-hit")
+    for client in ("redis-py", "glide"):
+        yield Spec(v, "aioidempotency", client, "atomic", "async", 1, "cache-hit")
+        yield Spec(v, "aioidempotency", client, "atomic", "sync", 1, "cache-hit")
+    yield Spec(v, "aioidempotency", "glide", "atomic", "async", 100, "cache-hit")
+    # Payload sizes.
+    for payload in SIZES[1:]:
+        for scenario in ("first", "replay"):
+            for concurrency in (1, 100):
+                yield Spec(v, "floor", "glide", "", "async", concurrency, scenario, payload)
+                yield Spec(
+                    v, "aioidempotency", "glide", "atomic", "async", concurrency, scenario, payload
+                )
+            yield Spec(v, "aioidempotency", "redis-py", "atomic", "async", 100, scenario, payload)
+            for threads in (1, THREADS):
+                yield Spec(v, "floor", "redis-py", "", "sync", threads, scenario, payload)
+                yield Spec(v, "powertools", "redis-py", "", "sync", threads, scenario, payload)
+                yield Spec(
+                    v, "aioidempotency", "redis-py", "atomic", "sync", threads, scenario, payload
+                )
+
+
+def _memory_cases() -> Iterator[Spec]:
+    m = "in-memory"
+    for payload in SIZES:
+        for scenario in ("first", "replay", "cache-hit"):
+            if scenario == "cache-hit" and payload != SIZES[0]:
+                continue
+            yield Spec(m, "aioidempotency", "in-memory", "", "async", 1, scenario, payload)
+            yield Spec(m, "powertools", "in-memory", "", "sync", 1, scenario, payload)
+            if payload == SIZES[0]:
+                yield Spec(m, "aioidempotency", "in-memory", "", "sync", 1, scenario, payload)
+    yield Spec(m, "aioidempotency", "in-memory", "", "async", 1, "first", variant="no-lease")
+
+
+def _dynamodb_cases() -> Iterator[Spec]:
+    d = "dynamodb"
+    for scenario in ("first", "replay"):
+        for threads in (1, THREADS):
+            yield Spec(d, "powertools", "boto3", "", "sync", threads, scenario)
+            yield Spec(d, "aioidempotency", "aiobotocore", "", "sync", threads, scenario)
+        for concurrency in CONCURRENCY:
+            yield Spec(d, "floor", "aiobotocore", "", "async", concurrency, scenario)
+            yield Spec(d, "aioidempotency", "aiobotocore", "", "async", concurrency, scenario)
+    yield Spec(d, "powertools", "boto3", "", "sync", THREADS, "duplicates")
+    yield Spec(d, "aioidempotency", "aiobotocore", "", "sync", THREADS, "duplicates")
+    yield Spec(d, "aioidempotency", "aiobotocore", "", "async", 100, "duplicates")
+    for payload in SIZES[1:]:
+        for scenario in ("first", "replay"):
+            yield Spec(d, "powertools", "boto3", "", "sync", 1, scenario, payload)
+            yield Spec(d, "aioidempotency", "aiobotocore", "", "sync", 1, scenario, payload)
+            yield Spec(d, "aioidempotency", "aiobotocore", "", "async", 10, scenario, payload)
+
+
+def needs_fresh_loop(spec: Spec) -> bool:
+    """True for the sync shim on glide: it runs last in its group, after `Bench.new_loop`."""
+    return spec.client == "glide" and spec.mode == "sync"
+
+
+def case_list(groups: tuple[str, ...] = ("in-memory", "valkey", "dynamodb")) -> list[Spec]:
+    """Every case of a run, in the order they run (see `needs_fresh_loop`)."""
+    makers = {"in-memory": _memory_cases, "valkey": _valkey_cases, "dynamodb": _dynamodb_cases}
+    return [spec for group in groups for spec in sorted(makers[group](), key=needs_fresh_loop)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long and how many calls each case gets."""
+
+    smoke: bool = False
+    duration: float = 1.0
+    headline_duration: float = 3.0
+    memory_duration: float = 0.5
+    replay_pool: int = 200
+
+    def duration_of(self, spec: Spec) -> float:
+        if self.smoke:
+            return 0.5
+        if spec.group == "dynamodb":
+            return 20.0  # count-bound; a safety net only
+        if spec.group == "in-memory":
+            return self.memory_duration
+        return self.headline_duration if spec.headline else self.duration
+
+    def max_calls(self, spec: Spec) -> int:
+        if self.smoke:
+            return 12 if spec.group == "dynamodb" else 30
+        if spec.group == "dynamodb":
+            return {1: 40, 10: 100, THREADS: 160, 100: 300}.get(spec.concurrency, 1000)
+        return {100: 10**7, 10_000: 20_000}.get(spec.payload, 600)
+
+    def warmup_calls(self, spec: Spec) -> int:
+        if self.smoke:
+            return min(spec.concurrency, 4)
+        if spec.group == "dynamodb":
+            return min(spec.concurrency, 20)
+        return min(max(2 * spec.concurrency, 100), self.max_calls(spec))
+
+    def memory_calls(self, spec: Spec) -> int:
+        if spec.group == "dynamodb" or (spec.library == "floor" and spec.group != "valkey"):
+            return 0
+        if self.smoke:
+            return 4
+        cap = {100: 2000, 10_000: 400}.get(spec.payload, 60)
+        return min(max(spec.concurrency, 200), cap)
+
+    def pool(self, spec: Spec) -> int:
+        if self.smoke:
+            return 4
+        return 50 if spec.group == "dynamodb" else self.replay_pool
+
+
+def _config(spec: Spec) -> IdempotencyConfig:
+    return IdempotencyConfig(
+        use_local_cache=spec.scenario == "cache-hit",
+        in_progress_lease_seconds=None if spec.variant == "no-lease" else 60.0,
+    )
+
+
+class Bench:
+    """Builds each case's target on the run's servers and measures it.
+
+    Async cases run on one long-lived event loop (glide clients are bound to the loop
+    that made them); the sync shim's store lives on aioidempotency's background loop.
+    """
+
+    def __init__(
+        self, budget: Budget, valkey: ChildServer | None, moto: ChildServer | None
+    ) -> None:
+        self.budget = budget
+        self.valkey = valkey
+        self.moto = moto
+        self.loop = asyncio.new_event_loop()
+        self._clients: dict[str, tuple[Any, RequestCounter]] = {}
+        self._stores: dict[str, PersistenceLayer] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._sync_closers: list[Callable[[], None]] = []
+        self._table_ready = False
+
+    # --- clients -----------------------------------------------------------------------
+    def _shared(
+        self, name: str, make: Callable[[RequestCounter], Any]
+    ) -> tuple[Any, RequestCounter]:
+        if name not in self._clients:
+            counter = RequestCounter()
+            self._clients[name] = (make(counter), counter)
+        return self._clients[name]
+
+    def _valkey_server(self) -> ChildServer:
+        assert self.valkey is not None, "the valkey group needs a Valkey server"
+        return self.valkey
+
+    def _moto_server(self) -> ChildServer:
+        assert self.moto is not None, "the dynamodb group needs a moto server"
+        return self.moto
+
+    def _redis_async(self, counter: RequestCounter) -> Any:
+        import redis.asyncio
+
+        server = self._valkey_server()
+        client = redis.asyncio.Redis(host=server.host, port=server.port)
+        self._closers.append(client.aclose)
+        return count_redis_async(client, counter)
+
+    def _redis_sync(self, counter: RequestCounter) -> Any:
+        import redis
+
+        server = self._valkey_server()
+        client = redis.Redis(host=server.host, port=server.port, max_connections=64)
+        self._sync_closers.append(client.close)
+        return count_redis_sync(client, counter)
+
+    async def _open_glide(self, counter: RequestCounter) -> Any:
+        from glide import GlideClient, GlideClientConfiguration, NodeAddress
+
+        server = self._valkey_server()
+        config = GlideClientConfiguration(
+            [NodeAddress(server.host, server.port)], request_timeout=5000
+        )
+        return count_glide(await GlideClient.create(config), counter)
+
+    def _glide(self, counter: RequestCounter) -> Any:
+        client = self.loop.run_until_complete(self._open_glide(counter))
+        self._closers.append(client.close)
+        return client
+
+    def _boto3(self, counter: RequestCounter) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(max_pool_connections=THREADS * 2)
+        client = boto3.client("dynamodb", endpoint_url=self._moto_server().url, config=config)
+        self._sync_closers.append(client.close)
+        return count_botocore(client, counter)
+
+    def _aiobotocore(self, counter: RequestCounter) -> Any:
+        from aiobotocore.session import AioSession
+
+        context = AioSession().create_client("dynamodb", endpoint_url=self._moto_server().url)
+        client = self.loop.run_until_complete(context.__aenter__())
+
+        async def close() -> None:
+            await context.__aexit__(None, None, None)
+
+        self._closers.append(close)
+        return count_botocore(client, counter)
+
+    def _ensure_table(self) -> None:
+        if self._table_ready:
+            return
+        client, _ = self._shared("boto3", self._boto3)
+        client.create_table(
+            TableName=TABLE,
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        self._table_ready = True
+
+    # --- aioidempotency stores -----------------------------------------------------------
+    def _ours_store(self, spec: Spec) -> PersistenceLayer:
+        if spec.client == "in-memory":
+            return InMemoryPersistenceLayer(max_items=10**7)
+        name = f"{spec.client}/{spec.path}/{spec.mode}"
+        if name not in self._stores:
+            self._stores[name] = self._open_store(spec)
+        return self._stores[name]
+
+    def _open_store(self, spec: Spec) -> PersistenceLayer:
+        from aioidempotency.persistence.cache import CachePersistenceLayer
+        from aioidempotency.sync import background_loop
+
+        counter = RequestCounter()
+        atomic = spec.path == "atomic"
+        store: PersistenceLayer
+        if spec.client == "aiobotocore":
+            from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+
+            self._ensure_table()
+            dynamodb = DynamoDBPersistenceLayer(TABLE, endpoint_url=self._moto_server().url)
+            loop = self.loop if spec.mode == "async" else background_loop.loop()
+            client = self._in_loop(loop, dynamodb.client())
+            count_botocore(client, counter)
+            store = dynamodb
+        elif spec.mode == "async":
+            client = self._glide(counter) if spec.client == "glide" else self._redis_async(counter)
+            store = CachePersistenceLayer(client, atomic=atomic)
+        else:
+            server = self._valkey_server()
+
+            async def open_client() -> Any:
+                # Adapters that own their client, so that the store's aclose() closes it.
+                from aioidempotency.persistence.cache import RedisPyCacheClient
+                from aioidempotency.persistence.glide import GlideCacheClient
+
+                if spec.client == "glide":
+                    return GlideCacheClient(await self._open_glide(counter), owned=True)
+                import redis.asyncio
+
+                client = redis.asyncio.Redis(host=server.host, port=server.port)
+                return RedisPyCacheClient(count_redis_async(client, counter), owned=True)
+
+            store = CachePersistenceLayer(client_factory=open_client, atomic=atomic)
+        if spec.mode == "async":
+            self._closers.append(store.aclose)
+        else:
+            self._sync_closers.append(lambda: self._in_loop(background_loop.loop(), store.aclose()))
+        return attach_counter(store, counter)
+
+    def _in_loop(self, loop: asyncio.AbstractEventLoop, awaitable: Awaitable[Any]) -> Any:
+        if loop is self.loop:
+            return self.loop.run_until_complete(awaitable)
+
+        async def wrapped() -> Any:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), loop).result(timeout=30)
+
+    # --- targets -------------------------------------------------------------------------
+    def target(self, spec: Spec) -> Target:
+        """The target of `spec`, on this run's clients."""
+        if spec.library == "aioidempotency":
+            store = self._ours_store(spec)
+            make = ours_async if spec.mode == "async" else ours_sync
+            return make(store, _config(spec), spec.payload)
+        if spec.library == "powertools":
+            return self._powertools(spec)
+        return self._floor(spec)
+
+    def _powertools(self, spec: Spec) -> Target:
+        local_cache = spec.scenario == "cache-hit"
+        layer: Any
+        if spec.client == "in-memory":
+            layer = PowertoolsMemoryLayer()
+            counter = layer.operations
+        elif spec.group == "valkey":
+            from aws_lambda_powertools.utilities.idempotency.persistence.redis import (
+                RedisCachePersistenceLayer,
+            )
+
+            client, counter = self._shared("redis-sync/powertools", self._redis_sync)
+            layer = RedisCachePersistenceLayer(client=client)
+        else:
+            from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
+
+            self._ensure_table()
+            client, counter = self._shared("boto3", self._boto3)
+            layer = DynamoDBPersistenceLayer(table_name=TABLE, boto3_client=client)
+        return powertools(
+            layer, lambda: counter.value, local_cache=local_cache, payload=spec.payload
+        )
+
+    def _floor(self, spec: Spec) -> Target:
+        if spec.client == "glide":
+            client, counter = self._shared("glide/floor", self._glide)
+            return floor_glide(client, counter, spec.payload)
+        if spec.client == "aiobotocore":
+            self._ensure_table()
+            client, counter = self._shared("aiobotocore/floor", self._aiobotocore)
+            return floor_dynamodb(client, counter, TABLE, spec.payload)
+        if spec.mode == "async":
+            client, counter = self._shared("redis-async/floor", self._redis_async)
+            return floor_redis_async(client, counter, spec.payload)
+        client, counter = self._shared("redis-sync/floor", self._redis_sync)
+        return floor_redis_sync(client, counter, spec.payload)
+
+    # --- measuring -----------------------------------------------------------------------
+    def _prepare(self, target: Target, keys: list[str]) -> None:
+        """Complete `keys` before a replay or cache-hit run (untimed)."""
+        if target.is_async:
+
+            async def complete_all() -> None:
+                gate = asyncio.Semaphore(20)
+
+                async def one(key: str) -> None:
+                    async with gate:
+                        await target.call(key)
+
+                await asyncio.gather(*(one(key) for key in keys))
+
+            self.loop.run_until_complete(complete_all())
+        else:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                list(pool.map(target.call, keys))
+
+    def measure(self, spec: Spec) -> dict[str, Any]:
+        """Run one case; its figures as a JSON-able dict."""
+        budget = self.budget
+        target = self.target(spec)
+        stream = KeyStream(
+            spec.scenario, prefix=spec.id, pool=budget.pool(spec), group=spec.concurrency
+        )
+        if spec.scenario in ("replay", "cache-hit"):
+            self._prepare(target, stream.replay_keys())
+        options: dict[str, Any] = {
+            "duration": budget.duration_of(spec),
+            "max_calls": budget.max_calls(spec),
+            "warmup_calls": budget.warmup_calls(spec),
+            "memory_calls": budget.memory_calls(spec),
+            "requests": target.requests,
+            "executed": lambda: target.executed.value,
+        }
+        stats: RunStats
+        if target.is_async:
+            stats = self.loop.run_until_complete(
+                run_async(target.call, stream, concurrency=spec.concurrency, **options)
+            )
+        else:
+            stats = run_threads(target.call, stream, threads=spec.concurrency, **options)
+        if self.valkey is not None and spec.group == "valkey":
+            self._flush()
+        return _figures(spec, stats)
+
+    def _flush(self) -> None:
+        client, _ = self._shared("redis-sync/admin", self._redis_sync)
+        client.flushall()
+
+    def new_loop(self) -> None:
+        """Close the clients bound to the bench's event loop, the loop, and start a new one.
+
+        valkey-glide 2.6 delivers every response of the process through one pipe whose
+        reader sits on the loop that created the first glide client; a glide client on
+        another loop (the sync shim's background loop) only gets answers while that
+        first loop runs. Closing the first loop makes glide move the reader to the next
+        loop that creates a client, so the sync shim's glide client is measured as it
+        runs in a process that uses glide only through the shim.
+        """
+        self._close_loop_clients()
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+        self.loop = asyncio.new_event_loop()
+
+    def _close_loop_clients(self) -> None:
+        for close in reversed(self._closers):
+            try:
+                self.loop.run_until_complete(close())
+            except Exception as exc:  # closing must not hide the results
+                print(f"warning: closing a client failed: {exc!r}")
+        self._closers.clear()
+        for name in [n for n in self._clients if n.split("/")[0] in _LOOP_BOUND]:
+            del self._clients[name]
+        for name in [n for n in self._stores if n.endswith("/async")]:
+            del self._stores[name]
+
+    def close(self) -> None:
+        """Close every client this bench opened, then its loop."""
+        self._close_loop_clients()
+        for close_sync in reversed(self._sync_closers):
+            try:
+                close_sync()
+            except Exception as exc:
+                print(f"warning: closing a client failed: {exc!r}")
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+
+
+_LOOP_BOUND = frozenset({"glide", "aiobotocore", "redis-async"})
+
+
+def _figures(spec: Spec, stats: RunStats) -> dict[str, Any]:
+    calls = stats.calls
+    per_call: float | int | None = None
+    if calls:
+        per_call = stats.requests // calls if stats.requests % calls == 0 else None
+        if per_call is None:
+            per_call = round(stats.requests / calls, 3)
+    return {
+        "id": spec.id,
+        "group": spec.group,
+        "library": spec.library,
+        "client": spec.client,
+        "path": spec.path,
+        "mode": spec.mode,
+        "concurrency": spec.concurrency,
+        "scenario": spec.scenario,
+        "payload_bytes": spec.payload,
+        "variant": spec.variant,
+        "headline": spec.headline,
+        "calls": calls,
+        "seconds": round(stats.seconds, 4),
+        "calls_per_s": round(stats.calls_per_second, 1),
+        "p50_us": _rounded(stats.percentile_us(0.50)),
+        "p99_us": _rounded(stats.percentile_us(0.99)),
+        "requests": stats.requests,
+        "requests_per_call": per_call,
+        "cpu_us_per_call": round(stats.cpu_seconds / calls * 1e6, 1) if calls else None,
+        "peak_kib": None if stats.peak_bytes is None else round(stats.peak_bytes / 1024, 1),
+        "executed": stats.executed,
+        "replayed": stats.ok - stats.executed,
+        "refused": stats.refused,
+        "errors": stats.errors,
+        "first_error": stats.first_error,
+    }
+
+
+def _rounded(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 1)

@@ -1,0 +1,577 @@
+"""Write a run's results: JSON (everything), Markdown (tables) and a PNG chart.
+
+The floors of issue 6 are evaluated here, from the cases of the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["evaluate_floors", "render_markdown", "write_chart", "write_results"]
+
+Case = dict[str, Any]
+
+THREADS = 16
+CACHE_HIT_TARGET = 100_000
+
+
+def _find(cases: Iterable[Case], **criteria: Any) -> Case | None:
+    criteria.setdefault("variant", "")
+    for case in cases:
+        if all(case.get(name) == value for name, value in criteria.items()):
+            return case
+    return None
+
+
+def _rate(case: Case | None) -> float:
+    if case is None or not case.get("calls"):
+        return math.nan
+    return float(case["calls_per_s"])
+
+
+def _status(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def _ratio_floor(name: str, measured: Case | None, base: Case | None, target: float) -> Case:
+    ratio = _rate(measured) / _rate(base)
+    ok = None if math.isnan(ratio) else ratio >= target
+    return {
+        "floor": name,
+        "measured": f"{_rate(measured):,.0f} vs {_rate(base):,.0f} calls/s",
+        "ratio": None if math.isnan(ratio) else round(ratio, 3),
+        "target": target,
+        "status": _status(ok),
+    }
+
+
+def evaluate_floors(cases: list[Case]) -> list[Case]:
+    """The floors of issue 6, as PASS/MISS with the ratio measured in this run."""
+    v = {"group": "valkey", "payload_bytes": 100}
+    ours_c100 = _find(
+        cases, library="aioidempotency", client="glide", path="atomic", mode="async",
+        concurrency=100, scenario="first", **v,
+    )  # fmt: skip
+    pt_threads = _find(
+        cases, library="powertools", mode="sync", concurrency=THREADS, scenario="first", **v
+    )
+    floor_c100 = _find(
+        cases, library="floor", client="glide", mode="async", concurrency=100, scenario="first", **v
+    )
+    floors = [
+        _ratio_floor(
+            "Valkey, glide atomic, c=100, first execution >= 3x Powertools (16 threads)",
+            ours_c100,
+            pt_threads,
+            3.0,
+        ),
+        _ratio_floor(
+            "Valkey, glide atomic, c=100, first execution >= 70% of the floor (raw glide, c=100)",
+            ours_c100,
+            floor_c100,
+            0.70,
+        ),
+    ]
+    replays = [
+        c
+        for c in cases
+        if c["library"] == "aioidempotency"
+        and c["scenario"] == "replay"
+        and c["group"] in ("valkey", "dynamodb")
+        and c["path"] in ("atomic", "")
+        and c["calls"]
+    ]
+    counts = sorted({c["requests_per_call"] for c in replays}, key=str)
+    floors.append(
+        {
+            "floor": "A replay costs one store round trip (every atomic-path and DynamoDB "
+            f"replay case, {len(replays)} cases)",
+            "measured": f"requests per call: {', '.join(map(str, counts)) or '-'}",
+            "ratio": None,
+            "target": 1,
+            "status": _status(bool(replays) and counts == [1] if replays else None),
+        }
+    )
+    hits = [
+        c
+        for c in cases
+        if c["library"] == "aioidempotency" and c["scenario"] == "cache-hit" and c["calls"]
+    ]
+    hit_counts = sorted({c["requests_per_call"] for c in hits}, key=str)
+    floors.append(
+        {
+            "floor": f"A local-cache hit costs no request ({len(hits)} cases)",
+            "measured": f"requests per call: {', '.join(map(str, hit_counts)) or '-'}",
+            "ratio": None,
+            "target": 0,
+            "status": _status(bool(hits) and hit_counts == [0] if hits else None),
+        }
+    )
+    hit = _find(
+        cases, library="aioidempotency", client="glide", path="atomic", mode="async",
+        concurrency=1, scenario="cache-hit", **v,
+    )  # fmt: skip
+    rate = _rate(hit)
+    floors.append(
+        {
+            "floor": "A local-cache hit runs at >= 100,000 calls/s (async, Valkey glide, c=1)",
+            "measured": f"{rate:,.0f} calls/s",
+            "ratio": None if math.isnan(rate) else round(rate / CACHE_HIT_TARGET, 3),
+            "target": 1.0,
+            "status": _status(None if math.isnan(rate) else rate >= CACHE_HIT_TARGET),
+        }
+    )
+    for scenario in ("first", "replay"):
+        pt_seq = _find(
+            cases, library="powertools", mode="sync", concurrency=1, scenario=scenario, **v
+        )
+        for client in ("redis-py", "glide"):
+            shim = _find(
+                cases, library="aioidempotency", client=client, path="atomic", mode="sync",
+                concurrency=1, scenario=scenario, **v,
+            )  # fmt: skip
+            floors.append(
+                _ratio_floor(
+                    f"Sync shim ({client}, atomic), sequential, {scenario}: no slower than "
+                    "Powertools sequential",
+                    shim,
+                    pt_seq,
+                    1.0,
+                )
+            )
+    return floors
+
+
+# --- ratios per case ---------------------------------------------------------------------
+
+
+def _floor_of(cases: list[Case], case: Case) -> Case | None:
+    if case["library"] == "floor" or case["scenario"] == "cache-hit":
+        return None
+    if case["mode"] == "sync" and case["client"] != "redis-py":
+        return None
+    return _find(
+        cases,
+        group=case["group"],
+        library="floor",
+        client="aiobotocore" if case["group"] == "dynamodb" else case["client"],
+        mode="async" if case["group"] == "dynamodb" else case["mode"],
+        concurrency=case["concurrency"],
+        scenario=case["scenario"],
+        payload_bytes=case["payload_bytes"],
+    )
+
+
+def _powertools_of(cases: list[Case], case: Case) -> Case | None:
+    if case["library"] == "powertools":
+        return None
+    return _find(
+        cases,
+        group=case["group"],
+        library="powertools",
+        mode="sync",
+        concurrency=case["concurrency"] if case["mode"] == "sync" else THREADS,
+        scenario=case["scenario"],
+        payload_bytes=case["payload_bytes"],
+    )
+
+
+def add_ratios(cases: list[Case]) -> None:
+    """Add `of_floor` and `vs_powertools` (throughput ratios in this run) to each case."""
+    for case in cases:
+        floor = _floor_of(cases, case)
+        reference = _powertools_of(cases, case)
+        case["of_floor"] = _ratio(case, floor)
+        case["vs_powertools"] = _ratio(case, reference)
+
+
+def _ratio(case: Case, base: Case | None) -> float | None:
+    value = _rate(case) / _rate(base)
+    return None if math.isnan(value) or math.isinf(value) else round(value, 3)
+
+
+# --- Markdown ------------------------------------------------------------------------------
+
+
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _who(case: Case) -> str:
+    parts = [case["library"], case["client"]]
+    if case["path"]:
+        parts.append(case["path"])
+    if case["variant"]:
+        parts.append(f"({case['variant']})")
+    return " ".join(parts)
+
+
+def _how(case: Case) -> str:
+    if case["mode"] == "async":
+        return f"async c={case['concurrency']}"
+    return "sync seq" if case["concurrency"] == 1 else f"sync {case['concurrency']} thr"
+
+
+def _size(payload: int) -> str:
+    return f"{payload // 1000} KB" if payload >= 1000 else f"{payload} B"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _pivot(cases: list[Case], group: str, payload: int, mode: str) -> list[str]:
+    """calls/s by series (rows) and scenario x concurrency (columns)."""
+    chosen = [
+        c
+        for c in cases
+        if c["group"] == group
+        and c["payload_bytes"] == payload
+        and c["mode"] == mode
+        and c["scenario"] != "cache-hit"
+        and not c["variant"]
+    ]
+    columns = sorted(
+        {(c["scenario"], c["concurrency"]) for c in chosen},
+        key=lambda sc: (("first", "replay", "duplicates").index(sc[0]), sc[1]),
+    )
+    series: list[str] = []
+    for c in chosen:
+        if _who(c) not in series:
+            series.append(_who(c))
+    label = "c" if mode == "async" else "thr"
+    header = ["calls/s", *(f"{s} {label}={n}" for s, n in columns)]
+    rows = []
+    for who in series:
+        row = [who]
+        for scenario, n in columns:
+            case = next(
+                (
+                    c
+                    for c in chosen
+                    if _who(c) == who and c["scenario"] == scenario and c["concurrency"] == n
+                ),
+                None,
+            )
+            row.append(_num(_rate(case)) if case else "")
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _cpu_table(cases: list[Case]) -> list[str]:
+    chosen = [c for c in cases if c["group"] == "in-memory"]
+    keys = sorted(
+        {(c["scenario"], c["payload_bytes"]) for c in chosen},
+        key=lambda k: (("first", "replay", "cache-hit").index(k[0]), k[1]),
+    )
+    who = [
+        ("aioidempotency async", {"library": "aioidempotency", "mode": "async", "variant": ""}),
+        ("aioidempotency sync shim", {"library": "aioidempotency", "mode": "sync"}),
+        ("Powertools", {"library": "powertools"}),
+    ]
+    header = ["CPU us/call (peak KiB)", *(name for name, _ in who), "Powertools / async"]
+    rows = []
+    for scenario, payload in keys:
+        row = [f"{scenario} {_size(payload)}"]
+        values = []
+        for _, criteria in who:
+            case = _find(chosen, scenario=scenario, payload_bytes=payload, **criteria)
+            cpu = None if case is None else case["cpu_us_per_call"]
+            values.append(cpu)
+            peak = None if case is None else case.get("peak_kib")
+            row.append("" if case is None else f"{_num(cpu, 1)} ({_num(peak, 0)})")
+        ratio = values[2] / values[0] if values[0] and values[2] else None
+        row.append(_times(ratio))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _dynamodb_table(cases: list[Case]) -> list[str]:
+    chosen = [c for c in cases if c["group"] == "dynamodb"]
+    header = [
+        "DynamoDB (moto)", "scenario", "payload", "req/call", "calls/s vs Powertools",
+        "CPU us/call (with SDK)", "outcomes",
+    ]  # fmt: skip
+    rows = []
+    for c in chosen:
+        rows.append(
+            [
+                f"{_who(c)}, {_how(c)}",
+                c["scenario"],
+                _size(c["payload_bytes"]),
+                _num(c["requests_per_call"], 3),
+                _times(c.get("vs_powertools")) if c["library"] != "powertools" else "1.00x",
+                _num(c["cpu_us_per_call"], 0),
+                _outcomes(c),
+            ]
+        )
+    return _table(header, rows)
+
+
+def _outcomes(case: Case) -> str:
+    text = f"{case['executed']}/{case['replayed']}/{case['refused']}"
+    if case["errors"]:
+        text += f" **{case['errors']} errors**"
+    return text
+
+
+def _full_table(cases: list[Case]) -> list[str]:
+    header = [
+        "group", "who", "how", "scenario", "payload", "calls", "calls/s", "of floor",
+        "vs Powertools", "p50 us", "p99 us", "req/call", "CPU us/call", "peak KiB",
+        "exec/replay/refused",
+    ]  # fmt: skip
+    rows = []
+    for c in cases:
+        dynamo = c["group"] == "dynamodb"
+        rows.append(
+            [
+                c["group"],
+                _who(c),
+                _how(c),
+                c["scenario"],
+                _size(c["payload_bytes"]),
+                _num(c["calls"]),
+                "(ratio only)" if dynamo else _num(_rate(c)),
+                _pct(c.get("of_floor")),
+                _times(c.get("vs_powertools")),
+                "-" if dynamo else _num(c["p50_us"], 0),
+                "-" if dynamo else _num(c["p99_us"], 0),
+                _num(c["requests_per_call"], 3),
+                _num(c["cpu_us_per_call"], 1),
+                _num(c["peak_kib"], 0),
+                _outcomes(c),
+            ]
+        )
+    return _table(header, rows)
+
+
+def _profiles(profiles: dict[str, list[Case]]) -> list[str]:
+    lines: list[str] = []
+    for name, rows in profiles.items():
+        lines += ["", f"**{name}** (cProfile, top functions by own time, us per call)", ""]
+        lines += _table(
+            ["function", "own us/call", "cumulative us/call"],
+            [[f"`{r['function']}`", _num(r["own_us"], 2), _num(r["cum_us"], 2)] for r in rows],
+        )
+    return lines
+
+
+def render_markdown(doc: dict[str, Any], *, chart: str | None, full: bool = True) -> str:
+    """The run as Markdown: floors, summaries, and (if `full`) every case."""
+    meta, cases = doc["meta"], doc["cases"]
+    lines = [
+        f"# Benchmark results ({'smoke' if meta['smoke'] else 'full'} run, {meta['started']})",
+        "",
+        f"Command: `{meta['command']}` ({meta['seconds']:.0f} s). "
+        f"Machine: {meta['machine']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+        + ".",
+        "",
+        "## Floors (issue 6)",
+        "",
+    ]
+    lines += _table(
+        ["floor", "measured", "ratio", "target", "status"],
+        [
+            [f["floor"], f["measured"], _num(f["ratio"], 3), _num(f["target"], 2), f["status"]]
+            for f in doc["floors"]
+        ],
+    )
+    if chart:
+        lines += ["", f"![benchmark chart]({chart})"]
+    for mode, title in (("async", "async engine"), ("sync", "sync entry points")):
+        lines += ["", f"## Valkey, 100 B payload, {title}: calls per second", ""]
+        lines += _pivot(cases, "valkey", 100, mode)
+    for payload in (10_000, 200_000):
+        for mode in ("async", "sync"):
+            pivot = _pivot(cases, "valkey", payload, mode)
+            if len(pivot) > 2:
+                lines += ["", f"## Valkey, {_size(payload)} payload, {mode}: calls per second", ""]
+                lines += pivot
+    lines += [
+        "",
+        "## The library's own CPU per call (in-memory stores, no I/O)",
+        "",
+        "`time.process_time` per call over the whole run, sequential; peak = tracemalloc "
+        "peak above the start of a short pass (KiB).",
+        "",
+    ]
+    lines += _cpu_table(cases)
+    lines += _profiles(doc.get("profiles", {}))
+    lines += ["", "## DynamoDB (moto server): requests per call and ratios to Powertools", ""]
+    lines += [
+        "moto answers in 4-10 ms per request, so absolute DynamoDB timings measure moto; "
+        "only ratios to Powertools in this run are shown.",
+        "",
+    ]
+    lines += _dynamodb_table(cases)
+    if full:
+        lines += ["", "## Every case", ""]
+        lines += [
+            "`of floor`: throughput / the raw client doing the same store operations with the "
+            "same client and concurrency; `vs Powertools`: throughput / Powertools on the same "
+            "store (same thread count for sync cases, 16 threads for async ones); "
+            "`req/call`: requests sent to the store per call (client-side count); "
+            "`CPU us/call`: process CPU (library + client, servers excluded); "
+            "`exec/replay/refused`: calls that ran the function / got a stored result / "
+            "were refused as in progress.",
+            "",
+        ]
+        lines += _full_table(cases)
+    return "\n".join(lines) + "\n"
+
+
+# --- chart ---------------------------------------------------------------------------------
+
+
+def write_chart(doc: dict[str, Any], path: Path) -> bool:
+    """A 2x2 PNG; False (and no file) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cases: list[Case] = doc["cases"]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    concurrency = [1, 10, 100, 1000]
+    series = [
+        ("floor (raw glide)", {"library": "floor", "client": "glide"}, "k", "--"),
+        ("floor (raw redis-py)", {"library": "floor", "client": "redis-py"}, "0.5", "--"),
+        ("ours glide atomic", {"library": "aioidempotency", "client": "glide", "path": "atomic"},
+         "C0", "-"),
+        ("ours glide protocol",
+         {"library": "aioidempotency", "client": "glide", "path": "protocol"}, "C1", "-"),
+        ("ours redis-py atomic",
+         {"library": "aioidempotency", "client": "redis-py", "path": "atomic"}, "C2", "-"),
+        ("ours redis-py protocol",
+         {"library": "aioidempotency", "client": "redis-py", "path": "protocol"}, "C3", "-"),
+    ]  # fmt: skip
+    for ax, scenario in zip(axes[0], ("first", "replay"), strict=True):
+        for label, criteria, color, style in series:
+            ys = [
+                _rate(
+                    _find(
+                        cases,
+                        group="valkey",
+                        mode="async",
+                        concurrency=n,
+                        scenario=scenario,
+                        payload_bytes=100,
+                        **criteria,
+                    )
+                )
+                for n in concurrency
+            ]
+            ax.plot(concurrency, ys, style, marker="o", color=color, label=label)
+        for threads, style in ((1, ":"), (THREADS, "-.")):
+            pt = _rate(
+                _find(
+                    cases,
+                    group="valkey",
+                    library="powertools",
+                    mode="sync",
+                    concurrency=threads,
+                    scenario=scenario,
+                    payload_bytes=100,
+                )
+            )
+            if not math.isnan(pt):
+                name = "sequential" if threads == 1 else f"{threads} threads"
+                ax.axhline(pt, color="C4", linestyle=style, label=f"Powertools, {name}")
+        ax.set_xscale("log")
+        ax.set_xticks(concurrency, [str(n) for n in concurrency])
+        ax.set_xlabel("concurrent calls (async tasks)")
+        ax.set_ylabel("calls per second")
+        ax.set_title(f"Valkey, 100 B: {'first execution' if scenario == 'first' else 'replay'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    # Library CPU per call.
+    ax = axes[1][0]
+    labels = ["first", "replay", "cache-hit"]
+    who = [
+        ("aioidempotency async", {"library": "aioidempotency", "mode": "async"}),
+        ("aioidempotency sync shim", {"library": "aioidempotency", "mode": "sync"}),
+        ("Powertools", {"library": "powertools"}),
+    ]
+    width = 0.27
+    for index, (name, criteria) in enumerate(who):
+        values = []
+        for scenario in labels:
+            case = _find(cases, group="in-memory", scenario=scenario, payload_bytes=100, **criteria)
+            values.append(case["cpu_us_per_call"] if case and case["cpu_us_per_call"] else 0)
+        xs = [i + (index - 1) * width for i in range(len(labels))]
+        ax.bar(xs, values, width, label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("CPU us per call (in-memory store)")
+    ax.set_title("The library's own CPU per call, 100 B")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    # Payload sizes, first execution.
+    ax = axes[1][1]
+    sizes = [100, 10_000, 200_000]
+    who_sizes = [
+        ("floor glide c=100", {"library": "floor", "client": "glide", "mode": "async",
+                               "concurrency": 100}),
+        ("ours glide atomic c=100", {"library": "aioidempotency", "client": "glide",
+                                     "path": "atomic", "mode": "async", "concurrency": 100}),
+        ("Powertools 16 threads", {"library": "powertools", "mode": "sync",
+                                   "concurrency": THREADS}),
+        ("ours sync shim redis-py seq", {"library": "aioidempotency", "client": "redis-py",
+                                         "path": "atomic", "mode": "sync", "concurrency": 1}),
+        ("Powertools seq", {"library": "powertools", "mode": "sync", "concurrency": 1}),
+    ]  # fmt: skip
+    width = 0.16
+    for index, (name, criteria) in enumerate(who_sizes):
+        values = [
+            _rate(_find(cases, group="valkey", scenario="first", payload_bytes=s, **criteria))
+            for s in sizes
+        ]
+        xs = [i + (index - 2) * width for i in range(len(sizes))]
+        ax.bar(xs, [0 if math.isnan(v) else v for v in values], width, label=name)
+    ax.set_xticks(range(len(sizes)), [_size(s) for s in sizes])
+    ax.set_yscale("log")
+    ax.set_ylabel("first executions per second (log)")
+    ax.set_title("Valkey: payload size, first execution")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    meta = doc["meta"]
+    fig.suptitle(f"aioidempotency benchmarks ({meta['started']}, {meta['machine']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write_results(doc: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write results.json, results.md and results.png (if matplotlib) into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    add_ratios(doc["cases"])
+    doc["floors"] = evaluate_floors(doc["cases"])
+    paths = {"json": out / "results.json", "md": out / "results.md"}
+    chart = out / "results.png"
+    if write_chart(doc, chart):
+        paths["png"] = chart
+    paths["json"].write_text(json.dumps(doc, indent=1) + "\n")
+    paths["md"].write_text(render_markdown(doc, chart=chart.name if "png" in paths else None))
+    return paths

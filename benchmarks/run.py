@@ -1,0 +1,195 @@
+"""Run the benchmarks: ``python -m benchmarks.run [--smoke] [--out benchmarks/results]``.
+
+Starts its own Valkey and moto servers on free ports of 127.0.0.1, measures every
+case of `benchmarks.cases` in one process, writes ``results.json``, ``results.md``
+and ``results.png`` into ``--out``, and stops the servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import datetime
+import importlib.metadata
+import os
+import platform
+import pstats
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.cases import Bench, Budget, Spec, case_list, needs_fresh_loop
+from benchmarks.report import write_results
+from benchmarks.runner import KeyStream
+from benchmarks.servers import DUMMY_AWS_ENV, ChildServer, running_moto, running_valkey
+
+__all__ = ["main"]
+
+GROUPS = ("in-memory", "valkey", "dynamodb")
+_DISTRIBUTIONS = (
+    "aioidempotency",
+    "aws-lambda-powertools",
+    "redis",
+    "valkey-glide",
+    "aiobotocore",
+    "boto3",
+    "moto",
+)
+
+
+def _versions(valkey: ChildServer | None) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _DISTRIBUTIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    if valkey is not None:
+        versions["valkey-server"] = valkey.version.split(" v=")[-1].split(" ")[0]
+    return versions
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{platform.system()} {platform.release()}, {os.cpu_count()} cores, {model}"
+
+
+def _profile(bench: Bench, spec: Spec, calls: int) -> list[dict[str, Any]]:
+    """cProfile `calls` calls of an in-memory case: the top functions by own time."""
+    target = bench.target(spec)
+    stream = KeyStream(spec.scenario, prefix=f"profile/{spec.id}", pool=100, group=1)
+    if spec.scenario in ("replay", "cache-hit"):
+        bench._prepare(target, stream.replay_keys())
+    keys = [stream.key("p", n) for n in range(calls)]
+    profiler = cProfile.Profile()
+    if target.is_async:
+
+        async def run_all() -> None:
+            for key in keys:
+                await target.call(key)
+
+        profiler.enable()
+        bench.loop.run_until_complete(run_all())
+        profiler.disable()
+    else:
+        profiler.enable()
+        for key in keys:
+            target.call(key)
+        profiler.disable()
+    raw: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rows = []
+    for (filename, line, function), (_, _, own, cumulative, _) in raw.items():
+        short = filename
+        for marker in ("site-packages/", "src/", "lib/python3"):
+            if marker in filename:
+                short = filename.split(marker, 1)[1]
+                break
+        rows.append(
+            {
+                "function": f"{short}:{line}({function})",
+                "own_us": own / calls * 1e6,
+                "cum_us": cumulative / calls * 1e6,
+            }
+        )
+    rows.sort(key=lambda r: -float(r["own_us"]))
+    return [
+        {**r, "own_us": round(r["own_us"], 2), "cum_us": round(r["cum_us"], 2)} for r in rows[:12]
+    ]
+
+
+PROFILED = (
+    Spec("in-memory", "aioidempotency", "in-memory", "", "async", 1, "first"),
+    Spec("in-memory", "aioidempotency", "in-memory", "", "async", 1, "cache-hit"),
+    Spec("in-memory", "aioidempotency", "in-memory", "", "sync", 1, "first"),
+    Spec("in-memory", "powertools", "in-memory", "", "sync", 1, "first"),
+)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="a few calls per case (seconds)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--groups", default=",".join(GROUPS), help=f"comma-separated subset of {GROUPS}"
+    )
+    parser.add_argument("--only", default="", help="run only the cases whose id contains this")
+    parser.add_argument("--quiet", action="store_true", help="no line per case")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    groups = tuple(g for g in args.groups.split(",") if g)
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        print(f"unknown groups: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    for name, value in DUMMY_AWS_ENV.items():
+        os.environ.setdefault(name, value)
+    specs = [s for s in case_list(groups) if args.only in s.id]
+    budget = Budget(smoke=args.smoke)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    clock = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    profiles: dict[str, list[dict[str, Any]]] = {}
+    with contextlib.ExitStack() as stack:
+        valkey = (
+            stack.enter_context(running_valkey())
+            if any(s.group == "valkey" for s in specs)
+            else None
+        )
+        moto = (
+            stack.enter_context(running_moto())
+            if any(s.group == "dynamodb" for s in specs)
+            else None
+        )
+        bench = Bench(budget, valkey, moto)
+        stack.callback(bench.close)
+        fresh = False
+        for index, spec in enumerate(specs, 1):
+            if needs_fresh_loop(spec) and not fresh:
+                bench.new_loop()
+                fresh = True
+            case = bench.measure(spec)
+            results.append(case)
+            if not args.quiet:
+                print(
+                    f"[{index:3}/{len(specs)}] {spec.id:<75} {case['calls_per_s']:>10,.0f}/s "
+                    f"req/call={case['requests_per_call']} errors={case['errors']}",
+                    flush=True,
+                )
+        if "in-memory" in groups and not args.only:
+            for spec in PROFILED:
+                profiles[spec.id] = _profile(bench, spec, 50 if args.smoke else 5000)
+        versions = _versions(valkey)
+    command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+    doc = {
+        "meta": {
+            "command": command.strip(),
+            "smoke": args.smoke,
+            "started": started.strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": round(time.perf_counter() - clock, 1),
+            "machine": _machine(),
+            "versions": versions,
+            "groups": list(groups),
+        },
+        "cases": results,
+        "profiles": profiles,
+    }
+    paths = write_results(doc, args.out)
+    for floor in doc["floors"]:
+        print(f"{floor['status']:>4}  {floor['floor']}: {floor['measured']}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
