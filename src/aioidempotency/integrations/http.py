@@ -345,7 +345,7 @@ class HttpIdempotency:
     """The shared core: runs one request with a key through the engine.
 
     `store` keeps the records; `config` supplies expiry, lease and the opt-in wait
-    (its key and validation expressions are replaced by the middleware's own);
+    (its key and validation expressions and response hook are the middleware's own);
     `key_prefix` starts every stored key.
     """
 
@@ -363,6 +363,7 @@ class HttpIdempotency:
             event_key_jmespath="[scope, key]",
             payload_validation_jmespath="fingerprint",
             raise_on_no_idempotency_key=True,
+            response_hook=None,  # a replay must stay a stored response
         )
         self.engine = IdempotencyEngine(store, config, key_prefix=key_prefix)
 
