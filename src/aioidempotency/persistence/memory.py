@@ -54,6 +54,10 @@ class InMemoryPersistenceLayer(PersistenceLayer):
     def __len__(self) -> int:
         return len(self._records)
 
+    def __bool__(self) -> bool:
+        # A store is a store even when empty: `store or default` must not swap it.
+        return True
+
     def _live(self, key: str, now: float) -> DataRecord | None:
         record = self._records.get(key)
         if record is not None and record.is_expired(now):
