@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
@@ -319,6 +319,7 @@ async def _aclose(client: object) -> None:
 @dataclasses.dataclass
 class _LoopClient:
     lock: asyncio.Lock
+    limit: asyncio.Semaphore
     client: CacheClient | None = None
 
 
@@ -333,8 +334,9 @@ class CachePersistenceLayer(PersistenceLayer):
     `GlideClient`/`GlideClusterClient`, or any `ScriptingCacheClient` (atomic path by
     default; `atomic=False` forces the protocol path). Instead of a client, pass
     `client_factory`, an async callable that opens one; it is called lazily, once per
-    event loop, and the clients it returns are closed by `aclose()`. `from_url` builds
-    such a layer. Attribute names default to the reference's.
+    event loop, and the clients it returns are closed by `aclose()`; at most
+    `max_concurrency` calls per loop are in flight on them. `from_url` builds such a
+    layer. Attribute names default to the reference's; `owner_attr` is ours.
     """
 
     def __init__(
@@ -350,6 +352,7 @@ class CachePersistenceLayer(PersistenceLayer):
         validation_key_attr: str = "validation",
         owner_attr: str = "owner_token",
         max_result_bytes: int | None = None,
+        max_concurrency: int = 64,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if (client is None) == (client_factory is None):
@@ -377,6 +380,7 @@ class CachePersistenceLayer(PersistenceLayer):
         ]
         self._in_progress_key = json.dumps(in_progress_expiry_attr).replace("%", "%%")
         self.max_result_bytes = max_result_bytes
+        self.max_concurrency = max_concurrency
         self._clock = clock
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
             weakref.WeakKeyDictionary()
@@ -391,8 +395,9 @@ class CachePersistenceLayer(PersistenceLayer):
         ``redis://``, ``rediss://``, ``valkey://`` and ``valkeys://`` (the ``s`` means
         TLS), with ``user:password@host:port/db``. Query options: ``cluster=true``,
         ``client=redis`` (redis-py, the default) or ``client=glide``, ``atomic=false``
-        for the protocol path, ``timeout=SECONDS`` (default 2); other options go to
-        redis-py. Keyword `options` go to the constructor (attribute names, ...).
+        for the protocol path, ``timeout=SECONDS`` (default 2), ``max_concurrency=N``
+        (calls in flight per loop, default 64); other options go to redis-py. Keyword
+        `options` go to the constructor (attribute names, ...).
         """
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -401,13 +406,15 @@ class CachePersistenceLayer(PersistenceLayer):
         query = parse_qs(parts.query, keep_blank_values=True)
         flags = {
             name: query.pop(name)[-1]
-            for name in ("cluster", "client", "atomic", "timeout")
+            for name in ("cluster", "client", "atomic", "timeout", "max_concurrency")
             if name in query
         }
         cluster = _truthy(flags.get("cluster", "false"))
         kind = flags.get("client", "redis").lower()
         timeout = float(flags.get("timeout", "2"))
         options.setdefault("atomic", _truthy(flags.get("atomic", "true")))
+        if "max_concurrency" in flags:
+            options.setdefault("max_concurrency", int(flags["max_concurrency"]))
         tls = scheme in {"rediss", "valkeys"}
         if kind == "glide":
             factory = _glide_factory(parts, cluster=cluster, tls=tls, timeout=timeout)
@@ -428,26 +435,43 @@ class CachePersistenceLayer(PersistenceLayer):
             )
         return cls(client_factory=factory, **options)
 
-    async def _connection(self) -> CacheClient:
-        if self._client is not None:
-            return self._client
+    @contextlib.asynccontextmanager
+    async def _session(self, action: str, key: str) -> AsyncIterator[CacheClient]:
+        """The client for this loop, errors mapped; at most `max_concurrency` calls in
+        flight on clients the layer opened (so a pool is never exhausted)."""
+        task = asyncio.current_task()
+        before = _cancelling(task)
+        with _store_errors(action, key):
+            if self._client is not None:
+                yield self._client
+            else:
+                state = await self._loop_client()
+                assert state.client is not None
+                async with state.limit:
+                    yield state.client
+        if _cancelling(task) > before and not getattr(task, "_must_cancel", False):
+            # The client swallowed a cancellation (Python 3.11's asyncio.wait_for, used
+            # by redis-py, drops it when the command finishes at the same moment).
+            raise asyncio.CancelledError(f"{action} of {key!r} was cancelled")
+
+    async def _loop_client(self) -> _LoopClient:
         loop = asyncio.get_running_loop()
         with self._loops_lock:
             state = self._loops.get(loop)
             if state is None:
-                state = self._loops[loop] = _LoopClient(asyncio.Lock())
+                limit = asyncio.Semaphore(self.max_concurrency)
+                state = self._loops[loop] = _LoopClient(asyncio.Lock(), limit)
         if state.client is None:
             async with state.lock:
                 if state.client is None:
                     assert self._factory is not None
-                    with _store_errors("connect", "-"):
-                        client = _adapt(await self._factory())
+                    client = _adapt(await self._factory())
                     if self.atomic and not isinstance(client, ScriptingCacheClient):
                         raise IdempotencyPersistenceConfigError(
                             f"{type(client).__name__} cannot run scripts; use atomic=False"
                         )
                     state.client = client
-        return state.client
+        return state
 
     async def aclose(self) -> None:
         """Close the clients opened by the factory (a client given to the layer stays open).
@@ -488,8 +512,7 @@ class CachePersistenceLayer(PersistenceLayer):
         key = record.idempotency_key
         text = self.attributes.to_json(record)
         ttl = _ttl(record.expiry_timestamp, now)
-        with _store_errors("claim", key):
-            client = await self._connection()
+        async with self._session("claim", key) as client:
             if self.atomic:
                 args: list[str | int] = [text, ttl, int(now), int(now * 1000), *self._patterns]
                 return self._claim_reply(key, await self._script(client, _CLAIM, key, args))
@@ -521,8 +544,8 @@ class CachePersistenceLayer(PersistenceLayer):
         return ClaimResult(claimed=True)
 
     async def get(self, key: str) -> DataRecord | None:
-        with _store_errors("get", key):
-            raw = await (await self._connection()).get(key)
+        async with self._session("get", key) as client:
+            raw = await client.get(key)
         if raw is None:
             return None
         record = self._parse(key, raw)
@@ -543,8 +566,7 @@ class CachePersistenceLayer(PersistenceLayer):
                     limit=self.max_result_bytes,
                 )
         ttl = _ttl(record.expiry_timestamp, self._clock())
-        with _store_errors("complete", key):
-            client = await self._connection()
+        async with self._session("complete", key) as client:
             if not self.atomic:
                 await client.set(key, text, ex=ttl)
                 return
@@ -552,16 +574,14 @@ class CachePersistenceLayer(PersistenceLayer):
         _raise_if_lost(key, int(code))
 
     async def release(self, key: str, *, owner: str) -> None:
-        with _store_errors("release", key):
-            client = await self._connection()
+        async with self._session("release", key) as client:
             if self.atomic:
                 await self._script(client, _RELEASE, key, [owner, *self._patterns])
             else:
                 await client.delete(key)
 
     async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
-        with _store_errors("renew", key):
-            client = await self._connection()
+        async with self._session("renew", key) as client:
             if self.atomic:
                 args: list[str | int] = [
                     owner,
@@ -589,9 +609,15 @@ class CachePersistenceLayer(PersistenceLayer):
         return _DONE
 
     async def delete(self, key: str) -> bool:
-        with _store_errors("delete", key):
-            deleted = await (await self._connection()).delete(key)
+        async with self._session("delete", key) as client:
+            deleted = await client.delete(key)
         return bool(deleted)
+
+
+def _cancelling(task: asyncio.Task[Any] | None) -> int:
+    """Pending cancellation requests of `task` (0 before Python 3.11)."""
+    count = getattr(task, "cancelling", None)
+    return int(count()) if count is not None else 0
 
 
 def _raise_if_lost(key: str, code: int) -> None:
