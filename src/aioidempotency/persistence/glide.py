@@ -62,7 +62,10 @@ def _client_loop(client: object) -> asyncio.AbstractEventLoop | None:
 def _map_error(exc: Exception) -> IdempotencyPersistenceLayerError:
     glide = _glide()
     connection_errors = (glide.ConnectionError, glide.TimeoutError, glide.ClosingError)
-    if isinstance(exc, (*connection_errors, ConnectionError, TimeoutError, OSError)):
+    refused = any(word in str(exc) for word in ("NOPERM", "PermissionDenied", "no permissions"))
+    if not refused and isinstance(
+        exc, (*connection_errors, ConnectionError, TimeoutError, OSError)
+    ):
         return IdempotencyPersistenceConnectionError("valkey-glide could not reach the server", exc)
     return IdempotencyPersistenceLayerError("valkey-glide command failed", exc)
 

@@ -1,0 +1,517 @@
+"""The Redis/Valkey store itself (issue 3): what lands on the server, orphans, the
+atomic path's owner checks, unparsable and large records, error mapping, clients
+and event loops. The engine behaviours run on these backends through `store`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from aioidempotency.exceptions import (
+    IdempotencyClaimLostError,
+    IdempotencyPersistenceConfigError,
+    IdempotencyPersistenceConnectionError,
+    IdempotencyPersistenceLayerError,
+)
+from aioidempotency.persistence.cache import CacheClient, CachePersistenceLayer
+from aioidempotency.persistence.glide import GlideCacheClient
+from aioidempotency.persistence.urls import store_from_url
+from aioidempotency.records import DataRecord, RecordStatus
+from tests.servers.redis import Kind, Server, ServerPool
+
+CLIENTS = ["redis", "glide"]
+
+
+def url_of(node: Server, client: str, *, atomic: bool = True, cluster: bool = False) -> str:
+    query = f"client={client}&atomic={str(atomic).lower()}&timeout=5"
+    return f"redis://{node.host}:{node.port}?{query}" + ("&cluster=true" if cluster else "")
+
+
+@pytest.fixture
+async def layers(cache_servers: ServerPool) -> AsyncIterator[list[CachePersistenceLayer]]:
+    """Layers a test opens, closed at its end."""
+    opened: list[CachePersistenceLayer] = []
+    yield opened
+    for layer in opened:
+        await layer.aclose()
+
+
+def open_layer(
+    layers: list[CachePersistenceLayer],
+    pool: ServerPool,
+    kind: Kind,
+    client: str,
+    *,
+    atomic: bool = True,
+    cluster: bool = False,
+) -> tuple[CachePersistenceLayer, Server]:
+    node = pool.cluster(kind)[0] if cluster else pool.standalone(kind)
+    layer = CachePersistenceLayer.from_url(url_of(node, client, atomic=atomic, cluster=cluster))
+    layers.append(layer)
+    return layer, node
+
+
+def admin_for(pool: ServerPool, kind: Kind, cluster: bool) -> Any:
+    if not cluster:
+        return pool.standalone(kind).admin()
+    node = pool.cluster(kind)[0]
+    return redis.RedisCluster(node.host, node.port)
+
+
+def in_progress(
+    key: str, owner: str, *, in_progress_ms: int | None = None, ttl: int = 600
+) -> DataRecord:
+    now = time.time()
+    return DataRecord(
+        idempotency_key=key,
+        status=RecordStatus.INPROGRESS,
+        expiry_timestamp=int(now) + ttl,
+        in_progress_expiry_timestamp=(
+            int(now * 1000) + 60_000 if in_progress_ms is None else in_progress_ms
+        ),
+        payload_hash="hash-1",
+        owner=owner,
+    )
+
+
+def completed(key: str, data: Any, *, ttl: int = 600) -> DataRecord:
+    return DataRecord(
+        idempotency_key=key,
+        status=RecordStatus.COMPLETED,
+        expiry_timestamp=int(time.time()) + ttl,
+        response_data=json.dumps(data),
+        payload_hash="hash-1",
+    )
+
+
+def new_key() -> str:
+    return f"test-cache.store#{uuid.uuid4().hex}"
+
+
+# -- what lands on the server -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "protocol"])
+@pytest.mark.parametrize(("kind", "client"), [("redis", "redis"), ("valkey", "glide")])
+async def test_claim_is_nx_with_a_ttl_on_the_server(
+    cache_servers: ServerPool,
+    layers: list[CachePersistenceLayer],
+    kind: Kind,
+    client: str,
+    atomic: bool,
+) -> None:
+    layer, node = open_layer(layers, cache_servers, kind, client, atomic=atomic)
+    key = new_key()
+    first = in_progress(key, "owner-a", ttl=120)
+    assert (await layer.claim(first, now=time.time())).claimed
+    with node.admin() as admin:
+        assert 0 < admin.ttl(key) <= 120
+        stored = json.loads(admin.get(key))
+    assert stored == {
+        "status": "INPROGRESS",
+        "expiration": first.expiry_timestamp,
+        "in_progress_expiration": first.in_progress_expiry_timestamp,
+        "validation": "hash-1",
+        "owner_token": "owner-a",
+    }
+    second = await layer.claim(in_progress(key, "owner-b"), now=time.time())
+    assert not second.claimed
+    assert second.existing is not None
+    assert second.existing.owner == "owner-a"
+    assert second.existing.payload_hash == "hash-1"
+
+
+async def test_glide_adapter_maps_nx_and_ex_to_glide_options(cache_servers: ServerPool) -> None:
+    import glide
+
+    node = cache_servers.standalone("valkey")
+    config = glide.GlideClientConfiguration([glide.NodeAddress(node.host, node.port)])
+    raw = await glide.GlideClient.create(config)
+    try:
+        adapter = GlideCacheClient(raw)
+        key = new_key()
+        assert await adapter.set(key, "first", ex=100, nx=True) is True
+        assert await adapter.set(key, "second", ex=100, nx=True) is False
+        with node.admin() as admin:
+            assert admin.get(key) == b"first"
+            assert 0 < admin.ttl(key) <= 100
+            assert await adapter.set(key, "third") is True
+            assert admin.get(key) == b"third"
+            assert admin.ttl(key) == -1
+        assert await adapter.get(key) == b"third"
+        assert await adapter.delete(key, new_key()) == 1
+        assert await adapter.get(key) is None
+    finally:
+        await raw.close()
+
+
+async def test_completion_keeps_validation_and_sets_the_ttl(
+    cache_servers: ServerPool, layers: list[CachePersistenceLayer]
+) -> None:
+    layer, node = open_layer(layers, cache_servers, "valkey", "redis")
+    key = new_key()
+    assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
+    await layer.complete(completed(key, {"ok": 1}, ttl=300), owner="a")
+    with node.admin() as admin:
+        stored = json.loads(admin.get(key))
+        assert 0 < admin.ttl(key) <= 300
+    assert stored["status"] == "COMPLETED"
+    assert stored["data"] == '{"ok": 1}'
+    assert stored["validation"] == "hash-1"
+    assert "owner_token" not in stored
+
+
+# -- orphans and owner checks -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "client", "cluster"),
+    [("redis", "redis", False), ("valkey", "glide", False), ("valkey", "glide", True)],
+)
+async def test_atomic_orphan_takeover_refuses_the_late_owner(
+    cache_servers: ServerPool,
+    layers: list[CachePersistenceLayer],
+    kind: Kind,
+    client: str,
+    cluster: bool,
+) -> None:
+    layer, _ = open_layer(layers, cache_servers, kind, client, cluster=cluster)
+    assert layer.owner_checked
+    key = new_key()
+    stale = in_progress(key, "crashed", in_progress_ms=int(time.time() * 1000) - 1000)
+    assert (await layer.claim(stale, now=time.time())).claimed
+    assert (await layer.claim(in_progress(key, "new-owner"), now=time.time())).claimed
+
+    with pytest.raises(IdempotencyClaimLostError, match="taken over"):
+        await layer.complete(completed(key, "late"), owner="crashed")
+    with pytest.raises(IdempotencyClaimLostError, match="taken over"):
+        await layer.renew(key, owner="crashed", in_progress_expiry_ms=int(time.time() * 1000))
+    await layer.release(key, owner="crashed")
+    survivor = await layer.get(key)
+    assert survivor is not None
+    assert survivor.owner == "new-owner"
+
+    await layer.complete(completed(key, "winner"), owner="new-owner")
+    replay = await layer.claim(in_progress(key, "third"), now=time.time())
+    assert replay.existing is not None
+    assert replay.existing.response_json() == "winner"
+    with pytest.raises(IdempotencyClaimLostError, match="gone"):
+        await layer.complete(completed(key, "again"), owner="new-owner")
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
+async def test_protocol_orphan_takeover_takes_the_reference_lock(
+    cache_servers: ServerPool, layers: list[CachePersistenceLayer], cluster: bool
+) -> None:
+    layer, _ = open_layer(layers, cache_servers, "valkey", "redis", atomic=False, cluster=cluster)
+    assert not layer.owner_checked
+    key = new_key()
+    past = int(time.time() * 1000) - 1000
+    assert await layer.claim(in_progress(key, "crashed", in_progress_ms=past), now=time.time())
+    assert (await layer.claim(in_progress(key, "b"), now=time.time())).claimed
+    admin = admin_for(cache_servers, "valkey", cluster)
+    try:
+        assert admin.get(f"{key}:lock") == b"True"
+        assert 0 < admin.ttl(f"{key}:lock") <= 10
+        assert json.loads(admin.get(key))["owner_token"] == "b"
+        # b's claim is orphaned in turn: the lock is still held, so c is told to wait.
+        admin.set(key, layer.attributes.to_json(in_progress(key, "b", in_progress_ms=past)))
+        refused = await layer.claim(in_progress(key, "c"), now=time.time())
+        assert not refused.claimed
+        assert refused.existing is None
+        assert json.loads(admin.get(key))["owner_token"] == "b"
+    finally:
+        admin.close()
+
+
+async def test_atomic_release_and_renew_only_touch_our_own_claim(
+    cache_servers: ServerPool, layers: list[CachePersistenceLayer]
+) -> None:
+    layer, node = open_layer(layers, cache_servers, "redis", "glide")
+    key = new_key()
+    claim = DataRecord(key, RecordStatus.INPROGRESS, int(time.time()) + 100, owner="a")
+    assert (await layer.claim(claim, now=time.time())).claimed
+    await layer.release(key, owner="someone-else")
+    assert await layer.get(key) is not None
+
+    until = int(time.time() * 1000) + 5000
+    await layer.renew(key, owner="a", in_progress_expiry_ms=until)
+    with node.admin() as admin:
+        stored = json.loads(admin.get(key))
+        assert 0 < admin.ttl(key) <= 100
+    assert stored["in_progress_expiration"] == until
+    assert stored["owner_token"] == "a"
+    await layer.renew(key, owner="a", in_progress_expiry_ms=until + 1)
+    renewed = await layer.get(key)
+    assert renewed is not None
+    assert renewed.in_progress_expiry_timestamp == until + 1
+
+    await layer.release(key, owner="a")
+    assert await layer.get(key) is None
+    with pytest.raises(IdempotencyClaimLostError, match="gone"):
+        await layer.renew(key, owner="a", in_progress_expiry_ms=until)
+
+
+# -- unparsable and large records -----------------------------------------------------
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "protocol"])
+@pytest.mark.parametrize("garbage", ["not json", '{"status": "DONE", "expiration": 1}', ""])
+async def test_unparsable_record_is_taken_over_as_an_orphan_and_logged(
+    cache_servers: ServerPool,
+    layers: list[CachePersistenceLayer],
+    caplog: pytest.LogCaptureFixture,
+    atomic: bool,
+    garbage: str,
+) -> None:
+    layer, node = open_layer(layers, cache_servers, "redis", "redis", atomic=atomic)
+    key = new_key()
+    with node.admin() as admin:
+        admin.set(key, garbage, ex=100)
+    with caplog.at_level(logging.WARNING, logger="aioidempotency.persistence.cache"):
+        assert await layer.get(key) is None
+        assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
+    assert any(key in message and "unparsable" in message for message in caplog.messages)
+    record = await layer.get(key)
+    assert record is not None
+    assert record.owner == "a"
+
+
+def _big_result() -> str:
+    # A decoy inside the result: text that looks like our attributes must not count.
+    decoy = '{"status": "INPROGRESS", "owner_token": "a", "expiration": 1}'
+    return json.dumps({"blob": "x" * 1_000_000, "decoy": decoy})
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_large_results_replay_and_decoys_inside_them_are_ignored(
+    cache_servers: ServerPool, layers: list[CachePersistenceLayer], client: str
+) -> None:
+    layer, _ = open_layer(layers, cache_servers, "valkey", client)
+    key = new_key()
+    assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
+    big = DataRecord(
+        key, RecordStatus.COMPLETED, int(time.time()) + 600, response_data=_big_result()
+    )
+    await layer.complete(big, owner="a")
+    replay = await layer.claim(in_progress(key, "b"), now=time.time())
+    assert not replay.claimed
+    assert replay.existing is not None
+    assert replay.existing.status is RecordStatus.COMPLETED
+    assert replay.existing.response_data == big.response_data
+    with pytest.raises(IdempotencyClaimLostError, match="gone"):
+        await layer.renew(key, owner="a", in_progress_expiry_ms=int(time.time() * 1000))
+    await layer.release(key, owner="a")
+    assert await layer.get(key) is not None
+
+
+@pytest.mark.parametrize("layout", ["reference", "data-in-the-middle"])
+async def test_large_records_in_other_layouts_are_read_on_the_server(
+    cache_servers: ServerPool, layers: list[CachePersistenceLayer], layout: str
+) -> None:
+    layer, node = open_layer(layers, cache_servers, "redis", "redis")
+    key = new_key()
+    expiry = int(time.time()) + 600
+    if layout == "reference":  # as Powertools writes it: data first
+        value = {"data": _big_result(), "status": "COMPLETED", "expiration": expiry}
+    else:  # attributes neither in the first nor in the last KiB
+        value = {"pad": "p" * 3000, "status": "COMPLETED", "data": _big_result()}
+        value |= {"expiration": expiry, "tail": "t" * 3000}
+    with node.admin() as admin:
+        admin.set(key, json.dumps(value), ex=600)
+    replay = await layer.claim(in_progress(key, "b"), now=time.time())
+    assert not replay.claimed
+    assert replay.existing is not None
+    assert replay.existing.response_data == value["data"]
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "protocol"])
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_server_that_is_down_is_a_connection_error(client: str, atomic: bool) -> None:
+    port = _dead_port()
+    url = f"redis://127.0.0.1:{port}?client={client}&atomic={str(atomic).lower()}&timeout=1"
+    async with CachePersistenceLayer.from_url(url) as layer:
+        with pytest.raises(IdempotencyPersistenceConnectionError) as caught:
+            await asyncio.wait_for(layer.claim(in_progress(new_key(), "a"), now=time.time()), 30)
+    assert caught.value.__cause__ is not None
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "protocol"])
+@pytest.mark.parametrize(("kind", "client"), [("redis", "redis"), ("valkey", "glide")])
+async def test_an_acl_refusal_is_a_layer_error(
+    cache_servers: ServerPool, kind: Kind, client: str, atomic: bool
+) -> None:
+    node = cache_servers.standalone(kind)
+    user = f"reader{uuid.uuid4().hex[:8]}"
+    with node.admin() as admin:
+        admin.execute_command(
+            "ACL", "SETUSER", user, "on", ">secret", "~*", "+@connection", "+get", "+info"
+        )
+    try:
+        query = f"client={client}&atomic={str(atomic).lower()}&timeout=5"
+        url = f"redis://{user}:secret@{node.host}:{node.port}?{query}"
+        async with CachePersistenceLayer.from_url(url) as layer:
+            with pytest.raises(IdempotencyPersistenceLayerError) as caught:
+                await layer.claim(in_progress(new_key(), "a"), now=time.time())
+            assert await layer.get(new_key()) is None  # what the user may do still works
+        assert not isinstance(caught.value, IdempotencyPersistenceConnectionError)
+        assert "NOPERM" in str(caught.value.__cause__).upper() or "permission" in str(
+            caught.value.__cause__
+        )
+    finally:
+        with node.admin() as admin:
+            admin.execute_command("ACL", "DELUSER", user)
+
+
+# -- clients and loops -----------------------------------------------------------------
+
+
+async def test_a_glide_client_used_from_another_loop_is_refused(
+    cache_servers: ServerPool,
+) -> None:
+    import glide
+
+    node = cache_servers.standalone("valkey")
+    config = glide.GlideClientConfiguration([glide.NodeAddress(node.host, node.port)])
+    raw = await glide.GlideClient.create(config)
+    layer = CachePersistenceLayer(raw)
+    try:
+
+        def claim_in_a_new_loop() -> BaseException | None:
+            try:
+                asyncio.run(layer.claim(in_progress(new_key(), "a"), now=time.time()))
+            except BaseException as exc:
+                return exc
+            return None
+
+        error = await asyncio.wait_for(asyncio.to_thread(claim_in_a_new_loop), 30)
+        assert isinstance(error, IdempotencyPersistenceConfigError)
+        assert "another event loop" in str(error)
+        assert (await layer.claim(in_progress(new_key(), "a"), now=time.time())).claimed
+    finally:
+        await raw.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_layer_from_a_url_opens_a_client_in_each_loop(
+    cache_servers: ServerPool, layers: list[CachePersistenceLayer], client: str
+) -> None:
+    layer, _ = open_layer(layers, cache_servers, "valkey", client)
+    key = new_key()
+    assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
+
+    def use_in_a_fresh_loop(owner: str) -> bool:
+        async def go() -> bool:
+            result = await layer.claim(in_progress(new_key(), owner), now=time.time())
+            seen = await layer.get(key)
+            await layer.aclose()
+            return result.claimed and seen is not None and seen.owner == "a"
+
+        return asyncio.run(go())
+
+    for owner in ("b", "c"):  # asyncio.run per call, as in a Lambda handler
+        assert await asyncio.wait_for(asyncio.to_thread(use_in_a_fresh_loop, owner), 30)
+    await layer.complete(completed(key, 1), owner="a")
+
+
+class UserCache:
+    """A user's own cache client: only async get/set/delete (no scripts)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self.calls: list[str] = []
+
+    async def get(self, name: str) -> bytes | None:
+        self.calls.append("get")
+        value: bytes | None = await self._client.get(name)
+        return value
+
+    async def set(self, name: str, value: str, *, ex: int | None = None, nx: bool = False) -> Any:
+        self.calls.append("set")
+        return await self._client.set(name, value, ex=ex, nx=nx)
+
+    async def delete(self, *names: str) -> int:
+        self.calls.append("delete")
+        count: int = await self._client.delete(*names)
+        return count
+
+
+async def test_a_user_object_satisfying_cache_client_gets_the_protocol_path(
+    cache_servers: ServerPool,
+) -> None:
+    node = cache_servers.standalone("redis")
+    client = aioredis.Redis(host=node.host, port=node.port)
+    try:
+        user_cache = UserCache(client)
+        assert isinstance(user_cache, CacheClient)
+        layer = CachePersistenceLayer(user_cache)
+        assert not layer.atomic
+        assert not layer.owner_checked
+        key = new_key()
+        assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
+        await layer.complete(completed(key, [1, 2]), owner="a")
+        replay = await layer.claim(in_progress(key, "b"), now=time.time())
+        assert replay.existing is not None
+        assert replay.existing.response_json() == [1, 2]
+        assert user_cache.calls == ["set", "set", "set", "get"]
+        with pytest.raises(IdempotencyPersistenceConfigError, match="cannot run scripts"):
+            CachePersistenceLayer(user_cache, atomic=True)
+    finally:
+        await client.aclose()
+
+
+def test_clients_that_cannot_serve_are_refused() -> None:
+    with pytest.raises(IdempotencyPersistenceConfigError, match="block the event loop"):
+        CachePersistenceLayer(redis.Redis())
+    with pytest.raises(IdempotencyPersistenceConfigError, match="not a cache client"):
+        CachePersistenceLayer(object())
+    with pytest.raises(IdempotencyPersistenceConfigError, match="exactly one"):
+        CachePersistenceLayer()
+    with pytest.raises(IdempotencyPersistenceConfigError, match="unknown client"):
+        CachePersistenceLayer.from_url("redis://localhost?client=memcached")
+    with pytest.raises(IdempotencyPersistenceConfigError, match="not a Redis/Valkey URL"):
+        CachePersistenceLayer.from_url("memcached://localhost")
+
+
+def test_urls_choose_the_path() -> None:
+    store = store_from_url("valkeys://u:p@cache.example:6380/2?client=glide&atomic=false")
+    assert isinstance(store, CachePersistenceLayer)
+    assert not store.owner_checked
+    assert CachePersistenceLayer.from_url("redis://localhost?cluster=true").owner_checked
+
+
+async def test_cluster_records_spread_over_the_nodes(
+    cache_servers: ServerPool, layers: list[CachePersistenceLayer]
+) -> None:
+    layer, _ = open_layer(layers, cache_servers, "redis", "redis", cluster=True)
+    keys = [new_key() for _ in range(30)]
+    for key in keys:
+        assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
+        await layer.complete(completed(key, key), owner="a")
+    for node in cache_servers.cluster("redis"):
+        with node.admin() as admin:
+            assert admin.dbsize() > 0
+    for key in keys:
+        record = await layer.get(key)
+        assert record is not None
+        assert record.response_json() == key
