@@ -13,6 +13,7 @@ import enum
 import functools
 import json
 import random
+import re
 import uuid
 import warnings
 import zlib
@@ -574,12 +575,13 @@ def test_jmespath_options_replace_the_powertools_functions() -> None:
     )
     assert engine.idempotency_key({"user": "ada"}) == reference_key(layer, {"user": "ada"})
     assert engine.idempotency_key({"user": "ada"}) == engine.idempotency_key({"user": "ADA"})
-    with pytest.raises(jmespath.exceptions.UnknownFunctionError):
+    with pytest.raises(IdempotencyPayloadError) as caught:
         IdempotencyEngine(
             InMemoryPersistenceLayer(),
             IdempotencyConfig(event_key_jmespath="powertools_json(body)", jmespath_options=options),
             key_prefix="p",
         ).idempotency_key({"body": "{}"})
+    assert isinstance(caught.value.__cause__, jmespath.exceptions.UnknownFunctionError)
 
 
 def test_key_prefix_replaces_the_derived_prefix() -> None:
@@ -671,6 +673,50 @@ async def test_unhashable_payloads_raise_a_typed_error(payload: Any) -> None:
         return "done"
 
     with pytest.raises(IdempotencyPayloadError):
+        await engine.run(payload, work)
+    assert ran == []
+    assert len(store) == 0
+
+
+@pytest.mark.parametrize(
+    ("key_path", "validation_path", "payload"),
+    [
+        ("powertools_json(body)", "", {"body": None}),
+        ("powertools_json(body)", "", {}),
+        ("powertools_json(body)", "", {"body": "not json"}),
+        ("powertools_base64(body)", "", {"body": "abc"}),
+        ("powertools_base64_gzip(body)", "", {"body": "aGVsbG8="}),
+        ("id", "powertools_json(body)", {"id": 1, "body": "{"}),
+    ],
+    ids=["null-body", "no-body", "not-json", "bad-base64", "not-gzip", "validation"],
+)
+async def test_a_selection_that_fails_on_the_payload_is_a_typed_error(
+    key_path: str, validation_path: str, payload: Any
+) -> None:
+    """Powertools turns these into a persistence error; we say it is the payload."""
+    reference = reference_layer(
+        process_order, event_key_jmespath=key_path, payload_validation_jmespath=validation_path
+    )
+
+    def reference_hashes() -> None:
+        reference_key(reference, payload)
+        reference_validation_hash(reference, payload)
+
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the reference fails too
+        reference_hashes()
+    store = InMemoryPersistenceLayer()
+    engine = IdempotencyEngine(
+        store,
+        IdempotencyConfig(event_key_jmespath=key_path, payload_validation_jmespath=validation_path),
+        key_prefix="p",
+    )
+    ran: list[bool] = []
+
+    async def work() -> str:
+        ran.append(True)
+        return "done"
+
+    with pytest.raises(IdempotencyPayloadError, match=re.escape(validation_path or key_path)):
         await engine.run(payload, work)
     assert ran == []
     assert len(store) == 0

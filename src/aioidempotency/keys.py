@@ -15,6 +15,7 @@ from typing import Any
 
 import jmespath
 import jmespath.functions
+import jmespath.parser
 
 from aioidempotency.config import IdempotencyConfig
 from aioidempotency.encoding import dumps_key_data
@@ -73,18 +74,37 @@ def prepare_payload(payload: Any) -> Any:
     return copy.deepcopy(data)
 
 
+def _search(
+    expression: jmespath.parser.ParsedResult, source: str, data: Any, config: IdempotencyConfig
+) -> Any:
+    try:
+        return expression.search(data, options=_options(config))
+    except Exception as exc:
+        # e.g. powertools_json() of a missing body or of text that is not JSON
+        raise IdempotencyPayloadError(
+            f"cannot select {source}={expression.expression!r} from the payload: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def select_key_data(data: Any, config: IdempotencyConfig) -> Any:
-    """The part of the prepared payload that the key is computed from."""
+    """The part of the prepared payload that the key is computed from.
+
+    Raises `IdempotencyPayloadError` when the expression fails on this payload.
+    """
     if config._event_key is None:
         return data
-    return config._event_key.search(data, options=_options(config))
+    return _search(config._event_key, "event_key_jmespath", data, config)
 
 
 def select_validation_data(data: Any, config: IdempotencyConfig) -> Any:
-    """The part of the prepared payload that the validation hash is computed from."""
+    """The part of the prepared payload that the validation hash is computed from.
+
+    Raises `IdempotencyPayloadError` when the expression fails on this payload.
+    """
     if config._validation_key is None:
         return None
-    return config._validation_key.search(data, options=_options(config))
+    return _search(config._validation_key, "payload_validation_jmespath", data, config)
 
 
 def is_missing_idempotency_key(data: Any) -> bool:
