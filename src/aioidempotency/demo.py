@@ -111,7 +111,11 @@ async def run_demo(
     limit = asyncio.Semaphore(concurrency)
 
     async def send(number: int) -> None:
-        payment = {"payment_id": f"{run_id}-{number}", "amount": 100 + number, "currency": "EUR"}
+        payment: dict[str, Any] = {
+            "payment_id": f"{run_id}-{number}",
+            "amount": 100 + number,
+            "currency": "EUR",
+        }
 
         async def charge() -> dict[str, Any]:
             charged[payment["payment_id"]] += 1
