@@ -30,8 +30,15 @@ from aioidempotency.exceptions import (
     IdempotencySerializationError,
     IdempotencyValidationError,
 )
-from aioidempotency.persistence import ClaimResult, InMemoryPersistenceLayer, PersistenceLayer
-from aioidempotency.persistence.urls import store_from_url
+from aioidempotency.persistence import (
+    CacheClient,
+    CachePersistenceLayer,
+    ClaimResult,
+    DynamoDBPersistenceLayer,
+    InMemoryPersistenceLayer,
+    PersistenceLayer,
+    store_from_url,
+)
 from aioidempotency.records import DataRecord, RecordStatus
 from aioidempotency.serialization import (
     BaseIdempotencyModelSerializer,
@@ -48,10 +55,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BaseIdempotencyModelSerializer",
     "BaseIdempotencySerializer",
+    "CacheClient",
+    "CachePersistenceLayer",
     "ClaimResult",
     "CustomDictSerializer",
     "DataRecord",
     "DataclassSerializer",
+    "DynamoDBPersistenceLayer",
     "IdempotencyAlreadyInProgressError",
     "IdempotencyClaimLostError",
     "IdempotencyCompletionError",
