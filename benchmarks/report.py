@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["evaluate_floors", "render_markdown", "write_chart", "write_results"]
+__all__ = ["evaluate_floors", "render_markdown", "write_chart", "write_docs", "write_results"]
 
 Case = dict[str, Any]
 
@@ -336,8 +337,8 @@ def _outcomes(case: Case) -> str:
 def _full_table(cases: list[Case]) -> list[str]:
     header = [
         "group", "who", "how", "scenario", "payload", "calls", "calls/s", "of floor",
-        "vs Powertools", "p50 us", "p99 us", "req/call", "CPU us/call", "peak KiB",
-        "exec/replay/refused",
+        "vs Powertools", "p50 us", "p99 us", "req/call", "CPU us/call", "server CPU us/call",
+        "peak KiB", "exec/replay/refused",
     ]  # fmt: skip
     rows = []
     for c in cases:
@@ -357,11 +358,41 @@ def _full_table(cases: list[Case]) -> list[str]:
                 "-" if dynamo else _num(c["p99_us"], 0),
                 _num(c["requests_per_call"], 3),
                 _num(c["cpu_us_per_call"], 1),
+                _num(c.get("server_cpu_us_per_call"), 1),
                 _num(c["peak_kib"], 0),
                 _outcomes(c),
             ]
         )
     return _table(header, rows)
+
+
+def _headline_table(cases: list[Case]) -> list[str]:
+    """Where the time goes at the headline point: Valkey, c=100, first execution, 100 B."""
+    rows = []
+    for c in cases:
+        point = (c["group"], c["scenario"], c["payload_bytes"]) == ("valkey", "first", 100)
+        async_100 = c["mode"] == "async" and c["concurrency"] == 100 and c["client"] == "glide"
+        powertools_16 = c["library"] == "powertools" and c["concurrency"] == THREADS
+        if point and (async_100 or powertools_16):
+            rows.append(
+                [
+                    _floor_kind(c) if c["library"] == "floor" else _who(c),
+                    _how(c),
+                    _num(_rate(c)),
+                    _num(c["cpu_us_per_call"], 1),
+                    _num(c.get("server_cpu_us_per_call"), 1),
+                    _num(c["p50_us"], 0),
+                    _num(c["p99_us"], 0),
+                ]
+            )
+    header = ["who", "how", "calls/s", "client CPU us/call", "server CPU us/call", "p50 us"]
+    return _table([*header, "p99 us"], rows)
+
+
+def _floor_kind(case: Case) -> str:
+    if case["variant"] == "scripts":
+        return "floor: raw glide running the atomic path's 2 Lua scripts"
+    return "floor: raw glide, SET NX GET + SET"
 
 
 def _profiles(profiles: dict[str, list[Case]]) -> list[str]:
@@ -375,12 +406,21 @@ def _profiles(profiles: dict[str, list[Case]]) -> list[str]:
     return lines
 
 
-def render_markdown(doc: dict[str, Any], *, chart: str | None, full: bool = True) -> str:
+def render_markdown(
+    doc: dict[str, Any],
+    *,
+    chart: str | None,
+    full: bool = True,
+    title: str | None = None,
+    preamble: str = "",
+) -> str:
     """The run as Markdown: floors, summaries, and (if `full`) every case."""
     meta, cases = doc["meta"], doc["cases"]
+    kind = "smoke" if meta["smoke"] else "full"
     lines = [
-        f"# Benchmark results ({'smoke' if meta['smoke'] else 'full'} run, {meta['started']})",
+        title or f"# Benchmark results ({kind} run, {meta['started']})",
         "",
+        *([preamble, ""] if preamble else []),
         f"Command: `{meta['command']}` ({meta['seconds']:.0f} s). "
         f"Machine: {meta['machine']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
@@ -398,6 +438,15 @@ def render_markdown(doc: dict[str, Any], *, chart: str | None, full: bool = True
     )
     if chart:
         lines += ["", f"![benchmark chart]({chart})"]
+    lines += [
+        "",
+        "## The headline point: Valkey, first execution, 100 B, c=100 (glide) vs Powertools",
+        "",
+        "Client CPU: this process (library, client, glide's threads); server CPU: the Valkey "
+        "process; both per call, over the timed pass.",
+        "",
+    ]
+    lines += _headline_table(cases)
     for mode, title in (("async", "async engine"), ("sync", "sync entry points")):
         lines += ["", f"## Valkey, 100 B payload, {title}: calls per second", ""]
         lines += _pivot(cases, "valkey", 100, mode)
@@ -509,7 +558,7 @@ def write_chart(doc: dict[str, Any], path: Path) -> bool:
     # Library CPU per call.
     ax = axes[1][0]
     labels = ["first", "replay", "cache-hit"]
-    who = [
+    who: list[tuple[str, dict[str, Any]]] = [
         ("aioidempotency async", {"library": "aioidempotency", "mode": "async"}),
         ("aioidempotency sync shim", {"library": "aioidempotency", "mode": "sync"}),
         ("Powertools", {"library": "powertools"}),
@@ -530,7 +579,7 @@ def write_chart(doc: dict[str, Any], path: Path) -> bool:
     # Payload sizes, first execution.
     ax = axes[1][1]
     sizes = [100, 10_000, 200_000]
-    who_sizes = [
+    who_sizes: list[tuple[str, dict[str, Any]]] = [
         ("floor glide c=100", {"library": "floor", "client": "glide", "mode": "async",
                                "concurrency": 100}),
         ("ours glide atomic c=100", {"library": "aioidempotency", "client": "glide",
@@ -575,3 +624,43 @@ def write_results(doc: dict[str, Any], out: Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(doc, indent=1) + "\n")
     paths["md"].write_text(render_markdown(doc, chart=chart.name if "png" in paths else None))
     return paths
+
+
+DOCS_PREAMBLE = """\
+How fast aioidempotency is, measured against [Powertools for AWS Lambda (Python)](\
+https://docs.powertools.aws.dev/lambda/python/latest/utilities/idempotency/) and against
+the round-trip floor (the raw client doing only the store operations a call needs), in
+one run on the same servers. Every figure below comes from the run described here; the
+complete data (every case, with latency percentiles, requests, CPU and memory) is in
+[`benchmarks/results/results.md`](../benchmarks/results/results.md) and
+[`results.json`](../benchmarks/results/results.json).
+
+**Reproduce**: `python -m benchmarks.run` from a checkout with the `test` and `bench`
+extras (about 5 minutes on 2 cores; it starts and stops its own Valkey and moto
+servers on 127.0.0.1). `python -m benchmarks.run --smoke` runs every case with a few
+calls (seconds); CI runs it through `tests/test_benchmarks_smoke.py`.
+
+**Method**: each call is `@idempotent_function(data_keyword_argument="event")` (ours:
+`@idempotent_function_async` for the async engine) with default configurations; the
+event `{"id": ..., "blob": ...}` is hashed whole and the function returns a result of the
+same size (100 B, 10 KB, 200 KB). *first*: a new key every call; *replay*: keys completed
+before the run; *duplicates*: groups of `c` concurrent calls on one key (one runs, the
+others are refused as in progress or replay it); *cache-hit*: `use_local_cache=True` on
+completed keys. Async cases run `c` tasks on one event loop; sync cases run in 1 or 16
+threads. Requests per call are counted on the client side (a wrapper around each client's
+command entry point, botocore's `before-send` event). CPU is `time.process_time` of the
+benchmark process; the servers are child processes, measured separately from `/proc`.
+redis-py's asyncio clients use a `BlockingConnectionPool` of 100 (its default pool
+refuses a 101st connection). The machine is noisy: compare ratios within the run, not
+across runs. The numbers are floors to report, not timed tests."""
+
+
+def write_docs(doc: dict[str, Any], path: Path, *, chart: Path | None) -> None:
+    """`docs/performance.md`: the summaries of the run (every case stays in results.md)."""
+    rel = None
+    if chart is not None:
+        rel = Path(os.path.relpath(chart.resolve(), path.resolve().parent)).as_posix()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        render_markdown(doc, chart=rel, full=False, title="# Performance", preamble=DOCS_PREAMBLE)
+    )

@@ -17,12 +17,13 @@ import platform
 import pstats
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.cases import Bench, Budget, Spec, case_list, needs_fresh_loop
-from benchmarks.report import write_results
+from benchmarks.report import write_docs, write_results
 from benchmarks.runner import KeyStream
 from benchmarks.servers import DUMMY_AWS_ENV, ChildServer, running_moto, running_valkey
 
@@ -122,6 +123,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", default="", help="run only the cases whose id contains this")
     parser.add_argument("--quiet", action="store_true", help="no line per case")
+    parser.add_argument(
+        "--docs", type=Path, default=None, help="also write the summary page here (Markdown)"
+    )
     return parser.parse_args(argv)
 
 
@@ -134,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for name, value in DUMMY_AWS_ENV.items():
         os.environ.setdefault(name, value)
+    # Powertools warns on every call without a Lambda context; Redis layer deprecation.
+    warnings.filterwarnings("ignore", module="aws_lambda_powertools")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     specs = [s for s in case_list(groups) if args.only in s.id]
     budget = Budget(smoke=args.smoke)
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -171,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profiles[spec.id] = _profile(bench, spec, 50 if args.smoke else 5000)
         versions = _versions(valkey)
     command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
-    doc = {
+    doc: dict[str, Any] = {
         "meta": {
             "command": command.strip(),
             "smoke": args.smoke,
@@ -185,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profiles": profiles,
     }
     paths = write_results(doc, args.out)
+    if args.docs is not None:
+        write_docs(doc, args.docs, chart=paths.get("png"))
+        paths["docs"] = args.docs
     for floor in doc["floors"]:
         print(f"{floor['status']:>4}  {floor['floor']}: {floor['measured']}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -79,6 +79,7 @@ class RunStats:
     latencies_ns: list[int] = dataclasses.field(default_factory=list)
     requests: int = 0
     executed: int = 0
+    server_cpu_seconds: float | None = None
     peak_bytes: int | None = None
 
     @property
@@ -193,6 +194,19 @@ def _thread_pass(call: Callable[[str], Any], plan: _Plan, threads: int) -> RunSt
     return stats
 
 
+def _deltas(
+    stats: RunStats,
+    before: tuple[int, int, float],
+    requests: Callable[[], int],
+    executed: Callable[[], int],
+    server_cpu: Callable[[], float] | None,
+) -> None:
+    stats.requests = requests() - before[0]
+    stats.executed = executed() - before[1]
+    if server_cpu is not None:
+        stats.server_cpu_seconds = server_cpu() - before[2]
+
+
 async def run_async(
     call: Callable[[str], Awaitable[Any]],
     stream: KeyStream,
@@ -204,18 +218,19 @@ async def run_async(
     memory_calls: int,
     requests: Callable[[], int],
     executed: Callable[[], int],
+    server_cpu: Callable[[], float] | None = None,
 ) -> RunStats:
     """Warm up, measure, then (if `memory_calls`) measure peak memory in a short pass.
 
     `requests()` and `executed()` read the target's counters of store requests and of
-    function bodies run; the timed pass's share of each is kept.
+    function bodies run; the timed pass's share of each is kept, and so is that of
+    `server_cpu()`, the CPU seconds of the store's server process when it has one.
     """
     if warmup_calls:
         await _async_pass(call, _Plan(stream, "w", warmup_calls, math.inf), concurrency)
-    before = requests(), executed()
+    before = requests(), executed(), server_cpu() if server_cpu else 0.0
     stats = await _async_pass(call, _Plan(stream, "t", max_calls, duration), concurrency)
-    stats.requests = requests() - before[0]
-    stats.executed = executed() - before[1]
+    _deltas(stats, before, requests, executed, server_cpu)
     if memory_calls:
         tracemalloc.start()
         try:
@@ -238,14 +253,14 @@ def run_threads(
     memory_calls: int,
     requests: Callable[[], int],
     executed: Callable[[], int],
+    server_cpu: Callable[[], float] | None = None,
 ) -> RunStats:
     """`run_async` for a sync callable, from `threads` threads (1 = sequential)."""
     if warmup_calls:
         _thread_pass(call, _Plan(stream, "w", warmup_calls, math.inf), threads)
-    before = requests(), executed()
+    before = requests(), executed(), server_cpu() if server_cpu else 0.0
     stats = _thread_pass(call, _Plan(stream, "t", max_calls, duration), threads)
-    stats.requests = requests() - before[0]
-    stats.executed = executed() - before[1]
+    _deltas(stats, before, requests, executed, server_cpu)
     if memory_calls:
         tracemalloc.start()
         try:

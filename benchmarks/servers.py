@@ -49,6 +49,11 @@ class ChildServer:
         scheme = "http" if self.name == "moto" else "redis"
         return f"{scheme}://{self.host}:{self.port}"
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def log_tail(self) -> str:
         path = self.directory / "server.log"
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""

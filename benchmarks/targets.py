@@ -36,6 +36,7 @@ __all__ = [
     "blob",
     "floor_dynamodb",
     "floor_glide",
+    "floor_glide_scripts",
     "floor_redis_async",
     "floor_redis_sync",
     "ours_async",
@@ -151,7 +152,7 @@ def powertools(
     event_blob, result_blob = blob(payload, "x"), blob(payload, "y")
     config = PowertoolsConfig(use_local_cache=local_cache)
 
-    @powertools_idempotent_function(
+    @powertools_idempotent_function(  # type: ignore[untyped-decorator]
         data_keyword_argument="event", persistence_store=layer, config=config
     )
     def handler(event: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +165,7 @@ def powertools(
     return Target(call, False, requests, executed)
 
 
-class PowertoolsMemoryLayer(BasePersistenceLayer):  # type: ignore[misc]
+class PowertoolsMemoryLayer(BasePersistenceLayer):
     """A Powertools persistence layer in a dict, to measure Powertools' own CPU per call.
 
     Like its DynamoDB layer, a refused put hands the stored record over
@@ -172,7 +173,7 @@ class PowertoolsMemoryLayer(BasePersistenceLayer):  # type: ignore[misc]
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.records: dict[str, Any] = {}
         self.lock = threading.Lock()
         self.operations = RequestCounter()
@@ -270,6 +271,39 @@ def floor_glide(client: Any, counter: RequestCounter, payload: int) -> Target:
             executed.add()
         elif old.startswith(b'{"status": "INPROGRESS"'):
             raise Refused
+
+    return Target(call, True, lambda: counter.value, executed)
+
+
+def floor_glide_scripts(client: Any, counter: RequestCounter, payload: int) -> Target:
+    """A diagnostic floor: raw glide running the atomic path's own two Lua scripts.
+
+    The claim and completion scripts of `aioidempotency.persistence.cache`, with the
+    arguments the store sends; what is left between this and the store is the
+    library's own cost.
+    """
+    from glide import Script
+
+    from aioidempotency.persistence import cache
+
+    executed = RequestCounter()
+    claim_script = Script(cache._CLAIM.code)  # type: ignore[no-untyped-call]
+    complete_script = Script(cache._COMPLETE.code)  # type: ignore[no-untyped-call]
+    names = ("status", "expiration", "in_progress_expiration", "owner_token")
+    patterns = [cache._key_pattern(name) for name in names]
+    claim, done, owner = _in_progress_value(), _completed_value(payload), "0" * 32
+    ttl = str(TTL_SECONDS)
+
+    async def call(key: str) -> None:
+        now = time.time()
+        args = [claim, ttl, str(int(now)), str(int(now * 1000)), *patterns]
+        reply = await client.invoke_script(claim_script, keys=[key], args=args)
+        if int(reply[0]) == 0:
+            if reply[1].startswith(b'{"status": "INPROGRESS"'):
+                raise Refused
+            return
+        await client.invoke_script(complete_script, keys=[key], args=[owner, done, ttl, *patterns])
+        executed.add()
 
     return Target(call, True, lambda: counter.value, executed)
 
