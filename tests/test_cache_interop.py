@@ -46,7 +46,7 @@ def theirs(cache_servers: ServerPool) -> Iterator[Callable[..., dict[str, Any]]]
     client = redis.Redis(server.host, server.port, decode_responses=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        store = RedisCachePersistenceLayer(client=client)
+        store = RedisCachePersistenceLayer(client=client)  # type: ignore[arg-type]
     decorate = powertools_idempotent_function(
         data_keyword_argument="order",
         persistence_store=store,

@@ -441,10 +441,9 @@ class UserCache:
         self._client = client
         self.calls: list[str] = []
 
-    async def get(self, name: str) -> bytes | None:
+    async def get(self, name: str) -> bytes | str | None:
         self.calls.append("get")
-        value: bytes | None = await self._client.get(name)
-        return value
+        return await self._client.get(name)
 
     async def set(self, name: str, value: str, *, ex: int | None = None, nx: bool = False) -> Any:
         self.calls.append("set")

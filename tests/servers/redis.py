@@ -8,6 +8,7 @@ bounded deadline. `ServerPool.close()` stops them all: SIGTERM, wait, SIGKILL.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import socket
 import subprocess
@@ -168,7 +169,7 @@ class ServerPool:
         """Clusters of several kinds, formed side by side (each takes about 2 s to be ok)."""
         new = {kind: self._form_cluster(kind) for kind in kinds if kind not in self._clusters}
         for kind, nodes in new.items():
-            _wait_until(lambda nodes=nodes: _cluster_ok(nodes), f"{kind} cluster state ok")
+            _wait_until(functools.partial(_cluster_ok, nodes), f"{kind} cluster state ok")
             self._clusters[kind] = nodes
         return {kind: self._clusters[kind] for kind in kinds}
 
