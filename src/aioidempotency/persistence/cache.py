@@ -44,7 +44,13 @@ from aioidempotency.exceptions import (
 from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
 from aioidempotency.records import DataRecord, RecordAttributes, RecordStatus
 
-__all__ = ["CacheClient", "CachePersistenceLayer", "LuaScript", "ScriptingCacheClient"]
+__all__ = [
+    "CacheClient",
+    "CachePersistenceLayer",
+    "LuaScript",
+    "RedisPyCacheClient",
+    "ScriptingCacheClient",
+]
 
 logger = logging.getLogger(__name__)
 
