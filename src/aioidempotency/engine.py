@@ -57,6 +57,7 @@ DISABLED_ENV = "POWERTOOLS_IDEMPOTENCY_DISABLED"
 _TRUE_VALUES = frozenset({"1", "y", "yes", "t", "true", "on"})
 _MAX_CLAIM_ATTEMPTS = 3
 _MAX_POLL_INTERVAL = 1.0
+_STOP_TIMEOUT = 5.0
 
 
 class IdempotencyDisabledWarning(UserWarning):
@@ -525,11 +526,19 @@ class IdempotencyEngine:
 
 
 async def _stop(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` and return once it has finished (raises only if we are cancelled)."""
+    """Cancel ``task`` and return once it has finished (raises only if we are cancelled).
+
+    The wait is bounded: a client library that swallows the cancellation must not
+    hang the call for good.
+    """
     if task is None or task.done():
         return
     task.cancel()
-    await asyncio.wait({task})
+    _, pending = await asyncio.wait({task}, timeout=_STOP_TIMEOUT)
+    if pending:
+        logger.warning(
+            "the lease renewer %s did not stop within %ss", task.get_name(), _STOP_TIMEOUT
+        )
 
 
 async def _shielded(awaitable: Awaitable[T]) -> T:
