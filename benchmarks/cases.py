@@ -91,12 +91,18 @@ def _valkey_cases() -> Iterator[Spec]:
     yield Spec(v, "floor", "glide", "", "async", 100, "first", headline=True)
     yield Spec(v, "aioidempotency", "glide", "atomic", "async", 100, "first", headline=True)
     yield Spec(v, "powertools", "redis-py", "", "sync", THREADS, "first", headline=True)
-    yield Spec(v, "aioidempotency", "glide", "atomic", "async", 100, "first", variant="no-lease")
-    yield Spec(v, "floor", "glide", "atomic", "async", 100, "first", variant="scripts")
+    yield Spec(
+        v, "aioidempotency", "glide", "atomic", "async", 100, "first", variant="no-lease",
+        headline=True,
+    )  # fmt: skip
+    yield Spec(
+        v, "floor", "glide", "atomic", "async", 100, "first", variant="scripts", headline=True
+    )
     for scenario in ("first", "replay"):
+        yield Spec(v, "floor", "redis-py", "", "sync", 1, scenario, headline=True)
         yield Spec(v, "powertools", "redis-py", "", "sync", 1, scenario, headline=True)
         yield Spec(v, "aioidempotency", "redis-py", "atomic", "sync", 1, scenario, headline=True)
-        yield Spec(v, "aioidempotency", "glide", "atomic", "sync", 1, scenario, headline=True)
+    yield Spec(v, "aioidempotency", "glide", "atomic", "async", 1, "cache-hit", headline=True)
     # Everything else at 100 B.
     for scenario in ("first", "replay"):
         for concurrency in CONCURRENCY:
@@ -193,7 +199,8 @@ class Budget:
 
     smoke: bool = False
     duration: float = 1.0
-    headline_duration: float = 3.0
+    headline_duration: float = 1.5
+    rounds: int = 3
     memory_duration: float = 0.5
     replay_pool: int = 200
 
@@ -260,6 +267,7 @@ class Bench:
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._sync_closers: list[Callable[[], None]] = []
         self._table_ready = False
+        self._measured = 0
 
     # --- clients -----------------------------------------------------------------------
     def _shared(
@@ -475,8 +483,12 @@ class Bench:
         budget = self.budget
         target = self.target(spec)
         stream = KeyStream(
-            spec.scenario, prefix=spec.id, pool=budget.pool(spec), group=spec.concurrency
+            spec.scenario,
+            prefix=f"{spec.id}#{self._measured}",  # fresh keys for every measurement
+            pool=budget.pool(spec),
+            group=spec.concurrency,
         )
+        self._measured += 1
         if spec.scenario in ("replay", "cache-hit"):
             self._prepare(target, stream.replay_keys())
         options: dict[str, Any] = {
