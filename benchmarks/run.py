@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import platform
 import pstats
+import re
 import sys
 import time
 import warnings
@@ -88,11 +89,7 @@ def _profile(bench: Bench, spec: Spec, calls: int) -> list[dict[str, Any]]:
     raw: dict[Any, Any] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     rows = []
     for (filename, line, function), (_, _, own, cumulative, _) in raw.items():
-        short = filename
-        for marker in ("site-packages/", "src/", "lib/python3"):
-            if marker in filename:
-                short = filename.split(marker, 1)[1]
-                break
+        short = re.sub(r"^.*/(site-packages|src|lib/python3\.\d+)/", "", filename)
         rows.append(
             {
                 "function": f"{short}:{line}({function})",
