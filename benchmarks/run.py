@@ -17,6 +17,7 @@ import platform
 import pstats
 import re
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -147,7 +148,12 @@ PROFILED = (
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="a few calls per case (seconds)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default: benchmarks/results; a temporary one for --smoke)",
+    )
     parser.add_argument(
         "--groups", default=",".join(GROUPS), help=f"comma-separated subset of {GROUPS}"
     )
@@ -166,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"unknown groups: {sorted(unknown)}", file=sys.stderr)
         return 2
+    if args.out is None:  # a smoke run never overwrites the committed results
+        smoke = args.smoke
+        args.out = (
+            Path(tempfile.mkdtemp(prefix="aioidem-bench-")) if smoke else Path("benchmarks/results")
+        )
     for name, value in DUMMY_AWS_ENV.items():
         os.environ.setdefault(name, value)
     # Powertools warns on every call without a Lambda context; Redis layer deprecation.
