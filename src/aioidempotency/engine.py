@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -43,6 +42,7 @@ from aioidempotency.keys import (
     select_key_data,
     select_validation_data,
 )
+from aioidempotency.lease import LeaseRenewer
 from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
 from aioidempotency.records import DataRecord, RecordStatus
 from aioidempotency.serialization import BaseIdempotencySerializer, NoOpSerializer
@@ -57,7 +57,6 @@ DISABLED_ENV = "POWERTOOLS_IDEMPOTENCY_DISABLED"
 _TRUE_VALUES = frozenset({"1", "y", "yes", "t", "true", "on"})
 _MAX_CLAIM_ATTEMPTS = 3
 _MAX_POLL_INTERVAL = 1.0
-_STOP_TIMEOUT = 5.0
 
 
 class IdempotencyDisabledWarning(UserWarning):
@@ -186,7 +185,7 @@ class IdempotencyEngine:
     ) -> _Call | None:
         config = self.config
         prefix = self._prefix(key_source)
-        data = prepare_payload(payload)
+        data = prepare_payload(payload, deep_copy=bool(config.jmespath_options))
         key_data = select_key_data(data, config)
         if is_missing_idempotency_key(key_data):
             if config.raise_on_no_idempotency_key:
@@ -264,7 +263,7 @@ class IdempotencyEngine:
             expiry_timestamp=int(now) + self.config.expires_after_seconds,
             in_progress_expiry_timestamp=in_progress_ms,
             payload_hash=call.payload_hash,
-            owner=uuid.uuid4().hex,
+            owner=os.urandom(16).hex(),
         )
 
     async def _claim(self, record: DataRecord) -> ClaimResult:
@@ -309,7 +308,7 @@ class IdempotencyEngine:
         loop = asyncio.get_running_loop()
         flight = _Flight(loop=loop, payload_hash=call.payload_hash, done=loop.create_future())
         self._flights[call.key] = flight
-        renewer = self._start_renewer(call, claim)
+        renewer = self._start_lease(call, claim)
         try:
             try:
                 result = await fn()
@@ -323,7 +322,8 @@ class IdempotencyEngine:
                     logger.exception("could not release %s after %r", call.key, error)
                 raise
             try:
-                await _stop(renewer)  # no renewal may land after the completion
+                if renewer is not None:
+                    await renewer.stop()  # no renewal may land after the completion
             except asyncio.CancelledError:
                 await self._release(call.key, owner)
                 raise
@@ -357,7 +357,12 @@ class IdempotencyEngine:
             payload_hash=call.payload_hash,
         )
         try:
-            await _shielded(self.persistence_store.complete(completed, owner=owner))
+            await self.persistence_store.complete(completed, owner=owner)
+        except asyncio.CancelledError:
+            # Cancelled mid-write: the result may or may not be stored. An owner-checked
+            # release deletes only a claim that is still ours, so either outcome is safe.
+            await self._release(call.key, owner)
+            raise
         except IdempotencyClaimLostError as exc:
             exc.result = result
             raise
@@ -376,13 +381,12 @@ class IdempotencyEngine:
             ) from exc
         return completed
 
-    async def _release(
-        self, key: str, owner: str, *, renewer: asyncio.Task[None] | None = None
-    ) -> None:
+    async def _release(self, key: str, owner: str, *, renewer: LeaseRenewer | None = None) -> None:
         """Stop renewing, then delete our claim; survives the caller's cancellation."""
 
         async def release() -> None:
-            await _stop(renewer)
+            if renewer is not None:
+                await renewer.stop()
             await self.persistence_store.release(key, owner=owner)
 
         try:
@@ -398,42 +402,20 @@ class IdempotencyEngine:
 
     # -- lease renewal ----------------------------------------------------------------
 
-    def _start_renewer(self, call: _Call, claim: DataRecord) -> asyncio.Task[None] | None:
+    def _start_lease(self, call: _Call, claim: DataRecord) -> LeaseRenewer | None:
         lease = self.config.in_progress_lease_seconds
         if call.lambda_context is not None or lease is None:
             return None
         assert claim.owner is not None
         assert claim.in_progress_expiry_timestamp is not None
-        return asyncio.get_running_loop().create_task(
-            self._renew_lease(call.key, claim.owner, lease, claim.in_progress_expiry_timestamp),
-            name=f"aioidempotency-lease:{call.key}",
+        return LeaseRenewer(
+            self.persistence_store,
+            call.key,
+            claim.owner,
+            lease=lease,
+            held_until_ms=claim.in_progress_expiry_timestamp,
+            clock=self._clock,
         )
-
-    async def _renew_lease(self, key: str, owner: str, lease: float, held_until_ms: int) -> None:
-        interval = lease / 3
-        while True:
-            await asyncio.sleep(interval)
-            until_ms = int((self._clock() + lease) * 1000)
-            while True:
-                try:
-                    await self.persistence_store.renew(
-                        key, owner=owner, in_progress_expiry_ms=until_ms
-                    )
-                except IdempotencyClaimLostError:
-                    logger.warning(
-                        "lease on %s lost to another call; its result will not be stored", key
-                    )
-                    return
-                except Exception:
-                    left = held_until_ms / 1000 - self._clock()
-                    if left <= 0:
-                        logger.warning("lease on %s expired while its renewal kept failing", key)
-                        return
-                    logger.warning("renewing the lease on %s failed; retrying", key, exc_info=True)
-                    await asyncio.sleep(min(interval, left / 4, 1.0))
-                    continue
-                held_until_ms = until_ms
-                break
 
     # -- waiting for a duplicate's result -------------------------------------------------
 
@@ -523,22 +505,6 @@ class IdempotencyEngine:
         if self.config.use_local_cache:
             with self._cache_lock:
                 self._cache.pop(key, None)
-
-
-async def _stop(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` and return once it has finished (raises only if we are cancelled).
-
-    The wait is bounded: a client library that swallows the cancellation must not
-    hang the call for good.
-    """
-    if task is None or task.done():
-        return
-    task.cancel()
-    _, pending = await asyncio.wait({task}, timeout=_STOP_TIMEOUT)
-    if pending:
-        logger.warning(
-            "the lease renewer %s did not stop within %ss", task.get_name(), _STOP_TIMEOUT
-        )
 
 
 async def _shielded(awaitable: Awaitable[T]) -> T:

@@ -60,9 +60,14 @@ def _options(config: IdempotencyConfig) -> jmespath.Options:
     return _default_options()
 
 
-def prepare_payload(payload: Any) -> Any:
-    """A deep copy of the payload in plain data: dataclasses, pydantic models, objects
-    with `.dict()` and event wrappers with `raw_event` are unwrapped first."""
+def prepare_payload(payload: Any, *, deep_copy: bool = False) -> Any:
+    """The payload as plain data: dataclasses, pydantic models, objects with `.dict()`
+    and event wrappers with `raw_event` are unwrapped.
+
+    Key derivation only reads the payload (JMESPath and `json.dumps` never change it),
+    so no copy is made unless `deep_copy` asks for one: the engine does when custom
+    JMESPath functions, which could mutate their input, are configured.
+    """
     if dataclasses.is_dataclass(payload) and not isinstance(payload, type):
         data: Any = dataclasses.asdict(payload)
     elif callable(getattr(payload, "model_dump", None)):
@@ -71,7 +76,7 @@ def prepare_payload(payload: Any) -> Any:
         data = payload.dict()
     else:
         data = getattr(payload, "raw_event", payload)
-    return copy.deepcopy(data)
+    return copy.deepcopy(data) if deep_copy else data
 
 
 def _search(
