@@ -201,6 +201,41 @@ def test_store_calls_run_on_one_background_loop_across_calls() -> None:
     assert threading.get_ident() not in threads
 
 
+def test_cache_hits_and_missing_keys_never_cross_to_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both need no I/O, so they are answered in the caller's thread."""
+    store = WrapperStore()
+    executions: list[int] = []
+
+    @idempotent_function(
+        data_keyword_argument="order",
+        persistence_store=store,
+        config=IdempotencyConfig(event_key_jmespath="id", use_local_cache=True),
+    )
+    def place(order: dict[str, Any]) -> int:
+        executions.append(threading.get_ident())
+        return len(executions)
+
+    assert place(order={"id": 1}) == 1
+    handed_over: list[Any] = []
+    original = asyncio.run_coroutine_threadsafe
+
+    def spy(coro: Any, loop: Any) -> Any:
+        handed_over.append(coro)
+        return original(coro, loop)
+
+    monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", spy)
+    calls_before = len(store.calls)
+    for _ in range(5):
+        assert place(order={"id": 1}) == 1  # local cache hit
+    with pytest.warns(UserWarning, match="No idempotency key value found"):
+        assert place(order={"other": 1}) == 2  # no key: runs unprotected
+    assert handed_over == []
+    assert len(store.calls) == calls_before
+    assert executions == [threading.get_ident()] * 2
+
+
 def test_sixteen_threads_with_the_same_payload_execute_once() -> None:
     store = InMemoryPersistenceLayer()
     executions: list[int] = []

@@ -47,7 +47,14 @@ from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
 from aioidempotency.records import DataRecord, RecordStatus
 from aioidempotency.serialization import BaseIdempotencySerializer, NoOpSerializer
 
-__all__ = ["DISABLED_ENV", "IdempotencyDisabledWarning", "IdempotencyEngine", "is_disabled"]
+__all__ = [
+    "DISABLED_ENV",
+    "DISABLED_MESSAGE",
+    "IdempotencyDisabledWarning",
+    "IdempotencyEngine",
+    "PreparedCall",
+    "is_disabled",
+]
 
 T = TypeVar("T")
 
@@ -57,6 +64,12 @@ DISABLED_ENV = "POWERTOOLS_IDEMPOTENCY_DISABLED"
 _TRUE_VALUES = frozenset({"1", "y", "yes", "t", "true", "on"})
 _MAX_CLAIM_ATTEMPTS = 3
 _MAX_POLL_INTERVAL = 1.0
+
+
+DISABLED_MESSAGE = (
+    "Disabling idempotency is intended for development environments only "
+    "and should not be used in production."
+)
 
 
 class IdempotencyDisabledWarning(UserWarning):
@@ -78,7 +91,9 @@ class _Flight:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Call:
+class PreparedCall:
+    """A call's idempotency key, validation hash and Lambda context."""
+
     key: str
     payload_hash: str | None
     lambda_context: LambdaContextLike | None
@@ -148,16 +163,38 @@ class IdempotencyEngine:
         Decorators use it: they run a bound call of the function they decorate.
         """
         if is_disabled():
-            warnings.warn(
-                "Disabling idempotency is intended for development environments only "
-                "and should not be used in production.",
-                IdempotencyDisabledWarning,
-                stacklevel=3,
-            )
+            warnings.warn(DISABLED_MESSAGE, IdempotencyDisabledWarning, stacklevel=3)
             return await fn()
-        call = self._make_call(payload, key_source, lambda_context)
+        call = self.prepare_call(payload, key_source=key_source, lambda_context=lambda_context)
         if call is None:
             return await fn()
+        return await self._process(call, fn)
+
+    def prepare_call(
+        self,
+        payload: Any,
+        *,
+        key_source: Callable[..., Any],
+        lambda_context: LambdaContextLike | None = None,
+    ) -> PreparedCall | None:
+        """Derive the key and validation hash of a call, without I/O.
+
+        Returns None when the payload has no key (after warning, or raising
+        `IdempotencyKeyError` when configured): the function then runs unprotected.
+        For callers that split the work across threads, such as the sync shims.
+        """
+        return self._make_call(payload, key_source, lambda_context)
+
+    def replay_from_cache(self, call: PreparedCall) -> tuple[bool, Any]:
+        """``(True, result)`` when the local cache holds the call's result, without I/O."""
+        cached = self._cache_get(call.key)
+        if cached is None:
+            return False, None
+        self._validate(call, cached.payload_hash)
+        return True, self._replay(cached)
+
+    async def run_prepared(self, call: PreparedCall, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a call prepared by `prepare_call`."""
         return await self._process(call, fn)
 
     def idempotency_key(self, payload: Any, key_source: Callable[..., Any] | None = None) -> str:
@@ -182,7 +219,7 @@ class IdempotencyEngine:
         payload: Any,
         key_source: Callable[..., Any],
         lambda_context: LambdaContextLike | None,
-    ) -> _Call | None:
+    ) -> PreparedCall | None:
         config = self.config
         prefix = self._prefix(key_source)
         data = prepare_payload(payload, deep_copy=bool(config.jmespath_options))
@@ -201,11 +238,11 @@ class IdempotencyEngine:
         if config.payload_validation_enabled:
             payload_hash = hash_data(select_validation_data(data, config), config.hash_function)
         context = lambda_context if lambda_context is not None else registered_lambda_context()
-        return _Call(key=key, payload_hash=payload_hash, lambda_context=context)
+        return PreparedCall(key=key, payload_hash=payload_hash, lambda_context=context)
 
     # -- the state machine ------------------------------------------------------------
 
-    async def _process(self, call: _Call, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _process(self, call: PreparedCall, fn: Callable[[], Awaitable[T]]) -> T:
         cached = self._cache_get(call.key)
         if cached is not None:
             self._validate(call, cached.payload_hash)
@@ -249,7 +286,7 @@ class IdempotencyEngine:
                     "save_inprogress and get_record return inconsistent results."
                 )
 
-    def _new_claim(self, call: _Call) -> DataRecord:
+    def _new_claim(self, call: PreparedCall) -> DataRecord:
         now = self._clock()
         in_progress_ms: int | None = None
         if call.lambda_context is not None:
@@ -276,7 +313,7 @@ class IdempotencyEngine:
                 "Failed to save in progress record to idempotency store", exc
             ) from exc
 
-    def _validate(self, call: _Call, stored_hash: str | None) -> None:
+    def _validate(self, call: PreparedCall, stored_hash: str | None) -> None:
         if call.payload_hash is not None and stored_hash != call.payload_hash:
             raise IdempotencyValidationError(
                 "Payload does not match stored record for this event key"
@@ -302,7 +339,9 @@ class IdempotencyEngine:
 
     # -- running the function -----------------------------------------------------------
 
-    async def _execute(self, call: _Call, claim: DataRecord, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _execute(
+        self, call: PreparedCall, claim: DataRecord, fn: Callable[[], Awaitable[T]]
+    ) -> T:
         owner = claim.owner
         assert owner is not None
         loop = asyncio.get_running_loop()
@@ -337,7 +376,7 @@ class IdempotencyEngine:
             if not flight.done.done():
                 flight.done.set_result(None)
 
-    async def _complete(self, call: _Call, owner: str, result: Any) -> DataRecord:
+    async def _complete(self, call: PreparedCall, owner: str, result: Any) -> DataRecord:
         try:
             data = None if result is None else self.output_serializer.to_dict(result)
             response_data = dumps_result(data)
@@ -402,7 +441,7 @@ class IdempotencyEngine:
 
     # -- lease renewal ----------------------------------------------------------------
 
-    def _start_lease(self, call: _Call, claim: DataRecord) -> LeaseRenewer | None:
+    def _start_lease(self, call: PreparedCall, claim: DataRecord) -> LeaseRenewer | None:
         lease = self.config.in_progress_lease_seconds
         if call.lambda_context is not None or lease is None:
             return None
@@ -426,7 +465,7 @@ class IdempotencyEngine:
         return flight
 
     async def _join(
-        self, call: _Call, flight: _Flight, deadline: float | None
+        self, call: PreparedCall, flight: _Flight, deadline: float | None
     ) -> DataRecord | None:
         """Share the result of a call of this process that holds the key."""
         if call.payload_hash is not None and flight.payload_hash != call.payload_hash:
@@ -443,7 +482,7 @@ class IdempotencyEngine:
         except asyncio.TimeoutError:
             raise self._in_progress_error(call.key) from None
 
-    async def _wait(self, call: _Call, deadline: float | None) -> DataRecord | None:
+    async def _wait(self, call: PreparedCall, deadline: float | None) -> DataRecord | None:
         """Poll for the result of a call that holds the key elsewhere.
 
         Returns the completed record, or None when the key became free (released,

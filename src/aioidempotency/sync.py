@@ -16,14 +16,20 @@ import inspect
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from typing_extensions import ParamSpec
 
 from aioidempotency.config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
 from aioidempotency.decorators import OutputSerializer, PayloadArgument, handler_event_and_context
-from aioidempotency.engine import IdempotencyEngine
+from aioidempotency.engine import (
+    DISABLED_MESSAGE,
+    IdempotencyDisabledWarning,
+    IdempotencyEngine,
+    is_disabled,
+)
 from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
 from aioidempotency.persistence.base import PersistenceLayer
 from aioidempotency.serialization import resolve_output_serializer
@@ -127,6 +133,17 @@ def run_sync(
             "which it would block; use @idempotent_async / @idempotent_function_async "
             "or `await engine.run(payload, fn)` in async code"
         )
+    if is_disabled():
+        warnings.warn(DISABLED_MESSAGE, IdempotencyDisabledWarning, stacklevel=3)
+        return fn()
+    # Key derivation and the local cache need no I/O: do them here, in the caller's
+    # thread, so a missing key or a cache hit never crosses to the loop.
+    call = engine.prepare_call(payload, key_source=key_source, lambda_context=lambda_context)
+    if call is None:
+        return fn()
+    hit, replayed = engine.replay_from_cache(call)
+    if hit:
+        return cast(R, replayed)
     loop = background_loop.loop()
     channel: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
@@ -136,10 +153,7 @@ def run_sync(
         return await waiter
 
     future: concurrent.futures.Future[R] = asyncio.run_coroutine_threadsafe(
-        engine.run_for(
-            payload, run_in_caller, key_source=key_source, lambda_context=lambda_context
-        ),
-        loop,
+        engine.run_prepared(call, run_in_caller), loop
     )
     future.add_done_callback(lambda done: channel.put(("done", done)))
     wait = timeout + engine.config.wait_for_in_progress_seconds
