@@ -55,3 +55,17 @@ def demo(session: nox.Session) -> None:
     """The retry-storm demo on the embedded in-memory store."""
     session.install("-e", ".[cli]")
     session.run("python", "-m", "aioidempotency", "demo", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against Powertools and the round-trip floor (minutes on 2 cores).
+
+    ``nox -s bench -- --smoke`` runs every case a few times into a temporary folder.
+    """
+    _ensure_redis_server(session)
+    session.install("-e", ".[bench]")
+    args = list(session.posargs)
+    if "--smoke" not in args:
+        args = ["--out", "benchmarks/results", "--docs", "docs/performance.md", *args]
+    session.run("python", "-m", "benchmarks.run", *args)
