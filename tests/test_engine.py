@@ -23,6 +23,7 @@ from aioidempotency import (
     IdempotencyKeyError,
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceLayerError,
+    IdempotencyResultTooLargeError,
     IdempotencySerializationError,
     IdempotencyValidationError,
     InMemoryPersistenceLayer,
@@ -779,3 +780,16 @@ async def test_a_renewer_that_ignores_cancellation_cannot_hang_the_call(
     store.let_go.set()
     await asyncio.wait_for(store.returned.wait(), 10)
     assert store.calls["renew"] == 1  # a stopped renewer does not schedule another
+
+
+async def test_a_result_over_the_store_limit_is_refused_and_released() -> None:
+    store = InMemoryPersistenceLayer(max_result_bytes=64)
+    engine = engine_for(store)
+    big = {"blob": "x" * 100}
+    with pytest.raises(IdempotencyResultTooLargeError) as caught:
+        await engine.run(PAYMENT, Calls(big))
+    assert caught.value.result is big
+    assert caught.value.limit == 64
+    assert caught.value.size > 64
+    assert len(store) == 0
+    assert await engine.run(PAYMENT, Calls("small")) == "small"

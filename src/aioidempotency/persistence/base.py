@@ -11,9 +11,24 @@ import abc
 import dataclasses
 from types import TracebackType
 
+from aioidempotency.exceptions import IdempotencyResultTooLargeError
 from aioidempotency.records import DataRecord
 
-__all__ = ["ClaimResult", "PersistenceLayer"]
+__all__ = ["ClaimResult", "PersistenceLayer", "check_result_size"]
+
+
+def check_result_size(record: DataRecord, limit: int | None) -> None:
+    """Raise `IdempotencyResultTooLargeError` when the stored result of `record` is
+    over `limit` bytes (None: no limit). Stores call it before they write."""
+    if limit is None or record.response_data is None:
+        return
+    size = len(record.response_data.encode())
+    if size > limit:
+        raise IdempotencyResultTooLargeError(
+            f"result of {size} bytes exceeds the store's limit of {limit} bytes",
+            size=size,
+            limit=limit,
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

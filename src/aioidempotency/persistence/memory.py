@@ -15,9 +15,8 @@ from collections.abc import Callable
 from aioidempotency.exceptions import (
     IdempotencyClaimLostError,
     IdempotencyPersistenceLayerError,
-    IdempotencyResultTooLargeError,
 )
-from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
+from aioidempotency.persistence.base import ClaimResult, PersistenceLayer, check_result_size
 from aioidempotency.records import DataRecord, RecordStatus
 
 __all__ = ["InMemoryPersistenceLayer"]
@@ -109,15 +108,7 @@ class InMemoryPersistenceLayer(PersistenceLayer):
         return current
 
     async def complete(self, record: DataRecord, *, owner: str) -> None:
-        if self.max_result_bytes is not None and record.response_data is not None:
-            size = len(record.response_data.encode())
-            if size > self.max_result_bytes:
-                raise IdempotencyResultTooLargeError(
-                    f"result of {size} bytes exceeds the store's limit of "
-                    f"{self.max_result_bytes} bytes",
-                    size=size,
-                    limit=self.max_result_bytes,
-                )
+        check_result_size(record, self.max_result_bytes)
         with self._lock:
             self.operations["complete"] += 1
             self._owned(record.idempotency_key, owner)
