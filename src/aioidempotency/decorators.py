@@ -90,6 +90,22 @@ class PayloadArgument:
         )
 
 
+def engine_for(
+    function: Callable[..., Any],
+    persistence_store: PersistenceLayer,
+    config: IdempotencyConfig | None,
+    key_prefix: str | None,
+    output_serializer: OutputSerializer,
+) -> IdempotencyEngine:
+    """The engine of one decorated function (its serializer resolved from it)."""
+    return IdempotencyEngine(
+        persistence_store,
+        config,
+        key_prefix=key_prefix,
+        output_serializer=resolve_output_serializer(output_serializer, function),
+    )
+
+
 def _require_coroutine_function(function: Callable[..., Any], sync_name: str) -> None:
     if not inspect.iscoroutinefunction(function):
         raise TypeError(
@@ -115,12 +131,7 @@ def idempotent_async(
         handler: Callable[P, Coroutine[Any, Any, R]],
     ) -> Callable[P, Coroutine[Any, Any, R]]:
         _require_coroutine_function(handler, "idempotent")
-        engine = IdempotencyEngine(
-            persistence_store,
-            config,
-            key_prefix=key_prefix,
-            output_serializer=resolve_output_serializer(output_serializer, handler),
-        )
+        engine = engine_for(handler, persistence_store, config, key_prefix, output_serializer)
 
         @functools.wraps(handler)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -158,12 +169,7 @@ def idempotent_function_async(
     ) -> Callable[P, Coroutine[Any, Any, R]]:
         _require_coroutine_function(function, "idempotent_function")
         argument = PayloadArgument(function, data_keyword_argument)
-        engine = IdempotencyEngine(
-            persistence_store,
-            config,
-            key_prefix=key_prefix,
-            output_serializer=resolve_output_serializer(output_serializer, function),
-        )
+        engine = engine_for(function, persistence_store, config, key_prefix, output_serializer)
 
         @functools.wraps(function)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:

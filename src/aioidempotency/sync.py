@@ -23,7 +23,12 @@ from typing import Any, TypeVar, cast
 from typing_extensions import ParamSpec
 
 from aioidempotency.config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
-from aioidempotency.decorators import OutputSerializer, PayloadArgument, handler_event_and_context
+from aioidempotency.decorators import (
+    OutputSerializer,
+    PayloadArgument,
+    engine_for,
+    handler_event_and_context,
+)
 from aioidempotency.engine import (
     DISABLED_MESSAGE,
     IdempotencyDisabledWarning,
@@ -32,7 +37,6 @@ from aioidempotency.engine import (
 )
 from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
 from aioidempotency.persistence.base import PersistenceLayer
-from aioidempotency.serialization import resolve_output_serializer
 
 __all__ = ["BackgroundLoop", "background_loop", "idempotent", "idempotent_function", "run_sync"]
 
@@ -204,12 +208,7 @@ def idempotent(
 
     def decorate(handler: Callable[P, R]) -> Callable[P, R]:
         _require_plain_function(handler, "idempotent_async")
-        engine = IdempotencyEngine(
-            persistence_store,
-            config,
-            key_prefix=key_prefix,
-            output_serializer=resolve_output_serializer(output_serializer, handler),
-        )
+        engine = engine_for(handler, persistence_store, config, key_prefix, output_serializer)
 
         @functools.wraps(handler)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -241,12 +240,7 @@ def idempotent_function(
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         _require_plain_function(function, "idempotent_function_async")
         argument = PayloadArgument(function, data_keyword_argument)
-        engine = IdempotencyEngine(
-            persistence_store,
-            config,
-            key_prefix=key_prefix,
-            output_serializer=resolve_output_serializer(output_serializer, function),
-        )
+        engine = engine_for(function, persistence_store, config, key_prefix, output_serializer)
 
         @functools.wraps(function)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
