@@ -6,6 +6,8 @@ back without running. Keys, records and knobs are those of Powertools for AWS La
 (Python), so a team can switch without losing the records in its table.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from aioidempotency.config import IdempotencyConfig
 from aioidempotency.decorators import idempotent_async, idempotent_function_async
 from aioidempotency.engine import IdempotencyDisabledWarning, IdempotencyEngine
@@ -34,7 +36,6 @@ from aioidempotency.persistence import (
     CacheClient,
     CachePersistenceLayer,
     ClaimResult,
-    DynamoDBPersistenceLayer,
     InMemoryPersistenceLayer,
     PersistenceLayer,
     store_from_url,
@@ -49,6 +50,9 @@ from aioidempotency.serialization import (
     PydanticSerializer,
 )
 from aioidempotency.sync import idempotent, idempotent_function
+
+if TYPE_CHECKING:
+    from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
 
 __version__ = "0.1.0"
 
@@ -96,3 +100,12 @@ __all__ = [
     "idempotent_function_async",
     "store_from_url",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The DynamoDB store needs the optional aioboto3 extra: import it on first use.
+    if name == "DynamoDBPersistenceLayer":
+        from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+
+        return DynamoDBPersistenceLayer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

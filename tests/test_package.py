@@ -1,0 +1,71 @@
+"""The package imports with no optional extra installed, and names its public API."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import aioidempotency
+
+BLOCK_EXTRAS = textwrap.dedent(
+    """
+    import sys
+    for name in ("redis", "glide", "botocore", "botocore.exceptions", "aioboto3",
+                 "aiobotocore", "starlette", "aiohttp", "tqdm"):
+        sys.modules[name] = None  # makes "import name" raise ImportError
+    """
+)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_EXTRAS + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_core_works_without_any_extra() -> None:
+    done = run_python(
+        """
+        import asyncio
+        import aioidempotency as ai
+
+        async def main():
+            engine = ai.IdempotencyEngine(ai.InMemoryPersistenceLayer(), key_prefix="p")
+            calls = []
+            async def fn():
+                calls.append(1)
+                return {"ok": True}
+            assert await engine.run({"id": 1}, fn) == {"ok": True}
+            assert await engine.run({"id": 1}, fn) == {"ok": True}
+            assert len(calls) == 1
+            print("core ok")
+
+        asyncio.run(main())
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "core ok" in done.stdout
+
+
+def test_dynamodb_store_without_its_extra_says_what_to_install() -> None:
+    done = run_python(
+        """
+        import aioidempotency
+        try:
+            aioidempotency.DynamoDBPersistenceLayer
+        except ImportError as exc:
+            print("ImportError:", exc)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "aioidempotency[dynamodb]" in done.stdout
+
+
+def test_every_public_name_is_importable() -> None:
+    for name in aioidempotency.__all__:
+        assert getattr(aioidempotency, name) is not None, name
