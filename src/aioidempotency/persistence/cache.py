@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 from aioidempotency.exceptions import (
@@ -503,8 +503,8 @@ class CachePersistenceLayer(PersistenceLayer):
     async def _script(
         self, client: CacheClient, script: LuaScript, key: str, args: Sequence[str | int]
     ) -> Any:
-        assert isinstance(client, ScriptingCacheClient)
-        return await client.run_script(script, key, args)
+        # The atomic path only runs on clients checked once, when they were adopted.
+        return await cast(ScriptingCacheClient, client).run_script(script, key, args)
 
     def _parse(self, key: str, raw: bytes | str) -> DataRecord | None:
         try:
