@@ -108,7 +108,7 @@ async def run_demo(
     receipts: dict[str, Any] = {}
     requests = [i for i in range(payments) for _ in range(copies)]
     random.Random(seed).shuffle(requests)
-    limit = asyncio.Semaphore(concurrency)
+    queue = iter(requests)
 
     async def send(number: int) -> None:
         payment: dict[str, Any] = {
@@ -122,19 +122,18 @@ async def run_demo(
             await asyncio.sleep(work_seconds)
             return {"receipt": uuid.uuid4().hex, "amount": payment["amount"]}
 
-        async with limit:
-            pause = 0.001
-            while True:
-                started = time.perf_counter()
-                try:
-                    receipt = await engine.run(payment, charge)
-                except IdempotencyAlreadyInProgressError:
-                    report.refusals += 1
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 0.05)
-                    continue
-                report.latencies.append(time.perf_counter() - started)
-                break
+        pause = 0.001
+        while True:
+            started = time.perf_counter()
+            try:
+                receipt = await engine.run(payment, charge)
+            except IdempotencyAlreadyInProgressError:
+                report.refusals += 1
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            report.latencies.append(time.perf_counter() - started)
+            break
         first = receipts.setdefault(payment["payment_id"], receipt)
         if first != receipt:
             report.mismatched_receipts += 1
@@ -142,8 +141,13 @@ async def run_demo(
         if on_progress is not None:
             on_progress(1)
 
+    async def client() -> None:
+        # One of `concurrency` clients, each sending one request at a time.
+        for number in queue:
+            await send(number)
+
     started = time.perf_counter()
-    await asyncio.gather(*(send(n) for n in requests))
+    await asyncio.gather(*(client() for _ in range(min(concurrency, len(requests)))))
     report.elapsed = time.perf_counter() - started
     report.executions = sum(charged.values())
     report.replays = report.requests - report.executions
