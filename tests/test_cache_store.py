@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -514,3 +515,52 @@ async def test_cluster_records_spread_over_the_nodes(
         record = await layer.get(key)
         assert record is not None
         assert record.response_json() == key
+
+
+# -- cancellation ------------------------------------------------------------------------
+
+
+class SwallowingCache:
+    """A protocol client whose GET swallows a cancellation, as redis-py can on 3.11."""
+
+    def __init__(self) -> None:
+        self.waiting = asyncio.Event()
+        self.swallow = True
+
+    async def get(self, name: str) -> bytes | str | None:
+        if self.swallow:
+            self.waiting.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.swallow = False  # the command "finished" as it was cancelled
+        return None
+
+    async def set(self, name: str, value: str, *, ex: int | None = None, nx: bool = False) -> Any:
+        return True
+
+    async def delete(self, *names: str) -> int:
+        return 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is 3.11+")
+@pytest.mark.parametrize("factory", [False, True], ids=["client", "factory"])
+async def test_a_cancellation_the_client_swallows_is_raised_again(factory: bool) -> None:
+    cache = SwallowingCache()
+
+    async def open_client() -> SwallowingCache:
+        return cache
+
+    layer = (
+        CachePersistenceLayer(client_factory=open_client, atomic=False, max_concurrency=1)
+        if factory
+        else CachePersistenceLayer(cache)
+    )
+    task = asyncio.create_task(layer.get("k"))
+    await asyncio.wait_for(cache.waiting.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not cache.swallow  # the client did swallow it
+    # The call's slot was given back: with max_concurrency=1 the next call still runs.
+    assert await asyncio.wait_for(layer.get("k"), 10) is None

@@ -28,8 +28,8 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import Any, Protocol, cast, runtime_checkable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 from aioidempotency.exceptions import (
@@ -230,21 +230,13 @@ def _connection_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-@contextlib.contextmanager
-def _store_errors(action: str, key: str) -> Iterator[None]:
-    """Wrap client errors: unreachable -> connection error, others -> layer error."""
-    try:
-        yield
-    except IdempotencyError:
-        raise
-    except Exception as exc:
-        if isinstance(exc, _connection_error_types()):
-            raise IdempotencyPersistenceConnectionError(
-                f"cache store unreachable during {action} of {key!r}", exc
-            ) from exc
-        raise IdempotencyPersistenceLayerError(
-            f"cache store failed during {action} of {key!r}", exc
-        ) from exc
+def _store_error(action: str, key: str, exc: Exception) -> IdempotencyPersistenceLayerError:
+    """A client error as ours: unreachable -> connection error, others -> layer error."""
+    if isinstance(exc, _connection_error_types()):
+        return IdempotencyPersistenceConnectionError(
+            f"cache store unreachable during {action} of {key!r}", exc
+        )
+    return IdempotencyPersistenceLayerError(f"cache store failed during {action} of {key!r}", exc)
 
 
 # --- client adapters -------------------------------------------------------------------
@@ -330,6 +322,7 @@ class _LoopClient:
 
 
 ClientFactory = Callable[[], Awaitable[Any]]
+_T = TypeVar("_T")
 
 
 class CachePersistenceLayer(PersistenceLayer):
@@ -441,24 +434,39 @@ class CachePersistenceLayer(PersistenceLayer):
             )
         return cls(client_factory=factory, **options)
 
-    @contextlib.asynccontextmanager
-    async def _session(self, action: str, key: str) -> AsyncIterator[CacheClient]:
-        """The client for this loop, errors mapped; at most `max_concurrency` calls in
-        flight on clients the layer opened (so a pool is never exhausted)."""
+    async def _run(self, action: str, key: str, op: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """`op(client, *args)` on the client for this loop, errors mapped; at most
+        `max_concurrency` calls in flight on clients the layer opened (so a pool is never
+        exhausted). Flat on purpose: this wraps every store operation."""
         task = asyncio.current_task()
-        before = _cancelling(task)
-        with _store_errors(action, key):
-            if self._client is not None:
-                yield self._client
+        cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+        before = cancelling() if cancelling is not None else 0
+        try:
+            client = self._client
+            if client is not None:
+                result = await op(client, *args)
             else:
-                state = await self._loop_client()
-                assert state.client is not None
-                async with state.limit:
-                    yield state.client
-        if _cancelling(task) > before and not getattr(task, "_must_cancel", False):
+                state = self._loops.get(asyncio.get_running_loop())
+                if state is None or state.client is None:
+                    state = await self._loop_client()
+                await state.limit.acquire()
+                try:
+                    result = await op(state.client, *args)
+                finally:
+                    state.limit.release()
+        except IdempotencyError:
+            raise
+        except Exception as exc:
+            raise _store_error(action, key, exc) from exc
+        if (
+            cancelling is not None
+            and cancelling() > before
+            and not getattr(task, "_must_cancel", False)
+        ):
             # The client swallowed a cancellation (Python 3.11's asyncio.wait_for, used
             # by redis-py, drops it when the command finishes at the same moment).
             raise asyncio.CancelledError(f"{action} of {key!r} was cancelled")
+        return result
 
     async def _loop_client(self) -> _LoopClient:
         loop = asyncio.get_running_loop()
@@ -500,12 +508,6 @@ class CachePersistenceLayer(PersistenceLayer):
                 with contextlib.suppress(Exception, concurrent.futures.TimeoutError):
                     await asyncio.wait_for(asyncio.wrap_future(future), timeout=5)
 
-    async def _script(
-        self, client: CacheClient, script: LuaScript, key: str, args: Sequence[str | int]
-    ) -> Any:
-        # The atomic path only runs on clients checked once, when they were adopted.
-        return await cast(ScriptingCacheClient, client).run_script(script, key, args)
-
     def _parse(self, key: str, raw: bytes | str) -> DataRecord | None:
         try:
             return self.attributes.from_json(key, raw)
@@ -518,11 +520,14 @@ class CachePersistenceLayer(PersistenceLayer):
         key = record.idempotency_key
         text = self.attributes.to_json(record)
         ttl = _ttl(record.expiry_timestamp, now)
-        async with self._session("claim", key) as client:
-            if self.atomic:
-                args: list[str | int] = [text, ttl, int(now), int(now * 1000), *self._patterns]
-                return self._claim_reply(key, await self._script(client, _CLAIM, key, args))
-            return await self._protocol_claim(client, key, text, ttl, now)
+        op = self._atomic_claim if self.atomic else self._protocol_claim
+        return await self._run("claim", key, op, key, text, ttl, now)
+
+    async def _atomic_claim(
+        self, client: CacheClient, key: str, text: str, ttl: int, now: float
+    ) -> ClaimResult:
+        args: tuple[str | int, ...] = (text, ttl, int(now), int(now * 1000), *self._patterns)
+        return self._claim_reply(key, await _script(client, _CLAIM, key, args))
 
     def _claim_reply(self, key: str, reply: Sequence[Any]) -> ClaimResult:
         code = int(reply[0])
@@ -550,8 +555,7 @@ class CachePersistenceLayer(PersistenceLayer):
         return ClaimResult(claimed=True)
 
     async def get(self, key: str) -> DataRecord | None:
-        async with self._session("get", key) as client:
-            raw = await client.get(key)
+        raw = await self._run("get", key, _get, key)
         if raw is None:
             return None
         record = self._parse(key, raw)
@@ -572,32 +576,27 @@ class CachePersistenceLayer(PersistenceLayer):
                     limit=self.max_result_bytes,
                 )
         ttl = _ttl(record.expiry_timestamp, self._clock())
-        async with self._session("complete", key) as client:
-            if not self.atomic:
-                await client.set(key, text, ex=ttl)
-                return
-            code = await self._script(client, _COMPLETE, key, [owner, text, ttl, *self._patterns])
+        if not self.atomic:
+            await self._run("complete", key, _set, key, text, ttl)
+            return
+        args = (owner, text, ttl, *self._patterns)
+        code = await self._run("complete", key, _script, _COMPLETE, key, args)
         _raise_if_lost(key, int(code))
 
     async def release(self, key: str, *, owner: str) -> None:
-        async with self._session("release", key) as client:
-            if self.atomic:
-                await self._script(client, _RELEASE, key, [owner, *self._patterns])
-            else:
-                await client.delete(key)
+        if self.atomic:
+            args = (owner, *self._patterns)
+            await self._run("release", key, _script, _RELEASE, key, args)
+        else:
+            await self._run("release", key, _delete, key)
 
     async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
-        async with self._session("renew", key) as client:
-            if self.atomic:
-                args: list[str | int] = [
-                    owner,
-                    in_progress_expiry_ms,
-                    self._in_progress_key,
-                    *self._patterns,
-                ]
-                code = int(await self._script(client, _RENEW, key, args))
-            else:
-                code = await self._protocol_renew(client, key, owner, in_progress_expiry_ms)
+        if self.atomic:
+            args = (owner, in_progress_expiry_ms, self._in_progress_key, *self._patterns)
+            code = int(await self._run("renew", key, _script, _RENEW, key, args))
+        else:
+            op = self._protocol_renew
+            code = await self._run("renew", key, op, key, owner, in_progress_expiry_ms)
         _raise_if_lost(key, code)
 
     async def _protocol_renew(
@@ -615,15 +614,28 @@ class CachePersistenceLayer(PersistenceLayer):
         return _DONE
 
     async def delete(self, key: str) -> bool:
-        async with self._session("delete", key) as client:
-            deleted = await client.delete(key)
-        return bool(deleted)
+        return bool(await self._run("delete", key, _delete, key))
 
 
-def _cancelling(task: asyncio.Task[Any] | None) -> int:
-    """Pending cancellation requests of `task` (0 before Python 3.11)."""
-    count = getattr(task, "cancelling", None)
-    return int(count()) if count is not None else 0
+# The operations `_run` wraps: plain functions handing back the client's awaitable, so
+# a store operation costs no coroutine frame of its own.
+def _script(
+    client: CacheClient, script: LuaScript, key: str, args: Sequence[str | int]
+) -> Awaitable[Any]:
+    # The atomic path only runs on clients checked once, when the layer adopted them.
+    return cast(ScriptingCacheClient, client).run_script(script, key, args)
+
+
+def _get(client: CacheClient, key: str) -> Awaitable[bytes | str | None]:
+    return client.get(key)
+
+
+def _set(client: CacheClient, key: str, text: str, ttl: int) -> Awaitable[Any]:
+    return client.set(key, text, ex=ttl)
+
+
+def _delete(client: CacheClient, key: str) -> Awaitable[Any]:
+    return client.delete(key)
 
 
 def _raise_if_lost(key: str, code: int) -> None:
