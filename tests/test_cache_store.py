@@ -262,6 +262,58 @@ async def test_atomic_release_and_renew_only_touch_our_own_claim(
         await layer.renew(key, owner="a", in_progress_expiry_ms=until)
 
 
+ODD_NAMES = {
+    "status_attr": 'st"a%t\\us',
+    "expiry_attr": "exp'iry",
+    "in_progress_expiry_attr": "in-progress %d é",
+    "owner_attr": "owner.[token]",
+    "data_attr": "da-ta",
+}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_the_atomic_scripts_follow_the_layers_attribute_names(
+    cache_servers: ServerPool, layers: list[CachePersistenceLayer], client: str
+) -> None:
+    node = cache_servers.standalone("valkey")
+    layer = CachePersistenceLayer.from_url(url_of(node, client), **ODD_NAMES)
+    layers.append(layer)
+    key = new_key()
+    claim = DataRecord(key, RecordStatus.INPROGRESS, int(time.time()) + 100, owner="a")
+    assert (await layer.claim(claim, now=time.time())).claimed
+    refused = await layer.claim(in_progress(key, "b"), now=time.time())
+    assert not refused.claimed
+    assert refused.existing is not None
+    assert refused.existing.owner == "a"
+
+    until = int(time.time() * 1000) + 5000
+    await layer.renew(key, owner="a", in_progress_expiry_ms=until)  # adds the attribute
+    await layer.renew(key, owner="a", in_progress_expiry_ms=until + 1)  # updates it
+    with pytest.raises(IdempotencyClaimLostError, match="taken over"):
+        await layer.renew(key, owner="b", in_progress_expiry_ms=until)
+    with node.admin() as admin:
+        stored = json.loads(admin.get(key))
+    assert stored[ODD_NAMES["in_progress_expiry_attr"]] == until + 1
+    assert stored[ODD_NAMES["owner_attr"]] == "a"
+
+    big = "x" * 5000  # read through the first and last KiB
+    await layer.complete(completed(key, big), owner="a")
+    replay = await layer.claim(in_progress(key, "b"), now=time.time())
+    assert replay.existing is not None
+    assert replay.existing.response_json() == big
+
+    orphan = new_key()
+    stale = in_progress(orphan, "a", in_progress_ms=int(time.time() * 1000) - 1000)
+    assert (await layer.claim(stale, now=time.time())).claimed
+    assert (await layer.claim(in_progress(orphan, "b"), now=time.time())).claimed
+    with pytest.raises(IdempotencyClaimLostError, match="taken over"):
+        await layer.complete(completed(orphan, 1), owner="a")
+    await layer.release(orphan, owner="a")
+    assert await layer.get(orphan) is not None
+    await layer.release(orphan, owner="b")
+    assert await layer.get(orphan) is None
+
+
 # -- unparsable and large records -----------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -98,6 +99,10 @@ class ScriptingCacheClient(CacheClient, Protocol):
 
 
 # --- Lua scripts -------------------------------------------------------------------------
+# Each layer runs scripts built for its attribute names (one set of scripts per distinct
+# set of names, shared by the layers using it): the patterns that find the attributes
+# are constants of the script text, so only per-call values travel as arguments.
+#
 # `inspect` reads the status, expiry, in-progress expiry and owner of a record without
 # decoding it: values up to 2 KiB are read whole, larger ones through their first and
 # last KiB (the small attributes sit before or after `data` in every known writer).
@@ -105,15 +110,14 @@ class ScriptingCacheClient(CacheClient, Protocol):
 # cannot lie inside a JSON string, so text inside `data` never matches.
 _INSPECT = """
 local W = 1024
-local function pick(windows, keypat, valpat)
-  local pattern = '[{,]%s*' .. keypat .. '%s*:%s*' .. valpat
+local function pick(windows, pattern)
   for i = 1, #windows do
     local v = string.match(windows[i], pattern)
     if v then return v end
   end
   return nil
 end
-local function inspect(key, pats)
+local function inspect(key)
   local n = redis.call('STRLEN', key)
   local r = {}
   local windows
@@ -125,26 +129,24 @@ local function inspect(key, pats)
   else
     windows = {redis.call('GETRANGE', key, 0, W - 1), redis.call('GETRANGE', key, -W, -1)}
   end
-  r.status = pick(windows, pats[1], '"(%u+)"')
+  r.status = pick(windows, STATUS)
   if not r.status and not r.value then
     windows = {redis.call('GET', key)}
-    r.status = pick(windows, pats[1], '"(%u+)"')
+    r.status = pick(windows, STATUS)
   end
-  r.expiry = tonumber(pick(windows, pats[2], '(%-?%d+)%s*[,}]'))
-  r.in_progress = tonumber(pick(windows, pats[3], '(%-?%d+)%s*[,}]'))
-  r.owner = pick(windows, pats[4], '"([^"\\\\]*)"')
+  r.expiry = tonumber(pick(windows, EXPIRY))
+  r.in_progress = tonumber(pick(windows, IN_PROGRESS))
+  r.owner = pick(windows, OWNER)
   r.valid = (r.status == 'INPROGRESS' or r.status == 'COMPLETED') and r.expiry ~= nil
   return r
 end
 """
 
-# ARGV: record JSON, TTL, now (s), now (ms), 4 key patterns.
+# ARGV: record JSON, TTL, now (s), now (ms).
 # Returns {1} claimed a free key, {3} took over an expired/orphaned record,
 # {2} took over an unparsable record, {0, value} refused with the live record.
-_CLAIM = LuaScript(
-    _INSPECT
-    + """
-local r = inspect(KEYS[1], {ARGV[5], ARGV[6], ARGV[7], ARGV[8]})
+_CLAIM_BODY = """
+local r = inspect(KEYS[1])
 local code = 1
 if r then
   if not r.valid then
@@ -159,59 +161,99 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return {code}
 """
-)
 
-# ARGV: owner, record JSON, TTL, 4 key patterns. Returns 1 done, 0 gone, 2 taken over.
-_COMPLETE = LuaScript(
-    _INSPECT
-    + """
-local r = inspect(KEYS[1], {ARGV[4], ARGV[5], ARGV[6], ARGV[7]})
+# ARGV: owner, record JSON, TTL. Returns 1 done, 0 gone, 2 taken over.
+_COMPLETE_BODY = """
+local r = inspect(KEYS[1])
 if not r or r.status ~= 'INPROGRESS' then return 0 end
 if r.owner ~= ARGV[1] then return 2 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """
-)
 
-# ARGV: owner, 4 key patterns. Returns 1 deleted, 0 not ours.
-_RELEASE = LuaScript(
-    _INSPECT
-    + """
-local r = inspect(KEYS[1], {ARGV[2], ARGV[3], ARGV[4], ARGV[5]})
+# ARGV: owner. Returns 1 deleted, 0 not ours.
+_RELEASE_BODY = """
+local r = inspect(KEYS[1])
 if r and r.owner == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
 """
-)
 
-# ARGV: owner, new in-progress expiry (ms), quoted in-progress key (gsub-escaped),
-# 4 key patterns. Returns 1 renewed, 0 gone, 2 taken over. The TTL is kept.
-_RENEW = LuaScript(
-    _INSPECT
-    + """
-local r = inspect(KEYS[1], {ARGV[4], ARGV[5], ARGV[6], ARGV[7]})
+# ARGV: owner, new in-progress expiry (ms). Returns 1 renewed, 0 gone, 2 taken over.
+# The TTL is kept.
+_RENEW_BODY = """
+local r = inspect(KEYS[1])
 if not r or r.status ~= 'INPROGRESS' then return 0 end
 if r.owner ~= ARGV[1] then return 2 end
 local value = r.value or redis.call('GET', KEYS[1])
-local pattern = '([{,]%s*' .. ARGV[6] .. '%s*:%s*)%-?%d+'
-local updated, n = string.gsub(value, pattern, '%1' .. ARGV[2], 1)
+local updated, n = string.gsub(value, IN_PROGRESS_AT, '%1' .. ARGV[2], 1)
 if n == 0 then
-  updated = string.gsub(value, '}%s*$', ', ' .. ARGV[3] .. ': ' .. ARGV[2] .. '}', 1)
+  updated = string.gsub(value, '}%s*$', ', ' .. IN_PROGRESS_KEY .. ': ' .. ARGV[2] .. '}', 1)
 end
 redis.call('SET', KEYS[1], updated, 'KEEPTTL')
 return 1
 """
-)
 
-_CLAIM_FREE, _CLAIM_REFUSED, _CLAIM_UNPARSABLE, _CLAIM_TAKEOVER = 1, 0, 2, 3
-_DONE, _GONE, _TAKEN_OVER = 1, 0, 2
+
+@dataclasses.dataclass(frozen=True)
+class _Scripts:
+    """The atomic path's scripts for one set of attribute names."""
+
+    claim: LuaScript
+    complete: LuaScript
+    release: LuaScript
+    renew: LuaScript
 
 
 def _key_pattern(name: str) -> str:
     """The Lua pattern matching `name` as a JSON object key (quotes included)."""
     return "".join(c if c.isalnum() else "%" + c for c in json.dumps(name))
+
+
+def _lua_string(text: str) -> str:
+    """`text` as a single-quoted Lua string literal; quotes, backslashes and bytes that
+    are not printable ASCII are written as decimal escapes."""
+    chars = (chr(b) if 32 <= b < 127 and b not in b"'\\" else f"\\{b:03d}" for b in text.encode())
+    return "'" + "".join(chars) + "'"
+
+
+@functools.lru_cache(maxsize=64)
+def _scripts(status: str, expiry: str, in_progress: str, owner: str) -> _Scripts:
+    """The scripts for records whose attributes have these names."""
+
+    def attribute(name: str, value_pattern: str) -> str:
+        return _lua_string(rf"[{{,]%s*{_key_pattern(name)}%s*:%s*{value_pattern}")
+
+    number = r"(%-?%d+)%s*[,}]"
+    constants = [
+        ("STATUS", attribute(status, r'"(%u+)"')),
+        ("EXPIRY", attribute(expiry, number)),
+        ("IN_PROGRESS", attribute(in_progress, number)),
+        ("OWNER", attribute(owner, r'"([^"\]*)"')),
+        ("IN_PROGRESS_AT", _lua_string(rf"([{{,]%s*{_key_pattern(in_progress)}%s*:%s*)%-?%d+")),
+        ("IN_PROGRESS_KEY", _lua_string(json.dumps(in_progress).replace("%", "%%"))),
+    ]
+    header = "".join(f"local {name} = {value}\n" for name, value in constants)
+    prelude = header + _INSPECT
+    return _Scripts(
+        claim=LuaScript(prelude + _CLAIM_BODY),
+        complete=LuaScript(prelude + _COMPLETE_BODY),
+        release=LuaScript(prelude + _RELEASE_BODY),
+        renew=LuaScript(prelude + _RENEW_BODY),
+    )
+
+
+# The scripts for the default attribute names.
+_DEFAULT_SCRIPTS = _scripts("status", "expiration", "in_progress_expiration", "owner_token")
+_CLAIM = _DEFAULT_SCRIPTS.claim
+_COMPLETE = _DEFAULT_SCRIPTS.complete
+_RELEASE = _DEFAULT_SCRIPTS.release
+_RENEW = _DEFAULT_SCRIPTS.renew
+
+_CLAIM_FREE, _CLAIM_REFUSED, _CLAIM_UNPARSABLE, _CLAIM_TAKEOVER = 1, 0, 2, 3
+_DONE, _GONE, _TAKEN_OVER = 1, 0, 2
 
 
 def _ttl(expiry_timestamp: int, now: float) -> int:
@@ -373,11 +415,7 @@ class CachePersistenceLayer(PersistenceLayer):
             validation_key_attr=validation_key_attr,
             owner_attr=owner_attr,
         )
-        self._patterns = [
-            _key_pattern(name)
-            for name in (status_attr, expiry_attr, in_progress_expiry_attr, owner_attr)
-        ]
-        self._in_progress_key = json.dumps(in_progress_expiry_attr).replace("%", "%%")
+        self._scripts = _scripts(status_attr, expiry_attr, in_progress_expiry_attr, owner_attr)
         self.max_result_bytes = max_result_bytes
         self.max_concurrency = max_concurrency
         self._clock = clock
@@ -526,8 +564,8 @@ class CachePersistenceLayer(PersistenceLayer):
     async def _atomic_claim(
         self, client: CacheClient, key: str, text: str, ttl: int, now: float
     ) -> ClaimResult:
-        args: tuple[str | int, ...] = (text, ttl, int(now), int(now * 1000), *self._patterns)
-        return self._claim_reply(key, await _script(client, _CLAIM, key, args))
+        args = (text, ttl, int(now), int(now * 1000))
+        return self._claim_reply(key, await _script(client, self._scripts.claim, key, args))
 
     def _claim_reply(self, key: str, reply: Sequence[Any]) -> ClaimResult:
         code = int(reply[0])
@@ -579,21 +617,21 @@ class CachePersistenceLayer(PersistenceLayer):
         if not self.atomic:
             await self._run("complete", key, _set, key, text, ttl)
             return
-        args = (owner, text, ttl, *self._patterns)
-        code = await self._run("complete", key, _script, _COMPLETE, key, args)
+        args = (owner, text, ttl)
+        code = await self._run("complete", key, _script, self._scripts.complete, key, args)
         _raise_if_lost(key, int(code))
 
     async def release(self, key: str, *, owner: str) -> None:
         if self.atomic:
-            args = (owner, *self._patterns)
-            await self._run("release", key, _script, _RELEASE, key, args)
+            script = self._scripts.release
+            await self._run("release", key, _script, script, key, (owner,))
         else:
             await self._run("release", key, _delete, key)
 
     async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
         if self.atomic:
-            args = (owner, in_progress_expiry_ms, self._in_progress_key, *self._patterns)
-            code = int(await self._run("renew", key, _script, _RENEW, key, args))
+            script, args = self._scripts.renew, (owner, in_progress_expiry_ms)
+            code = int(await self._run("renew", key, _script, script, key, args))
         else:
             op = self._protocol_renew
             code = await self._run("renew", key, op, key, owner, in_progress_expiry_ms)
