@@ -13,11 +13,11 @@ foreign one with `IdempotencyPersistenceConfigError`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+import sys
+from collections.abc import Sequence
+from typing import Any
 
 from aioidempotency.exceptions import (
-    IdempotencyError,
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
@@ -26,11 +26,13 @@ from aioidempotency.persistence.cache import LuaScript
 
 __all__ = ["GlideCacheClient", "is_glide_client"]
 
-_T = TypeVar("_T")
 _SCRIPTS: dict[str, Any] = {}
 
 
 def _glide() -> Any:
+    glide = sys.modules.get("glide")
+    if glide is not None:
+        return glide
     try:
         import glide
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -134,18 +136,14 @@ class GlideCacheClient:
                 "which opens one client per loop."
             )
 
-    async def _call(self, awaitable: Awaitable[_T]) -> _T:
-        try:
-            return await awaitable
-        except IdempotencyError:
-            raise
-        except Exception as exc:
-            raise _map_error(exc) from exc
-
+    # Each method maps glide's errors itself (no wrapper coroutine: these are per call).
     async def get(self, name: str) -> bytes | None:
         """GET `name`."""
         self._check_loop()
-        value: bytes | None = await self._call(self.client.get(name))
+        try:
+            value: bytes | None = await self.client.get(name)
+        except Exception as exc:
+            raise _map_error(exc) from exc
         return value
 
     async def set(self, name: str, value: str, *, ex: int | None = None, nx: bool = False) -> bool:
@@ -154,15 +152,19 @@ class GlideCacheClient:
         glide = _glide()
         conditional = glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST if nx else None
         expiry = None if ex is None else glide.ExpirySet(glide.ExpiryType.SEC, int(ex))
-        result = await self._call(
-            self.client.set(name, value, conditional_set=conditional, expiry=expiry)
-        )
+        try:
+            result = await self.client.set(name, value, conditional_set=conditional, expiry=expiry)
+        except Exception as exc:
+            raise _map_error(exc) from exc
         return result is not None
 
     async def delete(self, *names: str) -> int:
         """DEL `names`; the number of keys removed."""
         self._check_loop()
-        count: int = await self._call(self.client.delete(list(names)))
+        try:
+            count: int = await self.client.delete(list(names))
+        except Exception as exc:
+            raise _map_error(exc) from exc
         return count
 
     async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
@@ -171,11 +173,17 @@ class GlideCacheClient:
         glide_script = _SCRIPTS.get(script.code)
         if glide_script is None:
             glide_script = _SCRIPTS.setdefault(script.code, _glide().Script(script.code))
-        return await self._call(
-            self.client.invoke_script(glide_script, keys=[key], args=[str(a) for a in args])
-        )
+        try:
+            return await self.client.invoke_script(
+                glide_script, keys=[key], args=[str(a) for a in args]
+            )
+        except Exception as exc:
+            raise _map_error(exc) from exc
 
     async def aclose(self) -> None:
         """Close the glide client if this adapter created it."""
         if self.owned:
-            await self._call(self.client.close())
+            try:
+                await self.client.close()
+            except Exception as exc:
+                raise _map_error(exc) from exc
