@@ -616,3 +616,58 @@ async def test_a_cancellation_the_client_swallows_is_raised_again(factory: bool)
     assert not cache.swallow  # the client did swallow it
     # The call's slot was given back: with max_concurrency=1 the next call still runs.
     assert await asyncio.wait_for(layer.get("k"), 10) is None
+
+
+# -- ownership ---------------------------------------------------------------------------
+
+
+async def _open_raw(client: str, node: Server) -> Any:
+    if client == "glide":
+        import glide
+
+        config = glide.GlideClientConfiguration([glide.NodeAddress(node.host, node.port)])
+        return await glide.GlideClient.create(config)
+    return aioredis.Redis(host=node.host, port=node.port)
+
+
+def _watch_close(raw: Any, client: str) -> list[bool]:
+    """Record on `raw` itself when it is closed (`aclose` for redis-py, `close` for glide)."""
+    closed: list[bool] = []
+    name = "close" if client == "glide" else "aclose"
+    original = getattr(raw, name)
+
+    async def close() -> None:
+        closed.append(True)
+        await original()
+
+    setattr(raw, name, close)
+    return closed
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_aclose_closes_raw_clients_from_a_factory_not_those_passed_in(
+    cache_servers: ServerPool, client: str
+) -> None:
+    node = cache_servers.standalone("valkey")
+    opened: list[Any] = []
+
+    async def factory() -> Any:
+        opened.append(await _open_raw(client, node))
+        return opened[-1]
+
+    layer = CachePersistenceLayer(client_factory=factory)
+    assert (await layer.claim(in_progress(new_key(), "a"), now=time.time())).claimed
+    closed = _watch_close(opened[0], client)
+    await layer.aclose()
+    assert closed == [True]
+
+    given = await _open_raw(client, node)
+    try:
+        kept = _watch_close(given, client)
+        layer = CachePersistenceLayer(given)
+        assert (await layer.claim(in_progress(new_key(), "a"), now=time.time())).claimed
+        await layer.aclose()
+        assert kept == []
+        assert await given.get(new_key()) is None  # still usable
+    finally:
+        await (given.close() if client == "glide" else given.aclose())

@@ -327,14 +327,15 @@ class RedisPyCacheClient:
             await self.client.aclose()
 
 
-def _adapt(client: object) -> CacheClient:
-    """The `CacheClient` the store talks to for `client`."""
+def _adapt(client: object, *, owned: bool = False) -> CacheClient:
+    """The `CacheClient` the store talks to for `client`; a raw redis-py or glide client
+    is wrapped in an adapter that closes it on `aclose()` when `owned`."""
     from aioidempotency.persistence.glide import GlideCacheClient, is_glide_client
 
     if isinstance(client, (RedisPyCacheClient, GlideCacheClient)):
         return client
     if is_glide_client(client):
-        return GlideCacheClient(client)
+        return GlideCacheClient(client, owned=owned)
     root, is_async = _module_root(client)
     if root in {"redis", "valkey"} and hasattr(client, "execute_command"):
         if not is_async:
@@ -342,7 +343,7 @@ def _adapt(client: object) -> CacheClient:
                 f"a synchronous {root} client would block the event loop; "
                 f"pass a {root}.asyncio client instead"
             )
-        return RedisPyCacheClient(client)
+        return RedisPyCacheClient(client, owned=owned)
     if isinstance(client, CacheClient):
         return client
     raise IdempotencyPersistenceConfigError(
@@ -375,9 +376,11 @@ class CachePersistenceLayer(PersistenceLayer):
     `GlideClient`/`GlideClusterClient`, or any `ScriptingCacheClient` (atomic path by
     default; `atomic=False` forces the protocol path). Instead of a client, pass
     `client_factory`, an async callable that opens one; it is called lazily, once per
-    event loop, and the clients it returns are closed by `aclose()`; at most
-    `max_concurrency` calls per loop are in flight on them. `from_url` builds such a
-    layer. Attribute names default to the reference's; `owner_attr` is ours.
+    event loop, and the clients it returns are closed by `aclose()` (a
+    `RedisPyCacheClient` or `GlideCacheClient` it returns closes its client only if
+    built with `owned=True`); at most `max_concurrency` calls per loop are in flight on
+    them. `from_url` builds such a layer. Attribute names default to the reference's;
+    `owner_attr` is ours.
     """
 
     def __init__(
@@ -517,7 +520,9 @@ class CachePersistenceLayer(PersistenceLayer):
             async with state.lock:
                 if state.client is None:
                     assert self._factory is not None
-                    client = _adapt(await self._factory())
+                    # The layer opened it, so the layer closes it (an adapter the
+                    # factory built keeps its own `owned`).
+                    client = _adapt(await self._factory(), owned=True)
                     if self.atomic and not isinstance(client, ScriptingCacheClient):
                         raise IdempotencyPersistenceConfigError(
                             f"{type(client).__name__} cannot run scripts; use atomic=False"
