@@ -671,3 +671,26 @@ async def test_aclose_closes_raw_clients_from_a_factory_not_those_passed_in(
         assert await given.get(new_key()) is None  # still usable
     finally:
         await (given.close() if client == "glide" else given.aclose())
+
+
+class ClosableCache(SwallowingCache):
+    """A protocol client (no scripts) that records being closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_factory_client_that_cannot_run_scripts_is_refused_and_closed() -> None:
+    cache = ClosableCache()
+
+    async def factory() -> ClosableCache:
+        return cache
+
+    layer = CachePersistenceLayer(client_factory=factory, atomic=True)
+    with pytest.raises(IdempotencyPersistenceConfigError, match="cannot run scripts"):
+        await layer.get("k")
+    assert cache.closed

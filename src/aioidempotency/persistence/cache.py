@@ -524,6 +524,8 @@ class CachePersistenceLayer(PersistenceLayer):
                     # factory built keeps its own `owned`).
                     client = _adapt(await self._factory(), owned=True)
                     if self.atomic and not isinstance(client, ScriptingCacheClient):
+                        with contextlib.suppress(Exception):
+                            await _aclose(client)  # opened for us, and of no use
                         raise IdempotencyPersistenceConfigError(
                             f"{type(client).__name__} cannot run scripts; use atomic=False"
                         )
