@@ -289,20 +289,18 @@ def floor_glide_scripts(client: Any, counter: RequestCounter, payload: int) -> T
     executed = RequestCounter()
     claim_script = Script(cache._CLAIM.code)  # type: ignore[no-untyped-call]
     complete_script = Script(cache._COMPLETE.code)  # type: ignore[no-untyped-call]
-    names = ("status", "expiration", "in_progress_expiration", "owner_token")
-    patterns = [cache._key_pattern(name) for name in names]
     claim, done, owner = _in_progress_value(), _completed_value(payload), "0" * 32
     ttl = str(TTL_SECONDS)
 
     async def call(key: str) -> None:
         now = time.time()
-        args = [claim, ttl, str(int(now)), str(int(now * 1000)), *patterns]
+        args = [claim, ttl, str(int(now)), str(int(now * 1000))]
         reply = await client.invoke_script(claim_script, keys=[key], args=args)
         if int(reply[0]) == 0:
             if reply[1].startswith(b'{"status": "INPROGRESS"'):
                 raise Refused
             return
-        await client.invoke_script(complete_script, keys=[key], args=[owner, done, ttl, *patterns])
+        await client.invoke_script(complete_script, keys=[key], args=[owner, done, ttl])
         executed.add()
 
     return Target(call, True, lambda: counter.value, executed)
