@@ -52,11 +52,17 @@ class KeyEncoder(ResultEncoder):
             raise
 
 
+# One encoder each, built once: json.dumps(cls=...) would build one per call. Their
+# settings are json.dumps' defaults plus sort_keys, so the bytes are the same.
+_KEY_ENCODER = KeyEncoder(sort_keys=True)
+_RESULT_ENCODER = ResultEncoder(sort_keys=True)
+
+
 def dumps_key_data(data: Any) -> str:
     """Serialise the data an idempotency key or validation hash is computed from."""
-    return json.dumps(data, cls=KeyEncoder, sort_keys=True)
+    return _KEY_ENCODER.encode(data)
 
 
 def dumps_result(data: Any) -> str:
     """Serialise a function result for storing (raises TypeError/ValueError if it cannot)."""
-    return json.dumps(data, cls=ResultEncoder, sort_keys=True)
+    return _RESULT_ENCODER.encode(data)

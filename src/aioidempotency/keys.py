@@ -126,11 +126,14 @@ def is_missing_idempotency_key(data: Any) -> bool:
     return not data
 
 
+@functools.lru_cache(maxsize=16)
 def _hasher(name: str) -> Callable[[bytes], Any]:
-    try:
-        return functools.partial(hashlib.new, name, usedforsecurity=False)
-    except (TypeError, ValueError) as exc:  # pragma: no cover - validated by the config
-        raise IdempotencyPersistenceConfigError(f"unknown hash function {name!r}") from exc
+    constructor = getattr(hashlib, name, None)  # hashlib.md5 & co. beat hashlib.new(name)
+    if constructor is not None and name in hashlib.algorithms_guaranteed:
+        return functools.partial(constructor, usedforsecurity=False)
+    if name not in hashlib.algorithms_available:
+        raise IdempotencyPersistenceConfigError(f"unknown hash function {name!r}")
+    return functools.partial(hashlib.new, name, usedforsecurity=False)
 
 
 def hash_data(data: Any, hash_function: str = "md5") -> str:
