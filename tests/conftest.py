@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.register_assert_rewrite("tests.backends", "tests.servers", "tests.wrappers")
+pytest.register_assert_rewrite("tests.backends", "tests.servers", "tests.helpers")
 
 from aioidempotency.persistence import PersistenceLayer  # noqa: E402
 from tests.backends import cache, dynamodb, memory  # noqa: E402

@@ -1,16 +1,19 @@
-"""Shared test helpers: a store wrapper that records every call, and a fake Lambda context."""
+"""Shared test helpers: store wrappers that record every call (and inject faults), and a
+fake Lambda context."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 
 from aioidempotency.persistence import ClaimResult, InMemoryPersistenceLayer, PersistenceLayer
 from aioidempotency.records import DataRecord
 
-__all__ = ["FakeLambdaContext", "StoreCall", "WrapperStore"]
+__all__ = ["FakeLambdaContext", "StoreCall", "VanishingStore", "WrapperStore"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,21 @@ class WrapperStore(PersistenceLayer):
         self.calls: list[StoreCall] = []
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        # method name -> callable returning an exception to raise instead (or None)
+        self.fail: dict[str, Callable[[], BaseException | None]] = {}
+        self._changed: asyncio.Event | None = None
+
+    @property
+    def total(self) -> int:
+        """How many calls the store received, all methods together."""
+        return sum(self.counts.values())
+
+    async def wait_calls(self, method: str, count: int, timeout: float = 10.0) -> None:
+        """Return once `method` has been called `count` times; TimeoutError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.counts[method] < count:
+            self._changed = asyncio.Event()
+            await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
 
     def _record(self, method: str, key: str) -> None:
         call = StoreCall(
@@ -50,6 +68,12 @@ class WrapperStore(PersistenceLayer):
         with self._lock:
             self.calls.append(call)
             self.counts[method] += 1
+        if self._changed is not None:
+            self._changed.set()
+        make = self.fail.get(method)
+        error = make() if make is not None else None
+        if error is not None:
+            raise error
 
     async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
         self._record("claim", record.idempotency_key)
@@ -77,6 +101,15 @@ class WrapperStore(PersistenceLayer):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class VanishingStore(WrapperStore):
+    """Refuses every claim with no record to show (the record vanished between the
+    claim and the read), to drive the engine's retry path."""
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        self._record("claim", record.idempotency_key)
+        return ClaimResult(claimed=False)
 
 
 class FakeLambdaContext:

@@ -30,7 +30,7 @@ from aioidempotency import (
 )
 from aioidempotency.persistence import PersistenceLayer
 from aioidempotency.records import DataRecord, RecordStatus
-from tests.wrappers import CountingStore, VanishingStore
+from tests.helpers import FakeLambdaContext, VanishingStore, WrapperStore
 
 PAYMENT = {"payment_id": "p-1", "amount": 100, "currency": "EUR"}
 
@@ -167,7 +167,7 @@ async def test_concurrent_duplicate_from_another_process_is_refused(
 async def test_concurrent_duplicate_in_process_is_refused_without_store_traffic(
     store: PersistenceLayer,
 ) -> None:
-    counting = CountingStore(store)
+    counting = WrapperStore(store)
     engine = engine_for(counting)
     gate = Gate()
     first = asyncio.create_task(engine.run(PAYMENT, gate))
@@ -283,7 +283,7 @@ async def test_waiting_gives_up_after_the_bound(store: PersistenceLayer) -> None
 async def test_in_process_waiters_share_one_execution_without_polling(
     store: PersistenceLayer,
 ) -> None:
-    counting = CountingStore(store)
+    counting = WrapperStore(store)
     engine = engine_for(counting, wait_for_in_progress_seconds=20)
     gate = Gate({"ok": True})
     first = asyncio.create_task(engine.run(PAYMENT, gate))
@@ -294,8 +294,8 @@ async def test_in_process_waiters_share_one_execution_without_polling(
     results = await asyncio.gather(first, *waiters)
     assert results == [{"ok": True}] * 11
     assert gate.count == 1
-    assert counting.calls["get"] == 0
-    assert counting.calls["claim"] == 1
+    assert counting.counts["get"] == 0
+    assert counting.counts["claim"] == 1
 
 
 # -- validation ------------------------------------------------------------------------
@@ -413,7 +413,7 @@ async def test_response_hook_sees_every_replay_also_none(store: PersistenceLayer
 
 
 async def test_local_cache_replays_without_store_traffic(store: PersistenceLayer) -> None:
-    counting = CountingStore(store)
+    counting = WrapperStore(store)
     engine = engine_for(counting, use_local_cache=True, local_cache_max_items=2)
     fn = Calls([1, 2])
     await engine.run(PAYMENT, fn)
@@ -431,7 +431,7 @@ async def test_local_cache_replays_without_store_traffic(store: PersistenceLayer
 
 
 async def test_missing_key_runs_without_persistence(store: PersistenceLayer) -> None:
-    counting = CountingStore(store)
+    counting = WrapperStore(store)
     engine = engine_for(counting, event_key_jmespath="order_id")
     fn = Calls("ran")
     with pytest.warns(UserWarning, match="No idempotency key value found"):
@@ -455,7 +455,7 @@ async def test_disabled_by_environment(
     store: PersistenceLayer, monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:
     monkeypatch.setenv("POWERTOOLS_IDEMPOTENCY_DISABLED", value)
-    counting = CountingStore(store)
+    counting = WrapperStore(store)
     engine = engine_for(counting)
     fn = Calls("x")
     with pytest.warns(IdempotencyDisabledWarning):
@@ -570,7 +570,7 @@ async def test_running_call_whose_claim_was_taken_over_gets_an_error(
 
 
 async def test_lease_is_set_and_renewed_while_running(store: PersistenceLayer) -> None:
-    counting = CountingStore(store)
+    counting = WrapperStore(store)
     engine = engine_for(counting, in_progress_lease_seconds=0.3)
     key = engine.idempotency_key(PAYMENT)
     gate = Gate()
@@ -592,7 +592,7 @@ async def test_lease_is_set_and_renewed_while_running(store: PersistenceLayer) -
 
 
 async def test_a_failed_renewal_is_retried(store: PersistenceLayer) -> None:
-    counting = CountingStore(store)
+    counting = WrapperStore(store)
     failures = iter([ConnectionError("blip")])
     counting.fail["renew"] = lambda: next(failures, None)
     engine = engine_for(counting, in_progress_lease_seconds=0.3)
@@ -617,14 +617,6 @@ async def test_no_lease_keeps_the_reference_behaviour(store: PersistenceLayer) -
     assert record.in_progress_expiry_timestamp is None
     gate.release.set()
     await task
-
-
-class FakeLambdaContext:
-    def __init__(self, remaining_ms: int) -> None:
-        self.remaining_ms = remaining_ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
 
 
 @pytest.mark.parametrize("remaining_ms", [0, 5000])
@@ -653,7 +645,7 @@ async def test_inconsistent_state_is_retried_then_raised() -> None:
     fn = Calls()
     with pytest.raises(IdempotencyInconsistentStateError):
         await engine_for(store).run(PAYMENT, fn)
-    assert store.calls["claim"] == 3
+    assert store.counts["claim"] == 3
     assert fn.count == 0
 
 
@@ -690,7 +682,7 @@ async def test_lambdas_and_partials_need_a_prefix() -> None:
 
 
 async def test_a_failed_release_after_an_error_is_a_persistence_error() -> None:
-    store = CountingStore(InMemoryPersistenceLayer())
+    store = WrapperStore(InMemoryPersistenceLayer())
     store.fail["release"] = lambda: ConnectionError("store went away")
 
     async def declined() -> None:
@@ -702,7 +694,7 @@ async def test_a_failed_release_after_an_error_is_a_persistence_error() -> None:
 
 
 async def test_a_cancellation_stays_a_cancellation_when_the_release_fails() -> None:
-    store = CountingStore(InMemoryPersistenceLayer())
+    store = WrapperStore(InMemoryPersistenceLayer())
     store.fail["release"] = lambda: ConnectionError("store went away")
     gate = Gate()
     task = asyncio.create_task(engine_for(store).run(PAYMENT, gate))
@@ -710,10 +702,10 @@ async def test_a_cancellation_stays_a_cancellation_when_the_release_fails() -> N
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert store.calls["release"] == 1
+    assert store.counts["release"] == 1
 
 
-class SlowReleaseStore(CountingStore):
+class SlowReleaseStore(WrapperStore):
     """Holds every release until `proceed` is set."""
 
     def __init__(self, inner: PersistenceLayer) -> None:
@@ -745,7 +737,7 @@ async def test_the_release_survives_a_second_cancellation() -> None:
     assert len(inner) == 0
 
 
-class SwallowingRenewStore(CountingStore):
+class SwallowingRenewStore(WrapperStore):
     """A renewal that swallows its cancellation, as redis-py can on Python 3.11."""
 
     def __init__(self, inner: PersistenceLayer) -> None:
@@ -755,7 +747,7 @@ class SwallowingRenewStore(CountingStore):
         self.returned = asyncio.Event()
 
     async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
-        self._enter("renew")
+        self._record("renew", key)
         self.renewing.set()
         try:
             await asyncio.wait_for(asyncio.Event().wait(), 10)
@@ -779,7 +771,7 @@ async def test_a_renewer_that_ignores_cancellation_cannot_hang_the_call(
     assert await asyncio.wait_for(task, 10) == "finished"
     store.let_go.set()
     await asyncio.wait_for(store.returned.wait(), 10)
-    assert store.calls["renew"] == 1  # a stopped renewer does not schedule another
+    assert store.counts["renew"] == 1  # a stopped renewer does not schedule another
 
 
 async def test_a_result_over_the_store_limit_is_refused_and_released() -> None:
