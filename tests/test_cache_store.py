@@ -694,3 +694,46 @@ async def test_a_factory_client_that_cannot_run_scripts_is_refused_and_closed() 
     with pytest.raises(IdempotencyPersistenceConfigError, match="cannot run scripts"):
         await layer.get("k")
     assert cache.closed
+
+
+@pytest.mark.parametrize(
+    ("client", "user_client"),
+    [("redis", False), ("redis", True), ("glide", False)],
+    ids=["redis-py-from-url", "redis-py-user-client", "glide-from-url"],
+)
+async def test_concurrent_first_claims_on_a_fresh_cluster_client_run_once_each(
+    cache_servers: ServerPool,
+    layers: list[CachePersistenceLayer],
+    client: str,
+    user_client: bool,
+) -> None:
+    """A new cluster client discovers its nodes on first use; concurrent first commands
+    must not race in it (redis-py 8.1 then retries a claim that already ran, and the
+    claim refuses itself as in progress)."""
+    from aioidempotency import IdempotencyConfig, IdempotencyEngine
+
+    node = cache_servers.cluster("redis")[0]
+    if user_client:
+        raw = aioredis.RedisCluster(node.host, node.port)
+        layer = CachePersistenceLayer(raw)
+    else:
+        layer, _ = open_layer(layers, cache_servers, "redis", client, cluster=True)
+    engine = IdempotencyEngine(layer, IdempotencyConfig(), key_prefix=new_key())
+    runs: list[int] = []
+
+    async def charge(n: int) -> int:
+        runs.append(n)
+        await asyncio.sleep(0)
+        return n
+
+    try:
+        results = await asyncio.gather(
+            *(engine.run({"n": n}, lambda n=n: charge(n)) for n in range(20)),
+            return_exceptions=True,
+        )
+    finally:
+        if user_client:
+            await layer.aclose()
+            await raw.aclose()
+    assert results == list(range(20))
+    assert sorted(runs) == list(range(20))

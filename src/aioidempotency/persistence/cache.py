@@ -299,23 +299,44 @@ class RedisPyCacheClient:
         self.owned = owned
         root, _ = _module_root(client)
         self._no_script: type[BaseException] = sys.modules[f"{root}.exceptions"].NoScriptError
+        # A cluster client discovers its nodes on first use; concurrent first commands
+        # race in that discovery (redis-py 8.1 drops a connection under a command in
+        # flight, then retries it, so a claim can run twice and refuse itself).
+        self._ready = not hasattr(client, "nodes_manager")
+        self._ready_lock: asyncio.Lock | None = None
+
+    async def _initialize(self) -> None:
+        if self._ready_lock is None:
+            self._ready_lock = asyncio.Lock()
+        async with self._ready_lock:
+            if not self._ready:
+                await self.client.initialize()
+                self._ready = True
 
     async def get(self, name: str) -> bytes | str | None:
         """GET `name`."""
+        if not self._ready:
+            await self._initialize()
         value: bytes | str | None = await self.client.get(name)
         return value
 
     async def set(self, name: str, value: str, *, ex: int | None = None, nx: bool = False) -> Any:
         """SET `name` with EX and NX."""
+        if not self._ready:
+            await self._initialize()
         return await self.client.set(name, value, ex=ex, nx=nx)
 
     async def delete(self, *names: str) -> int:
         """DEL `names`."""
+        if not self._ready:
+            await self._initialize()
         count: int = await self.client.delete(*names)
         return count
 
     async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """EVALSHA `script` on `key`'s node; EVAL when the server does not know it yet."""
+        if not self._ready:
+            await self._initialize()
         try:
             return await self.client.evalsha(script.sha, 1, key, *args)
         except self._no_script:
