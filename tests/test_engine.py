@@ -785,3 +785,26 @@ async def test_a_result_over_the_store_limit_is_refused_and_released() -> None:
     assert caught.value.size > 64
     assert len(store) == 0
     assert await engine.run(PAYMENT, Calls("small")) == "small"
+
+
+async def test_every_concurrent_claim_is_renewed(store: PersistenceLayer) -> None:
+    counting = WrapperStore(store)
+    engine = engine_for(counting, in_progress_lease_seconds=0.3)
+    gates = [Gate(n) for n in range(10)]
+    tasks = [asyncio.create_task(engine.run({"n": n}, gate)) for n, gate in enumerate(gates)]
+    for gate in gates:
+        await asyncio.wait_for(gate.started.wait(), 10)
+    first = [await store.get(engine.idempotency_key({"n": n})) for n in range(10)]
+    await counting.wait_calls("renew", 10)
+    renewed_keys = {call.key for call in counting.calls if call.method == "renew"}
+    assert renewed_keys == {engine.idempotency_key({"n": n}) for n in range(10)}
+    for n, record in enumerate(first):
+        now = await store.get(engine.idempotency_key({"n": n}))
+        assert record is not None
+        assert now is not None
+        assert record.in_progress_expiry_timestamp is not None
+        assert now.in_progress_expiry_timestamp is not None
+        assert now.in_progress_expiry_timestamp >= record.in_progress_expiry_timestamp
+    for gate in gates:
+        gate.release.set()
+    assert await asyncio.gather(*tasks) == list(range(10))

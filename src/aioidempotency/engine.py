@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
@@ -42,7 +43,7 @@ from aioidempotency.keys import (
     select_key_data,
     select_validation_data,
 )
-from aioidempotency.lease import LeaseRenewer
+from aioidempotency.lease import Lease, LeaseKeeper
 from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
 from aioidempotency.records import DataRecord, RecordStatus
 from aioidempotency.serialization import BaseIdempotencySerializer, NoOpSerializer
@@ -130,6 +131,9 @@ class IdempotencyEngine:
         self._cache: collections.OrderedDict[str, DataRecord] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
         self._flights: dict[str, _Flight] = {}
+        self._keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LeaseKeeper] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- public API -----------------------------------------------------------------
 
@@ -420,7 +424,7 @@ class IdempotencyEngine:
             ) from exc
         return completed
 
-    async def _release(self, key: str, owner: str, *, renewer: LeaseRenewer | None = None) -> None:
+    async def _release(self, key: str, owner: str, *, renewer: Lease | None = None) -> None:
         """Stop renewing, then delete our claim; survives the caller's cancellation."""
 
         async def release() -> None:
@@ -441,20 +445,18 @@ class IdempotencyEngine:
 
     # -- lease renewal ----------------------------------------------------------------
 
-    def _start_lease(self, call: PreparedCall, claim: DataRecord) -> LeaseRenewer | None:
+    def _start_lease(self, call: PreparedCall, claim: DataRecord) -> Lease | None:
         lease = self.config.in_progress_lease_seconds
         if call.lambda_context is not None or lease is None:
             return None
         assert claim.owner is not None
         assert claim.in_progress_expiry_timestamp is not None
-        return LeaseRenewer(
-            self.persistence_store,
-            call.key,
-            claim.owner,
-            lease=lease,
-            held_until_ms=claim.in_progress_expiry_timestamp,
-            clock=self._clock,
-        )
+        loop = asyncio.get_running_loop()
+        keeper = self._keepers.get(loop)
+        if keeper is None:
+            keeper = LeaseKeeper(self.persistence_store, lease=lease, clock=self._clock)
+            self._keepers[loop] = keeper
+        return keeper.keep(call.key, claim.owner, claim.in_progress_expiry_timestamp)
 
     # -- waiting for a duplicate's result -------------------------------------------------
 

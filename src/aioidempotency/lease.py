@@ -1,9 +1,11 @@
-"""`LeaseRenewer`: keeps an in-progress claim alive while its function runs.
+"""Leases: keeping in-progress claims alive while their functions run.
 
-A renewal is scheduled with `loop.call_later`, so a call that finishes within a
-third of its lease (most of them) never creates a task. A renewal that fails for a
-transient reason is retried while the lease still has time left; one that finds the
-claim taken over stops, and the late completion is then refused by the store.
+One `LeaseKeeper` per engine and event loop renews all of that engine's live claims
+with a single timer, so starting and finishing a call costs a dict insert and delete,
+however many calls run at once; a call that finishes within a third of its lease (most
+of them) never renews. A renewal that fails for a transient reason is retried while
+the lease has time left; one that finds the claim taken over stops, and the late
+completion is then refused by the store.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from aioidempotency.exceptions import IdempotencyClaimLostError
 from aioidempotency.persistence.base import PersistenceLayer
 
-__all__ = ["LeaseRenewer", "stop_task"]
+__all__ = ["Lease", "LeaseKeeper", "stop_task"]
 
 logger = logging.getLogger("aioidempotency")
 
@@ -24,72 +26,96 @@ STOP_TIMEOUT = 5.0
 cancellation must not hang the call)."""
 
 
-class LeaseRenewer:
-    """Renews ``owner``'s claim on ``key`` every third of ``lease`` seconds."""
+class Lease:
+    """One claim kept alive by a `LeaseKeeper`."""
+
+    __slots__ = ("due", "held_until_ms", "keeper", "key", "owner", "task")
 
     def __init__(
-        self,
-        store: PersistenceLayer,
-        key: str,
-        owner: str,
-        *,
-        lease: float,
-        held_until_ms: int,
-        clock: Callable[[], float],
+        self, keeper: LeaseKeeper, key: str, owner: str, held_until_ms: int, due: float
     ) -> None:
-        self._store = store
-        self._key = key
-        self._owner = owner
-        self._lease = lease
-        self._interval = lease / 3
-        self._held_until_ms = held_until_ms
-        self._clock = clock
-        self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task[None] | None = None
-        self._stopped = False
-        self._handle: asyncio.TimerHandle | None = self._loop.call_later(self._interval, self._fire)
-
-    def _fire(self) -> None:
-        self._handle = None
-        if not self._stopped:
-            self._task = self._loop.create_task(
-                self._renew(), name=f"aioidempotency-lease:{self._key}"
-            )
-
-    async def _renew(self) -> None:
-        until_ms = int((self._clock() + self._lease) * 1000)
-        while True:
-            try:
-                await self._store.renew(
-                    self._key, owner=self._owner, in_progress_expiry_ms=until_ms
-                )
-            except IdempotencyClaimLostError:
-                logger.warning(
-                    "lease on %s lost to another call; its result will not be stored", self._key
-                )
-                return
-            except Exception:
-                left = self._held_until_ms / 1000 - self._clock()
-                if left <= 0:
-                    logger.warning("lease on %s expired while its renewal kept failing", self._key)
-                    return
-                logger.warning(
-                    "renewing the lease on %s failed; retrying", self._key, exc_info=True
-                )
-                await asyncio.sleep(min(self._interval, left / 4, 1.0))
-                continue
-            break
-        self._held_until_ms = until_ms
-        if not self._stopped:
-            self._handle = self._loop.call_later(self._interval, self._fire)
+        self.keeper = keeper
+        self.key = key
+        self.owner = owner
+        self.held_until_ms = held_until_ms
+        self.due = due
+        self.task: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
         """Stop renewing; returns once no renewal is in flight (bounded wait)."""
-        self._stopped = True
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        await stop_task(self._task)
+        self.keeper._leases.pop(self.owner, None)
+        await stop_task(self.task)
+
+
+class LeaseKeeper:
+    """Renews claims every third of `lease` seconds, with one timer for all of them."""
+
+    def __init__(
+        self, store: PersistenceLayer, *, lease: float, clock: Callable[[], float]
+    ) -> None:
+        self._store = store
+        self._lease = lease
+        self._interval = lease / 3
+        self._clock = clock
+        self._loop = asyncio.get_running_loop()
+        self._leases: dict[str, Lease] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def keep(self, key: str, owner: str, held_until_ms: int) -> Lease:
+        """Start renewing `owner`'s claim on `key`, held until `held_until_ms`."""
+        lease = Lease(self, key, owner, held_until_ms, self._clock() + self._interval)
+        self._leases[owner] = lease
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._interval / 2, self._tick)
+        return lease
+
+    def _tick(self) -> None:
+        # Each claim is renewed between one third and one half of its lease after its
+        # last renewal; the timer stops when no claim is left.
+        self._timer = None
+        if not self._leases:
+            return
+        now = self._clock()
+        for lease in list(self._leases.values()):
+            if lease.task is None and lease.due <= now:
+                lease.task = self._loop.create_task(
+                    self._renew(lease), name=f"aioidempotency-lease:{lease.key}"
+                )
+        self._timer = self._loop.call_later(self._interval / 2, self._tick)
+
+    async def _renew(self, lease: Lease) -> None:
+        until_ms = int((self._clock() + self._lease) * 1000)
+        try:
+            while True:
+                try:
+                    await self._store.renew(
+                        lease.key, owner=lease.owner, in_progress_expiry_ms=until_ms
+                    )
+                except IdempotencyClaimLostError:
+                    logger.warning(
+                        "lease on %s lost to another call; its result will not be stored",
+                        lease.key,
+                    )
+                    self._leases.pop(lease.owner, None)
+                    return
+                except Exception:
+                    left = lease.held_until_ms / 1000 - self._clock()
+                    if left <= 0:
+                        logger.warning(
+                            "lease on %s expired while its renewal kept failing", lease.key
+                        )
+                        self._leases.pop(lease.owner, None)
+                        return
+                    logger.warning(
+                        "renewing the lease on %s failed; retrying", lease.key, exc_info=True
+                    )
+                    await asyncio.sleep(min(self._interval, left / 4, 1.0))
+                    continue
+                lease.held_until_ms = until_ms
+                lease.due = self._clock() + self._interval
+                return
+        finally:
+            lease.task = None
 
 
 async def stop_task(task: asyncio.Task[None] | None) -> None:
