@@ -13,6 +13,7 @@ foreign one with `IdempotencyPersistenceConfigError`.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,9 @@ from aioidempotency.persistence.cache import LuaScript
 __all__ = ["GlideCacheClient", "is_glide_client"]
 
 _SCRIPTS: dict[str, Any] = {}
+# glide's Script frees its server-side handle in __del__, which fails noisily once the
+# interpreter is tearing glide down; drop ours while glide is still whole.
+atexit.register(_SCRIPTS.clear)
 
 
 def _glide() -> Any:
