@@ -41,9 +41,10 @@ class IdempotencyConfig:
 
     - `in_progress_lease_seconds`: for calls without a Lambda context, a claim expires
       this long after it was last renewed, and is renewed in the background (between a
-      third and a half of it after the last renewal) while the function runs. A crashed worker's key is free again within one
-      lease; a slow but live one keeps it. `None` restores the reference behaviour (the
-      claim lasts the whole `expires_after_seconds`).
+      third and a half of it after the last renewal) while the function runs. A crashed
+      worker's key is free again within one lease; a slow but live one keeps it. `None`
+      restores the reference behaviour (the claim lasts the whole
+      `expires_after_seconds`).
     - `wait_for_in_progress_seconds`: a duplicate that finds the key in progress waits
       up to this long for the first call's result instead of failing at once with
       `IdempotencyAlreadyInProgressError`. 0 (the default) keeps the reference
