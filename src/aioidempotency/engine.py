@@ -166,13 +166,13 @@ class IdempotencyEngine:
 
         Decorators use it: they run a bound call of the function they decorate.
         """
-        if is_disabled():
-            warnings.warn(DISABLED_MESSAGE, IdempotencyDisabledWarning, stacklevel=3)
-            return await fn()
         call = self.prepare_call(payload, key_source=key_source, lambda_context=lambda_context)
         if call is None:
             return await fn()
-        return await self._process(call, fn)
+        hit, replayed = self.replay_from_cache(call)
+        if hit:
+            return cast(T, replayed)
+        return await self.run_prepared(call, fn)
 
     def prepare_call(
         self,
@@ -183,48 +183,16 @@ class IdempotencyEngine:
     ) -> PreparedCall | None:
         """Derive the key and validation hash of a call, without I/O.
 
-        Returns None when the payload has no key (after warning, or raising
-        `IdempotencyKeyError` when configured): the function then runs unprotected.
-        For callers that split the work across threads, such as the sync shims.
+        Returns None, after a warning, when idempotency is disabled by the environment
+        or the payload has no key (`IdempotencyKeyError` instead when configured): the
+        function then runs unprotected. Entry points run `replay_from_cache` and then
+        `run_prepared` on what it returns; the sync shims do the first two steps in the
+        caller's thread.
         """
-        return self._make_call(payload, key_source, lambda_context)
-
-    def replay_from_cache(self, call: PreparedCall) -> tuple[bool, Any]:
-        """``(True, result)`` when the local cache holds the call's result, without I/O."""
-        cached = self._cache_get(call.key)
-        if cached is None:
-            return False, None
-        self._validate(call, cached.payload_hash)
-        return True, self._replay(cached)
-
-    async def run_prepared(self, call: PreparedCall, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run a call prepared by `prepare_call`."""
-        return await self._process(call, fn)
-
-    def idempotency_key(self, payload: Any, key_source: Callable[..., Any] | None = None) -> str:
-        """The key a call with ``payload`` would use (for debugging and tools)."""
-        prefix = self._prefix(key_source)
-        data = select_key_data(prepare_payload(payload), self.config)
-        if is_missing_idempotency_key(data):
-            raise IdempotencyKeyError("No data found to create a hashed idempotency_key")
-        return f"{prefix}#{hash_data(data, self.config.hash_function)}"
-
-    # -- key derivation -------------------------------------------------------------
-
-    def _prefix(self, key_source: Callable[..., Any] | None) -> str:
-        if self.key_prefix:
-            return self.key_prefix
-        if key_source is None:
-            raise IdempotencyKeyError("no key_prefix and no function to derive it from")
-        return default_key_prefix(key_source)
-
-    def _make_call(
-        self,
-        payload: Any,
-        key_source: Callable[..., Any],
-        lambda_context: LambdaContextLike | None,
-    ) -> PreparedCall | None:
         config = self.config
+        if is_disabled():
+            warnings.warn(DISABLED_MESSAGE, IdempotencyDisabledWarning, stacklevel=4)
+            return None
         prefix = self._prefix(key_source)
         data = prepare_payload(payload, deep_copy=bool(config.jmespath_options))
         key_data = select_key_data(data, config)
@@ -244,13 +212,16 @@ class IdempotencyEngine:
         context = lambda_context if lambda_context is not None else registered_lambda_context()
         return PreparedCall(key=key, payload_hash=payload_hash, lambda_context=context)
 
-    # -- the state machine ------------------------------------------------------------
-
-    async def _process(self, call: PreparedCall, fn: Callable[[], Awaitable[T]]) -> T:
+    def replay_from_cache(self, call: PreparedCall) -> tuple[bool, Any]:
+        """``(True, result)`` when the local cache holds the call's result, without I/O."""
         cached = self._cache_get(call.key)
-        if cached is not None:
-            self._validate(call, cached.payload_hash)
-            return cast(T, self._replay(cached))
+        if cached is None:
+            return False, None
+        self._validate(call, cached.payload_hash)
+        return True, self._replay(cached)
+
+    async def run_prepared(self, call: PreparedCall, fn: Callable[[], Awaitable[T]]) -> T:
+        """Claim, run and complete a call prepared by `prepare_call` (or replay it)."""
         wait = self.config.wait_for_in_progress_seconds
         deadline = self._clock() + wait if wait > 0 else None
         inconsistent = 0
@@ -268,18 +239,12 @@ class IdempotencyEngine:
             existing = result.existing
             if existing is not None:
                 self._validate(call, existing.payload_hash)
-                now = self._clock()
-                if existing.is_expired(now) or existing.is_orphaned(now):
+                if existing.is_claimable(self._clock()):
                     existing = None  # it changed between the claim and the read
                 elif existing.status is RecordStatus.COMPLETED:
                     self._cache_put(existing)
                     return cast(T, self._replay(existing))
-                else:
-                    record = await self._wait(call, deadline)
-                    if record is not None:
-                        return cast(T, self._replay(record))
-                    continue
-            elif result.busy:
+            if existing is not None or result.busy:  # in progress elsewhere
                 record = await self._wait(call, deadline)
                 if record is not None:
                     return cast(T, self._replay(record))
@@ -289,6 +254,25 @@ class IdempotencyEngine:
                 raise IdempotencyInconsistentStateError(
                     "save_inprogress and get_record return inconsistent results."
                 )
+
+    def idempotency_key(self, payload: Any, key_source: Callable[..., Any] | None = None) -> str:
+        """The key a call with ``payload`` would use (for debugging and tools)."""
+        prefix = self._prefix(key_source)
+        data = select_key_data(prepare_payload(payload), self.config)
+        if is_missing_idempotency_key(data):
+            raise IdempotencyKeyError("No data found to create a hashed idempotency_key")
+        return f"{prefix}#{hash_data(data, self.config.hash_function)}"
+
+    # -- key derivation -------------------------------------------------------------
+
+    def _prefix(self, key_source: Callable[..., Any] | None) -> str:
+        if self.key_prefix:
+            return self.key_prefix
+        if key_source is None:
+            raise IdempotencyKeyError("no key_prefix and no function to derive it from")
+        return default_key_prefix(key_source)
+
+    # -- the state machine ------------------------------------------------------------
 
     def _new_claim(self, call: PreparedCall) -> DataRecord:
         now = self._clock()
@@ -434,8 +418,6 @@ class IdempotencyEngine:
 
         try:
             await _shielded(release())
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             raise IdempotencyPersistenceLayerError(
                 "Failed to delete record from idempotency store", exc
@@ -470,10 +452,7 @@ class IdempotencyEngine:
         self, call: PreparedCall, flight: _Flight, deadline: float | None
     ) -> DataRecord | None:
         """Share the result of a call of this process that holds the key."""
-        if call.payload_hash is not None and flight.payload_hash != call.payload_hash:
-            raise IdempotencyValidationError(
-                "Payload does not match stored record for this event key"
-            )
+        self._validate(call, flight.payload_hash)
         if deadline is None:
             raise self._in_progress_error(call.key)
         left = deadline - self._clock()
@@ -510,8 +489,7 @@ class IdempotencyEngine:
                 raise IdempotencyPersistenceLayerError(
                     "Failed to get record from idempotency store", exc
                 ) from exc
-            now = self._clock()
-            if record is None or record.is_expired(now) or record.is_orphaned(now):
+            if record is None or record.is_claimable(self._clock()):
                 return None
             self._validate(call, record.payload_hash)
             if record.status is RecordStatus.COMPLETED:

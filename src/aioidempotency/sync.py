@@ -16,7 +16,6 @@ import inspect
 import os
 import queue
 import threading
-import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -30,10 +29,7 @@ from aioidempotency.decorators import (
     handler_event_and_context,
 )
 from aioidempotency.engine import (
-    DISABLED_MESSAGE,
-    IdempotencyDisabledWarning,
     IdempotencyEngine,
-    is_disabled,
 )
 from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
 from aioidempotency.persistence.base import PersistenceLayer
@@ -137,11 +133,8 @@ def run_sync(
             "which it would block; use @idempotent_async / @idempotent_function_async "
             "or `await engine.run(payload, fn)` in async code"
         )
-    if is_disabled():
-        warnings.warn(DISABLED_MESSAGE, IdempotencyDisabledWarning, stacklevel=3)
-        return fn()
     # Key derivation and the local cache need no I/O: do them here, in the caller's
-    # thread, so a missing key or a cache hit never crosses to the loop.
+    # thread, so a disabled run, a missing key or a cache hit never crosses to the loop.
     call = engine.prepare_call(payload, key_source=key_source, lambda_context=lambda_context)
     if call is None:
         return fn()
