@@ -40,9 +40,9 @@ from aioidempotency.exceptions import (
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
-    IdempotencyResultTooLargeError,
 )
-from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
+from aioidempotency.persistence.base import ClaimResult, PersistenceLayer, check_result_size
+from aioidempotency.persistence.urls import CACHE_SCHEMES
 from aioidempotency.records import DataRecord, RecordAttributes, RecordStatus
 
 __all__ = [
@@ -462,7 +462,7 @@ class CachePersistenceLayer(PersistenceLayer):
         """
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
-        if scheme not in {"redis", "rediss", "valkey", "valkeys"}:
+        if scheme not in CACHE_SCHEMES:
             raise IdempotencyPersistenceConfigError(f"not a Redis/Valkey URL: {url!r}")
         query = parse_qs(parts.query, keep_blank_values=True)
         flags = {
@@ -630,17 +630,9 @@ class CachePersistenceLayer(PersistenceLayer):
         return record
 
     async def complete(self, record: DataRecord, *, owner: str) -> None:
+        check_result_size(record, self.max_result_bytes)
         key = record.idempotency_key
         text = self.attributes.to_json(record)
-        if self.max_result_bytes is not None and record.response_data is not None:
-            size = len(record.response_data.encode())
-            if size > self.max_result_bytes:
-                raise IdempotencyResultTooLargeError(
-                    f"result of {size} bytes exceeds the store's limit of "
-                    f"{self.max_result_bytes} bytes",
-                    size=size,
-                    limit=self.max_result_bytes,
-                )
         ttl = _ttl(record.expiry_timestamp, self._clock())
         if not self.atomic:
             await self._run("complete", key, _set, key, text, ttl)
