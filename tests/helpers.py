@@ -91,9 +91,9 @@ class WrapperStore(PersistenceLayer):
         self._record("release", key)
         await self.inner.release(key, owner=owner)
 
-    async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
-        self._record("renew", key)
-        await self.inner.renew(key, owner=owner, in_progress_expiry_ms=in_progress_expiry_ms)
+    async def renew(self, record: DataRecord) -> None:
+        self._record("renew", record.idempotency_key)
+        await self.inner.renew(record)
 
     async def delete(self, key: str) -> bool:
         self._record("delete", key)

@@ -746,8 +746,8 @@ class SwallowingRenewStore(WrapperStore):
         self.let_go = asyncio.Event()
         self.returned = asyncio.Event()
 
-    async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
-        self._record("renew", key)
+    async def renew(self, record: DataRecord) -> None:
+        self._record("renew", record.idempotency_key)
         self.renewing.set()
         try:
             await asyncio.wait_for(asyncio.Event().wait(), 10)

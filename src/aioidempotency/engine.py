@@ -431,14 +431,12 @@ class IdempotencyEngine:
         lease = self.config.in_progress_lease_seconds
         if call.lambda_context is not None or lease is None:
             return None
-        assert claim.owner is not None
-        assert claim.in_progress_expiry_timestamp is not None
         loop = asyncio.get_running_loop()
         keeper = self._keepers.get(loop)
         if keeper is None:
             keeper = LeaseKeeper(self.persistence_store, lease=lease, clock=self._clock)
             self._keepers[loop] = keeper
-        return keeper.keep(call.key, claim.owner, claim.in_progress_expiry_timestamp)
+        return keeper.keep(claim)
 
     # -- waiting for a duplicate's result -------------------------------------------------
 

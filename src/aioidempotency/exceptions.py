@@ -18,6 +18,7 @@ __all__ = [
     "IdempotencyCompletionError",
     "IdempotencyError",
     "IdempotencyInconsistentStateError",
+    "IdempotencyInvalidRecordError",
     "IdempotencyInvalidStatusError",
     "IdempotencyItemAlreadyExistsError",
     "IdempotencyItemNotFoundError",
@@ -82,7 +83,13 @@ class IdempotencyInconsistentStateError(IdempotencyError):
 
 
 class IdempotencyPersistenceLayerError(IdempotencyError):
-    """The store failed; the underlying error is the `__cause__` and in `details`."""
+    """The store failed; the underlying error is the `__cause__` and in `details`.
+
+    `transient` tells whether retrying the same call later can succeed (the store was
+    unreachable, timed out or was failing over); False for errors a retry repeats.
+    """
+
+    transient: bool = False
 
 
 class IdempotencyKeyError(IdempotencyError):
@@ -106,7 +113,24 @@ class IdempotencyPersistenceConfigError(IdempotencyError):
 
 
 class IdempotencyPersistenceConnectionError(IdempotencyPersistenceLayerError):
-    """The store could not be reached (down, timed out, refused the connection)."""
+    """The store could not be reached (down, timed out, refused the connection, failing
+    over); a retry later can succeed (`transient` is True)."""
+
+    transient = True
+
+
+class IdempotencyInvalidRecordError(IdempotencyPersistenceLayerError):
+    """The store holds something under the key that this library cannot use.
+
+    A value that is not a record (not JSON, another Redis type), or a record with a
+    missing or mistyped status or timestamp. It is never overwritten, since it may hold
+    a result or belong to someone else; `key` names it, the `__cause__` says what is
+    wrong, and ``python -m aioidempotency delete --store URL KEY`` frees it.
+    """
+
+    def __init__(self, *args: object, key: str | None = None) -> None:
+        super().__init__(*args)
+        self.key = key
 
 
 class IdempotencyPersistenceConsistencyError(IdempotencyError):

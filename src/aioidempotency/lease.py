@@ -3,19 +3,24 @@
 One `LeaseKeeper` per engine and event loop renews all of that engine's live claims
 with a single timer, so starting and finishing a call costs a dict insert and delete,
 however many calls run at once; a call that finishes within a third of its lease (most
-of them) never renews. A renewal that fails for a transient reason is retried while
-the lease has time left; one that finds the claim taken over stops, and the late
-completion is then refused by the store.
+of them) never renews. A renewal that fails (the store is down or slow) is retried for
+as long as the call runs, even past the lease: the claim stays ours until someone else
+takes it, and a renewal that lands after an outage keeps a duplicate from running.
+Only a proven loss (the store says another call holds the key, or the claim is gone)
+stops the renewals; it marks the lease `lost`, and the engine then refuses to store
+the late result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 
 from aioidempotency.exceptions import IdempotencyClaimLostError
 from aioidempotency.persistence.base import PersistenceLayer
+from aioidempotency.records import DataRecord
 
 __all__ = ["Lease", "LeaseKeeper", "stop_task"]
 
@@ -25,25 +30,31 @@ STOP_TIMEOUT = 5.0
 """How long stopping waits for a renewal in flight (a client that swallows a
 cancellation must not hang the call)."""
 
+RETRY_DELAY = 0.05
+"""First pause between failed renewals (seconds); it doubles up to a third of the lease."""
+
 
 class Lease:
-    """One claim kept alive by a `LeaseKeeper`."""
+    """One claim kept alive by a `LeaseKeeper`; `lost` once the store proved it gone."""
 
-    __slots__ = ("due", "held_until_ms", "keeper", "key", "owner", "task")
+    __slots__ = ("claim", "due", "keeper", "lost", "task")
 
-    def __init__(
-        self, keeper: LeaseKeeper, key: str, owner: str, held_until_ms: int, due: float
-    ) -> None:
+    def __init__(self, keeper: LeaseKeeper, claim: DataRecord, due: float) -> None:
         self.keeper = keeper
-        self.key = key
-        self.owner = owner
-        self.held_until_ms = held_until_ms
+        self.claim = claim
         self.due = due
+        self.lost = False
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def key(self) -> str:
+        """The claimed idempotency key."""
+        return self.claim.idempotency_key
 
     async def stop(self) -> None:
         """Stop renewing; returns once no renewal is in flight (bounded wait)."""
-        self.keeper._leases.pop(self.owner, None)
+        assert self.claim.owner is not None
+        self.keeper._leases.pop(self.claim.owner, None)
         await stop_task(self.task)
 
 
@@ -61,10 +72,11 @@ class LeaseKeeper:
         self._leases: dict[str, Lease] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def keep(self, key: str, owner: str, held_until_ms: int) -> Lease:
-        """Start renewing `owner`'s claim on `key`, held until `held_until_ms`."""
-        lease = Lease(self, key, owner, held_until_ms, self._clock() + self._interval)
-        self._leases[owner] = lease
+    def keep(self, claim: DataRecord) -> Lease:
+        """Start renewing `claim` (an in-progress record with an owner token)."""
+        assert claim.owner is not None
+        lease = Lease(self, claim, self._clock() + self._interval)
+        self._leases[claim.owner] = lease
         if self._timer is None:
             self._timer = self._loop.call_later(self._interval / 2, self._tick)
         return lease
@@ -84,34 +96,32 @@ class LeaseKeeper:
         self._timer = self._loop.call_later(self._interval / 2, self._tick)
 
     async def _renew(self, lease: Lease) -> None:
-        until_ms = int((self._clock() + self._lease) * 1000)
+        delay = RETRY_DELAY
         try:
-            while True:
+            while lease.claim.owner in self._leases:
+                until_ms = int((self._clock() + self._lease) * 1000)
+                renewed = dataclasses.replace(lease.claim, in_progress_expiry_timestamp=until_ms)
                 try:
-                    await self._store.renew(
-                        lease.key, owner=lease.owner, in_progress_expiry_ms=until_ms
-                    )
+                    await self._store.renew(renewed)
                 except IdempotencyClaimLostError:
                     logger.warning(
                         "lease on %s lost to another call; its result will not be stored",
                         lease.key,
                     )
-                    self._leases.pop(lease.owner, None)
+                    lease.lost = True
+                    self._leases.pop(renewed.owner or "", None)
                     return
                 except Exception:
-                    left = lease.held_until_ms / 1000 - self._clock()
-                    if left <= 0:
-                        logger.warning(
-                            "lease on %s expired while its renewal kept failing", lease.key
-                        )
-                        self._leases.pop(lease.owner, None)
-                        return
                     logger.warning(
-                        "renewing the lease on %s failed; retrying", lease.key, exc_info=True
+                        "renewing the lease on %s failed; retrying in %.2gs",
+                        lease.key,
+                        delay,
+                        exc_info=True,
                     )
-                    await asyncio.sleep(min(self._interval, left / 4, 1.0))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._interval)
                     continue
-                lease.held_until_ms = until_ms
+                lease.claim = renewed
                 lease.due = self._clock() + self._interval
                 return
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -65,13 +66,19 @@ class DataRecord:
 
 
 def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
+    """A stored timestamp as an integer: a finite number (int, float or Decimal),
+    rounded down. Text, booleans and other types are refused: DynamoDB's conditions
+    compare numbers only, so accepting ``"123"`` here would make this reader and the
+    store's condition classify the same record differently."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         raise IdempotencyInvalidStatusError(f"attribute {name!r} is not a number: {value!r}")
+    if isinstance(value, int):
+        return value
     try:
-        return int(value)
-    except (ValueError, ArithmeticError) as exc:
+        return math.floor(value)
+    except (ValueError, OverflowError, ArithmeticError) as exc:
         raise IdempotencyInvalidStatusError(
-            f"attribute {name!r} is not a number: {value!r}"
+            f"attribute {name!r} is not a finite number: {value!r}"
         ) from exc
 
 
@@ -113,6 +120,8 @@ class RecordAttributes:
         """
         raw_status = item.get(self.status_attr)
         try:
+            if not isinstance(raw_status, str):
+                raise ValueError(raw_status)
             status = RecordStatus(raw_status)
         except ValueError as exc:
             raise IdempotencyInvalidStatusError(
@@ -152,7 +161,7 @@ class RecordAttributes:
         """Parse a cache value; raises `IdempotencyInvalidStatusError` when malformed."""
         try:
             item = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise IdempotencyInvalidStatusError(f"record {key!r} is not valid JSON") from exc
         if not isinstance(item, dict):
             raise IdempotencyInvalidStatusError(f"record {key!r} is not a JSON object")

@@ -66,8 +66,13 @@ class PersistenceLayer(abc.ABC):
         """Write `record` (INPROGRESS, with an owner token) when its key is free.
 
         The key is free when no record exists, or the existing one is expired or
-        orphaned at `now` (epoch seconds); taking over such a record is atomic where
-        the store allows it. Otherwise return the existing record.
+        orphaned at `now` (epoch seconds) as `DataRecord.is_claimable` says; taking
+        over such a record is atomic where the store allows it. Otherwise return the
+        existing record. A claim sent twice (a client's retry after a lost reply)
+        returns the caller's own record the second time; the engine recognises it by
+        its owner token. A stored value that is not a usable record raises
+        `IdempotencyInvalidStatusError` (from `RecordAttributes`); it is never
+        overwritten.
         """
 
     @abc.abstractmethod
@@ -80,18 +85,25 @@ class PersistenceLayer(abc.ABC):
 
         Raises `IdempotencyClaimLostError` when another call owns the key now or the
         record is gone, and `IdempotencyResultTooLargeError` when the store cannot hold
-        the result; never creates a partial record.
+        the result; never creates a partial record. Safe to repeat: a completion sent
+        twice (a client's retry after a lost reply) succeeds the second time too.
         """
 
     @abc.abstractmethod
     async def release(self, key: str, *, owner: str) -> None:
-        """Delete the in-progress record if `owner` still holds it; otherwise do nothing."""
+        """Delete the in-progress record if `owner` still holds it; otherwise do nothing.
+
+        Never deletes a completed record, nor a claim of another owner; safe to repeat.
+        """
 
     @abc.abstractmethod
-    async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
-        """Push the in-progress expiry of `owner`'s claim to `in_progress_expiry_ms`.
+    async def renew(self, record: DataRecord) -> None:
+        """Replace the caller's in-progress claim with `record`, its renewed copy.
 
-        Raises `IdempotencyClaimLostError` when `owner` no longer holds the key.
+        `record` is the in-progress record the caller claimed (same owner token) with
+        a later `in_progress_expiry_timestamp`; it is written only if `record.owner`
+        still holds the key. Raises `IdempotencyClaimLostError` otherwise. Safe to
+        repeat: a renewal sent twice (a retry after a lost reply) succeeds twice.
         """
 
     @abc.abstractmethod

@@ -648,7 +648,9 @@ class CachePersistenceLayer(PersistenceLayer):
         else:
             await self._run("release", key, _delete, key)
 
-    async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
+    async def renew(self, record: DataRecord) -> None:
+        key, owner = record.idempotency_key, record.owner or ""
+        in_progress_expiry_ms = record.in_progress_expiry_timestamp or 0
         if self.atomic:
             script, args = self._scripts.renew, (owner, in_progress_expiry_ms)
             code = int(await self._run("renew", key, _script, script, key, args))

@@ -504,8 +504,10 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         except _ConditionFailed:
             return
 
-    async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
-        """One UpdateItem of the in-progress expiry, conditional on `owner`."""
+    async def renew(self, record: DataRecord) -> None:
+        """One UpdateItem of the in-progress expiry, conditional on the record's owner."""
+        key, owner = record.idempotency_key, record.owner or ""
+        in_progress_expiry_ms = record.in_progress_expiry_timestamp or 0
         attrs = self.attributes
         values = self._owner_values(owner)
         values[":until"] = {"N": str(int(in_progress_expiry_ms))}

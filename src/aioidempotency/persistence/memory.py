@@ -8,6 +8,7 @@ honoured, bounded size.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -121,17 +122,13 @@ class InMemoryPersistenceLayer(PersistenceLayer):
             if current is not None and current.owner == owner:
                 del self._records[key]
 
-    async def renew(self, key: str, *, owner: str, in_progress_expiry_ms: int) -> None:
+    async def renew(self, record: DataRecord) -> None:
+        key = record.idempotency_key
         with self._lock:
             self.operations["renew"] += 1
-            current = self._owned(key, owner)
-            self._records[key] = DataRecord(
-                idempotency_key=current.idempotency_key,
-                status=current.status,
-                expiry_timestamp=current.expiry_timestamp,
-                in_progress_expiry_timestamp=in_progress_expiry_ms,
-                payload_hash=current.payload_hash,
-                owner=current.owner,
+            current = self._owned(key, record.owner or "")
+            self._records[key] = dataclasses.replace(
+                current, in_progress_expiry_timestamp=record.in_progress_expiry_timestamp
             )
 
     async def delete(self, key: str) -> bool:
