@@ -1,0 +1,115 @@
+"""Fixtures of the fault suite: servers to kill, proxies to break, and the scale.
+
+- `make_server(kind="redis", aof=False)`: a fresh `ManagedServer` of the test's own.
+- `make_proxy(host, port)`: a `FaultProxy` in front of any target.
+- `redis_proxied` / `valkey_proxied`: a fresh server behind a fresh proxy (a
+  `ProxiedServer`: `.server`, `.proxy`, `.url(query)`).
+- `proxied_moto`: a proxy in front of the session's moto server.
+
+Everything is stopped at teardown, whatever state the test left it in (frozen, killed,
+refusing). Every test of this directory carries the `faults` marker; counts come from
+`tests.faults.scale` (``AIOIDEM_FAULT_SCALE``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.proxy import FaultProxy
+from tests.faults.servers import ManagedServer
+from tests.servers.moto import MotoServer
+from tests.servers.redis import Kind
+
+HERE = Path(__file__).parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "faults: fault-injection tests (AIOIDEM_FAULT_SCALE=ci|full)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.faults)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxiedServer:
+    """A server and a proxy in front of it: clients under test go through `proxy`,
+    assertions go to `server.admin()` on the real port."""
+
+    server: ManagedServer
+    proxy: FaultProxy
+
+    def url(self, query: str = "") -> str:
+        """Store URL through the proxy, e.g. ``url("timeout=0.5&atomic=true")``."""
+        scheme = "valkey" if self.server.kind == "valkey" else "redis"
+        auth = f":{self.server.password}@" if self.server.password else ""
+        base = f"{scheme}://{auth}{self.proxy.host}:{self.proxy.port}"
+        return f"{base}?{query}" if query else base
+
+
+MakeServer = Callable[..., ManagedServer]
+MakeProxy = Callable[[str, int], FaultProxy]
+
+
+@pytest.fixture
+def make_server() -> Iterator[MakeServer]:
+    """Factory: ``make_server("valkey", aof=True)``; all stopped at teardown."""
+    servers: list[ManagedServer] = []
+
+    def make(
+        kind: Kind = "redis", *, aof: bool = False, extra: tuple[str, ...] = ()
+    ) -> ManagedServer:
+        server = ManagedServer(kind, aof=aof, extra=extra)
+        servers.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def make_proxy() -> Iterator[MakeProxy]:
+    """Factory: ``make_proxy(host, port)``; all closed at teardown."""
+    proxies: list[FaultProxy] = []
+
+    def make(host: str, port: int) -> FaultProxy:
+        proxy = FaultProxy(host, port)
+        proxies.append(proxy)
+        return proxy
+
+    try:
+        yield make
+    finally:
+        for proxy in proxies:
+            proxy.close()
+
+
+@pytest.fixture
+def redis_proxied(make_server: MakeServer, make_proxy: MakeProxy) -> ProxiedServer:
+    """A fresh redis-server (persistence off) behind a fresh proxy."""
+    server = make_server("redis")
+    return ProxiedServer(server, make_proxy(server.host, server.port))
+
+
+@pytest.fixture
+def valkey_proxied(make_server: MakeServer, make_proxy: MakeProxy) -> ProxiedServer:
+    """A fresh valkey-server (persistence off) behind a fresh proxy."""
+    server = make_server("valkey")
+    return ProxiedServer(server, make_proxy(server.host, server.port))
+
+
+@pytest.fixture
+def proxied_moto(moto_server: MotoServer, make_proxy: MakeProxy) -> FaultProxy:
+    """A proxy in front of the session's moto server (endpoint ``http://host:port``)."""
+    return make_proxy(moto_server.host, moto_server.port)
