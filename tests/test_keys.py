@@ -46,6 +46,7 @@ from aioidempotency import (
 )
 from aioidempotency.encoding import dumps_result
 from aioidempotency.keys import (
+    PowertoolsFunctions,
     hash_data,
     is_missing_idempotency_key,
     prepare_payload,
@@ -897,3 +898,37 @@ async def test_the_callers_payload_is_never_mutated(key_path: str) -> None:
 
     await IdempotencyEngine(InMemoryPersistenceLayer(), key_prefix="p").run(model, work_on_model)
     assert model == model_snapshot
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    payload: dict[str, Any] = {}
+    inner = payload
+    for _ in range(depth):
+        inner["a"] = {}
+        inner = inner["a"]
+    return payload
+
+
+@pytest.mark.parametrize("depth", [1_000, 10_000])
+@pytest.mark.parametrize(
+    "config",
+    [
+        IdempotencyConfig(),
+        IdempotencyConfig(event_key_jmespath="a.a"),
+        IdempotencyConfig(event_key_jmespath="a", payload_validation_jmespath="a"),
+        IdempotencyConfig(jmespath_options={"custom_functions": PowertoolsFunctions()}),
+    ],
+)
+async def test_a_deeply_nested_payload_is_a_payload_error(
+    depth: int, config: IdempotencyConfig
+) -> None:
+    engine = IdempotencyEngine(InMemoryPersistenceLayer(), config, key_prefix="deep")
+    ran: list[int] = []
+
+    async def fn() -> int:
+        ran.append(1)
+        return 1
+
+    with pytest.raises(IdempotencyPayloadError, match="nested too deeply"):
+        await engine.run(_nested(depth), fn)
+    assert ran == []

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from aioidempotency.config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
@@ -30,6 +30,8 @@ from aioidempotency.exceptions import (
     IdempotencyCompletionError,
     IdempotencyError,
     IdempotencyInconsistentStateError,
+    IdempotencyInvalidRecordError,
+    IdempotencyInvalidStatusError,
     IdempotencyKeyError,
     IdempotencyPersistenceLayerError,
     IdempotencySerializationError,
@@ -65,6 +67,15 @@ DISABLED_ENV = "POWERTOOLS_IDEMPOTENCY_DISABLED"
 _TRUE_VALUES = frozenset({"1", "y", "yes", "t", "true", "on"})
 _MAX_CLAIM_ATTEMPTS = 3
 _MAX_POLL_INTERVAL = 1.0
+_CLEANUP_ATTEMPTS = 8
+"""Attempts of a background release or completion before it gives up (the lease, or
+the expiry without one, then frees the key): 8 attempts back off over about 13 s."""
+_CLEANUP_FIRST_DELAY = 0.05
+_ABANDONED_CLAIM_GRACE = 5.0
+"""How long a claim whose caller was cancelled may still take to answer (seconds)."""
+_CONFIRM_RELEASE_DELAY = 1.0
+"""After a claim whose outcome is unknown (it failed or timed out on the client, and
+may still land on the server), the release is sent once more after this delay."""
 
 
 DISABLED_MESSAGE = (
@@ -134,6 +145,7 @@ class IdempotencyEngine:
         self._keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LeaseKeeper] = (
             weakref.WeakKeyDictionary()
         )
+        self._cleanups: set[asyncio.Future[Any]] = set()
 
     # -- public API -----------------------------------------------------------------
 
@@ -292,14 +304,66 @@ class IdempotencyEngine:
         )
 
     async def _claim(self, record: DataRecord) -> ClaimResult:
+        """One claim round trip whose outcome is never lost.
+
+        The claim runs in a task of its own: a caller cancelled meanwhile does not stop
+        it, and once it ends a claim that won is released. A claim that failed on the
+        client (a timeout, a dropped connection) may still land on the server, so it is
+        released too, and once more a moment later. A claim answered with our own
+        record (a client resent it after losing the first reply) is a win.
+        """
+        owner = record.owner
+        assert owner is not None
+        task = asyncio.ensure_future(self.persistence_store.claim(record, now=self._clock()))
         try:
-            return await self.persistence_store.claim(record, now=self._clock())
-        except IdempotencyError:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                self._release_abandoned_claim(record, task)
+            else:
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
+                task.add_done_callback(functools.partial(self._release_abandoned_claim, record))
+                # A client with no timeout of its own must not keep the claim running
+                # forever: it is cancelled after a grace period, then released.
+                asyncio.get_running_loop().call_later(_ABANDONED_CLAIM_GRACE, task.cancel)
             raise
         except Exception as exc:
-            raise IdempotencyPersistenceLayerError(
-                "Failed to save in progress record to idempotency store", exc
+            if not isinstance(exc, IdempotencyInvalidStatusError):  # else it did not land
+                self._cleanup(self._release_later(record.idempotency_key, owner, confirm=True))
+            raise self._store_error(
+                "Failed to save in progress record to idempotency store",
+                record.idempotency_key,
+                exc,
             ) from exc
+        if _is_own(result, owner):
+            return ClaimResult(claimed=True)
+        return result
+
+    def _release_abandoned_claim(
+        self, record: DataRecord, task: asyncio.Future[ClaimResult]
+    ) -> None:
+        """Free the claim of a caller that was cancelled while it was in flight."""
+        assert record.owner is not None
+        if task.cancelled() or task.exception() is not None:
+            self._cleanup(self._release_later(record.idempotency_key, record.owner, confirm=True))
+        elif task.result().claimed or _is_own(task.result(), record.owner):
+            self._cleanup(self._release_later(record.idempotency_key, record.owner))
+
+    def _store_error(self, message: str, key: str, exc: BaseException) -> IdempotencyError:
+        """What the caller sees for a store failure: an `IdempotencyError`, the store's
+        exception chained; an unusable stored record names the key and how to free it."""
+        if isinstance(exc, IdempotencyInvalidStatusError):
+            return IdempotencyInvalidRecordError(
+                f"the store holds an unusable record under {key!r}: {exc.message}. "
+                "It is left as it is; if it is not needed, free the key with "
+                f"`python -m aioidempotency delete --store URL '{key}'`",
+                exc,
+                key=key,
+            )
+        if isinstance(exc, IdempotencyError):
+            return exc
+        return IdempotencyPersistenceLayerError(message, exc)
 
     def _validate(self, call: PreparedCall, stored_hash: str | None) -> None:
         if call.payload_hash is not None and stored_hash != call.payload_hash:
@@ -316,9 +380,9 @@ class IdempotencyEngine:
     def _replay(self, record: DataRecord) -> Any:
         try:
             stored = record.response_json()
-        except ValueError as exc:
-            raise IdempotencyPersistenceLayerError(
-                f"stored result of {record.idempotency_key!r} is not valid JSON", exc
+        except (ValueError, RecursionError) as exc:
+            raise self._store_error(
+                "", record.idempotency_key, IdempotencyInvalidStatusError("its data is not JSON")
             ) from exc
         response = None if stored is None else self.output_serializer.from_dict(stored)
         if self.config.response_hook is not None:
@@ -335,26 +399,21 @@ class IdempotencyEngine:
         loop = asyncio.get_running_loop()
         flight = _Flight(loop=loop, payload_hash=call.payload_hash, done=loop.create_future())
         self._flights[call.key] = flight
-        renewer = self._start_lease(call, claim)
+        lease = self._start_lease(call, claim)
         try:
             try:
                 result = await fn()
             except BaseException as error:
                 try:
-                    await self._release(call.key, owner, renewer=renewer)
+                    await self._release(call.key, owner, lease=lease)
                 except IdempotencyPersistenceLayerError:
                     if isinstance(error, Exception):
                         raise
-                    # A cancellation or interrupt stays what it is; the lease frees the key.
+                    # A cancellation or interrupt stays what it is; the release is
+                    # retried in the background, and the lease frees the key at worst.
                     logger.exception("could not release %s after %r", call.key, error)
                 raise
-            try:
-                if renewer is not None:
-                    await renewer.stop()  # no renewal may land after the completion
-            except asyncio.CancelledError:
-                await self._release(call.key, owner)
-                raise
-            completed = await self._complete(call, owner, result)
+            completed = await self._complete(call, owner, result, lease)
             self._cache_put(completed)
             flight.done.set_result(completed)
             return result
@@ -364,12 +423,21 @@ class IdempotencyEngine:
             if not flight.done.done():
                 flight.done.set_result(None)
 
-    async def _complete(self, call: PreparedCall, owner: str, result: Any) -> DataRecord:
+    async def _complete(
+        self, call: PreparedCall, owner: str, result: Any, lease: Lease | None
+    ) -> DataRecord:
+        """Store the function's result, or say exactly why it was not stored.
+
+        The function has run, so its result is what prevents a second execution: a
+        completion interrupted by a cancellation or a store failure is retried in the
+        background (completions are safe to repeat), never traded for a release. A
+        result that cannot be stored at all (not JSON-able, too large) releases the key.
+        """
         try:
             data = None if result is None else self.output_serializer.to_dict(result)
             response_data = dumps_result(data)
         except Exception as exc:
-            await self._release(call.key, owner)
+            await self._release(call.key, owner, lease=lease)
             raise IdempotencySerializationError(
                 f"the result of type {type(result).__name__} cannot be stored as JSON; "
                 "the key was released (return JSON-able data or pass an output_serializer)",
@@ -384,46 +452,137 @@ class IdempotencyEngine:
             payload_hash=call.payload_hash,
         )
         try:
+            if lease is not None:
+                await lease.stop()  # no renewal may land after the completion
+                if lease.lost:
+                    raise IdempotencyClaimLostError(
+                        f"the claim on {call.key!r} was taken over while the function ran; "
+                        "its result was not stored (the result is attached)",
+                        key=call.key,
+                    )
             await self.persistence_store.complete(completed, owner=owner)
         except asyncio.CancelledError:
-            # Cancelled mid-write: the result may or may not be stored. An owner-checked
-            # release deletes only a claim that is still ours, so either outcome is safe.
-            await self._release(call.key, owner)
+            self._cleanup(self._complete_later(completed, owner))
             raise
         except IdempotencyClaimLostError as exc:
             exc.result = result
             raise
-        except IdempotencyCompletionError as exc:
+        except IdempotencyCompletionError as exc:  # the store cannot hold this result
             exc.result = result
             await self._release(call.key, owner)
             raise
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                await self._release(call.key, owner)
+            self._cleanup(self._complete_later(completed, owner))
             raise IdempotencyCompletionError(
                 "Failed to update record state to success in idempotency store; "
-                "the function ran and its result is attached",
+                "the function ran and its result is attached. Storing it is retried in "
+                "the background: until then the key is in progress",
                 exc,
                 result=result,
             ) from exc
         return completed
 
-    async def _release(self, key: str, owner: str, *, renewer: Lease | None = None) -> None:
-        """Stop renewing, then delete our claim; survives the caller's cancellation."""
+    async def _release(self, key: str, owner: str, *, lease: Lease | None = None) -> None:
+        """Stop renewing, then delete our claim; survives the caller's cancellation.
+
+        A release that fails is retried in the background, and the error raised.
+        """
 
         async def release() -> None:
-            if renewer is not None:
-                await renewer.stop()
-            await self.persistence_store.release(key, owner=owner)
+            if lease is not None:
+                await lease.stop()
+            try:
+                await self.persistence_store.release(key, owner=owner)
+            except Exception:
+                self._cleanup(self._release_later(key, owner))
+                raise
 
+        self._cache_delete(key)
         try:
             await _shielded(release())
         except Exception as exc:
-            raise IdempotencyPersistenceLayerError(
-                "Failed to delete record from idempotency store", exc
+            raise self._store_error(
+                "Failed to delete record from idempotency store", key, exc
             ) from exc
-        finally:
-            self._cache_delete(key)
+
+    # -- cleanup in the background ------------------------------------------------------
+
+    def _cleanup(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` (a bounded release or completion) in the background."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until the background releases and completions of this engine's calls
+        on the running loop are done; True if they all finished within `timeout`.
+
+        Calls that were cancelled or failed mid-flight free their claims (or store
+        their results) in the background; tests and shutdown hooks await this.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            pending = {task for task in self._cleanups if task.get_loop() is loop}
+            left = deadline - loop.time()
+            if not pending:
+                return True
+            if left <= 0:
+                return False
+            # A finished task may start another (a claim's release): look again.
+            await asyncio.wait(pending, timeout=left)
+
+    async def _release_later(self, key: str, owner: str, *, confirm: bool = False) -> None:
+        """Release `owner`'s claim, retrying failures with backoff (bounded).
+
+        With `confirm`, release once more after `_CONFIRM_RELEASE_DELAY`: the claim
+        this follows may have been in flight on another connection and land late.
+        """
+        release = self.persistence_store.release
+        released = await self._retry(f"release of {key}", release, key, owner=owner)
+        if released and confirm:
+            await asyncio.sleep(_CONFIRM_RELEASE_DELAY)
+            await self._retry(f"release of {key}", release, key, owner=owner)
+
+    async def _complete_later(self, record: DataRecord, owner: str) -> None:
+        """Store a result whose completion was interrupted (retried, bounded)."""
+        try:
+            if await self._retry(
+                f"completion of {record.idempotency_key}",
+                self.persistence_store.complete,
+                record,
+                owner=owner,
+            ):
+                self._cache_put(record)
+        except IdempotencyClaimLostError:
+            logger.warning(
+                "the claim on %s was taken over; its result was not stored",
+                record.idempotency_key,
+            )
+        except IdempotencyCompletionError:
+            await self._release_later(record.idempotency_key, owner)
+
+    async def _retry(
+        self, what: str, operation: Callable[..., Awaitable[Any]], *args: Any, **kw: Any
+    ) -> bool:
+        """Await `operation(*args, **kw)` until it succeeds, at most `_CLEANUP_ATTEMPTS`
+        times; a claim lost or a result too large is raised at once."""
+        delay = _CLEANUP_FIRST_DELAY
+        for attempt in range(1, _CLEANUP_ATTEMPTS + 1):
+            try:
+                await operation(*args, **kw)
+            except (IdempotencyClaimLostError, IdempotencyCompletionError):
+                raise
+            except Exception:
+                if attempt == _CLEANUP_ATTEMPTS:
+                    logger.warning("gave up the %s after %d attempts", what, attempt, exc_info=True)
+                    return False
+                logger.warning("the %s failed; retrying in %.2gs", what, delay, exc_info=True)
+                await asyncio.sleep(delay)
+                delay *= 2
+            else:
+                return True
+        return False  # pragma: no cover - the loop always returns
 
     # -- lease renewal ----------------------------------------------------------------
 
@@ -481,11 +640,9 @@ class IdempotencyEngine:
             interval = min(interval * 2, _MAX_POLL_INTERVAL)
             try:
                 record = await self.persistence_store.get(call.key)
-            except IdempotencyError:
-                raise
             except Exception as exc:
-                raise IdempotencyPersistenceLayerError(
-                    "Failed to get record from idempotency store", exc
+                raise self._store_error(
+                    "Failed to get record from idempotency store", call.key, exc
                 ) from exc
             if record is None or record.is_claimable(self._clock()):
                 return None
@@ -522,6 +679,18 @@ class IdempotencyEngine:
         if self.config.use_local_cache:
             with self._cache_lock:
                 self._cache.pop(key, None)
+
+
+def _is_own(result: ClaimResult, owner: str) -> bool:
+    """True when a refused claim shows the caller's own in-progress record: a client
+    resent the claim after losing the reply to the first one, which had won."""
+    existing = result.existing
+    return (
+        not result.claimed
+        and existing is not None
+        and existing.owner == owner
+        and existing.status is RecordStatus.INPROGRESS
+    )
 
 
 async def _shielded(awaitable: Awaitable[T]) -> T:

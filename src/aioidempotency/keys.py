@@ -68,15 +68,20 @@ def prepare_payload(payload: Any, *, deep_copy: bool = False) -> Any:
     so no copy is made unless `deep_copy` asks for one: the engine does when custom
     JMESPath functions, which could mutate their input, are configured.
     """
-    if dataclasses.is_dataclass(payload) and not isinstance(payload, type):
-        data: Any = dataclasses.asdict(payload)
-    elif callable(getattr(payload, "model_dump", None)):
-        data = payload.model_dump(mode="json")
-    elif callable(getattr(payload, "dict", None)):
-        data = payload.dict()
-    else:
-        data = getattr(payload, "raw_event", payload)
-    return copy.deepcopy(data) if deep_copy else data
+    try:
+        if dataclasses.is_dataclass(payload) and not isinstance(payload, type):
+            data: Any = dataclasses.asdict(payload)
+        elif callable(getattr(payload, "model_dump", None)):
+            data = payload.model_dump(mode="json")
+        elif callable(getattr(payload, "dict", None)):
+            data = payload.dict()
+        else:
+            data = getattr(payload, "raw_event", payload)
+        return copy.deepcopy(data) if deep_copy else data
+    except RecursionError as exc:
+        raise IdempotencyPayloadError(
+            "the payload is nested too deeply to compute an idempotency key"
+        ) from exc
 
 
 def _search(
@@ -143,6 +148,10 @@ def hash_data(data: Any, hash_function: str = "md5") -> str:
     except (TypeError, ValueError) as exc:
         raise IdempotencyPayloadError(
             f"the payload cannot be serialised to compute an idempotency key: {exc}"
+        ) from exc
+    except RecursionError as exc:
+        raise IdempotencyPayloadError(
+            "the payload is nested too deeply to compute an idempotency key"
         ) from exc
     digest = _hasher(hash_function)(text.encode())
     return str(digest.hexdigest())

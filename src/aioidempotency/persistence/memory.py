@@ -112,14 +112,26 @@ class InMemoryPersistenceLayer(PersistenceLayer):
         check_result_size(record, self.max_result_bytes)
         with self._lock:
             self.operations["complete"] += 1
+            current = self._records.get(record.idempotency_key)
+            if (
+                current is not None
+                and current.status is RecordStatus.COMPLETED
+                and current.owner == owner
+            ):
+                return  # a completion sent twice: the first one stored it
             self._owned(record.idempotency_key, owner)
-            self._put(record, self._clock())
+            # The completed record keeps its owner, so a repeat is recognised.
+            self._put(dataclasses.replace(record, owner=owner), self._clock())
 
     async def release(self, key: str, *, owner: str) -> None:
         with self._lock:
             self.operations["release"] += 1
             current = self._records.get(key)
-            if current is not None and current.owner == owner:
+            if (
+                current is not None
+                and current.owner == owner
+                and current.status is RecordStatus.INPROGRESS
+            ):
                 del self._records[key]
 
     async def renew(self, record: DataRecord) -> None:
