@@ -153,8 +153,13 @@ class IdempotencyClaimLostError(IdempotencyPersistenceConsistencyError):
 class IdempotencyCompletionError(IdempotencyPersistenceLayerError):
     """The function ran, but its result could not be stored.
 
-    The return value is in `result`, so it is never lost silently. The engine has
-    tried to release the claim, so a retry runs the function again.
+    The return value is in `result`, so it is never lost silently. When the store
+    failed (unreachable, timed out), the engine keeps trying to store the result in
+    the background for a few seconds: meanwhile a retry is refused as in progress,
+    then replays it (or, if the store stays out of reach, runs again once the claim's
+    lease runs out). The subclasses for results that cannot be stored at all
+    (`IdempotencySerializationError`, `IdempotencyResultTooLargeError`) release the
+    key instead, so a retry runs the function again.
     """
 
     def __init__(self, *args: object, result: Any = None) -> None:
