@@ -5,8 +5,8 @@ and event loops. The engine behaviours run on these backends through `store`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import logging
 import sys
 import time
 import uuid
@@ -19,11 +19,16 @@ import redis.asyncio as aioredis
 
 from aioidempotency.exceptions import (
     IdempotencyClaimLostError,
+    IdempotencyInvalidStatusError,
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
 )
-from aioidempotency.persistence.cache import CacheClient, CachePersistenceLayer
+from aioidempotency.persistence.cache import (
+    CacheAccessDeniedError,
+    CacheClient,
+    CachePersistenceLayer,
+)
 from aioidempotency.persistence.glide import GlideCacheClient
 from aioidempotency.persistence.urls import store_from_url
 from aioidempotency.records import DataRecord, RecordStatus
@@ -68,9 +73,16 @@ def admin_for(pool: ServerPool, kind: Kind, cluster: bool) -> Any:
     return redis.RedisCluster(node.host, node.port)
 
 
+def tok(name: str) -> str:
+    """A readable owner token as long as the engine's (32 chars): the owner checks refuse
+    short ones."""
+    return f"{name:_<32}"
+
+
 def in_progress(
     key: str, owner: str, *, in_progress_ms: int | None = None, ttl: int = 600
 ) -> DataRecord:
+    """An in-progress record of `owner` (turned into a token with `tok`)."""
     now = time.time()
     return DataRecord(
         idempotency_key=key,
@@ -80,8 +92,13 @@ def in_progress(
             int(now * 1000) + 60_000 if in_progress_ms is None else in_progress_ms
         ),
         payload_hash="hash-1",
-        owner=owner,
+        owner=tok(owner),
     )
+
+
+def renewed(record: DataRecord, until_ms: int) -> DataRecord:
+    """`record`'s renewed copy, as the lease keeper writes it."""
+    return dataclasses.replace(record, in_progress_expiry_timestamp=until_ms)
 
 
 def completed(key: str, data: Any, *, ttl: int = 600) -> DataRecord:
@@ -122,12 +139,12 @@ async def test_claim_is_nx_with_a_ttl_on_the_server(
         "expiration": first.expiry_timestamp,
         "in_progress_expiration": first.in_progress_expiry_timestamp,
         "validation": "hash-1",
-        "owner_token": "owner-a",
+        "owner_token": tok("owner-a"),
     }
     second = await layer.claim(in_progress(key, "owner-b"), now=time.time())
     assert not second.claimed
     assert second.existing is not None
-    assert second.existing.owner == "owner-a"
+    assert second.existing.owner == tok("owner-a")
     assert second.existing.payload_hash == "hash-1"
 
 
@@ -161,7 +178,7 @@ async def test_completion_keeps_validation_and_sets_the_ttl(
     layer, node = open_layer(layers, cache_servers, "valkey", "redis")
     key = new_key()
     assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
-    await layer.complete(completed(key, {"ok": 1}, ttl=300), owner="a")
+    await layer.complete(completed(key, {"ok": 1}, ttl=300), owner=tok("a"))
     with node.admin() as admin:
         stored = json.loads(admin.get(key))
         assert 0 < admin.ttl(key) <= 300
@@ -193,20 +210,22 @@ async def test_atomic_orphan_takeover_refuses_the_late_owner(
     assert (await layer.claim(in_progress(key, "new-owner"), now=time.time())).claimed
 
     with pytest.raises(IdempotencyClaimLostError, match="taken over"):
-        await layer.complete(completed(key, "late"), owner="crashed")
+        await layer.complete(completed(key, "late"), owner=tok("crashed"))
     with pytest.raises(IdempotencyClaimLostError, match="taken over"):
-        await layer.renew(key, owner="crashed", in_progress_expiry_ms=int(time.time() * 1000))
-    await layer.release(key, owner="crashed")
+        await layer.renew(renewed(stale, int(time.time() * 1000) + 5000))
+    await layer.release(key, owner=tok("crashed"))
     survivor = await layer.get(key)
     assert survivor is not None
-    assert survivor.owner == "new-owner"
+    assert survivor.owner == tok("new-owner")
 
-    await layer.complete(completed(key, "winner"), owner="new-owner")
+    winner = completed(key, "winner")
+    await layer.complete(winner, owner=tok("new-owner"))
     replay = await layer.claim(in_progress(key, "third"), now=time.time())
     assert replay.existing is not None
     assert replay.existing.response_json() == "winner"
-    with pytest.raises(IdempotencyClaimLostError, match="gone"):
-        await layer.complete(completed(key, "again"), owner="new-owner")
+    await layer.complete(winner, owner=tok("new-owner"))  # resent: still done
+    with pytest.raises(IdempotencyClaimLostError, match="taken over"):
+        await layer.complete(completed(key, "again"), owner=tok("new-owner"))
 
 
 @pytest.mark.parametrize("cluster", [False, True], ids=["standalone", "cluster"])
@@ -223,13 +242,14 @@ async def test_protocol_orphan_takeover_takes_the_reference_lock(
     try:
         assert admin.get(f"{key}:lock") == b"True"
         assert 0 < admin.ttl(f"{key}:lock") <= 10
-        assert json.loads(admin.get(key))["owner_token"] == "b"
+        assert json.loads(admin.get(key))["owner_token"] == tok("b")
         # b's claim is orphaned in turn: the lock is still held, so c is told to wait.
         admin.set(key, layer.attributes.to_json(in_progress(key, "b", in_progress_ms=past)))
         refused = await layer.claim(in_progress(key, "c"), now=time.time())
         assert not refused.claimed
         assert refused.existing is None
-        assert json.loads(admin.get(key))["owner_token"] == "b"
+        assert refused.busy
+        assert json.loads(admin.get(key))["owner_token"] == tok("b")
     finally:
         admin.close()
 
@@ -239,27 +259,29 @@ async def test_atomic_release_and_renew_only_touch_our_own_claim(
 ) -> None:
     layer, node = open_layer(layers, cache_servers, "redis", "glide")
     key = new_key()
-    claim = DataRecord(key, RecordStatus.INPROGRESS, int(time.time()) + 100, owner="a")
+    claim = DataRecord(key, RecordStatus.INPROGRESS, int(time.time()) + 100, owner=tok("a"))
     assert (await layer.claim(claim, now=time.time())).claimed
-    await layer.release(key, owner="someone-else")
+    await layer.release(key, owner=tok("someone-else"))
     assert await layer.get(key) is not None
 
     until = int(time.time() * 1000) + 5000
-    await layer.renew(key, owner="a", in_progress_expiry_ms=until)
+    await layer.renew(renewed(claim, until))
     with node.admin() as admin:
         stored = json.loads(admin.get(key))
-        assert 0 < admin.ttl(key) <= 100
+        assert 0 < admin.ttl(key) <= 100  # KEEPTTL
     assert stored["in_progress_expiration"] == until
-    assert stored["owner_token"] == "a"
-    await layer.renew(key, owner="a", in_progress_expiry_ms=until + 1)
-    renewed = await layer.get(key)
-    assert renewed is not None
-    assert renewed.in_progress_expiry_timestamp == until + 1
+    assert stored["owner_token"] == tok("a")
+    await layer.renew(renewed(claim, until + 1))
+    current = await layer.get(key)
+    assert current is not None
+    assert current.in_progress_expiry_timestamp == until + 1
+    with pytest.raises(IdempotencyClaimLostError, match="taken over"):
+        await layer.renew(dataclasses.replace(claim, owner=tok("someone-else")))
 
-    await layer.release(key, owner="a")
+    await layer.release(key, owner=tok("a"))
     assert await layer.get(key) is None
     with pytest.raises(IdempotencyClaimLostError, match="gone"):
-        await layer.renew(key, owner="a", in_progress_expiry_ms=until)
+        await layer.renew(renewed(claim, until))
 
 
 ODD_NAMES = {
@@ -272,32 +294,32 @@ ODD_NAMES = {
 
 
 @pytest.mark.parametrize("client", CLIENTS)
-async def test_the_atomic_scripts_follow_the_layers_attribute_names(
+async def test_the_atomic_scripts_work_with_any_attribute_names(
     cache_servers: ServerPool, layers: list[CachePersistenceLayer], client: str
 ) -> None:
     node = cache_servers.standalone("valkey")
     layer = CachePersistenceLayer.from_url(url_of(node, client), **ODD_NAMES)
     layers.append(layer)
     key = new_key()
-    claim = DataRecord(key, RecordStatus.INPROGRESS, int(time.time()) + 100, owner="a")
+    claim = DataRecord(key, RecordStatus.INPROGRESS, int(time.time()) + 100, owner=tok("a"))
     assert (await layer.claim(claim, now=time.time())).claimed
     refused = await layer.claim(in_progress(key, "b"), now=time.time())
     assert not refused.claimed
     assert refused.existing is not None
-    assert refused.existing.owner == "a"
+    assert refused.existing.owner == tok("a")
 
     until = int(time.time() * 1000) + 5000
-    await layer.renew(key, owner="a", in_progress_expiry_ms=until)  # adds the attribute
-    await layer.renew(key, owner="a", in_progress_expiry_ms=until + 1)  # updates it
+    await layer.renew(renewed(claim, until))  # adds the attribute
+    await layer.renew(renewed(claim, until + 1))  # updates it
     with pytest.raises(IdempotencyClaimLostError, match="taken over"):
-        await layer.renew(key, owner="b", in_progress_expiry_ms=until)
+        await layer.renew(renewed(in_progress(key, "b"), until))
     with node.admin() as admin:
         stored = json.loads(admin.get(key))
     assert stored[ODD_NAMES["in_progress_expiry_attr"]] == until + 1
-    assert stored[ODD_NAMES["owner_attr"]] == "a"
+    assert stored[ODD_NAMES["owner_attr"]] == tok("a")
 
-    big = "x" * 5000  # read through the first and last KiB
-    await layer.complete(completed(key, big), owner="a")
+    big = "x" * 5000
+    await layer.complete(completed(key, big), owner=tok("a"))
     replay = await layer.claim(in_progress(key, "b"), now=time.time())
     assert replay.existing is not None
     assert replay.existing.response_json() == big
@@ -307,41 +329,60 @@ async def test_the_atomic_scripts_follow_the_layers_attribute_names(
     assert (await layer.claim(stale, now=time.time())).claimed
     assert (await layer.claim(in_progress(orphan, "b"), now=time.time())).claimed
     with pytest.raises(IdempotencyClaimLostError, match="taken over"):
-        await layer.complete(completed(orphan, 1), owner="a")
-    await layer.release(orphan, owner="a")
+        await layer.complete(completed(orphan, 1), owner=tok("a"))
+    await layer.release(orphan, owner=tok("a"))
     assert await layer.get(orphan) is not None
-    await layer.release(orphan, owner="b")
+    await layer.release(orphan, owner=tok("b"))
     assert await layer.get(orphan) is None
 
 
 # -- unparsable and large records -----------------------------------------------------
 
 
+UNUSABLE = [
+    "not json",
+    '{"status": "DONE", "expiration": 1}',
+    "",
+    '{"status": "COMPLETED", "expiration": "1767225600", "data": "1"}',
+    '{"status": "COMPLETED", "expiration": 1767225600, "data": 123}',
+    "[1, 2]",
+]
+
+
 @pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "protocol"])
-@pytest.mark.parametrize("garbage", ["not json", '{"status": "DONE", "expiration": 1}', ""])
-async def test_unparsable_record_is_taken_over_as_an_orphan_and_logged(
+@pytest.mark.parametrize("garbage", [*UNUSABLE, "hash"])
+async def test_an_unusable_record_raises_the_typed_error_and_is_left_unchanged(
     cache_servers: ServerPool,
     layers: list[CachePersistenceLayer],
-    caplog: pytest.LogCaptureFixture,
     atomic: bool,
     garbage: str,
 ) -> None:
     layer, node = open_layer(layers, cache_servers, "redis", "redis", atomic=atomic)
     key = new_key()
     with node.admin() as admin:
-        admin.set(key, garbage, ex=100)
-    with caplog.at_level(logging.WARNING, logger="aioidempotency.persistence.cache"):
-        assert await layer.get(key) is None
-        assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
-    assert any(key in message and "unparsable" in message for message in caplog.messages)
-    record = await layer.get(key)
-    assert record is not None
-    assert record.owner == "a"
+        if garbage == "hash":
+            admin.hset(key, "status", "COMPLETED")
+        else:
+            admin.set(key, garbage, ex=100)
+        before = admin.dump(key)
+    with pytest.raises(IdempotencyInvalidStatusError):
+        await layer.get(key)
+    with pytest.raises(IdempotencyInvalidStatusError):
+        await layer.claim(in_progress(key, "a"), now=time.time())
+    claim = in_progress(key, "a")
+    with pytest.raises(IdempotencyClaimLostError, match="taken over"):
+        await layer.complete(completed(key, 1), owner=tok("a"))
+    with pytest.raises(IdempotencyClaimLostError, match="taken over"):
+        await layer.renew(claim)
+    await layer.release(key, owner=tok("a"))
+    with node.admin() as admin:
+        assert admin.dump(key) == before
+    assert await layer.delete(key)  # what the operator's CLI does
 
 
 def _big_result() -> str:
     # A decoy inside the result: text that looks like our attributes must not count.
-    decoy = '{"status": "INPROGRESS", "owner_token": "a", "expiration": 1}'
+    decoy = json.dumps({"status": "INPROGRESS", "owner_token": tok("a"), "expiration": 1})
     return json.dumps({"blob": "x" * 1_000_000, "decoy": decoy})
 
 
@@ -355,15 +396,15 @@ async def test_large_results_replay_and_decoys_inside_them_are_ignored(
     big = DataRecord(
         key, RecordStatus.COMPLETED, int(time.time()) + 600, response_data=_big_result()
     )
-    await layer.complete(big, owner="a")
+    await layer.complete(big, owner=tok("a"))
     replay = await layer.claim(in_progress(key, "b"), now=time.time())
     assert not replay.claimed
     assert replay.existing is not None
     assert replay.existing.status is RecordStatus.COMPLETED
     assert replay.existing.response_data == big.response_data
-    with pytest.raises(IdempotencyClaimLostError, match="gone"):
-        await layer.renew(key, owner="a", in_progress_expiry_ms=int(time.time() * 1000))
-    await layer.release(key, owner="a")
+    with pytest.raises(IdempotencyClaimLostError, match="taken over"):
+        await layer.renew(in_progress(key, "a"))
+    await layer.release(key, owner=tok("a"))
     assert await layer.get(key) is not None
 
 
@@ -411,7 +452,7 @@ async def test_a_server_that_is_down_is_a_connection_error(client: str, atomic: 
 
 @pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "protocol"])
 @pytest.mark.parametrize(("kind", "client"), [("redis", "redis"), ("valkey", "glide")])
-async def test_an_acl_refusal_is_a_layer_error(
+async def test_an_acl_refusal_is_access_denied_not_transient(
     cache_servers: ServerPool, kind: Kind, client: str, atomic: bool
 ) -> None:
     node = cache_servers.standalone(kind)
@@ -427,7 +468,8 @@ async def test_an_acl_refusal_is_a_layer_error(
             with pytest.raises(IdempotencyPersistenceLayerError) as caught:
                 await layer.claim(in_progress(new_key(), "a"), now=time.time())
             assert await layer.get(new_key()) is None  # what the user may do still works
-        assert not isinstance(caught.value, IdempotencyPersistenceConnectionError)
+        assert isinstance(caught.value, CacheAccessDeniedError)
+        assert not caught.value.transient
         assert "NOPERM" in str(caught.value.__cause__).upper() or "permission" in str(
             caught.value.__cause__
         )
@@ -478,13 +520,13 @@ async def test_a_layer_from_a_url_opens_a_client_in_each_loop(
             result = await layer.claim(in_progress(new_key(), owner), now=time.time())
             seen = await layer.get(key)
             await layer.aclose()
-            return result.claimed and seen is not None and seen.owner == "a"
+            return result.claimed and seen is not None and seen.owner == tok("a")
 
         return asyncio.run(go())
 
     for owner in ("b", "c"):  # asyncio.run per call, as in a Lambda handler
         assert await asyncio.wait_for(asyncio.to_thread(use_in_a_fresh_loop, owner), 30)
-    await layer.complete(completed(key, 1), owner="a")
+    await layer.complete(completed(key, 1), owner=tok("a"))
 
 
 class UserCache:
@@ -521,11 +563,12 @@ async def test_a_user_object_satisfying_cache_client_gets_the_protocol_path(
         assert not layer.owner_checked
         key = new_key()
         assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
-        await layer.complete(completed(key, [1, 2]), owner="a")
+        await layer.complete(completed(key, [1, 2]), owner=tok("a"))
         replay = await layer.claim(in_progress(key, "b"), now=time.time())
         assert replay.existing is not None
         assert replay.existing.response_json() == [1, 2]
-        assert user_cache.calls == ["set", "set", "set", "get"]
+        # claim: SET NX; complete: GET (still ours?), SET; replay: SET NX, GET.
+        assert user_cache.calls == ["set", "get", "set", "set", "get"]
         with pytest.raises(IdempotencyPersistenceConfigError, match="cannot run scripts"):
             CachePersistenceLayer(user_cache, atomic=True)
     finally:
@@ -559,7 +602,7 @@ async def test_cluster_records_spread_over_the_nodes(
     keys = [new_key() for _ in range(30)]
     for key in keys:
         assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
-        await layer.complete(completed(key, key), owner="a")
+        await layer.complete(completed(key, key), owner=tok("a"))
     for node in cache_servers.cluster("redis"):
         with node.admin() as admin:
             assert admin.dbsize() > 0

@@ -2,17 +2,21 @@
 
 Records use the reference's layout (semantics A3): the key is the idempotency key
 itself and the value the record's JSON text, written with `EX` set to the seconds left
-until `expiration`. Two paths, chosen by what the client can do:
+until `expiration`. `RecordAttributes.from_json` is the one reader of records: a value
+it refuses raises `IdempotencyInvalidStatusError` and is never overwritten. Two paths,
+chosen by what the client can do:
 
 - **protocol path**, for any `CacheClient` (get/set/delete): the reference algorithm
-  (semantics A5) with its orphan lock key `"{key}:lock"`; the record read after a
-  refused claim is handed to the engine instead of being read again. It cannot check
-  the owner token atomically, so `owner_checked` is False.
+  (semantics A5) with its orphan lock key `"{key}:lock"`; completion, release and
+  renewal read the record first and write only over the caller's own claim, but a
+  takeover landing between that read and the write is not seen, so `owner_checked` is
+  False (docs/redis-valkey.md says what this path guarantees).
 - **atomic path**, for clients that run Lua scripts (redis-py asyncio, valkey-py
   asyncio, valkey-glide): claim-or-return-existing, orphan takeover, completion,
-  release and renewal each in one round trip, conditional on the owner token. Every
-  script touches one key only, so it is cluster-safe, and reads at most 2 KiB of a
-  record to decide (the result itself is never decoded on the server).
+  release and renewal each conditional on the server, in one round trip (a takeover in
+  two). The scripts never parse a record: a takeover replaces a value only if it still
+  has the fingerprint of the one Python classified, and the owner checks look for the
+  caller's owner token. Every script touches one key, so it is cluster-safe.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
+import os
+import random
+import re
 import sys
 import threading
 import time
@@ -46,11 +52,13 @@ from aioidempotency.persistence.urls import CACHE_SCHEMES
 from aioidempotency.records import DataRecord, RecordAttributes, RecordStatus
 
 __all__ = [
+    "CacheAccessDeniedError",
     "CacheClient",
     "CachePersistenceLayer",
     "LuaScript",
     "RedisPyCacheClient",
     "ScriptingCacheClient",
+    "fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,161 +107,122 @@ class ScriptingCacheClient(CacheClient, Protocol):
 
 
 # --- Lua scripts -------------------------------------------------------------------------
-# Each layer runs scripts built for its attribute names (one set of scripts per distinct
-# set of names, shared by the layers using it): the patterns that find the attributes
-# are constants of the script text, so only per-call values travel as arguments.
-#
-# `inspect` reads the status, expiry, in-progress expiry and owner of a record without
-# decoding it: values up to 2 KiB are read whole, larger ones through their first and
-# last KiB (the small attributes sit before or after `data` in every known writer).
-# A key pattern only matches a structural key: a quote not preceded by a backslash
-# cannot lie inside a JSON string, so text inside `data` never matches.
-_INSPECT = """
-local W = 1024
-local function pick(windows, pattern)
-  for i = 1, #windows do
-    local v = string.match(windows[i], pattern)
-    if v then return v end
-  end
-  return nil
-end
-local function inspect(key)
-  local n = redis.call('STRLEN', key)
-  local r = {}
-  local windows
-  if n <= 2 * W then
-    local value = redis.call('GET', key)
-    if not value then return nil end
-    r.value = value
-    windows = {value}
+# The scripts never parse a record: `RecordAttributes.from_json` is the one classifier
+# (semantics D: every reader must classify a record the same way). A script only moves
+# bytes, compares them, and looks for an owner token, so it costs the same whatever the
+# record's shape and (past a bounded prefix and suffix) whatever its size. They do not
+# depend on attribute names: one set serves every layer.
+
+#: Values up to this size are fingerprinted whole; larger ones through their first and
+#: last `_FINGERPRINT_EDGE` bytes (see `fingerprint`).
+_FINGERPRINT_WHOLE = 4096
+_FINGERPRINT_EDGE = 2048
+#: An owner token is only looked for in values up to this size (an in-progress record
+#: is a few hundred bytes; the search stays cheap whatever lies under the key).
+_MAX_OWNED_BYTES = 65536
+#: The shortest owner token the owner checks accept (the engine's are 32 hex chars): a
+#: short token could be found by chance in someone else's record.
+_MIN_OWNER_CHARS = 16
+
+# KEYS[1]; ARGV: record text, TTL, expected fingerprint or ''.
+# {1}: claimed a free key. {3}: the value still had the expected fingerprint and was
+# replaced (takeover). {4, type}: the key holds another Redis type. {0, value}: refused,
+# with the value for the caller to classify.
+_CLAIM_CODE = f"""
+local key = KEYS[1]
+if redis.call('SET', key, ARGV[1], 'EX', ARGV[2], 'NX') then return {{1}} end
+local n = redis.pcall('STRLEN', key)
+if type(n) ~= 'number' then return {{4, redis.call('TYPE', key)['ok']}} end
+if ARGV[3] ~= '' then
+  local sample
+  if n <= {_FINGERPRINT_WHOLE} then
+    sample = redis.call('GET', key)
   else
-    windows = {redis.call('GETRANGE', key, 0, W - 1), redis.call('GETRANGE', key, -W, -1)}
+    sample = redis.call('GETRANGE', key, 0, {_FINGERPRINT_EDGE - 1})
+      .. redis.call('GETRANGE', key, -{_FINGERPRINT_EDGE}, -1)
   end
-  r.status = pick(windows, STATUS)
-  if not r.status and not r.value then
-    windows = {redis.call('GET', key)}
-    r.status = pick(windows, STATUS)
+  if string.format('%d', n) .. ':' .. redis.sha1hex(sample) == ARGV[3] then
+    redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
+    return {{3}}
   end
-  r.expiry = tonumber(pick(windows, EXPIRY))
-  r.in_progress = tonumber(pick(windows, IN_PROGRESS))
-  r.owner = pick(windows, OWNER)
-  r.valid = (r.status == 'INPROGRESS' or r.status == 'COMPLETED') and r.expiry ~= nil
-  return r
+end
+return {{0, redis.call('GET', key)}}
+"""
+
+# The value under KEYS[1] is ours when it is a string of at most _MAX_OWNED_BYTES that
+# contains our owner token as a JSON string (ARGV[1], quotes included). Only our own
+# in-progress records carry it; a completed record carries no token.
+_OWNED = f"""
+local key, token = KEYS[1], ARGV[1]
+local n = redis.pcall('STRLEN', key)
+if type(n) ~= 'number' then n = -1 end
+local function missing()
+  return n == 0 and redis.call('EXISTS', key) == 0
+end
+local function ours()
+  return n > 0 and n <= {_MAX_OWNED_BYTES}
+    and string.find(redis.call('GET', key), token, 1, true) ~= nil
 end
 """
 
-# ARGV: record JSON, TTL, now (s), now (ms).
-# Returns {1} claimed a free key, {3} took over an expired/orphaned record,
-# {2} took over an unparsable record, {0, value} refused with the live record.
-_CLAIM_BODY = """
-local r = inspect(KEYS[1])
-local code = 1
-if r then
-  if not r.valid then
-    code = 2
-  elseif tonumber(ARGV[3]) > r.expiry
-      or (r.status == 'INPROGRESS' and r.in_progress and r.in_progress < tonumber(ARGV[4])) then
-    code = 3
-  else
-    return {0, r.value or redis.call('GET', KEYS[1])}
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return {code}
-"""
-
-# ARGV: owner, record JSON, TTL. Returns 1 done, 0 gone, 2 taken over.
-_COMPLETE_BODY = """
-local r = inspect(KEYS[1])
-if not r or r.status ~= 'INPROGRESS' then return 0 end
-if r.owner ~= ARGV[1] then return 2 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+# ARGV: quoted owner token, completed record text, TTL. 1: stored (or already stored
+# by this very completion, resent after a lost reply), 0: gone, 2: taken over.
+_COMPLETE_CODE = (
+    _OWNED
+    + """
+if missing() then return 0 end
+if n == #ARGV[2] and redis.call('GET', key) == ARGV[2] then return 1 end
+if not ours() then return 2 end
+redis.call('SET', key, ARGV[2], 'EX', ARGV[3])
 return 1
 """
+)
 
-# ARGV: owner. Returns 1 deleted, 0 not ours.
-_RELEASE_BODY = """
-local r = inspect(KEYS[1])
-if r and r.owner == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-"""
-
-# ARGV: owner, new in-progress expiry (ms). Returns 1 renewed, 0 gone, 2 taken over.
-# The TTL is kept.
-_RENEW_BODY = """
-local r = inspect(KEYS[1])
-if not r or r.status ~= 'INPROGRESS' then return 0 end
-if r.owner ~= ARGV[1] then return 2 end
-local value = r.value or redis.call('GET', KEYS[1])
-local updated, n = string.gsub(value, IN_PROGRESS_AT, '%1' .. ARGV[2], 1)
-if n == 0 then
-  updated = string.gsub(value, '}%s*$', ', ' .. IN_PROGRESS_KEY .. ': ' .. ARGV[2] .. '}', 1)
-end
-redis.call('SET', KEYS[1], updated, 'KEEPTTL')
+# ARGV: quoted owner token. 1: deleted our claim, 0: nothing of ours to delete.
+_RELEASE_CODE = (
+    _OWNED
+    + """
+if not ours() then return 0 end
+redis.call('DEL', key)
 return 1
 """
+)
 
+# ARGV: quoted owner token, renewed in-progress record text. 1: renewed (TTL kept),
+# 0: gone, 2: taken over.
+_RENEW_CODE = (
+    _OWNED
+    + """
+if missing() then return 0 end
+if not ours() then return 2 end
+redis.call('SET', key, ARGV[2], 'KEEPTTL')
+return 1
+"""
+)
 
-@dataclasses.dataclass(frozen=True)
-class _Scripts:
-    """The atomic path's scripts for one set of attribute names."""
+_CLAIM = LuaScript(_CLAIM_CODE)
+_COMPLETE = LuaScript(_COMPLETE_CODE)
+_RELEASE = LuaScript(_RELEASE_CODE)
+_RENEW = LuaScript(_RENEW_CODE)
 
-    claim: LuaScript
-    complete: LuaScript
-    release: LuaScript
-    renew: LuaScript
-
-
-def _key_pattern(name: str) -> str:
-    """The Lua pattern matching `name` as a JSON object key (quotes included)."""
-    return "".join(c if c.isalnum() else "%" + c for c in json.dumps(name))
-
-
-def _lua_string(text: str) -> str:
-    """`text` as a single-quoted Lua string literal; quotes, backslashes and bytes that
-    are not printable ASCII are written as decimal escapes."""
-    chars = (chr(b) if 32 <= b < 127 and b not in b"'\\" else f"\\{b:03d}" for b in text.encode())
-    return "'" + "".join(chars) + "'"
-
-
-@functools.lru_cache(maxsize=64)
-def _scripts(status: str, expiry: str, in_progress: str, owner: str) -> _Scripts:
-    """The scripts for records whose attributes have these names."""
-
-    def attribute(name: str, value_pattern: str) -> str:
-        return _lua_string(rf"[{{,]%s*{_key_pattern(name)}%s*:%s*{value_pattern}")
-
-    number = r"(%-?%d+)%s*[,}]"
-    constants = [
-        ("STATUS", attribute(status, r'"(%u+)"')),
-        ("EXPIRY", attribute(expiry, number)),
-        ("IN_PROGRESS", attribute(in_progress, number)),
-        ("OWNER", attribute(owner, r'"([^"\]*)"')),
-        ("IN_PROGRESS_AT", _lua_string(rf"([{{,]%s*{_key_pattern(in_progress)}%s*:%s*)%-?%d+")),
-        ("IN_PROGRESS_KEY", _lua_string(json.dumps(in_progress).replace("%", "%%"))),
-    ]
-    header = "".join(f"local {name} = {value}\n" for name, value in constants)
-    prelude = header + _INSPECT
-    return _Scripts(
-        claim=LuaScript(prelude + _CLAIM_BODY),
-        complete=LuaScript(prelude + _COMPLETE_BODY),
-        release=LuaScript(prelude + _RELEASE_BODY),
-        renew=LuaScript(prelude + _RENEW_BODY),
-    )
-
-
-# The scripts for the default attribute names.
-_DEFAULT_SCRIPTS = _scripts("status", "expiration", "in_progress_expiration", "owner_token")
-_CLAIM = _DEFAULT_SCRIPTS.claim
-_COMPLETE = _DEFAULT_SCRIPTS.complete
-_RELEASE = _DEFAULT_SCRIPTS.release
-_RENEW = _DEFAULT_SCRIPTS.renew
-
-_CLAIM_FREE, _CLAIM_REFUSED, _CLAIM_UNPARSABLE, _CLAIM_TAKEOVER = 1, 0, 2, 3
+_CLAIM_REFUSED, _CLAIM_FREE, _CLAIM_TAKEOVER, _CLAIM_WRONG_TYPE = 0, 1, 3, 4
 _DONE, _GONE, _TAKEN_OVER = 1, 0, 2
+
+
+def fingerprint(value: bytes | str) -> str:
+    """``"<byte length>:<sha1 hex>"`` of a stored value, as the claim script computes it.
+
+    The SHA1 covers the whole value up to 4 KiB, else its first and last 2 KiB, so the
+    script's cost is bounded whatever the size. A takeover compares fingerprints: the
+    value must not have changed since the caller classified it. Residual risk: a rewrite
+    of a value over 4 KiB that keeps its length and both 2 KiB ends goes unseen.
+    """
+    data = value.encode() if isinstance(value, str) else value
+    n = len(data)
+    sample = (
+        data if n <= _FINGERPRINT_WHOLE else data[:_FINGERPRINT_EDGE] + data[-_FINGERPRINT_EDGE:]
+    )
+    return f"{n}:{hashlib.sha1(sample, usedforsecurity=False).hexdigest()}"
 
 
 def _ttl(expiry_timestamp: int, now: float) -> int:
@@ -262,23 +231,88 @@ def _ttl(expiry_timestamp: int, now: float) -> int:
 
 
 # --- errors --------------------------------------------------------------------------------
+class CacheAccessDeniedError(IdempotencyPersistenceLayerError):
+    """The server refused the credentials or a command (``WRONGPASS``, ``NOAUTH``,
+    ``NOPERM``): a configuration problem, so not transient (a retry fails the same way).
+    Fix the user's password or ACL (see docs/redis-valkey.md, Permissions)."""
+
+
+#: Server replies that say "not now or not here": redirections the client did not follow,
+#: a cluster or a node that is failing over, loading or read-only (a demoted primary).
+_RETRY_REPLY = re.compile(r"\b(MOVED|ASK|TRYAGAIN|CLUSTERDOWN|LOADING|READONLY|MASTERDOWN)\b")
+_DENIED_REPLY = re.compile(
+    r"\b(WRONGPASS|NOAUTH|NOPERM)\b|PermissionDenied|no permissions|invalid username-password"
+)
+_TRANSIENT, _DENIED, _WRONG_TYPE, _OTHER = "transient", "denied", "wrongtype", "other"
+
+
 def _connection_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [ConnectionError, TimeoutError, OSError]
     types.append(asyncio.TimeoutError)
-    for name in ("redis.exceptions", "valkey.exceptions"):
+    for name in ("redis.exceptions", "valkey.exceptions", "glide"):
         module = sys.modules.get(name)
-        if module is not None:
-            types += [module.ConnectionError, module.TimeoutError]
+        if module is None:
+            continue
+        types += [module.ConnectionError, module.TimeoutError]
+        if name == "glide":
+            types.append(module.ClosingError)
     return tuple(types)
 
 
+def _raised_inside(exc: BaseException, roots: tuple[str, ...]) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module.split(".")[0] in roots
+
+
+def _classify(exc: BaseException) -> str:
+    """What a client error means for the caller: `_TRANSIENT` (unreachable, timed out,
+    redirected or failing over: worth a retry), `_DENIED` (credentials or ACL),
+    `_WRONG_TYPE` (the key holds another Redis type) or `_OTHER`. An error our own
+    adapters raised is judged by its cause."""
+    if isinstance(exc, IdempotencyPersistenceLayerError) and isinstance(exc.__cause__, Exception):
+        exc = exc.__cause__
+    text = str(exc)
+    if _DENIED_REPLY.search(text) or type(exc).__name__ in {
+        "AuthenticationError",
+        "AuthorizationError",
+        "NoPermissionError",
+    }:
+        return _DENIED
+    if "WRONGTYPE" in text:
+        return _WRONG_TYPE
+    if isinstance(exc, _connection_error_types()) or _RETRY_REPLY.search(text):
+        return _TRANSIENT
+    if isinstance(exc, AttributeError) and _raised_inside(exc, ("redis", "valkey")):
+        # redis-py's cluster client trips over its own topology during a failover.
+        return _TRANSIENT
+    return _OTHER
+
+
 def _store_error(action: str, key: str, exc: Exception) -> IdempotencyPersistenceLayerError:
-    """A client error as ours: unreachable -> connection error, others -> layer error."""
-    if isinstance(exc, _connection_error_types()):
+    """A client error as ours: unreachable, timed out or failing over -> connection error
+    (transient); refused credentials or ACL -> `CacheAccessDeniedError`; others -> layer
+    error. The client's exception is chained by the caller (``raise ... from exc``)."""
+    kind = _classify(exc)
+    if kind == _TRANSIENT:
         return IdempotencyPersistenceConnectionError(
-            f"cache store unreachable during {action} of {key!r}", exc
+            f"cache store unreachable or failing over during {action} of {key!r}", exc
+        )
+    if kind == _DENIED:
+        return CacheAccessDeniedError(
+            f"cache store refused access during {action} of {key!r} (check the user's "
+            "password and ACL)",
+            exc,
         )
     return IdempotencyPersistenceLayerError(f"cache store failed during {action} of {key!r}", exc)
+
+
+def _wrong_type(key: str) -> IdempotencyInvalidStatusError:
+    return IdempotencyInvalidStatusError(
+        f"record {key!r} holds another Redis type (a hash, list, ...), not a record"
+    )
 
 
 # --- client adapters -------------------------------------------------------------------
@@ -291,7 +325,11 @@ class RedisPyCacheClient:
     """A redis-py (or valkey-py) asyncio client, standalone or cluster, with scripts.
 
     Scripts run with EVALSHA and fall back to EVAL once per server when the script is
-    not cached yet. `owned=True` closes the client on `aclose()`.
+    not cached yet. `owned=True` closes the client on `aclose()`. Calls in flight are
+    bounded, per event loop, by what the client's pool can carry (its
+    `max_connections`; per node for a cluster), so load waits for a connection instead
+    of failing with "Too many connections". A `BlockingConnectionPool` already waits
+    and gets no bound.
     """
 
     def __init__(self, client: Any, *, owned: bool = False) -> None:
@@ -304,6 +342,10 @@ class RedisPyCacheClient:
         # flight, then retries it, so a claim can run twice and refuse itself).
         self._ready = not hasattr(client, "nodes_manager")
         self._ready_lock: asyncio.Lock | None = None
+        self.max_in_flight = _pool_capacity(client)
+        self._limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def _initialize(self) -> None:
         if self._ready_lock is None:
@@ -313,39 +355,64 @@ class RedisPyCacheClient:
                 await self.client.initialize()
                 self._ready = True
 
-    async def get(self, name: str) -> bytes | str | None:
-        """GET `name`."""
+    def _limit(self) -> asyncio.Semaphore | None:
+        if self.max_in_flight is None:
+            return None
+        loop = asyncio.get_running_loop()
+        limit = self._limits.get(loop)
+        if limit is None:
+            limit = self._limits.setdefault(loop, asyncio.Semaphore(self.max_in_flight))
+        return limit
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if not self._ready:
             await self._initialize()
-        value: bytes | str | None = await self.client.get(name)
+        limit = self._limit()
+        if limit is None:
+            return await getattr(self.client, method)(*args, **kwargs)
+        async with limit:
+            return await getattr(self.client, method)(*args, **kwargs)
+
+    async def get(self, name: str) -> bytes | str | None:
+        """GET `name`."""
+        value: bytes | str | None = await self._call("get", name)
         return value
 
     async def set(self, name: str, value: str, *, ex: int | None = None, nx: bool = False) -> Any:
         """SET `name` with EX and NX."""
-        if not self._ready:
-            await self._initialize()
-        return await self.client.set(name, value, ex=ex, nx=nx)
+        return await self._call("set", name, value, ex=ex, nx=nx)
 
     async def delete(self, *names: str) -> int:
         """DEL `names`."""
-        if not self._ready:
-            await self._initialize()
-        count: int = await self.client.delete(*names)
+        count: int = await self._call("delete", *names)
         return count
 
     async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """EVALSHA `script` on `key`'s node; EVAL when the server does not know it yet."""
-        if not self._ready:
-            await self._initialize()
         try:
-            return await self.client.evalsha(script.sha, 1, key, *args)
+            return await self._call("evalsha", script.sha, 1, key, *args)
         except self._no_script:
-            return await self.client.eval(script.code, 1, key, *args)
+            return await self._call("eval", script.code, 1, key, *args)
 
     async def aclose(self) -> None:
         """Close the client if this adapter created it."""
         if self.owned:
             await self.client.aclose()
+
+
+def _pool_capacity(client: Any) -> int | None:
+    """How many commands `client` can have in flight before its pool refuses one: the
+    pool's `max_connections` (per node for a cluster); None for a blocking pool, which
+    makes a command wait for a connection instead."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        if type(pool).__name__ == "BlockingConnectionPool":
+            return None
+        capacity = getattr(pool, "max_connections", None)
+    else:
+        kwargs = getattr(getattr(client, "nodes_manager", None), "connection_kwargs", {})
+        capacity = kwargs.get("max_connections") if isinstance(kwargs, dict) else None
+    return capacity if isinstance(capacity, int) and 0 < capacity < 2**31 - 1 else None
 
 
 def _adapt(client: object, *, owned: bool = False) -> CacheClient:
@@ -388,6 +455,23 @@ class _LoopClient:
 ClientFactory = Callable[[], Awaitable[Any]]
 _T = TypeVar("_T")
 
+# How many forks this process descends from (bumped in each child): a layer compares it
+# with the value it saw when it took its clients, to tell it runs in a forked child.
+_fork_generation = 0
+
+
+def _forked() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+#: Pause before the 2nd and 3rd attempt of an operation after a transient failure
+#: (seconds, with jitter).
+_RETRY_DELAYS = (0.05, 0.2)
+
 
 class CachePersistenceLayer(PersistenceLayer):
     """Idempotency records in Redis or Valkey.
@@ -397,10 +481,15 @@ class CachePersistenceLayer(PersistenceLayer):
     `GlideClient`/`GlideClusterClient`, or any `ScriptingCacheClient` (atomic path by
     default; `atomic=False` forces the protocol path). Instead of a client, pass
     `client_factory`, an async callable that opens one; it is called lazily, once per
-    event loop, and the clients it returns are closed by `aclose()` (a
-    `RedisPyCacheClient` or `GlideCacheClient` it returns closes its client only if
-    built with `owned=True`); at most `max_concurrency` calls per loop are in flight on
-    them. `from_url` builds such a layer. Attribute names default to the reference's;
+    event loop (and again in a forked child), and the clients it returns are closed by
+    `aclose()` (a `RedisPyCacheClient` or `GlideCacheClient` it returns closes its
+    client only if built with `owned=True`); at most `max_concurrency` calls per loop
+    are in flight on them. `from_url` builds such a layer. A client passed in is
+    refused in a forked child (it shares its connections with the parent).
+
+    Every operation is safe to repeat, so a transient failure (unreachable, timed out,
+    redirected, failing over) is retried: at most `retry_attempts` attempts, none
+    started after `retry_budget_seconds`. Attribute names default to the reference's;
     `owner_attr` is ours.
     """
 
@@ -418,6 +507,8 @@ class CachePersistenceLayer(PersistenceLayer):
         owner_attr: str = "owner_token",
         max_result_bytes: int | None = None,
         max_concurrency: int = 64,
+        retry_attempts: int = 3,
+        retry_budget_seconds: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if (client is None) == (client_factory is None):
@@ -439,14 +530,20 @@ class CachePersistenceLayer(PersistenceLayer):
             validation_key_attr=validation_key_attr,
             owner_attr=owner_attr,
         )
-        self._scripts = _scripts(status_attr, expiry_attr, in_progress_expiry_attr, owner_attr)
         self.max_result_bytes = max_result_bytes
         self.max_concurrency = max_concurrency
+        self.retry_attempts = max(1, retry_attempts)
+        self.retry_budget_seconds = retry_budget_seconds
         self._clock = clock
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
             weakref.WeakKeyDictionary()
         )
         self._loops_lock = threading.Lock()
+        self._generation = _fork_generation
+        self._pid = os.getpid()
+        # A parent's clients, dropped in a forked child: kept referenced so that their
+        # finalizers never close the parent's sockets from the child.
+        self._forsaken: list[tuple[asyncio.AbstractEventLoop, _LoopClient]] = []
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -496,30 +593,41 @@ class CachePersistenceLayer(PersistenceLayer):
             )
         return cls(client_factory=factory, **options)
 
+    # --- running an operation -------------------------------------------------------------
     async def _run(self, action: str, key: str, op: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        """`op(client, *args)` on the client for this loop, errors mapped; at most
-        `max_concurrency` calls in flight on clients the layer opened (so a pool is never
-        exhausted). Flat on purpose: this wraps every store operation."""
+        """`op(client, *args)` on the client for this loop and process, retried after a
+        transient failure, errors mapped. Every `op` is safe to repeat."""
         task = asyncio.current_task()
         cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
         before = cancelling() if cancelling is not None else 0
-        try:
-            client = self._client
-            if client is not None:
-                result = await op(client, *args)
-            else:
-                state = self._loops.get(asyncio.get_running_loop())
-                if state is None or state.client is None:
-                    state = await self._loop_client()
-                await state.limit.acquire()
-                try:
-                    result = await op(state.client, *args)
-                finally:
-                    state.limit.release()
-        except IdempotencyError:
-            raise
-        except Exception as exc:
-            raise _store_error(action, key, exc) from exc
+        if self._generation != _fork_generation:
+            self._after_fork()
+        attempt = 1
+        started = time.monotonic()
+        while True:
+            try:
+                result = await self._once(op, args)
+                break
+            except IdempotencyError as exc:
+                cause = exc.__cause__
+                if not isinstance(exc, IdempotencyPersistenceLayerError) or not isinstance(
+                    cause, Exception
+                ):
+                    raise  # ours: a record that is not usable, a refused configuration
+                failure: Exception = cause  # an adapter's mapped error: judge its cause
+            except Exception as exc:
+                failure = exc
+            swallowed = cancelling is not None and cancelling() > before
+            if (
+                swallowed
+                or _classify(failure) != _TRANSIENT
+                or attempt >= self.retry_attempts
+                or time.monotonic() - started > self.retry_budget_seconds
+            ):
+                raise _store_error(action, key, failure) from failure
+            delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS)) - 1]
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            attempt += 1
         if (
             cancelling is not None
             and cancelling() > before
@@ -529,6 +637,33 @@ class CachePersistenceLayer(PersistenceLayer):
             # by redis-py, drops it when the command finishes at the same moment).
             raise asyncio.CancelledError(f"{action} of {key!r} was cancelled")
         return result
+
+    async def _once(self, op: Callable[..., Awaitable[_T]], args: tuple[Any, ...]) -> _T:
+        client = self._client
+        if client is not None:
+            return await op(client, *args)
+        state = self._loops.get(asyncio.get_running_loop())
+        if state is None or state.client is None:
+            state = await self._loop_client()
+        async with state.limit:
+            return await op(state.client, *args)
+
+    def _after_fork(self) -> None:
+        """In a forked child: refuse a client passed in; drop the parent's own clients
+        (unclosed: their sockets are the parent's) so that new ones are opened here."""
+        if self._client is not None:
+            raise IdempotencyPersistenceConfigError(
+                f"this layer's client was created in process {self._pid}, before os.fork(); "
+                "a forked child shares its connections with the parent, so replies could "
+                "cross and a completed call run again. Build the layer with "
+                "CachePersistenceLayer.from_url(...) or client_factory=..., which open a "
+                "new client in each process and event loop."
+            )
+        self._forsaken.extend(self._loops.items())
+        self._loops = weakref.WeakKeyDictionary()
+        self._loops_lock = threading.Lock()  # the parent's may have been held at fork
+        self._generation = _fork_generation
+        self._pid = os.getpid()
 
     async def _loop_client(self) -> _LoopClient:
         loop = asyncio.get_running_loop()
@@ -557,8 +692,11 @@ class CachePersistenceLayer(PersistenceLayer):
         """Close the clients opened by the factory (a client given to the layer stays open).
 
         The client of the running loop is closed here, those of other running loops in
-        their own loop; those of closed loops are dropped.
+        their own loop; those of closed loops are dropped. In a forked child, the
+        parent's clients are left alone.
         """
+        if self._generation != _fork_generation and self._client is None:
+            self._after_fork()
         with self._loops_lock:
             states = list(self._loops.items())
             self._loops.clear()
@@ -574,12 +712,14 @@ class CachePersistenceLayer(PersistenceLayer):
                 with contextlib.suppress(Exception, concurrent.futures.TimeoutError):
                     await asyncio.wait_for(asyncio.wrap_future(future), timeout=5)
 
-    def _parse(self, key: str, raw: bytes | str) -> DataRecord | None:
+    # --- reading records ------------------------------------------------------------------
+    def _is_our_claim(self, key: str, raw: bytes | str, owner: str) -> bool:
+        """True when `raw` parses as an in-progress record holding `owner`'s claim."""
         try:
-            return self.attributes.from_json(key, raw)
-        except IdempotencyInvalidStatusError as exc:
-            logger.warning("cache record %r is unparsable (%s); treating it as an orphan", key, exc)
-            return None
+            record = self.attributes.from_json(key, raw)
+        except IdempotencyInvalidStatusError:
+            return False
+        return record.status is RecordStatus.INPROGRESS and record.owner == owner
 
     # --- the contract -------------------------------------------------------------------
     async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
@@ -592,40 +732,44 @@ class CachePersistenceLayer(PersistenceLayer):
     async def _atomic_claim(
         self, client: CacheClient, key: str, text: str, ttl: int, now: float
     ) -> ClaimResult:
-        args = (text, ttl, int(now), int(now * 1000))
-        return self._claim_reply(key, await _script(client, self._scripts.claim, key, args))
-
-    def _claim_reply(self, key: str, reply: Sequence[Any]) -> ClaimResult:
-        code = int(reply[0])
-        if code == _CLAIM_UNPARSABLE:
-            logger.warning("cache record %r was unparsable; taken over as an orphan", key)
-        if code != _CLAIM_REFUSED:
+        # 1 round trip for a free key or a live record; an expired or orphaned one is
+        # classified here, then replaced only if it is still the same value (2 in all).
+        reply = await _script(client, _CLAIM, key, (text, ttl, ""))
+        raw = _claim_value(key, reply)
+        if raw is None:
             return ClaimResult(claimed=True)
-        return ClaimResult(claimed=False, existing=self._parse(key, reply[1]))
+        existing = self.attributes.from_json(key, raw)
+        if not existing.is_claimable(now):
+            return ClaimResult(claimed=False, existing=existing)
+        reply = await _script(client, _CLAIM, key, (text, ttl, fingerprint(raw)))
+        raw = _claim_value(key, reply)
+        if raw is None:
+            return ClaimResult(claimed=True)
+        return ClaimResult(claimed=False, existing=self.attributes.from_json(key, raw))
 
     async def _protocol_claim(
         self, client: CacheClient, key: str, text: str, ttl: int, now: float
     ) -> ClaimResult:
         if await client.set(key, text, ex=ttl, nx=True):
             return ClaimResult(claimed=True)
-        raw = await client.get(key)
+        raw = await _read(client, key)
         if raw is None:
             return ClaimResult(claimed=False)
-        existing = self._parse(key, raw)
-        if existing is not None and not existing.is_claimable(now):
+        existing = self.attributes.from_json(key, raw)
+        if not existing.is_claimable(now):
             return ClaimResult(claimed=False, existing=existing)
         lock_ttl = min(ORPHAN_LOCK_SECONDS, ttl)
         if not await client.set(f"{key}:lock", "True", ex=lock_ttl, nx=True):
-            return ClaimResult(claimed=False)
+            return ClaimResult(claimed=False, busy=True)  # another call is taking it over
         await client.set(key, text, ex=ttl)
         return ClaimResult(claimed=True)
 
     async def get(self, key: str) -> DataRecord | None:
-        raw = await self._run("get", key, _get, key)
+        raw = await self._run("get", key, _read, key)
         if raw is None:
             return None
-        record = self._parse(key, raw)
-        if record is None or record.is_expired(self._clock()):
+        record = self.attributes.from_json(key, raw)
+        if record.is_expired(self._clock()):
             return None
         return record
 
@@ -634,43 +778,71 @@ class CachePersistenceLayer(PersistenceLayer):
         key = record.idempotency_key
         text = self.attributes.to_json(record)
         ttl = _ttl(record.expiry_timestamp, self._clock())
-        if not self.atomic:
-            await self._run("complete", key, _set, key, text, ttl)
-            return
-        args = (owner, text, ttl)
-        code = await self._run("complete", key, _script, self._scripts.complete, key, args)
-        _raise_if_lost(key, int(code))
+        if self.atomic:
+            args = (_owner_needle(owner), text, ttl)
+            code = int(await self._run("complete", key, _script, _COMPLETE, key, args))
+        else:
+            op = self._protocol_complete
+            code = await self._run("complete", key, op, key, owner, text, ttl)
+        _raise_if_lost(key, code)
+
+    async def _protocol_complete(
+        self, client: CacheClient, key: str, owner: str, text: str, ttl: int
+    ) -> int:
+        try:
+            raw = await _read(client, key)
+        except IdempotencyInvalidStatusError:
+            return _TAKEN_OVER
+        if raw is None:
+            return _GONE
+        if _as_bytes(raw) == text.encode():
+            return _DONE  # this very completion, resent after a lost reply
+        if not self._is_our_claim(key, raw, owner):
+            return _TAKEN_OVER
+        # A takeover landing between this GET and SET is overwritten (docs/redis-valkey.md).
+        await client.set(key, text, ex=ttl)
+        return _DONE
 
     async def release(self, key: str, *, owner: str) -> None:
         if self.atomic:
-            script = self._scripts.release
-            await self._run("release", key, _script, script, key, (owner,))
+            args = (_owner_needle(owner),)
+            await self._run("release", key, _script, _RELEASE, key, args)
         else:
-            await self._run("release", key, _delete, key)
+            await self._run("release", key, self._protocol_release, key, owner)
+
+    async def _protocol_release(self, client: CacheClient, key: str, owner: str) -> None:
+        try:
+            raw = await _read(client, key)
+        except IdempotencyInvalidStatusError:
+            return
+        if raw is not None and self._is_our_claim(key, raw, owner):
+            # A takeover landing between this GET and DEL is deleted (docs/redis-valkey.md).
+            await client.delete(key)
 
     async def renew(self, record: DataRecord) -> None:
         key, owner = record.idempotency_key, record.owner or ""
-        in_progress_expiry_ms = record.in_progress_expiry_timestamp or 0
+        text = self.attributes.to_json(record)
         if self.atomic:
-            script, args = self._scripts.renew, (owner, in_progress_expiry_ms)
-            code = int(await self._run("renew", key, _script, script, key, args))
+            args = (_owner_needle(owner), text)
+            code = int(await self._run("renew", key, _script, _RENEW, key, args))
         else:
+            ttl = _ttl(record.expiry_timestamp, self._clock())
             op = self._protocol_renew
-            code = await self._run("renew", key, op, key, owner, in_progress_expiry_ms)
+            code = await self._run("renew", key, op, key, owner, text, ttl)
         _raise_if_lost(key, code)
 
     async def _protocol_renew(
-        self, client: CacheClient, key: str, owner: str, in_progress_expiry_ms: int
+        self, client: CacheClient, key: str, owner: str, text: str, ttl: int
     ) -> int:
-        raw = await client.get(key)
-        current = None if raw is None else self._parse(key, raw)
-        if current is None or current.status is not RecordStatus.INPROGRESS:
-            return _GONE
-        if current.owner != owner:
+        try:
+            raw = await _read(client, key)
+        except IdempotencyInvalidStatusError:
             return _TAKEN_OVER
-        renewed = dataclasses.replace(current, in_progress_expiry_timestamp=in_progress_expiry_ms)
-        ttl = _ttl(current.expiry_timestamp, self._clock())
-        await client.set(key, self.attributes.to_json(renewed), ex=ttl)
+        if raw is None:
+            return _GONE
+        if not self._is_our_claim(key, raw, owner):
+            return _TAKEN_OVER
+        await client.set(key, text, ex=ttl)
         return _DONE
 
     async def delete(self, key: str) -> bool:
@@ -686,16 +858,45 @@ def _script(
     return cast(ScriptingCacheClient, client).run_script(script, key, args)
 
 
-def _get(client: CacheClient, key: str) -> Awaitable[bytes | str | None]:
-    return client.get(key)
-
-
-def _set(client: CacheClient, key: str, text: str, ttl: int) -> Awaitable[Any]:
-    return client.set(key, text, ex=ttl)
+async def _read(client: CacheClient, key: str) -> bytes | str | None:
+    """GET `key`; a key holding another Redis type raises `IdempotencyInvalidStatusError`."""
+    try:
+        return await client.get(key)
+    except Exception as exc:
+        if _classify(exc) == _WRONG_TYPE:
+            raise _wrong_type(key) from exc
+        raise
 
 
 def _delete(client: CacheClient, key: str) -> Awaitable[Any]:
     return client.delete(key)
+
+
+def _claim_value(key: str, reply: Sequence[Any]) -> bytes | str | None:
+    """The value a refused claim returned, or None when the claim was won."""
+    code = int(reply[0])
+    if code == _CLAIM_REFUSED:
+        value: bytes | str = reply[1]
+        return value
+    if code == _CLAIM_WRONG_TYPE:
+        kind = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        raise IdempotencyInvalidStatusError(f"record {key!r} holds a Redis {kind}, not a record")
+    return None
+
+
+def _owner_needle(owner: str) -> str:
+    """What the owner checks look for: the token as a JSON string, quotes included
+    (inside a stored result, a quote is escaped, so the needle cannot match there)."""
+    if len(owner) < _MIN_OWNER_CHARS:
+        raise IdempotencyPersistenceConfigError(
+            f"owner token {owner!r} is too short for an owner check (at least "
+            f"{_MIN_OWNER_CHARS} characters; the engine uses 32 random hex digits)"
+        )
+    return json.dumps(owner)
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
 
 
 def _raise_if_lost(key: str, code: int) -> None:

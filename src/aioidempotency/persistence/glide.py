@@ -23,7 +23,13 @@ from aioidempotency.exceptions import (
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
 )
-from aioidempotency.persistence.cache import LuaScript
+from aioidempotency.persistence.cache import (
+    _DENIED,
+    _TRANSIENT,
+    CacheAccessDeniedError,
+    LuaScript,
+    _classify,
+)
 
 __all__ = ["GlideCacheClient", "is_glide_client"]
 
@@ -66,13 +72,16 @@ def _client_loop(client: object) -> asyncio.AbstractEventLoop | None:
 
 
 def _map_error(exc: Exception) -> IdempotencyPersistenceLayerError:
-    glide = _glide()
-    connection_errors = (glide.ConnectionError, glide.TimeoutError, glide.ClosingError)
-    refused = any(word in str(exc) for word in ("NOPERM", "PermissionDenied", "no permissions"))
-    if not refused and isinstance(
-        exc, (*connection_errors, ConnectionError, TimeoutError, OSError)
-    ):
-        return IdempotencyPersistenceConnectionError("valkey-glide could not reach the server", exc)
+    """glide's error as ours, judged like the layer judges any client's (the cause is
+    chained by the caller): unreachable, timed out or failing over -> connection error,
+    refused credentials or ACL -> `CacheAccessDeniedError`, others -> layer error."""
+    kind = _classify(exc)
+    if kind == _TRANSIENT:
+        return IdempotencyPersistenceConnectionError(
+            "valkey-glide could not reach the server or it was failing over", exc
+        )
+    if kind == _DENIED:
+        return CacheAccessDeniedError("valkey-glide was refused access by the server", exc)
     return IdempotencyPersistenceLayerError("valkey-glide command failed", exc)
 
 
