@@ -9,6 +9,7 @@ function already ran. These tests run on every backend of the suite.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -259,3 +260,37 @@ async def test_a_caller_cancelled_while_its_claim_is_in_flight_leaves_no_claim(
     assert await store.get(key) is None
     assert fn.count == 0
     assert await engine_for(store).run(PAYMENT, fn) == "paid"
+
+
+async def test_the_lease_is_renewed_after_an_outage_longer_than_the_lease() -> None:
+    inner = InMemoryPersistenceLayer()
+    store = WrapperStore(inner)
+    down = [True]
+    store.fail["renew"] = lambda: ConnectionError("store unreachable") if down[0] else None
+    engine = engine_for(store, in_progress_lease_seconds=0.3)
+    key = engine.idempotency_key(PAYMENT)
+    release = asyncio.Event()
+
+    async def slow() -> str:
+        await asyncio.wait_for(release.wait(), 20)
+        return "paid"
+
+    task = asyncio.create_task(engine.run(PAYMENT, slow))
+    # Renewals fail until the claim's in-progress expiry has passed.
+    for renewals in range(1, 200):
+        await store.wait_calls("renew", renewals)
+        record = await inner.get(key)
+        assert record is not None
+        if record.is_orphaned(time.time()):
+            break
+    assert record.is_orphaned(time.time())
+    down[0] = False  # the store is back, and nobody took the key over
+    await store.wait_calls("renew", renewals + 1)
+    renewed = await inner.get(key)
+    assert renewed is not None
+    assert not renewed.is_orphaned(time.time())
+    release.set()
+    assert await task == "paid"
+    stored = await inner.get(key)
+    assert stored is not None
+    assert stored.status is RecordStatus.COMPLETED
