@@ -5,27 +5,39 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 
 import pytest
 
 from aioidempotency import IdempotencyConfig
-from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
+from aioidempotency.exceptions import (
+    IdempotencyError,
+    IdempotencyInvalidRecordError,
+    IdempotencyInvalidStatusError,
+    IdempotencyPersistenceConfigError,
+    IdempotencyPersistenceConnectionError,
+    IdempotencyPersistenceLayerError,
+)
 from aioidempotency.integrations.http import (
     NOT_STORED_HEADER,
     REPLAYED_HEADER,
     HttpIdempotency,
     HttpIdempotencyOptions,
     HttpRequest,
+    IdempotencyStoredReplyError,
     InvalidKeyError,
     PassThrough,
     Reply,
+    credential_scope,
     fingerprint,
     parse_idempotency_key,
     problem,
 )
+from aioidempotency.keys import hash_data
 from aioidempotency.persistence import InMemoryPersistenceLayer
 from aioidempotency.persistence.base import ClaimResult
-from aioidempotency.records import DataRecord
+from aioidempotency.records import DataRecord, RecordStatus
 
 # -- keys ------------------------------------------------------------------------------
 
@@ -393,3 +405,234 @@ def test_storage_key_is_scoped_and_prefixed() -> None:
     assert key != core.storage_key("PATCH", "/p", "k")
     assert key != core.storage_key("POST", "/q", "k")
     assert key != core.storage_key("POST", "/p", "k", "tenant")
+
+
+# -- the default scope: the caller's credentials ------------------------------------------
+
+
+def test_credential_scope_is_a_digest_of_the_first_credential_header() -> None:
+    alice = credential_scope([("Authorization", "Bearer alice-secret")])
+    assert len(alice) == 64
+    assert int(alice, 16) >= 0  # hex
+    assert "alice" not in alice
+    assert alice == credential_scope([("authorization", "Bearer alice-secret")])
+    assert alice != credential_scope([("Authorization", "Bearer bob-secret")])
+    # Authorization comes first: cookies an API client picked up do not change it
+    assert alice == credential_scope([("Cookie", "lb=1"), ("Authorization", "Bearer alice-secret")])
+    cookie = credential_scope([("Cookie", "session=a; theme=dark")])
+    assert cookie not in ("", alice)
+    assert cookie != credential_scope([("Cookie", "session=b; theme=dark")])
+    assert credential_scope([("X-Other", "1")]) == ""  # no credentials: anonymous
+    assert credential_scope([("Authorization", "Bearer x")], names=()) == ""
+    assert credential_scope([("X-Api-Key", "k")], names=("x-api-key",)) != ""
+
+
+def test_credential_scope_with_named_cookies_ignores_the_others() -> None:
+    def scope(header: str) -> str:
+        return credential_scope([("Cookie", header)], cookies=("session",))
+
+    assert scope("session=a; theme=dark") == scope("theme=light;session=a")
+    assert scope("session=a") != scope("session=b")
+    assert scope("theme=dark") == ""  # no session cookie: anonymous
+
+
+async def test_without_a_scope_requests_are_scoped_by_their_credentials() -> None:
+    core = _core()
+    app = _App(*(Reply(201, (), f"r{i}".encode()) for i in range(4)))
+
+    def as_caller(*headers: tuple[str, str], body: bytes = b"{}") -> HttpRequest:
+        return _request(headers=list(headers), body=body)
+
+    alice = ("Authorization", "Bearer alice")
+    first = await core.run(as_caller(alice), app)
+    bob = await core.run(as_caller(("Authorization", "Bearer bob"), body=b"other"), app)
+    cookie = await core.run(as_caller(("Cookie", "session=c")), app)
+    anonymous = await core.run(as_caller(), app)
+    assert [o.replayed for o in (first, bob, cookie, anonymous)] == [False] * 4
+    assert isinstance(bob.response, Reply)
+    assert bob.response.status == 201  # not a 422 against alice's request
+    again = await core.run(as_caller(alice, ("Cookie", "lb=2")), app)
+    anonymous_again = await core.run(as_caller(("X-Other", "1")), app)
+    assert again.replayed
+    assert anonymous_again.replayed  # callers without credentials share a scope
+    assert app.calls == 4
+    assert core.storage_key("POST", "/p", "k") == core.storage_key("POST", "/p", "k", "")
+
+
+async def test_scope_headers_empty_shares_keys_and_an_explicit_scope_wins() -> None:
+    shared = _core(scope_headers=())
+    app = _App(Reply(201, (), b"a"))
+    await shared.run(_request(headers=[("Authorization", "Bearer alice")]), app)
+    other = await shared.run(_request(headers=[("Authorization", "Bearer bob")]), app)
+    assert other.replayed
+    scoped = _core()
+    app = _App(Reply(201, (), b"a"))
+    await scoped.run(_request(scope="t", headers=[("Authorization", "Bearer alice")]), app)
+    same_tenant = await scoped.run(
+        _request(scope="t", headers=[("Authorization", "Bearer bob")]), app
+    )
+    assert same_tenant.replayed  # scope_by decides; credentials no longer count
+    assert app.calls == 1
+
+
+def test_scope_options_are_normalised_and_checked() -> None:
+    opts = HttpIdempotencyOptions(scope_headers=["Authorization"], scope_cookies=["sid"])
+    assert opts.scope_headers == ("authorization",)
+    assert opts.scope_cookies == ("sid",)
+    with pytest.raises(ValueError, match="sequences"):
+        HttpIdempotencyOptions(scope_headers="authorization")
+
+
+def test_scope_missing_is_a_400_problem() -> None:
+    reply = _core().scope_missing()
+    assert reply.status == 400
+    assert json.loads(reply.body)["type"].endswith(":scope-missing")
+
+
+# -- what the store holds -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"v": 1, "status": 99, "headers": [], "body": ""},
+        {"v": 1, "status": True, "headers": [], "body": ""},
+        {"v": 1, "status": "200", "headers": [], "body": ""},
+        {"v": True, "status": 200, "headers": [], "body": ""},
+        {"v": 1, "status": 200, "headers": "ab", "body": ""},
+        {"v": 1, "status": 200, "headers": [["a"]], "body": ""},
+        {"v": 1, "status": 200, "headers": [["a", 1]], "body": ""},
+        {"v": 1, "status": 200, "headers": [["bad name", "1"]], "body": ""},
+        {"v": 1, "status": 200, "headers": [["x", "1\r\nset-cookie: s=1"]], "body": ""},
+        {"v": 1, "status": 200, "headers": [["x", "\u2603"]], "body": ""},
+        {"v": 1, "status": 200, "headers": [], "body": 5},
+        [1, 2],
+        "text",
+    ],
+)
+def test_from_stored_refuses_what_it_cannot_send_with_a_typed_error(data: object) -> None:
+    with pytest.raises(IdempotencyStoredReplyError, match="not a stored HTTP response") as info:
+        Reply.from_stored(data)
+    assert isinstance(info.value, IdempotencyError)
+    assert isinstance(info.value, ValueError)
+
+
+def test_from_stored_keeps_latin1_header_values() -> None:
+    reply = Reply(200, (("x-name", "caf\xe9"),), b"")
+    assert Reply.from_stored(json.loads(json.dumps(reply.to_stored()))) == reply
+
+
+def _completed(core: HttpIdempotency, data: str, body: bytes = b"{}") -> DataRecord:
+    return DataRecord(
+        idempotency_key=core.storage_key("POST", "/p", "k"),
+        status=RecordStatus.COMPLETED,
+        expiry_timestamp=int(time.time()) + 3600,
+        response_data=data,
+        payload_hash=hash_data(fingerprint(body)),
+    )
+
+
+async def test_a_foreign_result_under_the_key_is_a_500_problem_with_a_typed_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = InMemoryPersistenceLayer()
+    core = _core(store)
+    record = _completed(core, json.dumps({"amount": 5}))
+    store.put_record(record)
+    app = _App(Reply(201, (), b"x"))
+    with caplog.at_level(logging.INFO, logger="aioidempotency.web"):
+        outcome = await core.run(_request(), app)
+    assert app.calls == 0
+    assert isinstance(outcome.response, Reply)
+    assert outcome.response.status == 500
+    assert outcome.response.header("retry-after") is None
+    assert json.loads(outcome.response.body)["type"].endswith(":stored-reply-invalid")
+    assert isinstance(outcome.error, IdempotencyStoredReplyError)
+    assert outcome.error.key == record.idempotency_key
+    assert await store.get(record.idempotency_key) == record  # left for an operator
+    [logged] = [r for r in caplog.records if r.name == "aioidempotency.web"]
+    assert logged.levelno == logging.WARNING
+    assert record.idempotency_key in logged.getMessage()
+    assert "stored-reply-invalid" in logged.getMessage()
+
+
+class _FailingStore(InMemoryPersistenceLayer):
+    """Every claim raises `error`: fault injection for the middleware's answers."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "kind"),
+    [
+        (IdempotencyInvalidRecordError("not a record", key="k"), 500, "stored-record-invalid"),
+        (
+            IdempotencyInvalidStatusError("record 'k' has an invalid status"),
+            500,
+            "stored-record-invalid",
+        ),
+        (IdempotencyPersistenceLayerError("NOAUTH authentication required"), 500, "store-error"),
+        (IdempotencyPersistenceConfigError("no such table"), 500, "store-error"),
+        (IdempotencyPersistenceConnectionError("timed out"), 503, "store-unavailable"),
+    ],
+    ids=["invalid-record", "invalid-status", "auth", "config", "unreachable"],
+)
+async def test_store_errors_are_503_only_when_transient(
+    error: Exception, status: int, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = _core(_FailingStore(error))
+    app = _App(Reply(201, (), b"x"))
+    request = _request(headers=[("Authorization", "Bearer secret-token")], body=b"card=4242")
+    with caplog.at_level(logging.INFO, logger="aioidempotency.web"):
+        outcome = await core.run(request, app)
+    assert app.calls == 0
+    assert outcome.error is error or outcome.error.__cause__ is error  # the engine's wrap
+    assert isinstance(outcome.response, Reply)
+    assert outcome.response.status == status
+    assert json.loads(outcome.response.body)["type"].endswith(f":{kind}")
+    retry_after = outcome.response.header("retry-after")
+    assert retry_after == ("1" if status == 503 else None)
+    [logged] = [r for r in caplog.records if r.name == "aioidempotency.web"]
+    assert logged.levelno == logging.WARNING
+    text = caplog.text
+    assert kind in text
+    assert type(outcome.error).__name__ in text
+    storage_key = core.storage_key("POST", "/p", "k", credential_scope(request.headers))
+    assert storage_key in text
+    assert "secret-token" not in text
+    assert "4242" not in text
+
+
+async def test_409_and_422_are_logged_at_info_with_the_storage_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    core = _core()
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> Reply:
+        started.set()
+        await release.wait()
+        return Reply(201, (), b"done")
+
+    first = asyncio.create_task(core.run(_request(body=b"1"), slow))
+    await started.wait()
+    with caplog.at_level(logging.INFO, logger="aioidempotency.web"):
+        busy = await core.run(_request(body=b"1"), _App())
+        release.set()
+        await first
+        mismatch = await core.run(_request(body=b"secret-body"), _App())
+    assert isinstance(busy.response, Reply)
+    assert isinstance(mismatch.response, Reply)
+    assert [busy.response.status, mismatch.response.status] == [409, 422]
+    key = core.storage_key("POST", "/p", "k")
+    web = [r for r in caplog.records if r.name == "aioidempotency.web"]
+    assert [(r.levelno, key in r.getMessage()) for r in web] == [
+        (logging.INFO, True),
+        (logging.INFO, True),
+    ]
+    assert "secret-body" not in caplog.text

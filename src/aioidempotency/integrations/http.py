@@ -15,6 +15,7 @@ import binascii
 import dataclasses
 import hashlib
 import json
+import logging
 import string
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -28,6 +29,10 @@ from aioidempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyClaimLostError,
     IdempotencyError,
+    IdempotencyInconsistentStateError,
+    IdempotencyInvalidRecordError,
+    IdempotencyInvalidStatusError,
+    IdempotencyPersistenceLayerError,
     IdempotencyResultTooLargeError,
     IdempotencyValidationError,
 )
@@ -37,6 +42,7 @@ __all__ = [
     "DEFAULT_EXCLUDED_HEADERS",
     "DEFAULT_KEY_PREFIX",
     "DEFAULT_PROBLEM_TYPE_BASE",
+    "DEFAULT_SCOPE_HEADERS",
     "HOP_BY_HOP_HEADERS",
     "NOT_STORED_HEADER",
     "PROBLEM_CONTENT_TYPE",
@@ -45,10 +51,12 @@ __all__ = [
     "HttpIdempotencyOptions",
     "HttpOptionFields",
     "HttpRequest",
+    "IdempotencyStoredReplyError",
     "InvalidKeyError",
     "Outcome",
     "PassThrough",
     "Reply",
+    "credential_scope",
     "fingerprint",
     "is_server_error",
     "parse_idempotency_key",
@@ -87,8 +95,18 @@ DEFAULT_EXCLUDED_HEADERS = HOP_BY_HOP_HEADERS | {"content-length", "date", "serv
 response (``Date``, ``Server``, ``Content-Length`` is recomputed) and ``Set-Cookie``
 (a session cookie must not be handed out again)."""
 
+DEFAULT_SCOPE_HEADERS = ("authorization", "cookie")
+"""The credential headers, in order, whose first one present (hashed) scopes keys
+when the application passes no ``scope_by``: two callers with different
+credentials never share a key."""
+
 _TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~:/")
+_HEADER_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 _STORED_VERSION = 1
+
+logger = logging.getLogger("aioidempotency.web")
+"""Every problem the middleware answers is logged here: 4xx at INFO, 5xx at WARNING,
+with its kind and, once known, the storage key (never bodies or credentials)."""
 
 
 def is_server_error(status: int) -> bool:
@@ -111,6 +129,11 @@ class HttpIdempotencyOptions:
     - `excluded_headers`: response headers that are not stored.
     - `retry_after_seconds`: the ``Retry-After`` of a 409 and a 503.
     - `problem_type_base`: prefix of the problem ``type`` URIs (point it at your docs).
+    - `scope_headers`: without ``scope_by``, keys are scoped by a SHA-256 of the
+      first of these request headers that a request carries (its credential);
+      ``()`` turns that off (every caller shares the key).
+    - `scope_cookies`: when set, only these cookies of the ``Cookie`` header count
+      as a credential (else the whole header does).
     """
 
     header_name: str = "Idempotency-Key"
@@ -124,6 +147,8 @@ class HttpIdempotencyOptions:
     excluded_headers: AbstractSet[str] = DEFAULT_EXCLUDED_HEADERS
     retry_after_seconds: int = 1
     problem_type_base: str = DEFAULT_PROBLEM_TYPE_BASE
+    scope_headers: Sequence[str] = DEFAULT_SCOPE_HEADERS
+    scope_cookies: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.header_name:
@@ -141,6 +166,11 @@ class HttpIdempotencyOptions:
         object.__setattr__(
             self, "excluded_headers", frozenset(h.lower() for h in self.excluded_headers)
         )
+        if isinstance(self.scope_headers, str) or isinstance(self.scope_cookies, str):
+            raise ValueError("scope_headers and scope_cookies must be sequences of names")
+        object.__setattr__(self, "scope_headers", tuple(h.lower() for h in self.scope_headers))
+        if self.scope_cookies is not None:
+            object.__setattr__(self, "scope_cookies", tuple(self.scope_cookies))
 
 
 class HttpOptionFields(TypedDict, total=False):
@@ -157,6 +187,21 @@ class HttpOptionFields(TypedDict, total=False):
     excluded_headers: AbstractSet[str]
     retry_after_seconds: int
     problem_type_base: str
+    scope_headers: Sequence[str]
+    scope_cookies: Sequence[str] | None
+
+
+class IdempotencyStoredReplyError(IdempotencyError, ValueError):
+    """The result stored under an HTTP key is not a reply this middleware stored.
+
+    Another writer's data, or a hand-written record, under the key. It is never
+    replayed or overwritten; `key` names it (when known) and ``python -m
+    aioidempotency delete --store URL KEY`` frees it.
+    """
+
+    def __init__(self, *args: object, key: str | None = None) -> None:
+        super().__init__(*args)
+        self.key = key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,15 +235,69 @@ class Reply:
 
     @classmethod
     def from_stored(cls, data: Any) -> Reply:
-        """Rebuild a reply from `to_stored` output; ValueError when it is not one."""
+        """Rebuild a reply from `to_stored` output.
+
+        Raises `IdempotencyStoredReplyError` (a ValueError) when `data` is not one: a
+        wrong shape or version, a status outside 100-599, a header that could not be
+        sent (a bad name, a line break in a value), or a body that is not base64.
+        """
+        if not isinstance(data, dict):
+            raise IdempotencyStoredReplyError(
+                f"not a stored HTTP response: a JSON {type(data).__name__}, not an object"
+            )
+        version = data.get("v")
+        if type(version) is not int or version != _STORED_VERSION:
+            raise IdempotencyStoredReplyError(
+                f"not a stored HTTP response: unknown version {version!r}"
+            )
+        status = data.get("status")
+        if type(status) is not int or not 100 <= status <= 599:
+            raise IdempotencyStoredReplyError(
+                f"not a stored HTTP response: status {status!r} is not 100-599"
+            )
+        raw_headers = data.get("headers")
+        if not isinstance(raw_headers, list):
+            raise IdempotencyStoredReplyError("not a stored HTTP response: headers not a list")
+        headers = tuple(_stored_header(item) for item in raw_headers)
+        body = data.get("body")
+        if not isinstance(body, str):
+            raise IdempotencyStoredReplyError("not a stored HTTP response: body is not text")
         try:
-            if data["v"] != _STORED_VERSION:
-                raise ValueError(f"unknown stored response version {data['v']!r}")
-            headers = tuple((str(n), str(v)) for n, v in data["headers"])
-            body = base64.b64decode(data["body"], validate=True)
-            return cls(status=int(data["status"]), headers=headers, body=body)
-        except (KeyError, TypeError, binascii.Error) as exc:
-            raise ValueError(f"not a stored HTTP response: {exc!r}") from exc
+            decoded = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise IdempotencyStoredReplyError(
+                "not a stored HTTP response: body is not base64"
+            ) from exc
+        return cls(status=status, headers=headers, body=decoded)
+
+
+def _stored_header(item: Any) -> tuple[str, str]:
+    if (
+        not isinstance(item, list)
+        or len(item) != 2
+        or not all(isinstance(part, str) for part in item)
+    ):
+        raise IdempotencyStoredReplyError(
+            "not a stored HTTP response: a header is not a [name, value] pair of strings"
+        )
+    name, value = item
+    if not name or not set(name) <= _HEADER_NAME_CHARS:
+        raise IdempotencyStoredReplyError(
+            f"not a stored HTTP response: invalid header name {name!r}"
+        )
+    if any(c in value for c in "\r\n\0") or not _latin1(value):
+        raise IdempotencyStoredReplyError(
+            f"not a stored HTTP response: header {name!r} has a value that cannot be sent"
+        )
+    return name, value
+
+
+def _latin1(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +314,12 @@ class PassThrough:
 
 @dataclasses.dataclass(frozen=True)
 class HttpRequest:
-    """What the core needs to know about a request that carries a key."""
+    """What the core needs to know about a request that carries a key.
+
+    `scope` is the caller's scope as the application's ``scope_by`` returned it; None
+    (no ``scope_by``) scopes the key by the request's credentials instead (see
+    `credential_scope`).
+    """
 
     method: str
     path: str
@@ -228,11 +332,15 @@ class HttpRequest:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """What to answer: `response` is a `Reply` to send, or the adapter's `PassThrough`."""
+    """What to answer: `response` is a `Reply` to send, or the adapter's `PassThrough`.
+
+    `error` is the exception behind a problem answer (a 409, 422, 500 or 503), if any.
+    """
 
     response: Reply | PassThrough
     replayed: bool = False
     stored: bool = False
+    error: Exception | None = None
 
 
 class InvalidKeyError(ValueError):
@@ -286,6 +394,49 @@ def _parse_token(raw: str) -> str:
             f"character {bad!r} is not allowed in a bare key; send it as a quoted string"
         )
     return raw
+
+
+def credential_scope(
+    headers: Sequence[tuple[str, str]],
+    names: Sequence[str] = DEFAULT_SCOPE_HEADERS,
+    cookies: Sequence[str] | None = None,
+) -> str:
+    """The default scope of a request: SHA-256 (hex) of its caller's credentials.
+
+    The first header of `names` (case-insensitive) that the request carries is the
+    credential; later ones are ignored, so cookies that a load balancer or the
+    service sets on a client that sends ``Authorization`` do not change its scope.
+    With `cookies` set, the ``Cookie`` header counts only through those cookies.
+    A request carrying none of them gets the anonymous scope, ``""``. The raw values
+    never leave this function.
+    """
+    for name in names:
+        lowered = name.lower()
+        values = [v for n, v in headers if n.lower() == lowered]
+        if lowered == "cookie" and cookies is not None:
+            values = _named_cookies(values, cookies)
+        if values:
+            digest = hashlib.sha256()
+            for data in (
+                lowered.encode("ascii"),
+                "\n".join(values).encode("utf-8", "surrogateescape"),
+            ):
+                digest.update(len(data).to_bytes(8, "big"))
+                digest.update(data)
+            return digest.hexdigest()
+    return ""
+
+
+def _named_cookies(values: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The ``name=value`` pairs of the cookies called `names`, in a stable order."""
+    wanted = frozenset(names)
+    pairs = []
+    for value in values:
+        for pair in value.split(";"):
+            name, _, cookie = pair.strip().partition("=")
+            if name in wanted:
+                pairs.append(f"{name}={cookie}")
+    return sorted(pairs)
 
 
 def fingerprint(
@@ -379,7 +530,7 @@ class HttpIdempotency:
         if not values:
             if not opts.required:
                 return None
-            return self._problem(
+            return self._answer(
                 400,
                 "key-missing",
                 f"{opts.header_name} is missing",
@@ -388,23 +539,47 @@ class HttpIdempotency:
         try:
             return parse_idempotency_key(values, opts.max_key_length)
         except InvalidKeyError as exc:
-            return self._problem(
-                400, "key-malformed", f"{opts.header_name} is malformed", f"{exc}."
+            return self._answer(
+                400, "key-malformed", f"{opts.header_name} is malformed", f"{exc}.", reason=exc
             )
 
     def request_too_large(self) -> Reply:
-        """The 413 for a request body over `max_request_bytes`."""
+        """The 413 for a request body over `max_request_bytes`.
+
+        It asks for the connection to be closed (``Connection: close``), since the
+        rest of the body is never read.
+        """
         limit = self.options.max_request_bytes
-        return self._problem(
+        return self._answer(
             413,
             "request-too-large",
             "Request body too large",
             f"A request with an {self.options.header_name} may carry at most {limit} bytes.",
+            headers=(("connection", "close"),),
         )
 
+    def scope_missing(self) -> Reply:
+        """The 400 for a request whose ``scope_by`` returned None: nothing runs."""
+        return self._answer(
+            400,
+            "scope-missing",
+            "Caller could not be identified",
+            f"A request with an {self.options.header_name} must identify its caller "
+            "(for example with an API key or credentials) so that its key is not shared "
+            "with other callers.",
+        )
+
+    def credential_scope(self, headers: Sequence[tuple[str, str]]) -> str:
+        """The default scope of a request: `credential_scope` with the options' headers."""
+        opts = self.options
+        return credential_scope(headers, opts.scope_headers, opts.scope_cookies)
+
     def storage_key(self, method: str, path: str, key: str, scope: str | None = None) -> str:
-        """The store key of a request (for tools and tests)."""
-        return self.engine.idempotency_key(self._payload(method, path, key, scope, ""))
+        """The store key of a request in `scope` (``""``, the anonymous scope, if None).
+
+        `scope` is what ``scope_by`` returned, else `credential_scope` of the request.
+        """
+        return self.engine.idempotency_key(self._payload(method, path, key, scope or "", ""))
 
     # -- the request -------------------------------------------------------------------
 
@@ -415,8 +590,9 @@ class HttpIdempotency:
 
         The first call's `Reply` is stored (unless released: see the options) and
         returned as it is; a duplicate gets the stored reply plus `REPLAYED_HEADER`;
-        a busy key is a 409, another body under the key a 422, a failing store a 503.
-        Exceptions of `call_app` release the key and propagate.
+        a busy key is a 409, another body under the key a 422, a store that cannot be
+        reached a 503, and other store failures and unusable stored data a 500 (see
+        `Outcome.error`). Exceptions of `call_app` release the key and propagate.
         """
         opts = self.options
         produced: list[Reply | PassThrough] = []
@@ -432,11 +608,14 @@ class HttpIdempotency:
                 raise _NotStored(response, "too-large")
             return response.to_stored(opts.excluded_headers)
 
+        scope = request.scope
+        if scope is None:
+            scope = self.credential_scope(request.headers)
         payload = self._payload(
             request.method,
             request.path,
             request.key,
-            request.scope,
+            scope,
             fingerprint(
                 request.body,
                 query=request.query,
@@ -448,74 +627,149 @@ class HttpIdempotency:
             stored = await self.engine.run(payload, fn)
         except _NotStored as exc:
             return Outcome(_mark_not_stored(exc.response, exc.reason))
-        except IdempotencyAlreadyInProgressError:
-            return Outcome(self._in_progress())
-        except IdempotencyValidationError:
-            return Outcome(self._mismatch())
+        except IdempotencyAlreadyInProgressError as exc:
+            return Outcome(self._in_progress(self._key_of(payload)), error=exc)
+        except IdempotencyValidationError as exc:
+            return Outcome(self._mismatch(self._key_of(payload)), error=exc)
         except IdempotencyError as exc:
             if not produced:
-                return Outcome(self._store_unavailable())
+                return Outcome(self._failure(exc, self._key_of(payload)), error=exc)
             reason = (
                 "too-large" if isinstance(exc, IdempotencyResultTooLargeError) else "store-error"
             )
             if isinstance(exc, IdempotencyClaimLostError):
                 reason = "store-error"
-            return Outcome(_mark_not_stored(produced[0], reason))
+            logger.warning(
+                "response not stored (%s) for %s: %s",
+                reason,
+                self._key_of(payload),
+                _describe(exc),
+            )
+            return Outcome(_mark_not_stored(produced[0], reason), error=exc)
         if produced:
             first = produced[0]
             assert isinstance(first, Reply)
             return Outcome(first, stored=True)
-        return Outcome(
-            Reply.from_stored(stored).with_header(REPLAYED_HEADER, "true"), replayed=True
-        )
+        try:
+            replay = Reply.from_stored(stored)
+        except IdempotencyStoredReplyError as exc:
+            exc.key = self._key_of(payload)
+            return Outcome(self._stored_reply_invalid(exc), error=exc)
+        return Outcome(replay.with_header(REPLAYED_HEADER, "true"), replayed=True)
 
     # -- helpers --------------------------------------------------------------------------
 
     @staticmethod
-    def _payload(
-        method: str, path: str, key: str, scope: str | None, fingerprint: str
-    ) -> dict[str, Any]:
-        return {
-            "key": key,
-            "scope": [method.upper(), path, scope or ""],
-            "fingerprint": fingerprint,
-        }
+    def _payload(method: str, path: str, key: str, scope: str, fingerprint: str) -> dict[str, Any]:
+        return {"key": key, "scope": [method.upper(), path, scope], "fingerprint": fingerprint}
 
-    def _problem(
-        self, status: int, kind: str, title: str, detail: str, retry: bool = False
+    def _key_of(self, payload: dict[str, Any]) -> str:
+        return self.engine.idempotency_key(payload)
+
+    def _answer(
+        self,
+        status: int,
+        kind: str,
+        title: str,
+        detail: str,
+        *,
+        retry: bool = False,
+        key: str | None = None,
+        reason: BaseException | None = None,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> Reply:
-        headers = (("retry-after", str(self.options.retry_after_seconds)),) if retry else ()
+        """A problem reply, logged with its kind, the storage key and the reason."""
+        level = logging.WARNING if status >= 500 else logging.INFO
+        if logger.isEnabledFor(level):
+            logger.log(
+                level,
+                "answered %d %s for %s%s",
+                status,
+                kind,
+                key or "a request with no storage key yet",
+                "" if reason is None else f": {_describe(reason)}",
+                exc_info=reason if kind == "store-error" else None,
+            )
+        if retry:
+            headers = (*headers, ("retry-after", str(self.options.retry_after_seconds)))
         return problem(
             status, kind, title, detail, type_base=self.options.problem_type_base, headers=headers
         )
 
-    def _in_progress(self) -> Reply:
+    def _in_progress(self, key: str) -> Reply:
         name = self.options.header_name
-        return self._problem(
+        return self._answer(
             409,
             "request-in-progress",
             "A request with this key is in progress",
             f"Another request with the same {name} has not finished yet; retry later.",
             retry=True,
+            key=key,
         )
 
-    def _mismatch(self) -> Reply:
+    def _mismatch(self, key: str) -> Reply:
         name = self.options.header_name
-        return self._problem(
+        return self._answer(
             422,
             "key-reused",
             f"{name} reused with another request",
             f"This {name} was already used with a different request body or parameters.",
+            key=key,
         )
 
-    def _store_unavailable(self) -> Reply:
-        return self._problem(
-            503,
-            "store-unavailable",
-            "Idempotency store unavailable",
-            "The request was not processed because its key could not be checked; retry later.",
-            retry=True,
+    def _failure(self, exc: IdempotencyError, key: str) -> Reply:
+        """The answer when the store failed or holds something unusable (nothing ran)."""
+        if isinstance(exc, (IdempotencyInvalidRecordError, IdempotencyInvalidStatusError)):
+            return self._answer(
+                500,
+                "stored-record-invalid",
+                "Unusable idempotency record",
+                "The idempotency store holds a record under this key that cannot be used, "
+                "so the request was not processed. Retrying will not help until an "
+                "operator removes the record (its storage key is in the server's log).",
+                key=key,
+                reason=exc,
+            )
+        transient = isinstance(exc, IdempotencyInconsistentStateError) or (
+            isinstance(exc, IdempotencyPersistenceLayerError) and exc.transient
         )
+        if transient:
+            return self._answer(
+                503,
+                "store-unavailable",
+                "Idempotency store unavailable",
+                "The request was not processed because its key could not be checked; retry later.",
+                retry=True,
+                key=key,
+                reason=exc,
+            )
+        return self._answer(
+            500,
+            "store-error",
+            "Idempotency store error",
+            "The request was not processed because the idempotency store failed in a way "
+            "that a retry is not expected to fix (see the server's log).",
+            key=key,
+            reason=exc,
+        )
+
+    def _stored_reply_invalid(self, exc: IdempotencyStoredReplyError) -> Reply:
+        return self._answer(
+            500,
+            "stored-reply-invalid",
+            "Stored response is not usable",
+            "The result stored under this key is not a response this service stored, so "
+            "it cannot be replayed and the request was not processed. Retrying will not "
+            "help until an operator removes it (its storage key is in the server's log).",
+            key=exc.key,
+            reason=exc,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    """An error as one bounded log line: its type and message."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 1000 else text[:997] + "..."
 
 
 def _mark_not_stored(response: Reply | PassThrough, reason: str) -> Reply | PassThrough:
