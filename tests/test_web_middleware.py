@@ -13,8 +13,21 @@ import aiohttp
 import httpx
 import pytest
 
-from aioidempotency.integrations.http import NOT_STORED_HEADER, REPLAYED_HEADER
-from tests.web_apps import BIG_BODY, FRAMEWORKS, STREAM_CHUNKS, Settings, Site, serve
+from aioidempotency.integrations.http import (
+    NOT_STORED_HEADER,
+    REPLAYED_HEADER,
+    credential_scope,
+)
+from tests.web_apps import (
+    BIG_BODY,
+    CLIENT_MAX_SIZE,
+    FRAMEWORKS,
+    MAX_REQUEST_BYTES,
+    STREAM_CHUNKS,
+    Settings,
+    Site,
+    serve,
+)
 
 T = TypeVar("T")
 BOUND = 15.0  # no test waits longer than this for anything
@@ -38,6 +51,19 @@ async def strict_site(request: pytest.FixtureRequest) -> AsyncIterator[Site]:
     the engine's wait for in-progress results on."""
     async with serve(request.param, Settings(strict=True)) as running:
         yield running
+
+
+@pytest.fixture(scope="module", params=FRAMEWORKS)
+async def open_site(request: pytest.FixtureRequest) -> AsyncIterator[Site]:
+    """The app without `scope_by`: keys are scoped by the callers' credentials."""
+    async with serve(request.param, Settings(scoped=False)) as running:
+        yield running
+
+
+@pytest.fixture
+async def open_client(open_site: Site) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=open_site.base_url, timeout=BOUND) as http:
+        yield http
 
 
 @pytest.fixture
@@ -207,7 +233,7 @@ async def test_a_request_body_over_the_limit_is_413(
     site: Site, client: httpx.AsyncClient, key: str
 ) -> None:
     response = await client.post(
-        "/payments", content=b"x" * (1024 * 1024 + 1), headers={"Idempotency-Key": key}
+        "/payments", content=b"x" * (MAX_REQUEST_BYTES + 1), headers={"Idempotency-Key": key}
     )
     assert_problem(response, 413, "request-too-large")
     assert site.probe.calls[key] == 0
@@ -468,3 +494,144 @@ async def test_configured_header_methods_and_fingerprint_headers(
     assert REPLAYED_HEADER.lower() not in patch_again.headers  # PATCH is not handled here
     assert patch.status_code == 200
     assert strict_site.probe.calls[key] == 3
+
+
+# -- safe by default: scopes --------------------------------------------------------------------
+
+
+async def test_without_scope_by_callers_with_other_credentials_never_share_a_key(
+    open_site: Site, open_client: httpx.AsyncClient, key: str
+) -> None:
+    alice = {"Idempotency-Key": key, "Authorization": "Bearer alice-secret"}
+    bob = {"Idempotency-Key": key, "Authorization": "Bearer bob-secret"}
+    first = await open_client.post("/payments", content=PAY, headers=alice)
+    same_body = await open_client.post("/payments", content=PAY, headers=bob)
+    other_body = await open_client.post("/payments", content=b'{"amount": 6}', headers=bob)
+    assert first.status_code == same_body.status_code == 201
+    assert REPLAYED_HEADER.lower() not in same_body.headers  # not alice's response
+    assert same_body.json()["calls"] == 2
+    assert other_body.status_code == 422  # bob's own key, reused with another body
+    again = await open_client.post("/payments", content=PAY, headers=alice)
+    assert again.headers[REPLAYED_HEADER] == "true"
+    assert again.json() == first.json()
+    assert open_site.probe.calls[key] == 2
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [{"Cookie": "session=a; theme=dark"}, {"Cookie": "session=b; theme=dark"}, {}],
+    ids=["cookie-a", "cookie-b", "anonymous"],
+)
+async def test_without_scope_by_cookies_scope_and_anonymous_callers_share(
+    open_site: Site, open_client: httpx.AsyncClient, credentials: dict[str, str]
+) -> None:
+    key = f"shared-{open_site.framework}"  # the same key for every parameter
+    response = await open_client.post(
+        "/payments", content=PAY, headers={"Idempotency-Key": key, **credentials}
+    )
+    assert response.status_code == 201
+    scope = credential_scope(list(credentials.items()))
+    assert "session" not in scope  # a digest, never the cookie itself
+    stored = await open_site.store.get(open_site.storage_key("/payments", key, tenant=scope))
+    assert stored is not None
+    if not credentials:  # the anonymous scope: a second anonymous caller gets the replay
+        open_client.cookies.clear()  # the app set a session cookie: that is a credential
+        again = await open_client.post("/payments", content=PAY, headers={"Idempotency-Key": key})
+        assert again.headers[REPLAYED_HEADER] == "true"
+        assert again.json() == response.json()
+    else:
+        assert REPLAYED_HEADER.lower() not in response.headers
+
+
+async def test_a_scope_by_returning_none_is_400_and_nothing_runs(
+    site: Site, client: httpx.AsyncClient, key: str
+) -> None:
+    headers = {"Idempotency-Key": key, "X-Anonymous": "1"}
+    for _ in range(2):
+        response = await client.post("/payments", content=PAY, headers=headers)
+        assert_problem(response, 400, "scope-missing")
+    assert site.probe.calls[key] == 0
+    assert await site.store.get(site.storage_key("/payments", key)) is None
+
+
+# -- safe by default: what the store holds ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"not": "a stored reply"}',
+        '"plain text"',
+        '{"v": 1, "status": 200, "headers": [["x-a", "1\\r\\nSet-Cookie: s=evil"]], "body": ""}',
+        '{"v": 1, "status": 2000, "headers": [], "body": ""}',
+    ],
+    ids=["object", "string", "header-injection", "bad-status"],
+)
+async def test_a_foreign_value_under_the_key_is_a_500_problem_and_nothing_runs(
+    site: Site, client: httpx.AsyncClient, key: str, data: str
+) -> None:
+    stored_key = site.put_completed("/payments", key, data, body=PAY)
+    response = await client.post("/payments", content=PAY, headers={"Idempotency-Key": key})
+    assert_problem(response, 500, "stored-reply-invalid")
+    assert "retry-after" not in response.headers
+    assert "set-cookie" not in response.headers
+    assert site.probe.calls[key] == 0
+    record = await site.store.get(stored_key)  # left alone for an operator
+    assert record is not None
+    assert record.response_data == data
+
+
+# -- safe by default: request bodies over the limit are not read ------------------------------
+
+
+async def _raw_request(site: Site, head: str, body: bytes) -> tuple[asyncio.StreamWriter, bytes]:
+    """Send `head` and `body` on a new connection, then read the response's head (the
+    client never sends more: a server that waited for the rest would not answer)."""
+    host, port = site.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head.encode("latin-1") + body)
+    await bounded(writer.drain())
+    return writer, await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+
+
+async def test_a_chunked_upload_over_the_limit_is_413_before_the_rest_is_sent(
+    site: Site, client: httpx.AsyncClient, key: str
+) -> None:
+    chunk = b"x" * 8192
+    sent = b"".join(b"2000\r\n" + chunk + b"\r\n" for _ in range(MAX_REQUEST_BYTES // 8192 + 2))
+    head = (
+        f"POST /payments HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    writer, response = await _raw_request(site, head, sent)  # the last chunk never comes
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 413 "), response
+    assert b"connection: close" in response.lower()
+    assert site.probe.calls[key] == 0
+
+
+async def test_a_declared_length_over_the_limit_is_413_without_reading(
+    site: Site, client: httpx.AsyncClient, key: str
+) -> None:
+    length = 2 * MAX_REQUEST_BYTES
+    assert length < CLIENT_MAX_SIZE  # aiohttp's own limit would let it through
+    head = (
+        f"POST /payments HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    )
+    writer, response = await _raw_request(site, head, b"")  # no byte of the body is sent
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 413 "), response
+    assert site.probe.calls[key] == 0
+
+
+async def test_a_body_at_the_limit_is_accepted_and_reaches_the_handler(
+    site: Site, client: httpx.AsyncClient, key: str
+) -> None:
+    body = b'{"amount": 5, "pad": "' + b"x" * (MAX_REQUEST_BYTES - 24) + b'"}'
+    assert len(body) == MAX_REQUEST_BYTES
+    for _ in range(2):
+        response = await client.post("/payments", content=body, headers={"Idempotency-Key": key})
+        assert response.status_code == 201
+        assert response.json()["amount"] == 5  # the handler read the whole body
+    assert site.probe.calls[key] == 1

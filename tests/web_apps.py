@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,13 +26,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aioidempotency import IdempotencyConfig
 from aioidempotency.integrations import aiohttp as aiohttp_integration
-from aioidempotency.integrations.http import DEFAULT_EXCLUDED_HEADERS, HttpIdempotency
+from aioidempotency.integrations.http import (
+    DEFAULT_EXCLUDED_HEADERS,
+    HttpIdempotency,
+    fingerprint,
+)
 from aioidempotency.integrations.starlette import IdempotencyMiddleware
+from aioidempotency.keys import hash_data
 from aioidempotency.persistence import InMemoryPersistenceLayer
+from aioidempotency.records import DataRecord, RecordStatus
 
 __all__ = [
     "BIG_BODY",
+    "CLIENT_MAX_SIZE",
     "FRAMEWORKS",
+    "MAX_REQUEST_BYTES",
     "STREAM_CHUNKS",
     "Probe",
     "Settings",
@@ -46,6 +55,8 @@ FRAMEWORKS = ["fastapi", "aiohttp"]
 STREAM_CHUNKS = [f"chunk-{i:02d};".encode() for i in range(40)]
 BIG_BODY = b"x" * 4096  # over the apps' max_response_bytes
 MAX_RESPONSE_BYTES = 1024
+MAX_REQUEST_BYTES = 64 * 1024
+CLIENT_MAX_SIZE = 4 * 1024 * 1024  # aiohttp's own limit, well above the middleware's
 KEY_PREFIX = "tests.web"
 
 
@@ -110,9 +121,14 @@ class WatchedStore(InMemoryPersistenceLayer):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """One middleware configuration; `strict` turns on the non-default knobs."""
+    """One middleware configuration; `strict` turns on the non-default knobs.
+
+    With `scoped` the apps pass a ``scope_by`` (the ``X-Tenant`` header; None, so a
+    refusal, for a request with ``X-Anonymous``); without it, the default scope.
+    """
 
     strict: bool = False
+    scoped: bool = True
 
     @property
     def header_name(self) -> str:
@@ -126,6 +142,7 @@ class Settings:
     def options(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "max_response_bytes": MAX_RESPONSE_BYTES,
+            "max_request_bytes": MAX_REQUEST_BYTES,
             "excluded_headers": DEFAULT_EXCLUDED_HEADERS | {"x-volatile"},
         }
         if self.strict:
@@ -150,9 +167,24 @@ class Site:
     settings: Settings
 
     def storage_key(self, path: str, key: str, method: str = "POST", tenant: str = "") -> str:
-        """The store key the middleware uses for a request."""
+        """The store key the middleware uses for a request in scope `tenant`."""
         core = HttpIdempotency(self.store, key_prefix=KEY_PREFIX)
         return core.storage_key(method, path, key, tenant)
+
+    def put_completed(self, path: str, key: str, data: str, body: bytes = b"") -> str:
+        """Write a COMPLETED record holding `data` (JSON text) under the key of a POST
+        of `body` to `path` (scope ``""``), as another writer could; returns its key."""
+        storage_key = self.storage_key(path, key)
+        self.store.put_record(
+            DataRecord(
+                idempotency_key=storage_key,
+                status=RecordStatus.COMPLETED,
+                expiry_timestamp=int(time.time()) + 3600,
+                response_data=data,
+                payload_hash=hash_data(fingerprint(body)),  # the middleware validates it
+            )
+        )
+        return storage_key
 
 
 # -- shared behaviour ------------------------------------------------------------------
@@ -172,8 +204,10 @@ def build_fastapi(settings: Settings, store: WatchedStore, probe: Probe) -> Fast
     app = FastAPI()
     key_header = settings.header_name
 
-    async def scope_by(conn: HTTPConnection) -> str:
+    async def scope_by(conn: HTTPConnection) -> str | None:
         await probe.arrive(conn.headers.get("x-gate", ""))
+        if "x-anonymous" in conn.headers:
+            return None
         return conn.headers.get("x-tenant", "")
 
     @app.exception_handler(PaymentDeclinedError)
@@ -287,7 +321,7 @@ def build_fastapi(settings: Settings, store: WatchedStore, probe: Probe) -> Fast
         IdempotencyMiddleware,
         store=store,
         config=settings.config(),
-        scope_by=scope_by,
+        scope_by=scope_by if settings.scoped else None,
         key_prefix=KEY_PREFIX,
         **settings.options(),
     )
@@ -332,8 +366,10 @@ def build_aiohttp(settings: Settings, store: WatchedStore, probe: Probe) -> web.
     """The payments app in aiohttp, behind the idempotency middleware."""
     key_header = settings.header_name
 
-    async def scope_by(request: web.Request) -> str:
+    async def scope_by(request: web.Request) -> str | None:
         await probe.arrive(request.headers.get("x-gate", ""))
+        if "x-anonymous" in request.headers:
+            return None
         return request.headers.get("x-tenant", "")
 
     @web.middleware
@@ -442,9 +478,15 @@ def build_aiohttp(settings: Settings, store: WatchedStore, probe: Probe) -> web.
         return web.json_response({"calls": count, "token": request.headers["x-token"]}, status=201)
 
     idempotency = aiohttp_integration.idempotency_middleware(
-        store, settings.config(), scope_by=scope_by, key_prefix=KEY_PREFIX, **settings.options()
+        store,
+        settings.config(),
+        scope_by=scope_by if settings.scoped else None,
+        key_prefix=KEY_PREFIX,
+        **settings.options(),
     )
-    app = web.Application(middlewares=[peek, idempotency, errors, require_token])
+    app = web.Application(
+        middlewares=[peek, idempotency, errors, require_token], client_max_size=CLIENT_MAX_SIZE
+    )
     app.on_response_prepare.append(idempotency.on_response_prepare)
     for method in ("POST", "PATCH", "PUT", "GET"):
         app.router.add_route(method, "/payments", payments)

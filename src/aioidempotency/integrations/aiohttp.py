@@ -39,8 +39,9 @@ from aioidempotency.persistence.base import PersistenceLayer
 __all__ = ["IdempotencyMiddleware", "ScopeFunction", "idempotency_middleware", "setup_idempotency"]
 
 ScopeFunction = Callable[[web.Request], "Awaitable[str | None] | str | None"]
-"""Returns the caller's scope (tenant, API client) from the request; it runs before
-the handler, after the middlewares listed before this one."""
+"""Returns the caller's scope (tenant, API client) from the request, or None when the
+caller cannot be identified (the request is then refused); it runs before the
+handler, after the middlewares listed before this one."""
 
 _RECOMPUTED = frozenset({"content-length", "transfer-encoding"})
 _in_handler: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -67,12 +68,19 @@ class IdempotencyMiddleware:
             return await handler(request)
         if isinstance(key, Reply):
             return _to_response(key)
+        caller: str | None = None
+        if self.scope_by is not None:
+            caller = await self._caller_scope(request)
+            if caller is None:  # never one scope shared by every unidentified caller
+                return _to_response(core.scope_missing())
         limit = core.options.max_request_bytes
-        if (request.content_length or 0) > limit:
-            return _to_response(core.request_too_large())
-        body = await request.read()  # cached: the handler reads it again for free
-        if len(body) > limit:
-            return _to_response(core.request_too_large())
+        body = None
+        if (request.content_length or 0) <= limit:  # else refused before reading any
+            body = await _read_body(request, limit)
+        if body is None:
+            refused = _to_response(core.request_too_large())
+            refused.force_close()  # the rest of the body is never read
+            return refused
         outcome = await core.run(
             HttpRequest(
                 method=request.method,
@@ -81,7 +89,7 @@ class IdempotencyMiddleware:
                 query=request.rel_url.raw_query_string,
                 headers=list(request.headers.items()),
                 body=body,
-                scope=await self._caller_scope(request),
+                scope=caller,  # None: the core scopes by the request's credentials
             ),
             lambda: _call_handler(request, handler),
         )
@@ -99,8 +107,7 @@ class IdempotencyMiddleware:
             response.headers[NOT_STORED_HEADER] = "streaming"
 
     async def _caller_scope(self, request: web.Request) -> str | None:
-        if self.scope_by is None:
-            return None
+        assert self.scope_by is not None
         value = self.scope_by(request)
         if inspect.isawaitable(value):
             value = await value
@@ -119,8 +126,11 @@ def idempotency_middleware(
     """A middleware for ``web.Application(middlewares=[...])``.
 
     `store` and `config` are those of the engine (`config` gives expiry, lease and
-    the opt-in wait); `scope_by` adds the caller to the key's scope; `options`, or
-    its fields as keyword arguments, set the rules (see `HttpIdempotencyOptions`).
+    the opt-in wait); `scope_by` returns the caller's scope of the key (a request
+    for which it returns None is refused with a 400); without it, keys are scoped
+    by a hash of the request's credentials (`HttpIdempotencyOptions.scope_headers`).
+    `options`, or its fields as keyword arguments, set the rules (see
+    `HttpIdempotencyOptions`).
     """
     opts = options or HttpIdempotencyOptions()
     if option_fields:
@@ -147,6 +157,24 @@ def setup_idempotency(
     app.middlewares.append(middleware)
     app.on_response_prepare.append(middleware.on_response_prepare)
     return middleware
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The request body, read in the stream's own chunks; None as soon as more than
+    `limit` bytes arrived (the rest is never read, unlike ``request.read()``, which
+    reads up to ``client_max_size`` first)."""
+    if not request.can_read_body:
+        return await request.read()  # empty, or read by an outer middleware (cached)
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body.extend(chunk)
+        if len(body) > limit:
+            return None
+    data = bytes(body)
+    # aiohttp's cache of `read()`: the handler's read(), text(), json() and post()
+    # find the body there, as after an ordinary `await request.read()`.
+    request._read_bytes = data
+    return data
 
 
 async def _call_handler(request: web.Request, handler: Handler) -> Reply | PassThrough:

@@ -39,15 +39,19 @@ __all__ = ["IdempotencyMiddleware", "ScopeFunction"]
 
 ScopeFunction = Callable[[HTTPConnection], "Awaitable[str | None] | str | None"]
 """Returns the caller's scope (tenant, API client) from the request's headers, URL or
-state; the request body is not available to it."""
+state, or None when the caller cannot be identified (the request is then refused);
+the request body is not available to it."""
 
 
 class IdempotencyMiddleware:
     """Makes POST/PATCH requests with an ``Idempotency-Key`` header safe to retry.
 
     `store` and `config` are those of the engine (`config` gives expiry, lease and
-    the opt-in wait); `scope_by` adds the caller to the key's scope; `options`, or
-    its fields as keyword arguments, set the rules (see `HttpIdempotencyOptions`).
+    the opt-in wait); `scope_by` returns the caller's scope of the key (a request
+    for which it returns None is refused with a 400); without it, keys are scoped
+    by a hash of the request's credentials (`HttpIdempotencyOptions.scope_headers`).
+    `options`, or its fields as keyword arguments, set the rules (see
+    `HttpIdempotencyOptions`).
     """
 
     def __init__(
@@ -82,8 +86,17 @@ class IdempotencyMiddleware:
         if isinstance(key, Reply):
             await _send_reply(send, key)
             return
+        caller: str | None = None
+        if self.scope_by is not None:
+            caller = await self._caller_scope(scope)
+            if caller is None:  # never one scope shared by every unidentified caller
+                await _send_reply(send, self.core.scope_missing())
+                return
+        limit = self.core.options.max_request_bytes
         try:
-            body = await _read_body(receive, self.core.options.max_request_bytes)
+            if _declared_length(raw_headers) > limit:
+                raise _BodyTooLarge  # refused before reading any of it
+            body = await _read_body(receive, limit)
         except _BodyTooLarge:
             await _send_reply(send, self.core.request_too_large())
             return
@@ -96,7 +109,7 @@ class IdempotencyMiddleware:
             query=scope.get("query_string", b"").decode("latin-1"),
             headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw_headers],
             body=body,
-            scope=await self._caller_scope(scope),
+            scope=caller,  # None: the core scopes by the request's credentials
         )
         run = _AppRun(self.app, scope, _replaying(body, receive), send)
         try:
@@ -109,8 +122,7 @@ class IdempotencyMiddleware:
             await run.finish()
 
     async def _caller_scope(self, scope: Scope) -> str | None:
-        if self.scope_by is None:
-            return None
+        assert self.scope_by is not None
         value = self.scope_by(HTTPConnection(scope))
         if inspect.isawaitable(value):
             value = await value
@@ -232,8 +244,17 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _declared_length(raw_headers: list[tuple[bytes, bytes]]) -> int:
+    """The request's ``Content-Length`` (0 when absent; the server checked its form)."""
+    for name, value in raw_headers:
+        if name.lower() == b"content-length" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None on a disconnect; `_BodyTooLarge` over `limit`."""
+    """The whole request body, or None on a disconnect; `_BodyTooLarge` as soon as
+    more than `limit` bytes arrived (the rest is never read)."""
     chunks: list[bytes] = []
     size = 0
     while True:
