@@ -496,6 +496,7 @@ def test_scope_missing_is_a_400_problem() -> None:
     "data",
     [
         {"v": 1, "status": 99, "headers": [], "body": ""},
+        {"v": 1, "status": 101, "headers": [], "body": ""},
         {"v": 1, "status": True, "headers": [], "body": ""},
         {"v": 1, "status": "200", "headers": [], "body": ""},
         {"v": True, "status": 200, "headers": [], "body": ""},

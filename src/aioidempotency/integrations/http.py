@@ -238,7 +238,7 @@ class Reply:
         """Rebuild a reply from `to_stored` output.
 
         Raises `IdempotencyStoredReplyError` (a ValueError) when `data` is not one: a
-        wrong shape or version, a status outside 100-599, a header that could not be
+        wrong shape or version, a status outside 200-599, a header that could not be
         sent (a bad name, a line break in a value), or a body that is not base64.
         """
         if not isinstance(data, dict):
@@ -251,9 +251,9 @@ class Reply:
                 f"not a stored HTTP response: unknown version {version!r}"
             )
         status = data.get("status")
-        if type(status) is not int or not 100 <= status <= 599:
+        if type(status) is not int or not 200 <= status <= 599:
             raise IdempotencyStoredReplyError(
-                f"not a stored HTTP response: status {status!r} is not 100-599"
+                f"not a stored HTTP response: status {status!r} is not 200-599"
             )
         raw_headers = data.get("headers")
         if not isinstance(raw_headers, list):
