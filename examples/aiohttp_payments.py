@@ -30,7 +30,12 @@ from aioidempotency.persistence import PersistenceLayer
 
 
 def api_client(request: web.Request) -> str | None:
-    """Scope keys by API client, so one client can never replay another's response."""
+    """Scope keys by API client, so one client can never replay another's response.
+
+    A request with a key but no API key gets None: the middleware refuses it (400
+    ``scope-missing``) rather than letting unidentified callers share keys. A real
+    service would look the key up and return the client's id.
+    """
     return request.headers.get("X-Api-Key")
 
 

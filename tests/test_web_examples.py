@@ -58,6 +58,11 @@ async def test_example_service_pays_once_and_refunds_once(name: str) -> None:
         assert other_shop.json()["id"] != first.json()["id"]
         assert changed.status_code == 422
         assert changed.headers["content-type"] == "application/problem+json"
+        anonymous = await client.post(
+            "/payments", json=body, headers={"Idempotency-Key": '"order-1"'}
+        )
+        assert anonymous.status_code == 400  # no API key: refused, never a shared scope
+        assert anonymous.json()["type"].endswith(":scope-missing")
 
         payment_id = first.json()["id"]
         refunds = [await client.post(f"/payments/{payment_id}/refund") for _ in range(2)]
