@@ -6,17 +6,23 @@ import their framework and are only importable when it is installed.
 """
 
 from aioidempotency.integrations.http import (
+    DEFAULT_SCOPE_HEADERS,
     NOT_STORED_HEADER,
     REPLAYED_HEADER,
     HttpIdempotency,
     HttpIdempotencyOptions,
+    IdempotencyStoredReplyError,
     Reply,
+    credential_scope,
 )
 
 __all__ = [
+    "DEFAULT_SCOPE_HEADERS",
     "NOT_STORED_HEADER",
     "REPLAYED_HEADER",
     "HttpIdempotency",
     "HttpIdempotencyOptions",
+    "IdempotencyStoredReplyError",
     "Reply",
+    "credential_scope",
 ]
