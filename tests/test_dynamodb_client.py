@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import threading
 import time
@@ -186,7 +187,7 @@ async def test_a_missing_table_is_a_persistence_error(
         "get": lambda: layer.get("fn#k"),
         "complete": lambda: layer.complete(record, owner="o"),
         "release": lambda: layer.release("fn#k", owner="o"),
-        "renew": lambda: layer.renew("fn#k", owner="o", in_progress_expiry_ms=1),
+        "renew": lambda: layer.renew(dataclasses.replace(record, in_progress_expiry_timestamp=1)),
         "delete": lambda: layer.delete("fn#k"),
     }
     with pytest.raises(IdempotencyPersistenceLayerError, match="does not exist") as error:

@@ -99,11 +99,11 @@ async def test_a_result_too_large_is_reported_and_its_claim_released(
     assert fn.count == 2
 
 
-async def test_a_result_that_cannot_be_stored_is_attached_to_the_error(
+async def test_a_result_that_cannot_be_stored_yet_is_attached_and_stored_later(
     moto_server: MotoServer, user_client: Any
 ) -> None:
     async with fresh_store(moto_server, client=user_client) as store:
-        inject_error(user_client, "UpdateItem", "ProvisionedThroughputExceededException")
+        heal = inject_error(user_client, "UpdateItem", "ProvisionedThroughputExceededException")
         engine = IdempotencyEngine(store, key_prefix="orders")
         fn = Calls({"id": 7})
         with (
@@ -111,11 +111,19 @@ async def test_a_result_that_cannot_be_stored_is_attached_to_the_error(
             pytest.raises(IdempotencyCompletionError) as error,
         ):
             await engine.run(ORDER, fn)
-        assert requests.counts == {"PutItem": 1, "DeleteItem": 1}  # UpdateItem never sent
+        assert requests.counts == {"PutItem": 1}  # UpdateItem never sent
         assert error.value.result == {"id": 7}
         assert isinstance(error.value.__cause__, IdempotencyPersistenceLayerError)
         assert "throttled" in str(error.value)
-        assert await store.get(engine.idempotency_key(ORDER)) is None  # released
+        # the function ran: its result is kept (never traded for a release) and stored
+        # in the background once the store takes it
+        heal()
+        assert await engine.drain(timeout=30)
+        stored = await store.get(engine.idempotency_key(ORDER))
+        assert stored is not None
+        assert stored.response_json() == {"id": 7}
+        assert await engine.run(ORDER, fn) == {"id": 7}
+        assert fn.count == 1
 
 
 async def test_a_taken_over_call_cannot_complete_over_the_new_owner(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any
@@ -68,6 +69,13 @@ def claim_record(
     )
 
 
+def renewed(claim: DataRecord, until_ms: int = 1, owner: str | None = None) -> DataRecord:
+    """`claim` renewed until `until_ms` (by `owner` when given), as the lease sends it."""
+    return dataclasses.replace(
+        claim, in_progress_expiry_timestamp=until_ms, owner=owner or claim.owner
+    )
+
+
 def completed_record(claim: DataRecord, data: str = '{"ok": true}') -> DataRecord:
     return DataRecord(
         idempotency_key=claim.idempotency_key,
@@ -111,7 +119,7 @@ async def test_claim_without_lease_or_validation_writes_no_such_attributes(
     }
 
 
-async def test_completion_stores_the_result_and_drops_owner_and_lease(
+async def test_completion_stores_the_result_keeps_the_owner_and_drops_the_lease(
     ddb: DynamoDBPersistenceLayer,
 ) -> None:
     claim = claim_record(in_progress_ms=int(NOW * 1000) + 60_000, payload_hash="v1")
@@ -126,8 +134,9 @@ async def test_completion_stores_the_result_and_drops_owner_and_lease(
         attrs.status_attr: {"S": "COMPLETED"},
         attrs.expiry_attr: {"N": str(done.expiry_timestamp)},
         attrs.validation_key_attr: {"S": "v1"},
+        attrs.owner_attr: {"S": claim.owner},
     }
-    assert await ddb.get(claim.idempotency_key) == done
+    assert await ddb.get(claim.idempotency_key) == dataclasses.replace(done, owner=claim.owner)
 
 
 async def test_refused_claim_returns_the_stored_record_with_int_numbers(
@@ -183,7 +192,7 @@ async def test_late_completion_after_a_takeover_is_refused_and_changes_nothing(
         await ddb.complete(completed_record(late, '"late"'), owner=late.owner)
     assert lost.value.key == late.idempotency_key
     with pytest.raises(IdempotencyClaimLostError):
-        await ddb.renew(late.idempotency_key, owner=late.owner, in_progress_expiry_ms=1)
+        await ddb.renew(renewed(late))
     await ddb.release(late.idempotency_key, owner=late.owner)  # not ours: does nothing
     assert await raw_item(ddb, new.idempotency_key) == new_item
     assert new.owner is not None
@@ -203,7 +212,7 @@ async def test_completion_of_a_vanished_record_creates_no_partial_item(
     with pytest.raises(IdempotencyClaimLostError, match="is gone"):
         await ddb.complete(completed_record(claim), owner=claim.owner)
     with pytest.raises(IdempotencyClaimLostError, match="is gone"):
-        await ddb.renew(claim.idempotency_key, owner=claim.owner, in_progress_expiry_ms=1)
+        await ddb.renew(renewed(claim))
     assert await raw_item(ddb, claim.idempotency_key) is None
 
 
@@ -234,7 +243,7 @@ async def test_renew_moves_only_the_in_progress_expiry(ddb: DynamoDBPersistenceL
     await ddb.claim(claim, now=NOW)
     assert claim.owner is not None
     until = int(NOW * 1000) + 90_000
-    await ddb.renew(claim.idempotency_key, owner=claim.owner, in_progress_expiry_ms=until)
+    await ddb.renew(renewed(claim, until))
     stored = await ddb.get(claim.idempotency_key)
     assert stored == DataRecord(
         idempotency_key=claim.idempotency_key,
@@ -245,7 +254,7 @@ async def test_renew_moves_only_the_in_progress_expiry(ddb: DynamoDBPersistenceL
         owner=claim.owner,
     )
     with pytest.raises(IdempotencyClaimLostError):
-        await ddb.renew(claim.idempotency_key, owner="someone-else", in_progress_expiry_ms=1)
+        await ddb.renew(renewed(claim, owner="someone-else"))
 
 
 async def test_get_and_delete(ddb: DynamoDBPersistenceLayer) -> None:

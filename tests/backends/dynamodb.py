@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -138,8 +138,11 @@ def counting_requests(client: Any) -> Iterator[RequestCounter]:
         client.meta.events.unregister("before-send.dynamodb", counter)
 
 
-def inject_error(client: Any, operation: str, code: str) -> None:
-    """Make every `operation` call of `client` fail with `code`, without a request."""
+def inject_error(client: Any, operation: str, code: str) -> Callable[[], None]:
+    """Make every `operation` call of `client` fail with `code`, without a request.
+
+    Returns the function that ends the fault.
+    """
 
     class Response:
         status_code = 400
@@ -149,4 +152,6 @@ def inject_error(client: Any, operation: str, code: str) -> None:
         error = {"Error": {"Code": code, "Message": f"injected {code}"}}
         return Response(), {**error, "ResponseMetadata": {"HTTPStatusCode": 400}}
 
-    client.meta.events.register(f"before-call.dynamodb.{operation}", fail)
+    event = f"before-call.dynamodb.{operation}"
+    client.meta.events.register(event, fail)
+    return lambda: client.meta.events.unregister(event, fail)

@@ -6,6 +6,11 @@ both libraries can share one table. On top of it, every claim stores an owner to
 
 Requests per call: first execution 2 (claim, complete), replay 1 (the refused claim
 returns the stored item), failure 2 (claim, release).
+
+Every write is safe to repeat for its owner (botocore resends a request whose reply
+was lost): a resent claim is refused and returns the caller's own item; the completed
+item keeps the owner token, so a resent completion is recognised as done; release and
+renewal are conditional on the owner and on the INPROGRESS status.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ try:
         ClientError,
         HTTPClientError,
         NoRegionError,
+        ReadTimeoutError,
     )
     from botocore.exceptions import ConnectionError as BotoConnectionError
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -44,15 +50,41 @@ from aioidempotency.exceptions import (
 from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
 from aioidempotency.records import DataRecord, RecordAttributes, RecordStatus
 
-__all__ = ["MAX_ITEM_BYTES", "DynamoDBPersistenceLayer", "create_idempotency_table"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_READ_TIMEOUT",
+    "MAX_ITEM_BYTES",
+    "DynamoDBPersistenceLayer",
+    "create_idempotency_table",
+]
 
 MAX_ITEM_BYTES = 400 * 1024
 """DynamoDB's item size limit (attribute names plus values), in bytes."""
 
+DEFAULT_CONNECT_TIMEOUT = 2.0
+"""Seconds to open a connection, for clients this layer opens (botocore's is 60)."""
+DEFAULT_READ_TIMEOUT = 3.0
+"""Seconds to wait for a reply, for clients this layer opens (botocore's is 60)."""
+DEFAULT_MAX_ATTEMPTS = 2
+"""Attempts per request, the first included ("standard" retry mode), for clients this
+layer opens when neither `boto_config` nor the AWS configuration (``AWS_MAX_ATTEMPTS``,
+``max_attempts`` in the profile) sets one."""
+
 _CLAIM_CONDITION = (
-    "attribute_not_exists(#id) OR #expiry < :now OR "
-    "(#status = :inprogress AND attribute_exists(#in_progress_expiry) "
-    "AND #in_progress_expiry < :now_in_millis)"
+    "attribute_not_exists(#id) OR ("
+    # only an item `RecordAttributes.from_mapping` accepts may be taken over: one it
+    # refuses is never overwritten (the claim returns it and the reader raises). The
+    # type checks come first: moto fails on comparing a string with a number, where
+    # DynamoDB evaluates it as false.
+    "(#status = :inprogress OR #status = :completed) "
+    "AND attribute_type(#expiry, :number) "
+    "AND (attribute_not_exists(#in_progress_expiry) "
+    "OR attribute_type(#in_progress_expiry, :number)) "
+    "AND (attribute_not_exists(#data) OR attribute_type(#data, :string)) "
+    # the reference's condition: expired, or in progress past its in-progress expiry
+    "AND (#expiry < :now OR (#status = :inprogress AND attribute_exists(#in_progress_expiry) "
+    "AND #in_progress_expiry < :now_in_millis)))"
 )
 _OWNED_CONDITION = "#owner = :owner AND #status = :inprogress"
 _CONDITION_FAILED = "ConditionalCheckFailedException"
@@ -70,6 +102,8 @@ _URL_OPTIONS = frozenset(
         "endpoint_url",
     }
 )
+_URL_NUMBERS = {"connect_timeout": float, "read_timeout": float, "max_attempts": int}
+_TRANSIENT_CODES = frozenset({"InternalServerError", "ServiceUnavailable"})
 
 AttributeValue = dict[str, Any]
 Item = dict[str, AttributeValue]
@@ -115,7 +149,12 @@ def _attr(value: str | int) -> AttributeValue:
 
 
 def _plain(value: Mapping[str, Any]) -> Any:
-    """A low-level DynamoDB value as Python: S as str, N as int (Decimal if fractional)."""
+    """A low-level DynamoDB value as Python: S as str, N as int (Decimal if fractional).
+
+    Any other type (NULL, BOOL, B, maps, sets, lists) stays the low-level mapping, so
+    `RecordAttributes.from_mapping` refuses it where it needs a string or a number, as
+    the claim condition does.
+    """
     if "S" in value:
         return value["S"]
     if "N" in value:
@@ -124,11 +163,20 @@ def _plain(value: Mapping[str, Any]) -> Any:
             return int(text)
         except ValueError:
             return Decimal(text)
-    if "NULL" in value:
+    return dict(value)
+
+
+def _configured(session: Any, name: str, env_name: str) -> Any:
+    """A variable set in the AWS configuration `session` sees (environment first, then
+    the profile), or None when unset (botocore's own default does not count)."""
+    if os.environ.get(env_name):
+        return os.environ[env_name]
+    botocore_session = getattr(session, "_session", session)  # aioboto3 wraps botocore's
+    try:
+        scoped = botocore_session.get_scoped_config() if botocore_session is not None else {}
+    except Exception:  # an unreadable profile: botocore reports it when the client opens
         return None
-    if "BOOL" in value:
-        return bool(value["BOOL"])
-    return dict(value)  # another type: left for the record mapping to refuse
+    return scoped.get(name) if isinstance(scoped, Mapping) else None
 
 
 def _number_size(text: str) -> int:
@@ -174,6 +222,11 @@ def _raise_mapped(exc: Exception, action: str, table: str) -> NoReturn:
             "RequestLimitExceeded",
         }:
             reason = "throttled (the retries were exhausted)"
+        elif code in _TRANSIENT_CODES:
+            raise IdempotencyPersistenceConnectionError(
+                f"{where}: the service is unavailable (the retries were exhausted) [{code}]",
+                exc,
+            ) from exc
         else:
             reason = "failed"
         raise IdempotencyPersistenceLayerError(f"{where}: {reason} [{code}]", exc) from exc
@@ -181,7 +234,11 @@ def _raise_mapped(exc: Exception, action: str, table: str) -> NoReturn:
         raise IdempotencyPersistenceConfigError(
             f"{where}: no AWS region; set AWS_DEFAULT_REGION or pass region_name", exc
         ) from exc
-    if isinstance(exc, (BotoConnectionError, HTTPClientError, OSError, asyncio.TimeoutError)):
+    if isinstance(exc, (ReadTimeoutError, asyncio.TimeoutError)):
+        raise IdempotencyPersistenceConnectionError(
+            f"{where}: the endpoint did not answer in time (read_timeout)", exc
+        ) from exc
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, OSError)):
         raise IdempotencyPersistenceConnectionError(
             f"{where}: the endpoint could not be reached", exc
         ) from exc
@@ -200,8 +257,11 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
     Without `client`, an aiobotocore client is opened lazily (from `session`,
     `region_name`, `endpoint_url` and `boto_config`; the region otherwise comes from
     the environment) in the running event loop and reused; a call from another loop
-    gets its own client. `aclose()` closes them. A `client` given here is used as it
-    is and never closed.
+    or a forked child gets its own client. `aclose()` closes them. Such clients fail
+    fast: `connect_timeout` and `read_timeout` (seconds) and `max_attempts` (per
+    request, "standard" retries) default to the ``DEFAULT_*`` constants; what
+    `boto_config` sets explicitly wins. A `client` given here is used as it is (its
+    own timeouts and retries), never closed, and refused in a forked child.
     """
 
     owner_checked = True
@@ -224,6 +284,9 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         region_name: str | None = None,
         endpoint_url: str | None = None,
         boto_config: Any = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        max_attempts: int | None = None,
     ) -> None:
         if not table_name:
             raise IdempotencyPersistenceConfigError("table_name must not be empty")
@@ -245,6 +308,15 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
             raise IdempotencyPersistenceConfigError(
                 f"attribute names must be distinct and not empty: {names}"
             )
+        if not (connect_timeout > 0 and read_timeout > 0):
+            raise IdempotencyPersistenceConfigError(
+                "connect_timeout and read_timeout must be positive: "
+                f"{connect_timeout!r}, {read_timeout!r}"
+            )
+        if max_attempts is not None and (isinstance(max_attempts, bool) or max_attempts < 1):
+            raise IdempotencyPersistenceConfigError(
+                f"max_attempts must be at least 1: {max_attempts!r}"
+            )
         self.table_name = table_name
         self.key_attr = key_attr
         self.sort_key_attr = sort_key_attr
@@ -264,7 +336,11 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         self.region_name = region_name
         self.endpoint_url = endpoint_url
         self.boto_config = boto_config
+        self.connect_timeout = float(connect_timeout)
+        self.read_timeout = float(read_timeout)
+        self.max_attempts = max_attempts
         self._user_client = client
+        self._user_client_pid = os.getpid()
         self._session = session
         self._clients: dict[asyncio.AbstractEventLoop, _LoopClient] = {}
         self._clients_lock = threading.Lock()
@@ -273,8 +349,9 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
     def from_url(cls, url: str) -> DynamoDBPersistenceLayer:
         """Build a layer from ``dynamodb://TABLE?region=..&endpoint_url=..``.
 
-        Other query parameters set the constructor's attribute options by name
-        (``key_attr``, ``sort_key_attr``, ``static_pk_value``, ...).
+        Other query parameters set the constructor's options by name: the attribute
+        names (``key_attr``, ``sort_key_attr``, ``static_pk_value``, ...) and
+        ``connect_timeout``, ``read_timeout`` (seconds) and ``max_attempts``.
         """
         parts = urlsplit(url)
         if parts.scheme.lower() != "dynamodb":
@@ -282,17 +359,24 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         table = unquote(parts.netloc or parts.path.lstrip("/"))
         if not table:
             raise IdempotencyPersistenceConfigError(f"no table name in {url!r}")
-        options: dict[str, str] = {}
+        options: dict[str, Any] = {}
         region: str | None = None
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
             if name in {"region", "region_name"}:
                 region = value
             elif name in _URL_OPTIONS:
                 options[name] = value
+            elif name in _URL_NUMBERS:
+                try:
+                    options[name] = _URL_NUMBERS[name](value)
+                except ValueError:
+                    raise IdempotencyPersistenceConfigError(
+                        f"option {name!r} in {url!r} is not a number: {value!r}"
+                    ) from None
             else:
                 raise IdempotencyPersistenceConfigError(
                     f"unknown option {name!r} in {url!r}; known: "
-                    f"{sorted(_URL_OPTIONS | {'region'})}"
+                    f"{sorted(_URL_OPTIONS | _URL_NUMBERS.keys() | {'region'})}"
                 )
         return cls(table, region_name=region, **options)
 
@@ -309,8 +393,37 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
             "dynamodb",
             region_name=self.region_name,
             endpoint_url=self.endpoint_url,
-            config=self.boto_config,
+            config=self.client_config(session),
         )
+
+    def client_config(self, session: Any = None) -> Any:
+        """The `AioConfig` of the clients this layer opens: the bounded timeouts and
+        retries under what `boto_config` sets explicitly (its values win). The attempts
+        and retry mode of the AWS configuration (``AWS_MAX_ATTEMPTS``,
+        ``AWS_RETRY_MODE``, the profile) of `session` win over the defaults too."""
+        from aiobotocore.config import AioConfig
+
+        given: dict[str, Any] = dict(getattr(self.boto_config, "_user_provided_options", {}))
+        defaults: dict[str, Any] = {}
+        if "connect_timeout" not in given:
+            defaults["connect_timeout"] = self.connect_timeout
+        if "read_timeout" not in given:
+            defaults["read_timeout"] = self.read_timeout
+        retries = dict(given.get("retries") or {})
+        if not retries.keys() & {"max_attempts", "total_max_attempts"}:
+            if self.max_attempts is not None:
+                retries["total_max_attempts"] = self.max_attempts
+            elif _configured(session, "max_attempts", "AWS_MAX_ATTEMPTS") is None:
+                retries["total_max_attempts"] = DEFAULT_MAX_ATTEMPTS
+        if "mode" not in retries and _configured(session, "retry_mode", "AWS_RETRY_MODE") is None:
+            retries["mode"] = "standard"
+        defaults["retries"] = retries
+        user = self.boto_config
+        if user is None:
+            return AioConfig(**defaults)
+        if not isinstance(user, AioConfig):  # a botocore Config: keep its options
+            user = AioConfig(**given)
+        return user.merge(AioConfig(**defaults))
 
     async def _client_lifetime(self) -> AsyncIterator[Any]:
         async with self._client_context() as client:
@@ -323,6 +436,15 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
     async def client(self) -> Any:
         """The aiobotocore DynamoDB client for the running loop (opened if needed)."""
         if self._user_client is not None:
+            if os.getpid() != self._user_client_pid:
+                raise IdempotencyPersistenceConfigError(
+                    f"the DynamoDB client passed as client= was created in process "
+                    f"{self._user_client_pid}; this forked child ({os.getpid()}) would share "
+                    "its connections with the parent. Pass table_name= with session=, "
+                    "region_name=, endpoint_url= or boto_config= instead of client=, so "
+                    "that each process opens its own client, or build the layer after "
+                    "the fork"
+                )
             return self._user_client
         loop = asyncio.get_running_loop()
         with self._clients_lock:
@@ -417,11 +539,15 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
                     "#expiry": attrs.expiry_attr,
                     "#in_progress_expiry": attrs.in_progress_expiry_attr,
                     "#status": attrs.status_attr,
+                    "#data": attrs.data_attr,
                 },
                 ExpressionAttributeValues={
                     ":now": {"N": str(int(now))},
                     ":now_in_millis": {"N": str(int(now * 1000))},
                     ":inprogress": {"S": RecordStatus.INPROGRESS.value},
+                    ":completed": {"S": RecordStatus.COMPLETED.value},
+                    ":number": {"S": "N"},
+                    ":string": {"S": "S"},
                 },
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
@@ -443,8 +569,14 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         return None if record.is_expired(time.time()) else record
 
     async def complete(self, record: DataRecord, *, owner: str) -> None:
-        """One UpdateItem conditional on `owner`; checks the 400 KB limit first."""
+        """One UpdateItem conditional on `owner`; checks the 400 KB limit first.
+
+        The completed item keeps the owner token, so a completion resent after a lost
+        reply finds its own COMPLETED item and succeeds.
+        """
+        attrs = self.attributes
         final = self._item(record)
+        final[attrs.owner_attr] = {"S": owner}
         size = _item_size(final)
         if size > MAX_ITEM_BYTES:
             raise IdempotencyResultTooLargeError(
@@ -453,7 +585,6 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
                 size=size,
                 limit=MAX_ITEM_BYTES,
             )
-        attrs = self.attributes
         names = {"#owner": attrs.owner_attr, "#status": attrs.status_attr}
         values = self._owner_values(owner)
         key_names = {self.key_attr, self.sort_key_attr}
@@ -462,22 +593,24 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
             names[f"#a{index}"] = name
             values[f":a{index}"] = final[name]
             sets.append(f"#a{index} = :a{index}")
-        removes = ["#owner"]
+        update = f"SET {', '.join(sets)}"
         if attrs.in_progress_expiry_attr not in final:
             names["#in_progress_expiry"] = attrs.in_progress_expiry_attr
-            removes.append("#in_progress_expiry")
+            update += " REMOVE #in_progress_expiry"
         try:
             await self._call(
                 "update_item",
                 "complete",
                 Key=self._key(record.idempotency_key),
-                UpdateExpression=f"SET {', '.join(sets)} REMOVE {', '.join(removes)}",
+                UpdateExpression=update,
                 ConditionExpression=_OWNED_CONDITION,
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except _ConditionFailed as refused:
+            if self._completed_by(refused.old, owner):
+                return  # our own completion, resent after its reply was lost
             raise _lost(record.idempotency_key, refused.old) from None
         except IdempotencyPersistenceLayerError as exc:
             cause = exc.__cause__
@@ -490,27 +623,42 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
                 ) from cause
             raise
 
+    def _completed_by(self, old: Mapping[str, AttributeValue] | None, owner: str) -> bool:
+        attrs = self.attributes
+        return (
+            old is not None
+            and old.get(attrs.owner_attr) == {"S": owner}
+            and old.get(attrs.status_attr) == {"S": RecordStatus.COMPLETED.value}
+        )
+
     async def release(self, key: str, *, owner: str) -> None:
-        """One DeleteItem conditional on `owner`; a non-owner's release does nothing."""
+        """One DeleteItem of `owner`'s in-progress item; anything else is left alone
+        (another owner's claim, a completed item even of this owner, no item)."""
         try:
             await self._call(
                 "delete_item",
                 "release",
                 Key=self._key(key),
-                ConditionExpression="#owner = :owner",
-                ExpressionAttributeNames={"#owner": self.attributes.owner_attr},
-                ExpressionAttributeValues={":owner": {"S": owner}},
+                ConditionExpression=_OWNED_CONDITION,
+                ExpressionAttributeNames={
+                    "#owner": self.attributes.owner_attr,
+                    "#status": self.attributes.status_attr,
+                },
+                ExpressionAttributeValues=self._owner_values(owner),
             )
         except _ConditionFailed:
             return
 
     async def renew(self, record: DataRecord) -> None:
-        """One UpdateItem of the in-progress expiry, conditional on the record's owner."""
-        key, owner = record.idempotency_key, record.owner or ""
-        in_progress_expiry_ms = record.in_progress_expiry_timestamp or 0
+        """One UpdateItem of the in-progress expiry to `record`'s, conditional on
+        `record.owner` still holding the item in progress."""
+        key, owner = record.idempotency_key, record.owner
+        in_progress_expiry_ms = record.in_progress_expiry_timestamp
+        if owner is None or in_progress_expiry_ms is None:
+            raise ValueError(f"renew needs an owner and an in-progress expiry: {record!r}")
         attrs = self.attributes
         values = self._owner_values(owner)
-        values[":until"] = {"N": str(int(in_progress_expiry_ms))}
+        values[":until"] = {"N": str(in_progress_expiry_ms)}
         try:
             await self._call(
                 "update_item",
