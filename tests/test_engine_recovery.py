@@ -294,3 +294,20 @@ async def test_the_lease_is_renewed_after_an_outage_longer_than_the_lease() -> N
     stored = await inner.get(key)
     assert stored is not None
     assert stored.status is RecordStatus.COMPLETED
+
+
+async def test_run_passes_positional_arguments_so_no_closure_binds_late() -> None:
+    engine = engine_for(InMemoryPersistenceLayer())
+    seen: list[str] = []
+
+    async def process(record: dict[str, str]) -> str:
+        seen.append(record["id"])
+        return record["id"].upper()
+
+    records = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    results = await asyncio.gather(*(engine.run(r, process, r) for r in records))
+    assert results == ["A", "B", "C"]
+    assert sorted(seen) == ["a", "b", "c"]
+    # The prefix comes from the function, not from the bound call.
+    assert await engine.run(records[0], process, records[0]) == "A"
+    assert seen.count("a") == 1

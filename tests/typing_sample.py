@@ -84,6 +84,13 @@ async def callers() -> None:
 
     reveal_type(await engine.run({"id": 4}, refund))  # R: decimal.Decimal
 
+    async def process(record: dict[str, str], attempt: int) -> str:
+        return record["id"] * attempt
+
+    reveal_type(await engine.run({"id": 5}, process, {"id": "r"}, 2))  # R: str
+    await engine.run({"id": 5}, process, {"id": "r"})  # E: arg-type
+    await engine.run({"id": 5}, process, {"id": "r"}, "2")  # E: arg-type
+
 
 def sync_callers() -> None:
     reveal_type(asyncio.run(place({"id": 1}, customer="ada")))  # R: Receipt

@@ -22,6 +22,8 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
+from typing_extensions import TypeVarTuple, Unpack
+
 from aioidempotency.config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
 from aioidempotency.encoding import dumps_result
 from aioidempotency.exceptions import (
@@ -60,6 +62,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 logger = logging.getLogger("aioidempotency")
 
@@ -152,19 +155,22 @@ class IdempotencyEngine:
     async def run(
         self,
         payload: Any,
-        fn: Callable[[], Awaitable[T]],
-        *,
+        fn: Callable[[Unpack[Ts]], Awaitable[T]],
+        *args: Unpack[Ts],
         lambda_context: LambdaContextLike | None = None,
     ) -> T:
-        """Run ``fn()`` once for ``payload``; replay its stored result to duplicates.
+        """Run ``fn(*args)`` once for ``payload``; replay its stored result to duplicates.
 
-        ``fn`` is a zero-argument async callable. ``lambda_context`` (or the one
-        registered with `IdempotencyConfig.register_lambda_context`) bounds the claim
-        by the invocation's remaining time. Raises `IdempotencyAlreadyInProgressError`
-        for a concurrent duplicate, `IdempotencyValidationError` when the payload
-        differs from the stored one, and re-raises whatever ``fn`` raises.
+        ``fn`` is an async callable; ``args`` are passed to it as they are (as
+        ``loop.call_soon`` does), so a loop over records needs no closure, which would
+        bind the loop variable late. ``lambda_context`` (or the one registered with
+        `IdempotencyConfig.register_lambda_context`) bounds the claim by the
+        invocation's remaining time. Raises `IdempotencyAlreadyInProgressError` for a
+        concurrent duplicate, `IdempotencyValidationError` when the payload differs
+        from the stored one, and re-raises whatever ``fn`` raises.
         """
-        return await self.run_for(payload, fn, key_source=fn, lambda_context=lambda_context)
+        call: Callable[[], Awaitable[T]] = functools.partial(fn, *args) if args else fn
+        return await self.run_for(payload, call, key_source=fn, lambda_context=lambda_context)
 
     async def run_for(
         self,
