@@ -193,10 +193,12 @@ class FunctionGate:
     """A gate inside the function under test.
 
     `entered` is set when the function starts; it then waits for `release(...)`, which
-    says how it ends: return `value`, or raise `error` (any BaseException).
+    says how it ends: return `value`, or raise `error` (any BaseException). The wait is
+    bounded by `timeout` (None: unbounded, for loops whose clock a test moves).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, timeout: float | None = GATE_TIMEOUT) -> None:
+        self.timeout = timeout
         self.entered = asyncio.Event()
         self.runs = 0
         self._go = asyncio.Event()
@@ -214,7 +216,7 @@ class FunctionGate:
     async def __call__(self) -> Any:
         self.runs += 1
         self.entered.set()
-        async with asyncio.timeout(GATE_TIMEOUT):
+        async with asyncio.timeout(self.timeout):
             await self._go.wait()
         if self._error is not None:
             raise self._error
