@@ -386,15 +386,15 @@ def check(
             report.errors[outcome] += 1
         # invariant 5: typed errors, chained, bounded
         if not outcome:
-            bad.append(f"call {entry.worker}/{entry.call} has no recorded end")
+            bad.append(f"[5] call {entry.worker}/{entry.call} has no recorded end")
         elif outcome != "returned" and not entry.idempotency_error:
             allowed = ALLOWED_BY_MODE[entry.mode] | {"FnError"}
             if outcome not in allowed:
-                bad.append(f"call {entry.worker}/{entry.call} ({entry.mode}) raised {outcome}")
+                bad.append(f"[5] call {entry.worker}/{entry.call} ({entry.mode}) raised {outcome}")
         if not entry.chained:
-            bad.append(f"call {entry.worker}/{entry.call}: {outcome} without its cause")
+            bad.append(f"[5] call {entry.worker}/{entry.call}: {outcome} without its cause")
         if entry.end - entry.start > CALL_BOUND:
-            bad.append(f"call {entry.worker}/{entry.call} took {entry.end - entry.start:.1f}s")
+            bad.append(f"[5] call {entry.worker}/{entry.call} took {entry.end - entry.start:.1f}s")
 
     for key, record in records.items():
         calls = by_key.get(key, [])
@@ -405,13 +405,13 @@ def check(
         # every execution the server counted was seen by a worker (and vice versa)
         if not len(executed) <= count <= len(attempted):
             bad.append(
-                f"key {key}: server counted {count} executions, workers saw "
+                f"[counters] key {key}: server counted {count} executions, workers saw "
                 f"{len(executed)} counted and {len(attempted)} started"
             )
         stored: str | None = None
         if record is not None and record.status is RecordStatus.INPROGRESS:
             report.keys_locked += 1  # invariant 3
-            bad.append(f"key {key}: left locked by {record.owner}")
+            bad.append(f"[3] key {key}: left locked by {record.owner}")
         elif record is not None:
             report.keys_completed += 1
             stored = record.response_json()
@@ -419,16 +419,17 @@ def check(
         for entry in calls:
             if entry.outcome == "returned" and entry.value != stored:
                 bad.append(
-                    f"key {key}: call {entry.worker}/{entry.call} returned {entry.value!r}, "
+                    "[2] "
+                    + f"key {key}: call {entry.worker}/{entry.call} returned {entry.value!r}, "
                     f"stored is {stored!r}"
                 )
         # invariant 1: every execution but the stored one belongs to a call that failed
         # or was interrupted before its completion landed
         for entry in executed:
             if entry.execution != stored and entry.outcome == "returned":
-                bad.append(f"key {key}: execution {entry.execution} returned but is not stored")
+                bad.append(f"[1] key {key}: execution {entry.execution} returned but is not stored")
         if stored is not None and not any(entry.execution == stored for entry in executed):
-            bad.append(f"key {key}: stored result {stored!r} comes from no seen execution")
+            bad.append(f"[2] key {key}: stored result {stored!r} comes from no seen execution")
         # invariant 1: no execution starts once a completed result was returned
         returned_at = [entry.end for entry in calls if entry.outcome == "returned"]
         if returned_at:
@@ -436,7 +437,7 @@ def check(
             for entry in executed:
                 if entry.exec_start is not None and entry.exec_start > first_return:
                     bad.append(
-                        f"key {key}: execution {entry.execution} started after a call had "
+                        f"[1] key {key}: execution {entry.execution} started after a call had "
                         "returned the stored result"
                     )
         # invariant 1: executions of one key never overlap (one live claim at a time)
@@ -447,7 +448,7 @@ def check(
         )
         for (_, end_a, name_a), (start_b, _, name_b) in itertools.pairwise(spans):
             if start_b < end_a:
-                bad.append(f"key {key}: executions {name_a} and {name_b} overlapped")
+                bad.append(f"[1] key {key}: executions {name_a} and {name_b} overlapped")
     return report
 
 
