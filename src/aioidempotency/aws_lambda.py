@@ -23,20 +23,36 @@ import inspect
 import os
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from typing_extensions import ParamSpec
 
-__all__ = ["HandlerLoop", "LambdaHandlerError", "handler_loop", "lambda_handler"]
+__all__ = [
+    "HandlerLoop",
+    "LambdaHandler",
+    "LambdaHandlerError",
+    "handler_loop",
+    "lambda_handler",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 _CLOSE_TIMEOUT = 5.0
 """Seconds each resource may take to close at exit."""
 
 ASYNC_HANDLER_ATTR = "__aioidempotency_async_handler__"
 """Attribute of a `lambda_handler` wrapper holding the coroutine function it runs."""
+
+
+class LambdaHandler(Protocol[P, R_co]):
+    """The sync handler `lambda_handler` returns: called as the async one, it returns
+    what the async one returns; the async one is kept on it."""
+
+    __aioidempotency_async_handler__: Callable[..., Coroutine[Any, Any, Any]]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
 
 class LambdaHandlerError(RuntimeError):
@@ -136,7 +152,7 @@ if hasattr(os, "register_at_fork"):
 atexit.register(handler_loop._at_exit)
 
 
-def lambda_handler(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, R]:
+def lambda_handler(handler: Callable[P, Coroutine[Any, Any, R]]) -> LambdaHandler[P, R]:
     """Turn ``async def handler(event, context)`` into the sync handler Lambda calls.
 
     Stack it outside ``@idempotent_async`` (or inside it: the idempotent wrapper of a
@@ -162,4 +178,4 @@ def lambda_handler(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, 
     engine = getattr(handler, "engine", None)  # an @idempotent_async handler's engine
     if engine is not None:
         handler_loop.close_at_exit(engine.persistence_store)
-    return run
+    return cast("LambdaHandler[P, R]", run)
