@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from aioidempotency import IdempotencyConfig, InMemoryPersistenceLayer, idempotent_async
+from aioidempotency import InMemoryPersistenceLayer, idempotent_async
 from aioidempotency.aws_lambda import LambdaHandlerError, handler_loop, lambda_handler
 from aioidempotency.persistence.glide import GlideCacheClient
 from aioidempotency.records import RecordStatus
@@ -108,7 +108,8 @@ def import_app(store_url: str, monkeypatch: pytest.MonkeyPatch) -> types.ModuleT
     monkeypatch.setenv("LAMBDA_APP_STORE_URL", store_url)
     name = f"lambda_app_{uuid.uuid4().hex[:8]}"
     spec = importlib.util.spec_from_file_location(name, APP)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -207,7 +208,8 @@ def test_cold_start_in_a_fresh_interpreter(store_url: str, load_app: AppLoader) 
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["first"] == out["second"]
     assert out["runs"] == {order_id: 1}
-    assert "Unclosed" not in done.stderr and "Traceback" not in done.stderr
+    assert "Unclosed" not in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -301,7 +303,8 @@ def test_idempotent_async_outside_lambda_handler() -> None:
         runs.append(event["id"])
         remaining = context.get_remaining_time_in_millis()
         record = await store.get(outer.engine.idempotency_key(event, handler))  # type: ignore[attr-defined]
-        assert record is not None and record.in_progress_expiry_timestamp is not None
+        assert record is not None
+        assert record.in_progress_expiry_timestamp is not None
         return {"id": event["id"], "deadline_ms": record.in_progress_expiry_timestamp - remaining}
 
     outer = idempotent_async(persistence_store=store)(lambda_handler(handler))  # type: ignore[arg-type]

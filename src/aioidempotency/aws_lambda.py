@@ -121,9 +121,7 @@ class HandlerLoop:
         try:
             for resource in self._closables:
                 with contextlib.suppress(Exception):
-                    loop.run_until_complete(
-                        asyncio.wait_for(resource.aclose(), _CLOSE_TIMEOUT)
-                    )
+                    loop.run_until_complete(asyncio.wait_for(resource.aclose(), _CLOSE_TIMEOUT))
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
