@@ -285,8 +285,8 @@ async def _run_seed(
             entry.value = result
         except asyncio.CancelledError as exc:
             task_self = asyncio.current_task()
-            if task_self is not None and task_self.cancelling():
-                raise
+            if task_self is not None and getattr(task_self, "cancelling", int)():
+                raise  # this worker itself is being cancelled
             _classify(entry, exc)
         except BaseException as exc:
             _classify(entry, exc)
@@ -419,8 +419,7 @@ def check(
         for entry in calls:
             if entry.outcome == "returned" and entry.value != stored:
                 bad.append(
-                    "[2] "
-                    + f"key {key}: call {entry.worker}/{entry.call} returned {entry.value!r}, "
+                    f"[2] key {key}: call {entry.worker}/{entry.call} returned {entry.value!r}, "
                     f"stored is {stored!r}"
                 )
         # invariant 1: every execution but the stored one belongs to a call that failed

