@@ -26,6 +26,7 @@ from aioidempotency import (
     idempotent_function,
 )
 from aioidempotency.persistence import ClaimResult
+from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
 from aioidempotency.records import DataRecord
 from aioidempotency.sync import background_loop, run_sync
 from tests.helpers import FakeLambdaContext, WrapperStore
@@ -598,3 +599,81 @@ def test_forked_child_gets_a_fresh_loop() -> None:
     assert _fork_place(order={"id": 3})["placed"] == 3
     assert _FORK_STORE.calls[-1].loop is parent_loop
     assert _FORK_RUNS == [1, 3]
+
+
+# -- closing at exit ---------------------------------------------------------------------------
+
+_EXIT_SCRIPT = """
+import atexit, asyncio, json, sys, warnings
+warnings.simplefilter("always", ResourceWarning)
+sessions = []
+
+def report_open_sessions():
+    # registered before aioidempotency is imported: runs after its exit hook
+    still_open = sum(not session.closed for session in sessions)
+    sys.stderr.write(f"open sessions at exit: {still_open}\\n")
+
+atexit.register(report_open_sessions)
+
+from aioidempotency import idempotent, idempotent_function
+from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+from aioidempotency.sync import background_loop
+
+table, endpoint = sys.argv[1], sys.argv[2]
+store = DynamoDBPersistenceLayer(table, endpoint_url=endpoint)
+runs = []
+
+@idempotent(persistence_store=store)
+def handler(event, context):
+    runs.append(event["id"])
+    return {"paid": event["id"]}
+
+@idempotent_function(data_keyword_argument="order", persistence_store=store)
+def place(order):
+    runs.append(order["id"])
+    return order["id"]
+
+results = [handler({"id": 1}, None), handler({"id": 1}, None), place(order={"id": 2})]
+client = asyncio.run_coroutine_threadsafe(store.client(), background_loop.loop()).result(10)
+sessions.extend(client._endpoint.http_session._sessions.values())
+print(json.dumps({"results": results, "runs": runs, "sessions": len(sessions)}))
+"""
+
+
+@pytest.mark.parametrize("exit_kind", ["return", "sys.exit"])
+def test_the_background_loop_closes_its_stores_clients_at_exit(
+    moto_server: Any, exit_kind: str
+) -> None:
+    """No "Unclosed client session" at exit: the DynamoDB layer's own client, opened on
+    the shims' loop, is closed there before the interpreter ends."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.backends.dynamodb import new_table_name
+
+    table = new_table_name()
+    layer = DynamoDBPersistenceLayer(table, endpoint_url=moto_server.endpoint_url)
+    on_background_loop(layer.create_table(exist_ok=False))
+    script = _EXIT_SCRIPT + ("\nsys.exit(0)\n" if exit_kind == "sys.exit" else "")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script, table, moto_server.endpoint_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+    finally:
+        on_background_loop(layer.aclose())
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "results": [{"paid": 1}, {"paid": 1}, 2],
+        "runs": [1, 2],
+        "sessions": 1,
+    }
+    assert "open sessions at exit: 0" in done.stderr, done.stderr
+    assert "Unclosed" not in done.stderr, done.stderr
+    assert "Task was destroyed" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -4,18 +4,24 @@ The persistence calls run on one long-lived event loop in a daemon thread, so th
 store's clients and connection pools survive across calls (warm Lambda
 invocations). The decorated function itself runs in the caller's thread, never in
 an executor, so nested idempotent calls cannot exhaust a pool. Every wait across
-threads has a timeout, and a forked child starts its own loop.
+threads has a timeout, and a forked child starts its own loop. At interpreter exit the
+loop finishes the engines' background work and closes the stores it used (bounded by
+`EXIT_TIMEOUT`), so no client is left open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import functools
 import inspect
+import logging
 import os
 import queue
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -40,6 +46,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_STORE_TIMEOUT = 60.0
+EXIT_TIMEOUT = 5.0
+"""Seconds the exit hook may spend finishing background work and closing stores."""
+
+logger = logging.getLogger("aioidempotency")
 
 
 class BackgroundLoop:
@@ -49,6 +59,7 @@ class BackgroundLoop:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._engines: weakref.WeakSet[IdempotencyEngine] = weakref.WeakSet()
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -81,11 +92,85 @@ class BackgroundLoop:
         self._thread = thread
         return loop
 
+    def remember(self, engine: IdempotencyEngine) -> None:
+        """Note that `engine` (and its store) runs on this loop, to be closed at exit."""
+        if engine not in self._engines:
+            with self._lock:
+                self._engines.add(engine)
+
+    def close(self, timeout: float = EXIT_TIMEOUT) -> bool:
+        """Finish the remembered engines' background work, close their stores' clients,
+        stop the loop and close it; True when all of it finished within `timeout`.
+
+        Called at interpreter exit. A later sync call starts a new loop.
+        """
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            engines = list(self._engines)
+            self._engines = weakref.WeakSet()
+        if loop is None or loop.is_closed() or thread is None or not thread.is_alive():
+            return True
+        deadline = time.monotonic() + timeout
+        done = asyncio.run_coroutine_threadsafe(_shut_down(engines, timeout), loop)
+        try:
+            done.result(timeout=timeout + 0.5)
+        except Exception:  # the loop is blocked, or the shutdown itself failed
+            logger.warning("closing the idempotency stores at exit failed", exc_info=True)
+            done.cancel()
+            return False
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=max(0.0, deadline - time.monotonic()) + 0.5)
+        if thread.is_alive():  # pragma: no cover - a callback that blocks the loop
+            return False
+        with self._lock:
+            if self._loop is loop:
+                self._loop = None
+                self._thread = None
+        loop.close()
+        return True
+
     def _after_fork(self) -> None:
-        # The parent's loop thread does not exist in the child: start afresh.
+        # The parent's loop thread does not exist in the child: start afresh. The
+        # parent's engines are not the child's to close (their clients are the parent's).
         self._lock = threading.Lock()
         self._loop = None
         self._thread = None
+        self._engines = weakref.WeakSet()
+
+
+async def _shut_down(engines: list[IdempotencyEngine], timeout: float) -> None:
+    """On the background loop: drain the engines, close their stores, cancel the rest.
+
+    Each step gets what is left of `timeout`; one that runs out is logged and the next
+    one still runs.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+
+    async def step(what: str, awaitables: list[Any]) -> None:
+        try:
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*awaitables, return_exceptions=True),
+                max(0.0, deadline - loop.time()),
+            )
+        except asyncio.TimeoutError:
+            logger.warning("%s at exit did not finish within %gs", what, timeout)
+            return
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(
+                outcome, asyncio.CancelledError
+            ):
+                logger.warning("%s at exit failed: %r", what, outcome)
+
+    await step("finishing background releases", [e.drain(timeout=timeout) for e in engines])
+    stores = {id(engine.persistence_store): engine.persistence_store for engine in engines}
+    await step("closing the stores", [store.aclose() for store in stores.values()])
+    current = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks() if task is not current]
+    for task in others:  # lease timers and the like: nothing is left to protect
+        task.cancel()
+    await step("cancelling background tasks", others)
+    await step("closing async generators", [loop.shutdown_asyncgens()])
 
 
 background_loop = BackgroundLoop()
@@ -93,6 +178,7 @@ background_loop = BackgroundLoop()
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=background_loop._after_fork)
+atexit.register(background_loop.close)
 
 
 class _CallerRaised(Exception):
@@ -142,6 +228,7 @@ def run_sync(
     if hit:
         return cast(R, replayed)
     loop = background_loop.loop()
+    background_loop.remember(engine)
     channel: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
     async def run_in_caller() -> R:
