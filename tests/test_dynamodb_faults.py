@@ -582,3 +582,28 @@ async def test_the_claim_condition_and_the_record_reader_agree(
 
     await asyncio.wait_for(asyncio.to_thread(property_holds), 300)
     assert all(checked.values()), checked  # every class of item was exercised
+
+
+async def test_the_engine_names_the_unusable_key_and_runs_nothing(
+    store_dynamodb_simple: DynamoDBPersistenceLayer,
+) -> None:
+    from aioidempotency.exceptions import IdempotencyInvalidRecordError
+
+    store = store_dynamodb_simple
+    engine = IdempotencyEngine(store, IdempotencyConfig(), key_prefix="orders")
+    key = engine.idempotency_key({"order": 9})
+    item = {"id": {"S": key}, **UNUSABLE["expiration-as-text"]}
+    await (await store.client()).put_item(TableName=store.table_name, Item=item)
+    runs = 0
+
+    async def pay() -> int:
+        nonlocal runs
+        runs += 1
+        return 1
+
+    with pytest.raises(IdempotencyInvalidRecordError) as error:
+        await engine.run({"order": 9}, pay)
+    assert error.value.key == key
+    assert isinstance(error.value.__cause__, IdempotencyInvalidStatusError)
+    assert runs == 0
+    assert await raw_item(store, key) == item
