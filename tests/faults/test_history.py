@@ -56,7 +56,7 @@ def sizes(slow_store: bool = False) -> dict[str, int]:
     """Workers, calls per worker and seed, keys: CI-sized unless AIOIDEM_FAULT_SCALE=full."""
     if slow_store:  # moto serves one request at a time
         return pick(
-            ci={"workers": 2, "calls": 40, "keys": 20},
+            ci={"workers": 2, "calls": 25, "keys": 15},
             full={"workers": 3, "calls": 400, "keys": 150},
         )
     return pick(
