@@ -18,8 +18,10 @@ thaws and stops every process and removes the directories.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -37,10 +39,15 @@ from tests.servers.redis import Kind, _free_port, server_binary
 
 __all__ = [
     "SCALE",
+    "Call",
     "ClusterNode",
+    "Findings",
     "NodeView",
     "ReplicatedCluster",
+    "Workload",
     "scaled",
+    "stored_run",
+    "stored_runs",
     "wait_until",
 ]
 
@@ -151,6 +158,13 @@ class ClusterNode:
         """Run one command on this node alone."""
         with self.admin(timeout) as client:
             return client.execute_command(*args)
+
+    def get(self, key: str) -> str | None:
+        """GET `key` on this node, a replica included (`READONLY` first)."""
+        with self.admin() as client:
+            client.execute_command("READONLY")
+            value = client.execute_command("GET", key)
+        return None if value is None else str(value)
 
     def info(self, section: str) -> dict[str, str]:
         """`INFO section` (or `CLUSTER INFO` for ``"cluster"``) as a dict of strings."""
@@ -444,15 +458,17 @@ class ReplicatedCluster:
         slots: Iterable[int],
         *,
         batch: int = 50,
-        on_slot: Callable[[int], None] | None = None,
+        on_slot: Callable[[int, str], None] | None = None,
     ) -> int:
         """Move `slots` from `source` to `target` with live traffic allowed; returns the
         number of keys moved.
 
-        Per slot: IMPORTING on the target, MIGRATING on the source, `on_slot(slot)` (a
-        hook run while the slot is half-moved), the keys moved in batches with
-        `MIGRATE ... KEYS`, then `SETSLOT NODE` on the target, the source and every
-        other primary.
+        Per slot: IMPORTING on the target, MIGRATING on the source, the keys moved in
+        batches with `MIGRATE ... KEYS`, then `SETSLOT NODE` on the target, the source
+        and every other primary. `on_slot(slot, phase)` runs while the slot is
+        half-moved: ``"migrating"`` (keys still on the source) and ``"moved"`` (keys on
+        the target, ownership not yet switched), so a test can put traffic into each
+        window before the migration goes on.
         """
         moved = 0
         with source.admin() as src, target.admin() as dst:
@@ -461,7 +477,7 @@ class ReplicatedCluster:
                 dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
                 src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
                 if on_slot is not None:
-                    on_slot(slot)
+                    on_slot(slot, "migrating")
                 for _round in range(10_000):
                     keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
                     if not keys:
@@ -472,8 +488,201 @@ class ReplicatedCluster:
                     moved += len(keys)
                 else:  # pragma: no cover - a slot that never empties is a failure
                     raise RuntimeError(f"slot {slot} never emptied")
+                if on_slot is not None:
+                    on_slot(slot, "moved")
                 dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
                 src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
                 for other in others:
                     other.command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
         return moved
+
+
+# --- workloads: engine calls whose executions are counted on another server ----------------
+@dataclasses.dataclass(eq=False)
+class Call:
+    """One engine call: what it returned or raised, and the run it executed (if any)."""
+
+    label: str
+    lane: int
+    started: float
+    result: Any = None
+    error: Exception | None = None
+    ran: str | None = None
+    ended: float = 0.0
+
+
+@dataclasses.dataclass
+class Findings:
+    """What a workload's history shows, key by key."""
+
+    calls: int = 0
+    executions: int = 0
+    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    causes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    foreign_errors: list[str] = dataclasses.field(default_factory=list)
+    double_runs: list[str] = dataclasses.field(default_factory=list)
+    excused_reruns: list[str] = dataclasses.field(default_factory=list)
+    split_results: list[str] = dataclasses.field(default_factory=list)
+    returned_not_stored: list[str] = dataclasses.field(default_factory=list)
+    claim_lost_but_stored: list[str] = dataclasses.field(default_factory=list)
+    cause_cycles: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"calls={self.calls} executions={self.executions} "
+            f"double_runs={len(self.double_runs)} excused_reruns={len(self.excused_reruns)} "
+            f"split_results={len(self.split_results)} "
+            f"returned_not_stored={len(self.returned_not_stored)} "
+            f"claim_lost_but_stored={len(self.claim_lost_but_stored)} "
+            f"foreign_errors={len(self.foreign_errors)} cause_cycles={len(self.cause_cycles)} "
+            f"errors={dict(self.errors)} "
+            f"causes={dict(self.causes)}"
+        )
+
+
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and its `__cause__`s, stopping before an exception seen already (a cycle)."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and all(
+        chain[-1].__cause__ is not seen for seen in chain
+    ):
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def _error_name(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+class Workload:
+    """Engine calls on labelled payloads; every run of the function is counted with
+    `HINCRBY` on a standalone counter server (so a failover or a migration of the
+    cluster under test cannot lose a count), and returns ``{"label", "run"}``."""
+
+    def __init__(self, counter: Any, name: str) -> None:
+        self.counter = counter  # a redis.asyncio.Redis on the counter server
+        self.hash = f"runs:{name}"
+        self.calls: list[Call] = []
+
+    @staticmethod
+    def payload(label: str) -> dict[str, str]:
+        return {"label": label}
+
+    async def call(self, engine: Any, label: str, lane: int) -> Call:
+        """Run `label` through `engine`; never raises (the outcome is recorded)."""
+        call = Call(label, lane, time.monotonic())
+        self.calls.append(call)
+        run = f"{label}/{len(self.calls)}"
+
+        async def fn() -> dict[str, str]:
+            await self.counter.hincrby(self.hash, label, 1)
+            call.ran = run
+            return {"label": label, "run": run}
+
+        try:
+            call.result = await engine.run(self.payload(label), fn)
+        except Exception as exc:
+            call.error = exc
+        call.ended = time.monotonic()
+        return call
+
+    async def executions(self) -> dict[str, int]:
+        """Runs per label, as counted on the counter server."""
+        raw = await self.counter.hgetall(self.hash)
+        return {_text(k): int(v) for k, v in raw.items()}
+
+    async def findings(self, stored: dict[str, str | None]) -> Findings:
+        """Judge the history; `stored` maps each label to the run id in its final record.
+
+        - a *double run*: a label executed more than once where an earlier run was not
+          released after a failed completion (`IdempotencyCompletionError`, result not
+          handed to anyone, not stored); such released runs are *excused reruns*;
+        - *split results*: callers (or the final record) saw two different runs;
+        - *returned not stored*: a caller got a run's result but no record holds it;
+        - *claim lost but stored*: `IdempotencyClaimLostError` for the very run that
+          the final record holds.
+        """
+        from aioidempotency.exceptions import (
+            IdempotencyClaimLostError,
+            IdempotencyCompletionError,
+            IdempotencyError,
+        )
+
+        findings = Findings(calls=len(self.calls))
+        counted = await self.executions()
+        by_label: dict[str, list[Call]] = collections.defaultdict(list)
+        for call in self.calls:
+            by_label[call.label].append(call)
+            if call.error is None:
+                continue
+            findings.errors[_error_name(call.error)] += 1
+            chain = _cause_chain(call.error)
+            if len(chain) > 1:
+                findings.causes[f"{_error_name(call.error)}<-{_error_name(chain[-1])}"] += 1
+            if chain[-1].__cause__ is not None:
+                findings.cause_cycles.append(f"{call.label}: {[repr(e) for e in chain]}")
+            if not isinstance(call.error, IdempotencyError):
+                findings.foreign_errors.append(f"{call.label}: {call.error!r}")
+        for label, calls in by_label.items():
+            runs = [call for call in calls if call.ran is not None]
+            assert counted.get(label, 0) == len(runs), (label, counted.get(label), len(runs))
+            findings.executions += len(runs)
+            returned = {call.result["run"] for call in calls if call.error is None}
+            record = stored.get(label)
+
+            def released(call: Call, returned: set[str] = returned, record: Any = record) -> bool:
+                return (
+                    isinstance(call.error, IdempotencyCompletionError)
+                    and call.ran not in returned
+                    and call.ran != record
+                )
+
+            kept = [call for call in runs if not released(call)]
+            if len(kept) > 1:
+                findings.double_runs.append(f"{label}: {[(c.ran, repr(c.error)) for c in runs]}")
+            elif len(runs) > 1:
+                findings.excused_reruns.append(label)
+            if len(returned | ({record} if record else set())) > 1:
+                findings.split_results.append(f"{label}: returned {returned}, stored {record}")
+            if returned and record is None:
+                findings.returned_not_stored.append(f"{label}: returned {returned}")
+            for call in calls:
+                error = call.error
+                lost = isinstance(error, IdempotencyClaimLostError)
+                if lost and isinstance(error.result, dict) and error.result.get("run") == record:
+                    findings.claim_lost_but_stored.append(f"{label}: {record}")
+        return findings
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def stored_run(cluster: ReplicatedCluster, key: str) -> str | None:
+    """The run id in the COMPLETED record under `key`, read straight from its primary."""
+    return _run_of(cluster.primary_for(key).command("GET", key))
+
+
+def stored_runs(cluster: ReplicatedCluster, keys: Iterable[str]) -> dict[str, str | None]:
+    """`stored_run` for many keys: one pipeline per primary."""
+    by_primary: dict[str, list[str]] = collections.defaultdict(list)
+    for key in keys:
+        by_primary[cluster.primary_for(key).node_id].append(key)
+    runs: dict[str, str | None] = {}
+    for node_id, node_keys in by_primary.items():
+        with cluster.node(node_id).admin() as client:
+            pipe = client.pipeline(transaction=False)
+            for key in node_keys:
+                pipe.get(key)
+            runs.update(zip(node_keys, map(_run_of, pipe.execute()), strict=True))
+    return runs
+
+
+def _run_of(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    record = json.loads(raw)
+    if record.get("status") != "COMPLETED":
+        return None
+    data = json.loads(record["data"])
+    return str(data["run"]) if isinstance(data, dict) else None
