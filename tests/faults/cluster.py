@@ -178,6 +178,18 @@ class ClusterNode:
         pairs = (line.split(":", 1) for line in str(text).splitlines() if ":" in line)
         return {name.strip(): value.strip() for name, value in pairs}
 
+    def replication_offsets(self) -> tuple[int, list[int]]:
+        """A primary's replication offset, and the offset each replica last acknowledged
+        (a replica acknowledges once a second, or at once for `WAIT`)."""
+        with self.admin() as client:
+            info = client.info("replication")
+        acked = [
+            int(value["offset"])
+            for name, value in info.items()
+            if name.startswith("slave") and isinstance(value, dict)
+        ]
+        return int(info["master_repl_offset"]), acked
+
     def view(self) -> dict[str, NodeView]:
         """The cluster as this node sees it (`CLUSTER NODES`)."""
         return _parse_nodes(str(self.command("CLUSTER", "NODES")))
