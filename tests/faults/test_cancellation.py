@@ -39,6 +39,8 @@ CLEANUP_TIMEOUT = 10.0
 FINISH_TIMEOUT = 15.0
 WAIT_FOR_SECONDS = 0.4
 """`asyncio.wait_for` timeout: the call is held at its point until it fires."""
+WAIT_FOR_RENEW_SECONDS = 1.5
+"""The same for the renewal points, reached only after the first renewal is due."""
 RENEW_LEASE = 0.15
 """Lease of the renewal points: the first renewal comes ~50-75 ms after the claim."""
 
@@ -102,12 +104,15 @@ def real_store(request: pytest.FixtureRequest) -> PersistenceLayer:
 class Interrupter:
     """Runs one call so that it can be interrupted by `kind` at a moment of our choice."""
 
-    def __init__(self, kind: str, make: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(
+        self, kind: str, make: Callable[[], Awaitable[Any]], wait_for: float = WAIT_FOR_SECONDS
+    ) -> None:
         self.kind = kind
+        self.wait_for = wait_for
         self._timeout: Any = None
         self._inner: asyncio.Task[Any] | None = None
         if kind == "wait_for":
-            self.task = asyncio.ensure_future(asyncio.wait_for(self._noted(make), WAIT_FOR_SECONDS))
+            self.task = asyncio.ensure_future(asyncio.wait_for(self._noted(make), wait_for))
         elif kind == "timeout":
             self.task = asyncio.ensure_future(self._with_timeout(make))
         else:
@@ -141,7 +146,7 @@ class Interrupter:
             assert self._timeout.expired() or self.task.done()
         elif self.kind == "wait_for":
             # wait_for's own timer fires; observe the cancellation it sends (bounded)
-            deadline = loop.time() + 10 * WAIT_FOR_SECONDS
+            deadline = loop.time() + 10 * self.wait_for
             while not self.task.done():
                 inner = self._inner
                 if inner is not None and (inner.cancelling() or inner.done()):  # type: ignore[attr-defined]
@@ -247,7 +252,8 @@ async def interrupted_call(inner: PersistenceLayer, point: Point, kind: str) -> 
     if point.gate is not None:
         method, phase = point.gate
         gate = store.pause(method, phase, key=key)  # type: ignore[arg-type]
-    call = Interrupter(kind, lambda: engine.run(payload, fn))
+    wait_for = WAIT_FOR_RENEW_SECONDS if point.name.startswith("renew") else WAIT_FOR_SECONDS
+    call = Interrupter(kind, lambda: engine.run(payload, fn), wait_for)
     try:
         if point.name != "start":
             if point.name.startswith("claim"):
