@@ -43,7 +43,7 @@ from aioidempotency.records import DataRecord, RecordStatus
 from tests.faults.scale import pick
 from tests.faults.stepping import FunctionGate
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(pick(ci=300, full=3600))
 
 BASE = 1_800_000_000.0
 LEASE = 3600.0
@@ -383,8 +383,8 @@ class EngineMachine(RuleBasedStateMachine):
 
 
 EngineMachine.TestCase.settings = settings(
-    max_examples=pick(ci=60, full=600),
-    stateful_step_count=pick(ci=25, full=60),
+    max_examples=pick(ci=60, full=400),
+    stateful_step_count=pick(ci=25, full=50),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
