@@ -677,3 +677,35 @@ def test_the_background_loop_closes_its_stores_clients_at_exit(
     assert "Unclosed" not in done.stderr, done.stderr
     assert "Task was destroyed" not in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+class _SlowToCloseStore(WrapperStore):
+    """Closing takes `delay` seconds (a store whose server stopped answering)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.closed = threading.Event()
+
+    async def aclose(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.closed.set()
+
+
+@pytest.mark.parametrize(("delay", "finished"), [(0.0, True), (3600.0, False)])
+def test_closing_the_background_loop_is_bounded(delay: float, finished: bool) -> None:
+    from aioidempotency.sync import BackgroundLoop
+
+    background = BackgroundLoop()
+    loop = background.loop()
+    store = _SlowToCloseStore(delay)
+    engine = IdempotencyEngine(store, key_prefix="exit")  # held, as a decorator holds it
+    background.remember(engine)
+    started = time.monotonic()
+    assert background.close(timeout=0.5) is finished
+    assert time.monotonic() - started < WAIT
+    assert store.closed.is_set() is finished
+    assert loop.is_closed()
+    assert background.thread is None
+    assert background.loop() is not loop  # a later call gets a new loop
+    assert background.close(timeout=0.5)

@@ -113,7 +113,7 @@ class BackgroundLoop:
         deadline = time.monotonic() + timeout
         done = asyncio.run_coroutine_threadsafe(_shut_down(engines, timeout), loop)
         try:
-            done.result(timeout=timeout + 0.5)
+            finished = done.result(timeout=timeout + 0.5)
         except Exception:  # the loop is blocked, or the shutdown itself failed
             logger.warning("closing the idempotency stores at exit failed", exc_info=True)
             done.cancel()
@@ -127,7 +127,7 @@ class BackgroundLoop:
                 self._loop = None
                 self._thread = None
         loop.close()
-        return True
+        return finished
 
     def _after_fork(self) -> None:
         # The parent's loop thread does not exist in the child: start afresh. The
@@ -138,16 +138,16 @@ class BackgroundLoop:
         self._engines = weakref.WeakSet()
 
 
-async def _shut_down(engines: list[IdempotencyEngine], timeout: float) -> None:
+async def _shut_down(engines: list[IdempotencyEngine], timeout: float) -> bool:
     """On the background loop: drain the engines, close their stores, cancel the rest.
 
     Each step gets what is left of `timeout`; one that runs out is logged and the next
-    one still runs.
+    one still runs. True when every step finished in time.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
 
-    async def step(what: str, awaitables: list[Any]) -> None:
+    async def step(what: str, awaitables: list[Any]) -> bool:
         try:
             outcomes = await asyncio.wait_for(
                 asyncio.gather(*awaitables, return_exceptions=True),
@@ -155,22 +155,25 @@ async def _shut_down(engines: list[IdempotencyEngine], timeout: float) -> None:
             )
         except asyncio.TimeoutError:
             logger.warning("%s at exit did not finish within %gs", what, timeout)
-            return
+            return False
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(
                 outcome, asyncio.CancelledError
             ):
                 logger.warning("%s at exit failed: %r", what, outcome)
+        return True
 
-    await step("finishing background releases", [e.drain(timeout=timeout) for e in engines])
+    drains = [engine.drain(timeout=timeout) for engine in engines]
+    drained = await step("finishing background releases", drains)
     stores = {id(engine.persistence_store): engine.persistence_store for engine in engines}
-    await step("closing the stores", [store.aclose() for store in stores.values()])
+    closed = await step("closing the stores", [store.aclose() for store in stores.values()])
     current = asyncio.current_task()
     others = [task for task in asyncio.all_tasks() if task is not current]
     for task in others:  # lease timers and the like: nothing is left to protect
         task.cancel()
-    await step("cancelling background tasks", others)
-    await step("closing async generators", [loop.shutdown_asyncgens()])
+    cancelled = await step("cancelling background tasks", others)
+    finalised = await step("closing async generators", [loop.shutdown_asyncgens()])
+    return drained and closed and cancelled and finalised
 
 
 background_loop = BackgroundLoop()
