@@ -1,4 +1,4 @@
-"""Developer tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``."""
+"""Developer tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``, ``nox -s faults``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,18 @@ def tests(session: nox.Session) -> None:
     _ensure_redis_server(session)
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def faults(session: nox.Session) -> None:
+    """The fault-injection suite at full size (`nox -s tests` runs it CI-sized).
+
+    Servers are killed, frozen and restarted, connections dropped and replies lost;
+    the fault table is printed at the end (``AIOIDEM_FAULT_TABLE=path`` saves it).
+    """
+    _ensure_redis_server(session)
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/faults", *session.posargs, env={"AIOIDEM_FAULT_SCALE": "full"})
 
 
 @nox.session(python=PYTHON)

@@ -8,14 +8,17 @@
 
 Everything is stopped at teardown, whatever state the test left it in (frozen, killed,
 refusing). Every test of this directory carries the `faults` marker; counts come from
-`tests.faults.scale` (``AIOIDEM_FAULT_SCALE``).
+`tests.faults.scale` (``AIOIDEM_FAULT_SCALE``). The fault table of the outage scenarios
+is printed at the end of the run (and written to ``$AIOIDEM_FAULT_TABLE`` if set).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +40,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.faults)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault table the outage scenarios filled (and save it when asked)."""
+    from tests.faults.rigs import TABLE
+
+    if not TABLE.rows:
+        return
+    terminalreporter.write_sep("=", "fault table")
+    terminalreporter.write_line(TABLE.markdown())
+    target = os.environ.get("AIOIDEM_FAULT_TABLE")
+    if target:
+        Path(target).write_text(TABLE.markdown() + "\n")
 
 
 @dataclasses.dataclass(frozen=True)

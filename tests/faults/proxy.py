@@ -172,6 +172,7 @@ class FaultProxy:
         self._mode = _MODES["pass_through"]
         self._triggers: list[_Trigger] = []
         self._connections: set[_Connection] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._counts: dict[str, int] = {f.name: 0 for f in dataclasses.fields(ProxyStats)}
         self._stats_changed = threading.Condition()
         self._server: asyncio.Server | None = None
@@ -187,7 +188,18 @@ class FaultProxy:
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
+        try:
+            self._loop.run_forever()
+        finally:
+            # Whatever is still running (a handler stuck connecting upstream) is
+            # cancelled and finished here, so no coroutine outlives the loop.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                gathered = asyncio.gather(*pending, return_exceptions=True)
+                self._loop.run_until_complete(gathered)
+            self._loop.close()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         if threading.current_thread() is self._thread:
@@ -309,8 +321,6 @@ class FaultProxy:
         self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(CALL_TIMEOUT)
-        if not self._thread.is_alive():
-            self._loop.close()
 
     def __enter__(self) -> FaultProxy:
         return self
@@ -383,6 +393,11 @@ class FaultProxy:
             self._server.close()
             self._server = None
         await self._drop_all()
+        handlers = set(self._handlers)
+        for handler in handlers:  # also those still connecting upstream
+            handler.cancel()
+        if handlers:
+            await asyncio.wait(handlers, timeout=CALL_TIMEOUT / 2)
 
     def _reset(self, connection: _Connection, *, flush_upstream: bool = False) -> None:
         if not connection.closed:
@@ -390,6 +405,9 @@ class FaultProxy:
             self._count("resets")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
         self._count("accepted")
         self._count("open")
         try:
@@ -401,6 +419,9 @@ class FaultProxy:
                 self._count("upstream_failures")
                 _Connection(writer, None).reset()
                 return
+            except asyncio.CancelledError:  # closing while still connecting upstream
+                writer.transport.abort()
+                raise
             connection = _Connection(writer, up_writer)
             if not self._mode.listening:  # refuse() raced with this accept
                 connection.reset()
@@ -420,6 +441,7 @@ class FaultProxy:
                         side.transport.abort()
         finally:
             self._count("open", -1)
+            self._handlers.discard(handler)
 
     async def _pump(
         self,
