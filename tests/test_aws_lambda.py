@@ -11,6 +11,8 @@ DynamoDB on moto.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import importlib.util
 import json
 import os
@@ -25,7 +27,12 @@ from typing import Any
 
 import pytest
 
-from aioidempotency import InMemoryPersistenceLayer, idempotent_async
+from aioidempotency import (
+    IdempotencyAlreadyInProgressError,
+    InMemoryPersistenceLayer,
+    PersistenceLayer,
+    idempotent_async,
+)
 from aioidempotency.aws_lambda import LambdaHandlerError, handler_loop, lambda_handler
 from aioidempotency.persistence.glide import GlideCacheClient
 from aioidempotency.records import RecordStatus
@@ -343,3 +350,130 @@ def test_mypy_sees_the_handler_signature(tmp_path: Path) -> None:
     assert "lambda_sample.py:7: error: Argument 1" in out, out
     assert 'incompatible type "str"; expected "dict[str, Any]"' in out, out
     assert "lambda_sample.py:8: error: Missing positional argument" in out, out
+
+
+# -- durable functions ---------------------------------------------------------------
+
+
+class FakeDurableState:
+    """The checkpointed state of a durable execution: its operations so far."""
+
+    def __init__(self, operations: int) -> None:
+        self.operations = {f"op-{n}": object() for n in range(operations)}
+
+
+class FakeDurableContext:
+    """What the durable-execution SDK passes a handler: the Lambda context inside,
+    and the execution's state (one operation on the first invocation)."""
+
+    def __init__(self, operations: int, remaining_ms: int = 30_000) -> None:
+        self.lambda_context = types.SimpleNamespace(
+            get_remaining_time_in_millis=lambda: remaining_ms
+        )
+        self.state = FakeDurableState(operations)
+
+
+@pytest.fixture(params=["memory", "valkey_glide_atomic", "dynamodb_simple"])
+def durable_store(request: pytest.FixtureRequest) -> PersistenceLayer:
+    """A fresh store of three kinds (resolved at setup, outside the test's loop)."""
+    store = request.getfixturevalue(f"store_{request.param}")
+    assert isinstance(store, PersistenceLayer)
+    return store
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=IdempotencyAlreadyInProgressError,
+    reason="needs the engine change in /work/notes/durable.patch",
+)
+async def test_durable_replay_completes_its_own_in_progress_claim(
+    durable_store: PersistenceLayer,
+) -> None:
+    store = durable_store
+    suspended = asyncio.Event()
+    runs: list[int] = []
+
+    @idempotent_async(persistence_store=store)
+    async def handler(event: dict[str, Any], context: FakeDurableContext) -> dict[str, Any]:
+        runs.append(len(context.state.operations))
+        if len(context.state.operations) == 1:
+            suspended.set()
+            await asyncio.Event().wait()  # the first invocation suspends (never returns)
+        return {"order": event["order"], "status": "shipped"}
+
+    event = {"order": f"durable-{uuid.uuid4()}"}
+    first = asyncio.create_task(handler(event, FakeDurableContext(operations=1)))
+    try:
+        await asyncio.wait_for(suspended.wait(), 10)
+        key = handler.engine.idempotency_key(event, handler.__wrapped__)  # type: ignore[attr-defined]
+        claim = await store.get(key)
+        assert claim is not None
+        assert claim.status is RecordStatus.INPROGRESS
+        # A new execution with the same payload is a duplicate: still refused.
+        with pytest.raises(IdempotencyAlreadyInProgressError):
+            await handler(event, FakeDurableContext(operations=1))
+        # The replay of the suspended execution runs and completes the claim.
+        replayed = await handler(event, FakeDurableContext(operations=3))
+        assert replayed == {"order": event["order"], "status": "shipped"}
+        stored = await store.get(key)
+        assert stored is not None
+        assert stored.status is RecordStatus.COMPLETED
+        assert stored.response_json() == replayed
+        # From now on every invocation, durable or not, replays the stored result.
+        assert await handler(event, FakeDurableContext(operations=1)) == replayed
+        assert runs == [1, 3]
+    finally:
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await handler.engine.drain(10)  # type: ignore[attr-defined]
+    stored = await store.get(key)
+    assert stored is not None
+    assert stored.status is RecordStatus.COMPLETED, "the suspended call's release is a no-op"
+
+
+async def test_durable_replay_without_a_claim_just_runs() -> None:
+    store = InMemoryPersistenceLayer()
+
+    @idempotent_async(persistence_store=store)
+    async def handler(event: dict[str, Any], context: FakeDurableContext) -> int:
+        return 7
+
+    assert await handler({"n": 1}, FakeDurableContext(operations=4)) == 7
+    assert await handler({"n": 1}, FakeDurableContext(operations=1)) == 7
+    assert store.operations["complete"] == 1
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+def test_handler_sees_the_callers_context_variables() -> None:
+    @lambda_handler
+    async def handler(event: dict[str, Any], context: Any) -> str:
+        return REQUEST_ID.get()
+
+    REQUEST_ID.set("req-1")
+    assert handler({}, None) == "req-1"
+    REQUEST_ID.set("req-2")
+    assert handler({}, None) == "req-2"
+
+
+def test_glide_clients_on_other_loops_keep_working(
+    cache_servers: ServerPool, load_app: AppLoader
+) -> None:
+    """valkey-glide 2.x reads every client's replies on the first loop that opened a
+    client: the handler loop must keep running between invocations, or a glide
+    client of any other loop in the process waits forever."""
+    node = cache_servers.standalone("valkey")
+    app = load_app(f"valkey://{node.host}:{node.port}?client=glide&timeout=5")
+    app.handler(event(f"glide-{uuid.uuid4()}"), app.FakeLambdaContext())
+
+    async def elsewhere() -> bytes | None:
+        client = await GlideCacheClient.connect(node.host, node.port)
+        try:
+            await client.set("other-loop", "yes")
+            return await client.get("other-loop")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(asyncio.wait_for(elsewhere(), 10)) == b"yes"

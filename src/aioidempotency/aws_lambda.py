@@ -3,11 +3,9 @@
 The Python runtime calls a handler synchronously and serialises what it returns; an
 async handler would hand it a coroutine. `lambda_handler` turns the coroutine
 function into the sync callable the runtime expects. Every invocation of the
-execution environment runs on one event loop, created on the first (cold) invocation
-and kept while the environment lives: clients bound to a loop (aiobotocore, glide,
-redis-py) and their connections survive warm invocations. Between two invocations
-the loop does not run (Lambda freezes the environment anyway); background work left
-by the engine (a release retried after a failure) resumes in the next invocation.
+execution environment runs on one event loop, started on the first (cold) invocation
+in a daemon thread and kept while the environment lives: clients bound to a loop
+(aiobotocore, glide, redis-py) and their connections survive warm invocations.
 
 A forked child gets a loop of its own on its first call. Calling the handler from
 inside a running event loop is refused: it would block that loop.
@@ -41,6 +39,7 @@ R_co = TypeVar("R_co", covariant=True)
 
 _CLOSE_TIMEOUT = 5.0
 """Seconds each resource may take to close at exit."""
+_START_TIMEOUT = 10.0
 
 ASYNC_HANDLER_ATTR = "__aioidempotency_async_handler__"
 """Attribute of a `lambda_handler` wrapper holding the coroutine function it runs."""
@@ -60,22 +59,28 @@ class LambdaHandlerError(RuntimeError):
 
 
 class HandlerLoop:
-    """The event loop of the execution environment: one per process and thread.
+    """The event loop of the execution environment, running in a daemon thread.
 
-    The Lambda runtime invokes a handler from one thread, so in Lambda this is one
-    loop for the life of the environment. A thread of its own gets its own loop (two
-    threads cannot run one loop); a forked child drops the parent's loop and opens
-    a new one on first use. `created` counts the loops opened, for tests.
+    Started on the first invocation and kept for the life of the process; the
+    caller's thread waits for each handler's result (its context variables are
+    copied into the handler's task). The loop keeps running between invocations:
+    background work (a release retried after a failure) goes on until Lambda freezes
+    the environment, and clients that dispatch replies through one loop of the
+    process (valkey-glide 2.x reads every client's replies on the first loop that
+    opened one) never wait on a loop that is not running. A forked child starts a
+    loop of its own. `created` counts the loops started, for tests.
     """
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._closables: list[Any] = []
         self.created = 0
 
     def close_at_exit(self, resource: Any) -> None:
-        """Await ``resource.aclose()`` on this process's loop when the interpreter exits.
+        """Await ``resource.aclose()`` on this loop when the interpreter exits.
 
         `lambda_handler` registers the store of an idempotent handler itself, so its
         clients (an aiohttp session under aiobotocore) are closed, not abandoned.
@@ -86,18 +91,35 @@ class HandlerLoop:
             self._closables.append(resource)
 
     def loop(self) -> asyncio.AbstractEventLoop:
-        """This thread's loop, opened on first use (or after it was closed)."""
+        """The running loop, started if needed."""
         if self._pid != os.getpid():  # forked without the at-fork hook (rare)
             self._after_fork()
-        loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
-        if loop is None or loop.is_closed():
-            loop = asyncio.new_event_loop()
-            self._local.loop = loop
-            self.created += 1
-        return loop
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            return loop
+        with self._lock:
+            if self._loop is None or self._thread is None or not self._thread.is_alive():
+                self._loop, self._thread = self._start()
+            return self._loop
+
+    def _start(self) -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        thread = threading.Thread(target=serve, name="aioidempotency-lambda", daemon=True)
+        thread.start()
+        if not ready.wait(_START_TIMEOUT):  # pragma: no cover - a thread that cannot start
+            raise LambdaHandlerError("the Lambda handler loop did not start")
+        self.created += 1
+        return loop, thread
 
     def run(self, coroutine: Coroutine[Any, Any, R]) -> R:
-        """Run `coroutine` to completion on this thread's loop."""
+        """Run `coroutine` on the loop and wait for its result in this thread."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -109,32 +131,47 @@ class HandlerLoop:
                 "would block; await the undecorated async handler instead (it is the "
                 "wrapper's __wrapped__)"
             )
-        return self.loop().run_until_complete(coroutine)
-
-    def close(self) -> None:
-        """Close the registered resources, cancel what is left on this thread's loop
-        and close it (at exit, in tests)."""
-        loop: asyncio.AbstractEventLoop | None = getattr(self._local, "loop", None)
-        if loop is None or loop.is_closed() or loop.is_running():
-            return
-        self._local.loop = None
+        # Scheduled from this thread, the task starts with a copy of its context.
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop())
         try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # an interrupt in this thread stops the handler too
+            raise
+
+    def close(self, timeout: float = _CLOSE_TIMEOUT) -> None:
+        """Close the registered resources, cancel what is left, stop the loop (at
+        exit, in tests). The next invocation starts a new loop."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None or not thread.is_alive():
+            return
+
+        async def shut_down() -> None:
             for resource in self._closables:
                 with contextlib.suppress(Exception):
-                    loop.run_until_complete(asyncio.wait_for(resource.aclose(), _CLOSE_TIMEOUT))
-            pending = asyncio.all_tasks(loop)
+                    await asyncio.wait_for(resource.aclose(), timeout)
+            current = asyncio.current_task()
+            pending = [task for task in asyncio.all_tasks() if task is not current]
             for task in pending:
                 task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
+            await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), timeout)
+            await loop.shutdown_asyncgens()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shut_down(), loop).result(timeout * 3)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if not thread.is_alive():
             loop.close()
 
     def _after_fork(self) -> None:
-        # The parent's loop (its selector, its clients' sockets) is not the child's:
-        # drop it without closing anything the parent still uses.
-        self._local = threading.local()
+        # The parent's loop thread does not exist in the child: start afresh, and
+        # leave the parent's loop (its selector, its clients' sockets) untouched.
+        self._lock = threading.Lock()
+        self._loop = None
+        self._thread = None
         self._pid = os.getpid()
 
     def _at_exit(self) -> None:
