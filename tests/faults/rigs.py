@@ -178,7 +178,7 @@ async def make_dynamodb_rig(endpoint: str, proxy: FaultProxy, session: Any) -> R
     await admin.create_table(exist_ok=False)
     url = (
         f"dynamodb://{table}?endpoint_url=http://{proxy.host}:{proxy.port}"
-        f"&connect_timeout={CLIENT_TIMEOUT}&read_timeout={CLIENT_TIMEOUT}&max_attempts=2"
+        f"&connect_timeout={CLIENT_TIMEOUT}&read_timeout={CLIENT_TIMEOUT}&max_attempts=1"
     )
     return Rig("dynamodb", store_from_url(url), proxy, admin_layer=admin, url=url)
 
