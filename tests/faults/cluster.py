@@ -629,8 +629,13 @@ class Workload:
                 continue
             findings.errors[_error_name(call.error)] += 1
             chain = _cause_chain(call.error)
-            if len(chain) > 1:
-                findings.causes[f"{_error_name(call.error)}<-{_error_name(chain[-1])}"] += 1
+            # The client's error: the end of the chain, or (when the chain is broken)
+            # the exception carried as a detail.
+            root: object = chain[-1] if len(chain) > 1 else None
+            if root is None:
+                root = next((a for a in call.error.args if isinstance(a, BaseException)), None)
+            if isinstance(root, BaseException):
+                findings.causes[f"{_error_name(call.error)}<-{_error_name(root)}"] += 1
             if chain[-1].__cause__ is not None:
                 findings.cause_cycles.append(f"{call.label}: {[repr(e) for e in chain]}")
             if not isinstance(call.error, IdempotencyError):

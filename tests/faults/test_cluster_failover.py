@@ -144,8 +144,10 @@ async def test_failover_errors_are_transient_and_the_store_recovers(
         for call in workload.calls[len(storm) :]
         if isinstance(call.error, IdempotencyAlreadyInProgressError)
     ]
+    slowest = max(call.ended - call.started for call in storm)
     print(
-        f"\n[{kind} {client}] failover took {recovered_at - killed_at:.2f}s; errors for "
+        f"\n[{kind} {client}] failover took {recovered_at - killed_at:.2f}s; "
+        f"slowest call {slowest:.2f}s; errors for "
         f"{last_error - first_error:.2f}s ({len(errors)} of {len(storm)} calls); "
         f"acknowledged-not-replicated={len(lost)} locked-after={len(locked)} "
         f"{findings.summary()}"

@@ -6,8 +6,9 @@ completions that were stored were reported as `IdempotencyClaimLostError`. Here 
 key is called by 3 lanes (an engine with its own store and client each, like three
 processes) in repeated passes for as long as the migration runs, then once more after
 it. Every run of the function is counted on a standalone server. Expected: no key runs
-twice, every error is an `IdempotencyError`, no completion that was stored is called
-lost, and every caller that returned got the stored result.
+twice, every error is an `IdempotencyError` with the client's error chained (no cycle)
+and marked transient, no completion that was stored is called lost, and every caller
+that returned got the stored result.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from aioidempotency import CachePersistenceLayer, IdempotencyConfig, IdempotencyEngine
+from aioidempotency.exceptions import IdempotencyPersistenceLayerError
 from aioidempotency.persistence import PersistenceLayer, store_from_url
 from tests.faults.cluster import SCALE, ReplicatedCluster, Workload, scaled, stored_run
 from tests.servers.redis import Kind, ServerPool
@@ -206,5 +208,12 @@ async def test_slot_migration_runs_no_key_twice(
         assert not findings.returned_not_stored, findings.returned_not_stored[:5]
         assert not findings.claim_lost_but_stored, findings.claim_lost_but_stored[:5]
         assert not findings.cause_cycles, findings.cause_cycles[:3]
+        # A redirection or a slot in motion is worth a retry: never a permanent error.
+        permanent = [
+            f"{call.label}: {call.error!r}"
+            for call in workload.calls
+            if isinstance(call.error, IdempotencyPersistenceLayerError) and not call.error.transient
+        ]
+        assert not permanent, permanent[:3]
     finally:
         await lanes.aclose()
