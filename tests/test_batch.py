@@ -1,0 +1,480 @@
+"""`process_batch`: per-record idempotency and partial batch responses per source."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import json
+import threading
+import time
+import types
+import uuid
+from typing import Any
+
+import pytest
+
+from aioidempotency import (
+    IdempotencyConfig,
+    InMemoryPersistenceLayer,
+    PersistenceLayer,
+    store_from_url,
+)
+from aioidempotency.aws_lambda import LambdaHandlerError
+from aioidempotency.batch import (
+    BatchEventError,
+    DynamoDBStreamRecord,
+    KinesisRecord,
+    SQSRecord,
+    parse_records,
+    process_batch,
+    process_batch_sync,
+)
+from aioidempotency.engine import IdempotencyEngine
+from aioidempotency.records import DataRecord, RecordStatus
+from tests.batch_events import (
+    batch,
+    dynamodb_record,
+    failed_ids,
+    kinesis_record,
+    sqs_record,
+)
+
+ORDER_KEY = IdempotencyConfig(event_key_jmespath="powertools_json(body).order_id")
+
+
+class Gate:
+    """Lets handlers through once `width` of them are inside at the same time (or all
+    the rest are), and records the most seen inside at once."""
+
+    def __init__(self, width: int, total: int) -> None:
+        self.width = width
+        self.remaining = total
+        self.inside = 0
+        self.most = 0
+        self.open = asyncio.Event()
+
+    async def enter(self) -> None:
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        if self.inside >= min(self.width, self.remaining):
+            self.open.set()
+        await asyncio.wait_for(self.open.wait(), 10)
+
+    def leave(self) -> None:
+        self.inside -= 1
+        self.remaining -= 1
+
+
+async def test_sqs_standard_runs_concurrently_up_to_the_limit() -> None:
+    store = InMemoryPersistenceLayer()
+    records = [sqs_record({"order_id": n}) for n in range(25)]
+    gate = Gate(width=10, total=25)
+    seen: list[str] = []
+
+    async def handle(record: SQSRecord) -> str:
+        await gate.enter()
+        try:
+            seen.append(record.message_id)
+            return record.message_id
+        finally:
+            gate.leave()
+
+    response = await process_batch(batch(records), handle, persistence_store=store)
+    assert response == {"batchItemFailures": []}
+    assert gate.most == 10
+    assert sorted(seen) == sorted(r["messageId"] for r in records)
+    # each record's own result is stored under its own key (no late binding)
+    engine = IdempotencyEngine(store, IdempotencyConfig(event_key_jmespath="messageId"))
+    for raw in records:
+        stored = await store.get(engine.idempotency_key(raw, handle))
+        assert stored is not None
+        assert stored.response_json() == raw["messageId"]
+
+
+async def test_sqs_failures_are_reported_and_replays_succeed() -> None:
+    store = InMemoryPersistenceLayer()
+    records = [sqs_record({"order_id": n}) for n in range(6)]
+    runs: collections.Counter[str] = collections.Counter()
+    fail_once = {records[1]["messageId"], records[4]["messageId"]}
+
+    async def handle(record: SQSRecord) -> int:
+        runs[record.message_id] += 1
+        if record.message_id in fail_once:
+            fail_once.discard(record.message_id)
+            raise RuntimeError("downstream hiccup")
+        return int(record.json()["order_id"])
+
+    first = await process_batch(batch(records), handle, persistence_store=store)
+    assert failed_ids(first) == [records[1]["messageId"], records[4]["messageId"]]
+    # Lambda redelivers the whole batch's failures; here the whole batch comes back
+    second = await process_batch(batch(records), handle, persistence_store=store)
+    assert second == {"batchItemFailures": []}
+    assert all(count == 1 for mid, count in runs.items() if mid not in failed_ids(first))
+    assert runs[records[1]["messageId"]] == 2
+    assert runs[records[4]["messageId"]] == 2
+    assert len(runs) == 6
+
+
+async def test_business_key_from_the_body() -> None:
+    store = InMemoryPersistenceLayer()
+    records = [sqs_record({"order_id": "A", "copy": n}) for n in range(3)]
+    records.append(sqs_record({"order_id": "B"}))
+    runs: list[str] = []
+
+    async def charge(record: SQSRecord) -> dict[str, Any]:
+        order = record.json()["order_id"]
+        runs.append(order)
+        return {"charged": order}
+
+    # concurrency 1: the three copies of A meet a completed record, not an in-flight one
+    response = await process_batch(
+        batch(records), charge, persistence_store=store, config=ORDER_KEY, concurrency=1
+    )
+    assert response == {"batchItemFailures": []}
+    assert sorted(runs) == ["A", "B"]
+
+
+async def test_concurrent_copies_of_one_business_key_report_the_busy_ones() -> None:
+    store = InMemoryPersistenceLayer()
+    records = [sqs_record({"order_id": "A", "copy": n}) for n in range(3)]
+    release = asyncio.Event()
+    runs: list[str] = []
+
+    async def charge(record: SQSRecord) -> str:
+        runs.append(record.message_id)
+        await asyncio.wait_for(release.wait(), 10)
+        return "ok"
+
+    task = asyncio.ensure_future(
+        process_batch(batch(records), charge, persistence_store=store, config=ORDER_KEY)
+    )
+    while not runs:  # wait until the first copy holds the key
+        await asyncio.sleep(0)
+    release.set()
+    response = await asyncio.wait_for(task, 10)
+    # one copy ran; the two that found it in progress are redelivered later
+    assert len(runs) == 1
+    assert sorted(failed_ids(response)) == sorted(
+        r["messageId"] for r in records if r["messageId"] != runs[0]
+    )
+    again = await process_batch(
+        batch(r for r in records if r["messageId"] != runs[0]),
+        charge,
+        persistence_store=store,
+        config=ORDER_KEY,
+    )
+    assert again == {"batchItemFailures": []}
+    assert len(runs) == 1
+
+
+async def test_in_progress_elsewhere_is_reported_failed_without_running() -> None:
+    store = InMemoryPersistenceLayer()
+    record = sqs_record({"order_id": "busy"})
+    runs: list[str] = []
+
+    async def handle(r: SQSRecord) -> None:
+        runs.append(r.message_id)
+
+    engine = IdempotencyEngine(store, IdempotencyConfig(event_key_jmespath="messageId"))
+    key = engine.idempotency_key(record, handle)
+    now = time.time()
+    claim = DataRecord(
+        key,
+        RecordStatus.INPROGRESS,
+        expiry_timestamp=int(now) + 3600,
+        in_progress_expiry_timestamp=int((now + 600) * 1000),
+        owner="another-invocation",
+    )
+    assert (await store.claim(claim, now=now)).claimed
+    response = await process_batch(batch([record]), handle, persistence_store=store)
+    assert failed_ids(response) == [record["messageId"]]
+    assert runs == []
+
+
+async def test_payload_validation_refuses_a_changed_copy() -> None:
+    store = InMemoryPersistenceLayer()
+    config = IdempotencyConfig(
+        event_key_jmespath="powertools_json(body).order_id",
+        payload_validation_jmespath="powertools_json(body).amount",
+    )
+    first = sqs_record({"order_id": "A", "amount": 10})
+    changed = sqs_record({"order_id": "A", "amount": 99})
+    runs: list[int] = []
+
+    async def charge(record: SQSRecord) -> int:
+        runs.append(record.json()["amount"])
+        return 1
+
+    assert await process_batch(batch([first]), charge, persistence_store=store, config=config) == {
+        "batchItemFailures": []
+    }
+    response = await process_batch(batch([changed]), charge, persistence_store=store, config=config)
+    assert failed_ids(response) == [changed["messageId"]]
+    assert runs == [10]
+
+
+async def test_fifo_groups_run_in_order_and_stop_at_a_failure() -> None:
+    store = InMemoryPersistenceLayer()
+    records = []
+    for n in range(5):
+        records.append(sqs_record({"group": "A", "n": n}, group="A", sequence=2 * n))
+        records.append(sqs_record({"group": "B", "n": n}, group="B", sequence=2 * n + 1))
+    order: dict[str, list[int]] = collections.defaultdict(list)
+    in_group: collections.Counter[str] = collections.Counter()
+
+    async def handle(record: SQSRecord) -> None:
+        body = record.json()
+        group = record.message_group_id
+        assert group is not None
+        in_group[group] += 1
+        assert in_group[group] == 1, "one record of a group at a time"
+        order[group].append(body["n"])
+        await asyncio.sleep(0)  # let other groups interleave
+        in_group[group] -= 1
+        if group == "A" and body["n"] == 2:
+            raise ValueError("A#2 fails")
+
+    response = await process_batch(
+        batch(records), handle, persistence_store=store, key_prefix="fifo"
+    )
+    a_ids = [r["messageId"] for r in records if r["attributes"]["MessageGroupId"] == "A"]
+    assert failed_ids(response) == a_ids[2:]
+    assert order["A"] == [0, 1, 2], "nothing after the failure in its group ran"
+    assert order["B"] == [0, 1, 2, 3, 4]
+    # the redelivered group resumes in order; A#0 and A#1 are not in it
+    redelivered = [r for r in records if r["messageId"] in a_ids[2:]]
+    order.clear()
+    again = await process_batch(
+        batch(redelivered),
+        functools.partial(_ok, order=order),
+        persistence_store=store,
+        key_prefix="fifo",
+    )
+    assert again == {"batchItemFailures": []}
+    assert order["A"] == [2, 3, 4]
+
+
+async def _ok(record: SQSRecord, order: dict[str, list[int]]) -> None:
+    order[str(record.message_group_id)].append(record.json()["n"])
+
+
+def _kinesis_batch(keys: list[str], start: int = 100) -> list[dict[str, Any]]:
+    return [
+        kinesis_record({"key": key, "n": n}, sequence_number=str(start + n), partition_key=key)
+        for n, key in enumerate(keys)
+    ]
+
+
+async def test_kinesis_reports_the_lowest_failed_sequence_number() -> None:
+    store = InMemoryPersistenceLayer()
+    records = _kinesis_batch(["p1", "p2", "p1", "p2", "p1", "p2"])
+    ran: list[int] = []
+    fail = {2}
+
+    async def handle(record: KinesisRecord) -> int:
+        n = int(record.json()["n"])
+        ran.append(n)
+        if n in fail:
+            fail.discard(n)
+            raise RuntimeError("boom")
+        return n
+
+    response = await process_batch(batch(records), handle, persistence_store=store)
+    assert failed_ids(response) == ["102"]
+    assert sorted(ran) == [0, 1, 2, 3, 5], "p1's records after its failure did not run"
+    # Lambda resumes the shard at 102: the records after it that succeeded replay
+    ran.clear()
+    redelivered = [r for r in records if int(r["kinesis"]["sequenceNumber"]) >= 102]
+    again = await process_batch(batch(redelivered), handle, persistence_store=store)
+    assert again == {"batchItemFailures": []}
+    assert sorted(ran) == [2, 4]
+
+
+async def test_kinesis_record_fields() -> None:
+    (record,) = parse_records(
+        batch([kinesis_record({"a": 1}, sequence_number="42", partition_key="pk")])
+    )
+    assert isinstance(record, KinesisRecord)
+    assert record.json() == {"a": 1}
+    assert record.shard_id == "shardId-000000000000"
+    assert record.item_identifier == "42"
+    assert record.partition_key == "pk"
+
+
+async def test_dynamodb_streams_order_per_item_and_report_the_first_failure() -> None:
+    store = InMemoryPersistenceLayer()
+
+    def change(pk: str, seq: int, total: int) -> dict[str, Any]:
+        return dynamodb_record(
+            {"pk": {"S": pk}},
+            sequence_number=str(seq),
+            new_image={"pk": {"S": pk}, "total": {"N": str(total)}, "tags": {"SS": ["x"]}},
+            event_name="MODIFY",
+        )
+
+    records = [change("a", 10, 1), change("b", 11, 5), change("a", 12, 2), change("b", 13, 6)]
+    seen: list[tuple[str, int]] = []
+
+    async def handle(record: DynamoDBStreamRecord) -> None:
+        image = record.new_image
+        assert image is not None
+        seen.append((image["pk"], int(image["total"])))
+        if image["pk"] == "b" and image["total"] == 5:
+            raise RuntimeError("b fails")
+
+    response = await process_batch(batch(records), handle, persistence_store=store)
+    assert failed_ids(response) == ["11"]
+    assert sorted(seen) == [("a", 1), ("a", 2), ("b", 5)]
+    (first, *_) = parse_records(batch(records))
+    assert isinstance(first, DynamoDBStreamRecord)
+    assert first.keys == {"pk": "a"}
+    assert first.json() == {"pk": "a", "total": 1, "tags": {"x"}}
+
+
+async def test_plain_def_handlers_run_in_bounded_worker_threads() -> None:
+    store = InMemoryPersistenceLayer()
+    records = [sqs_record({"n": n}) for n in range(12)]
+    lock = threading.Lock()
+    inside = 0
+    most = 0
+    threads: set[str] = set()
+    four_inside = threading.Event()
+
+    def handle(record: SQSRecord) -> int:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+            threads.add(threading.current_thread().name)
+            if inside == 4:
+                four_inside.set()
+        four_inside.wait(10)
+        with lock:
+            inside -= 1
+        return int(record.json()["n"])
+
+    response = await process_batch(batch(records), handle, persistence_store=store, concurrency=4)
+    assert response == {"batchItemFailures": []}
+    assert most == 4
+    assert all(name.startswith("aioidempotency-batch") for name in threads)
+    assert threading.current_thread().name not in threads
+
+
+def test_sync_entry_point_for_classic_handlers() -> None:
+    store = InMemoryPersistenceLayer()
+    records = [sqs_record({"order_id": "X"}), sqs_record({"order_id": "X"})]
+    runs: list[str] = []
+
+    def charge(record: SQSRecord) -> str:
+        runs.append(record.message_id)
+        return "done"
+
+    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        return process_batch_sync(
+            event, charge, persistence_store=store, config=ORDER_KEY, context=context, concurrency=1
+        )
+
+    context = types.SimpleNamespace(get_remaining_time_in_millis=lambda: 30_000)
+    assert json.loads(json.dumps(handler(batch(records), context))) == {"batchItemFailures": []}
+    assert len(runs) == 1
+
+
+async def test_sync_entry_point_refuses_a_running_loop() -> None:
+    store = InMemoryPersistenceLayer()
+    with pytest.raises(LambdaHandlerError):
+        process_batch_sync(batch([sqs_record("x")]), lambda r: None, persistence_store=store)
+
+
+async def test_lambda_context_bounds_each_claim() -> None:
+    store = InMemoryPersistenceLayer()
+    record = sqs_record({"n": 1})
+    seen: list[DataRecord | None] = []
+    engine = IdempotencyEngine(store, IdempotencyConfig(event_key_jmespath="messageId"))
+
+    async def handle(r: SQSRecord) -> None:
+        seen.append(await store.get(engine.idempotency_key(r.raw, handle)))
+
+    before = int(time.time() * 1000)
+    context = types.SimpleNamespace(get_remaining_time_in_millis=lambda: 7_000)
+    await process_batch(batch([record]), handle, persistence_store=store, context=context)
+    (claim,) = seen
+    assert claim is not None
+    assert claim.in_progress_expiry_timestamp is not None
+    assert before + 7_000 <= claim.in_progress_expiry_timestamp <= int(time.time() * 1000) + 7_000
+
+
+async def test_event_errors() -> None:
+    store = InMemoryPersistenceLayer()
+    assert await process_batch({"Records": []}, _noop, persistence_store=store) == {
+        "batchItemFailures": []
+    }
+    mixed = batch([sqs_record("x"), kinesis_record("y", sequence_number="1", partition_key="k")])
+    with pytest.raises(BatchEventError, match="one source"):
+        await process_batch(mixed, _noop, persistence_store=store)
+    with pytest.raises(BatchEventError, match="no 'Records'"):
+        await process_batch({}, _noop, persistence_store=store)
+    with pytest.raises(ValueError, match="concurrency"):
+        await process_batch(batch([sqs_record("x")]), _noop, persistence_store=store, concurrency=0)
+
+
+async def _noop(record: Any) -> None:
+    return None
+
+
+async def test_cancelling_the_batch_releases_every_claim() -> None:
+    store = InMemoryPersistenceLayer()
+    records = [sqs_record({"n": n}) for n in range(5)]
+    started = asyncio.Event()
+
+    async def hang(record: SQSRecord) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(process_batch(batch(records), hang, persistence_store=store))
+    await asyncio.wait_for(started.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    engine = IdempotencyEngine(store, IdempotencyConfig(event_key_jmespath="messageId"))
+    for raw in records:
+        assert await store.get(engine.idempotency_key(raw, hang)) is None
+
+
+@pytest.mark.parametrize("backend", ["valkey_glide", "dynamodb"])
+def test_batch_on_real_stores(backend: str, request: pytest.FixtureRequest) -> None:
+    real: PersistenceLayer = store_from_url(_url_of(backend, request))
+    records = [sqs_record({"order_id": f"o-{n % 4}", "n": n}) for n in range(12)]
+    runs: collections.Counter[str] = collections.Counter()
+
+    def charge(record: SQSRecord) -> str:
+        runs[record.json()["order_id"]] += 1
+        return "ok"
+
+    for _ in range(2):
+        response = process_batch_sync(
+            batch(records), charge, persistence_store=real, config=ORDER_KEY, concurrency=1
+        )
+        assert response == {"batchItemFailures": []}
+    assert runs == {f"o-{n}": 1 for n in range(4)}
+
+
+def _url_of(backend: str, request: pytest.FixtureRequest) -> str:
+    if backend.startswith("valkey"):
+        pool = request.getfixturevalue("cache_servers")
+        node = pool.standalone("valkey")
+        node.admin().flushall()
+        return f"valkey://{node.host}:{node.port}?client=glide&timeout=5"
+    server = request.getfixturevalue("moto_server")
+    from tests.test_aws_lambda import create_table
+
+    return f"dynamodb://{create_table(server)}?endpoint_url={server.endpoint_url}"
+
+
+def test_unknown_source_needs_a_hint() -> None:
+    with pytest.raises(BatchEventError, match="unknown event source"):
+        parse_records({"Records": [{"eventSource": "aws:s3"}]})
+    records = parse_records({"Records": [{"messageId": "m", "body": "{}"}]}, source="sqs")
+    assert isinstance(records[0], SQSRecord)
+    assert records[0].item_identifier == "m"
+    assert uuid.UUID(sqs_record("x")["messageId"])
