@@ -31,6 +31,7 @@ from aioidempotency.batch import (
     process_batch_sync,
 )
 from aioidempotency.engine import IdempotencyEngine
+from aioidempotency.persistence.base import ClaimResult
 from aioidempotency.records import DataRecord, RecordStatus
 from tests.batch_events import (
     batch,
@@ -135,24 +136,37 @@ async def test_business_key_from_the_body() -> None:
     assert sorted(runs) == ["A", "B"]
 
 
+class ClaimCountingStore(InMemoryPersistenceLayer):
+    """Sets `claimed` once `expected` claims have been answered."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.expected = expected
+        self.answered = 0
+        self.claimed = asyncio.Event()
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        result = await super().claim(record, now=now)
+        self.answered += 1
+        if self.answered == self.expected:
+            self.claimed.set()
+        return result
+
+
 async def test_concurrent_copies_of_one_business_key_report_the_busy_ones() -> None:
-    store = InMemoryPersistenceLayer()
+    store = ClaimCountingStore(expected=3)
     records = [sqs_record({"order_id": "A", "copy": n}) for n in range(3)]
-    release = asyncio.Event()
     runs: list[str] = []
 
     async def charge(record: SQSRecord) -> str:
         runs.append(record.message_id)
-        await asyncio.wait_for(release.wait(), 10)
+        # finish only once the two other copies have found the key in progress
+        await asyncio.wait_for(store.claimed.wait(), 10)
         return "ok"
 
-    task = asyncio.ensure_future(
-        process_batch(batch(records), charge, persistence_store=store, config=ORDER_KEY)
+    response = await process_batch(
+        batch(records), charge, persistence_store=store, config=ORDER_KEY
     )
-    while not runs:  # wait until the first copy holds the key
-        await asyncio.sleep(0)
-    release.set()
-    response = await asyncio.wait_for(task, 10)
     # one copy ran; the two that found it in progress are redelivered later
     assert len(runs) == 1
     assert sorted(failed_ids(response)) == sorted(
