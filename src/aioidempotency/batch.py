@@ -88,11 +88,35 @@ def default_key_jmespath(source: SourceKind) -> str:
 # -- typed records --------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SQSRecord:
+class _RecordBase:
+    """A read-only view over one record dict (`raw`, also `raw_event` as Powertools
+    names it, so an idempotent function keyed on a record hashes the dict)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        self.raw = raw
+
+    @property
+    def raw_event(self) -> Mapping[str, Any]:
+        return self.raw
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _RecordBase) and type(other) is type(self) and other.raw == self.raw
+        )
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self.raw)!r})"
+
+
+class SQSRecord(_RecordBase):
     """One SQS message. `raw` is the record as Lambda delivered it."""
 
-    raw: Mapping[str, Any]
+    __slots__ = ()
 
     @property
     def message_id(self) -> str:
@@ -130,11 +154,10 @@ class SQSRecord:
         return json.loads(self.body)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class KinesisRecord:
+class KinesisRecord(_RecordBase):
     """One Kinesis Data Streams record; `data` is the decoded payload."""
 
-    raw: Mapping[str, Any]
+    __slots__ = ()
 
     @property
     def _kinesis(self) -> Mapping[str, Any]:
@@ -169,11 +192,10 @@ class KinesisRecord:
         return json.loads(self.data)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DynamoDBStreamRecord:
+class DynamoDBStreamRecord(_RecordBase):
     """One DynamoDB Streams record; images are also offered as plain Python values."""
 
-    raw: Mapping[str, Any]
+    __slots__ = ()
 
     @property
     def _dynamodb(self) -> Mapping[str, Any]:
