@@ -16,6 +16,7 @@ from typing import Any
 
 from aioidempotency import IdempotencyConfig, idempotent_async, store_from_url
 from aioidempotency.aws_lambda import lambda_handler
+from tests.aws_helpers import FakeLambdaContext
 
 STORE_URL = os.environ["LAMBDA_APP_STORE_URL"]
 store = store_from_url(STORE_URL)
@@ -24,21 +25,7 @@ EXECUTIONS: collections.Counter[str] = collections.Counter()
 """Executions per order id (this process)."""
 
 config = IdempotencyConfig(event_key_jmespath="powertools_json(body).order_id")
-
-
-class FakeLambdaContext:
-    """The attributes of a Lambda context the runtime passes; time left is fixed."""
-
-    function_name = "lambda-app"
-    memory_limit_in_mb = 128
-    invoked_function_arn = "arn:aws:lambda:eu-west-1:000000000000:function:lambda-app"
-    aws_request_id = "00000000-0000-0000-0000-000000000000"
-
-    def __init__(self, remaining_ms: int = 42_000) -> None:
-        self.remaining_ms = remaining_ms
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
+__all__ = ["EXECUTIONS", "STORE_BUILDS", "FakeLambdaContext", "charge", "handler", "store"]
 
 
 async def _charge(event: dict[str, Any], context: Any) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from aioidempotency import (
 from aioidempotency.aws_lambda import LambdaHandlerError, handler_loop, lambda_handler
 from aioidempotency.persistence.glide import GlideCacheClient
 from aioidempotency.records import RecordStatus
+from tests.aws_helpers import create_table
 from tests.servers.moto import MotoServer
 from tests.servers.redis import ServerPool
 
@@ -49,21 +50,6 @@ ORDERS = 8
 def event(order_id: str) -> dict[str, Any]:
     """An API Gateway-like event whose JSON body carries the business key."""
     return {"body": json.dumps({"order_id": order_id, "amount": 10}), "path": "/orders"}
-
-
-def create_table(server: MotoServer) -> str:
-    """A DynamoDB table as docs/dynamodb.md creates it (partition key ``id``)."""
-    import boto3
-
-    name = f"lambda-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("dynamodb", endpoint_url=server.endpoint_url)
-    client.create_table(
-        TableName=name,
-        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    return name
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from aioidempotency.batch import (
 from aioidempotency.engine import IdempotencyEngine
 from aioidempotency.persistence.base import ClaimResult
 from aioidempotency.records import DataRecord, RecordStatus
+from tests.aws_helpers import create_table
 from tests.batch_events import (
     batch,
     dynamodb_record,
@@ -480,8 +481,6 @@ def _url_of(backend: str, request: pytest.FixtureRequest) -> str:
         node.admin().flushall()
         return f"valkey://{node.host}:{node.port}?client=glide&timeout=5"
     server = request.getfixturevalue("moto_server")
-    from tests.test_aws_lambda import create_table
-
     return f"dynamodb://{create_table(server)}?endpoint_url={server.endpoint_url}"
 
 

@@ -471,9 +471,9 @@ def _response(kind: SourceKind, outcomes: Sequence[_Outcome]) -> dict[str, list[
         return {"batchItemFailures": []}
     if kind == "sqs":
         return {"batchItemFailures": [{"itemIdentifier": o.record.item_identifier} for o in failed]}
-    # Streams: Lambda resumes the shard at the lowest sequence number reported.
-    first = min(failed, key=lambda o: int(o.record.item_identifier))
-    return {"batchItemFailures": [{"itemIdentifier": first.record.item_identifier}]}
+    # Streams: Lambda resumes the shard at the lowest sequence number reported; a
+    # batch comes from one shard in sequence order, so that is the first failure.
+    return {"batchItemFailures": [{"itemIdentifier": failed[0].record.item_identifier}]}
 
 
 def process_batch_sync(
