@@ -21,6 +21,7 @@ from aioidempotency import (
     IdempotencyEngine,
     IdempotencyInvalidRecordError,
     IdempotencyInvalidStatusError,
+    IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
     InMemoryPersistenceLayer,
 )
@@ -311,3 +312,32 @@ async def test_run_passes_positional_arguments_so_no_closure_binds_late() -> Non
     # The prefix comes from the function, not from the bound call.
     assert await engine.run(records[0], process, records[0]) == "A"
     assert seen.count("a") == 1
+
+
+class UnreachableClaimStore(WrapperStore):
+    """A store whose claims fail as our stores report an unreachable server."""
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        self._record("claim", record.idempotency_key)
+        try:
+            raise ConnectionResetError("connection reset by peer")
+        except ConnectionResetError as exc:
+            raise IdempotencyPersistenceConnectionError("store unreachable", exc) from exc
+
+
+async def test_a_store_error_keeps_the_clients_error_as_its_cause() -> None:
+    engine = engine_for(UnreachableClaimStore(InMemoryPersistenceLayer()))
+    with pytest.raises(IdempotencyPersistenceConnectionError) as raised:
+        await engine.run(PAYMENT, Counted())
+    assert isinstance(raised.value.__cause__, ConnectionResetError)
+    assert raised.value.transient is True
+    assert await engine.drain(timeout=10)
+
+
+async def test_a_completion_that_failed_on_a_connection_error_is_transient() -> None:
+    engine = engine_for(FlakyCompletionStore(InMemoryPersistenceLayer(), failures=1))
+    with pytest.raises(IdempotencyCompletionError) as raised:
+        await engine.run(PAYMENT, Counted())
+    assert raised.value.transient is True
+    assert isinstance(raised.value.__cause__, ConnectionError)
+    assert await engine.drain(timeout=10)

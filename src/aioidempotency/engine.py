@@ -20,7 +20,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from typing_extensions import TypeVarTuple, Unpack
 
@@ -337,11 +337,11 @@ class IdempotencyEngine:
         except Exception as exc:
             if not isinstance(exc, IdempotencyInvalidStatusError):  # else it did not land
                 self._cleanup(self._release_later(record.idempotency_key, owner, confirm=True))
-            raise self._store_error(
+            self._raise_store_error(
                 "Failed to save in progress record to idempotency store",
                 record.idempotency_key,
                 exc,
-            ) from exc
+            )
         if _is_own(result, owner):
             return ClaimResult(claimed=True)
         return result
@@ -356,6 +356,13 @@ class IdempotencyEngine:
         elif task.result().claimed or _is_own(task.result(), record.owner):
             self._cleanup(self._release_later(record.idempotency_key, record.owner))
 
+    def _raise_store_error(self, message: str, key: str, exc: BaseException) -> NoReturn:
+        """Raise what the caller sees for the store failure `exc` (being handled)."""
+        error = self._store_error(message, key, exc)
+        if error is exc:
+            raise exc  # already ours, with its own cause
+        raise error from exc
+
     def _store_error(self, message: str, key: str, exc: BaseException) -> IdempotencyError:
         """What the caller sees for a store failure: an `IdempotencyError`, the store's
         exception chained; an unusable stored record names the key and how to free it."""
@@ -369,7 +376,9 @@ class IdempotencyEngine:
             )
         if isinstance(exc, IdempotencyError):
             return exc
-        return IdempotencyPersistenceLayerError(message, exc)
+        error = IdempotencyPersistenceLayerError(message, exc)
+        error.transient = _is_transient(exc)
+        return error
 
     def _validate(self, call: PreparedCall, stored_hash: str | None) -> None:
         if call.payload_hash is not None and stored_hash != call.payload_hash:
@@ -479,13 +488,15 @@ class IdempotencyEngine:
             raise
         except Exception as exc:
             self._cleanup(self._complete_later(completed, owner))
-            raise IdempotencyCompletionError(
+            error = IdempotencyCompletionError(
                 "Failed to update record state to success in idempotency store; "
                 "the function ran and its result is attached. Storing it is retried in "
                 "the background: until then the key is in progress",
                 exc,
                 result=result,
-            ) from exc
+            )
+            error.transient = _is_transient(exc)  # a retry later replays the result
+            raise error from exc
         return completed
 
     async def _release(self, key: str, owner: str, *, lease: Lease | None = None) -> None:
@@ -507,9 +518,7 @@ class IdempotencyEngine:
         try:
             await _shielded(release())
         except Exception as exc:
-            raise self._store_error(
-                "Failed to delete record from idempotency store", key, exc
-            ) from exc
+            self._raise_store_error("Failed to delete record from idempotency store", key, exc)
 
     # -- cleanup in the background ------------------------------------------------------
 
@@ -579,7 +588,10 @@ class IdempotencyEngine:
                 await operation(*args, **kw)
             except (IdempotencyClaimLostError, IdempotencyCompletionError):
                 raise
-            except Exception:
+            except Exception as exc:
+                if isinstance(exc, IdempotencyError) and not _is_transient(exc):
+                    logger.warning("the %s failed for good", what, exc_info=True)
+                    return False
                 if attempt == _CLEANUP_ATTEMPTS:
                     logger.warning("gave up the %s after %d attempts", what, attempt, exc_info=True)
                     return False
@@ -647,9 +659,9 @@ class IdempotencyEngine:
             try:
                 record = await self.persistence_store.get(call.key)
             except Exception as exc:
-                raise self._store_error(
+                self._raise_store_error(
                     "Failed to get record from idempotency store", call.key, exc
-                ) from exc
+                )
             if record is None or record.is_claimable(self._clock()):
                 return None
             self._validate(call, record.payload_hash)
@@ -685,6 +697,16 @@ class IdempotencyEngine:
         if self.config.use_local_cache:
             with self._cache_lock:
                 self._cache.pop(key, None)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether retrying after `exc` can succeed: our errors say so; a client's own
+    connection errors and timeouts are transient."""
+    if isinstance(exc, IdempotencyPersistenceLayerError):
+        return exc.transient
+    if isinstance(exc, IdempotencyError):
+        return False
+    return isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError))
 
 
 def _is_own(result: ClaimResult, owner: str) -> bool:
