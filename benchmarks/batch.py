@@ -1,0 +1,207 @@
+"""Records per second of an idempotent SQS batch: aioidempotency vs Powertools.
+
+``python -m benchmarks.batch [--batches N] [--work-ms MS]``
+
+One valkey-server (child process) serves both sides. Each batch is 100 new SQS
+records (fresh message ids, so every record claims and completes its key):
+
+- aioidempotency: `process_batch_sync` (the classic-handler entry point, on the loop
+  `lambda_handler` uses) with glide, concurrency 10, an ``async def`` record handler;
+  and the same with a plain ``def`` record handler (worker threads).
+- Powertools: `BatchProcessor` + `process_partial_response`, the record handler
+  wrapped in `idempotent_function` on `RedisCachePersistenceLayer` (redis-py, sync).
+
+``--work-ms`` adds that much I/O wait per record (asyncio.sleep / time.sleep): the
+records' own work, which a concurrent batch overlaps. The ratio that must hold
+(>= 3x) is at 0 ms: idempotency overhead alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks.servers import running_valkey
+
+BATCH_SIZE = 100
+CONCURRENCY = 10
+FLOOR = 3.0
+
+
+class Context:
+    """A Lambda context with 30 s left: both sides bound their claims by it."""
+
+    function_name = "bench"
+    aws_request_id = "bench"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000
+
+
+CONTEXT = Context()
+
+
+def sqs_event() -> dict[str, Any]:
+    """A batch of new SQS records, as Lambda delivers them."""
+    arn = "arn:aws:sqs:eu-west-1:123456789012:orders"
+    return {
+        "Records": [
+            {
+                "messageId": str(uuid.uuid4()),
+                "receiptHandle": uuid.uuid4().hex,
+                "body": json.dumps({"order_id": uuid.uuid4().hex, "amount": n}),
+                "attributes": {"ApproximateReceiveCount": "1"},
+                "messageAttributes": {},
+                "md5OfBody": "",
+                "eventSource": "aws:sqs",
+                "eventSourceARN": arn,
+                "awsRegion": "eu-west-1",
+            }
+            for n in range(BATCH_SIZE)
+        ]
+    }
+
+
+def ours(url: str, work_ms: float, plain: bool) -> tuple[Callable[[dict[str, Any]], Any], Any]:
+    from aioidempotency import store_from_url
+    from aioidempotency.batch import process_batch_sync
+
+    store = store_from_url(f"{url}?client=glide&timeout=5")
+
+    async def handle_async(record: Any) -> dict[str, Any]:
+        if work_ms:
+            await asyncio.sleep(work_ms / 1000)
+        return {"order_id": record.json()["order_id"]}
+
+    def handle_plain(record: Any) -> dict[str, Any]:
+        if work_ms:
+            time.sleep(work_ms / 1000)
+        return {"order_id": record.json()["order_id"]}
+
+    handler = handle_plain if plain else handle_async
+
+    def run(event: dict[str, Any]) -> Any:
+        return process_batch_sync(
+            event,
+            handler,
+            persistence_store=store,
+            context=CONTEXT,
+            concurrency=CONCURRENCY,
+            key_prefix="bench-ours",
+        )
+
+    return run, store
+
+
+def powertools(url: str, work_ms: float) -> Callable[[dict[str, Any]], Any]:
+    from aws_lambda_powertools.utilities.batch import (
+        BatchProcessor,
+        EventType,
+        process_partial_response,
+    )
+    from aws_lambda_powertools.utilities.idempotency import (
+        IdempotencyConfig,
+        idempotent_function,
+    )
+    from aws_lambda_powertools.utilities.idempotency.persistence.redis import (
+        RedisCachePersistenceLayer,
+    )
+
+    layer = RedisCachePersistenceLayer(url=url)
+    processor = BatchProcessor(event_type=EventType.SQS)
+    config = IdempotencyConfig(event_key_jmespath="messageId")
+
+    @idempotent_function(  # type: ignore[untyped-decorator]
+        data_keyword_argument="record", persistence_store=layer, config=config
+    )
+    def charge(record: dict[str, Any]) -> dict[str, Any]:
+        if work_ms:
+            time.sleep(work_ms / 1000)
+        return {"order_id": json.loads(record["body"])["order_id"]}
+
+    def record_handler(record: Any) -> dict[str, Any]:
+        return charge(record=record.raw_event)  # type: ignore[no-any-return]
+
+    def run(event: dict[str, Any]) -> Any:
+        config.register_lambda_context(CONTEXT)
+        return process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=CONTEXT
+        )
+
+    return run
+
+
+def measure(run: Callable[[dict[str, Any]], Any], batches: int) -> tuple[list[float], float]:
+    """Records per second of each batch (after one warm-up batch), and the process's
+    CPU time per record (all its threads) in microseconds."""
+    response = run(sqs_event())
+    assert response == {"batchItemFailures": []}, response
+    rates = []
+    cpu = 0.0
+    for _ in range(batches):
+        event = sqs_event()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        response = run(event)
+        elapsed = time.perf_counter() - start
+        cpu += time.process_time() - cpu_start
+        assert response == {"batchItemFailures": []}, response
+        rates.append(BATCH_SIZE / elapsed)
+    return rates, cpu / (batches * BATCH_SIZE) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--work-ms", type=float, nargs="*", default=[0.0, 1.0, 5.0])
+    args = parser.parse_args(argv)
+    from aioidempotency.aws_lambda import handler_loop
+
+    failed = False
+    with running_valkey() as server:
+        print(f"valkey {server.version}")
+        print(f"{BATCH_SIZE} SQS records per batch, {args.batches} batches")
+        print(
+            f"{'work/record':>11} {'target':<50} {'records/s (median)':>19} "
+            f"{'ratio':>6} {'CPU us/record':>14}"
+        )
+        for work_ms in args.work_ms:
+            run_async, store_async = ours(server.url, work_ms, plain=False)
+            run_plain, store_plain = ours(server.url, work_ms, plain=True)
+            results = {
+                f"aioidempotency process_batch, async def, c={CONCURRENCY}": measure(
+                    run_async, args.batches
+                ),
+                f"aioidempotency process_batch, plain def, c={CONCURRENCY}": measure(
+                    run_plain, args.batches
+                ),
+                "Powertools BatchProcessor + idempotent_function": measure(
+                    powertools(server.url, work_ms), args.batches
+                ),
+            }
+            handler_loop.run(store_async.aclose())
+            handler_loop.run(store_plain.aclose())
+            baseline = statistics.median(
+                results["Powertools BatchProcessor + idempotent_function"][0]
+            )
+            for name, (rates, cpu) in results.items():
+                rate = statistics.median(rates)
+                print(
+                    f"{work_ms:>9g}ms {name:<50} {rate:>19,.0f} "
+                    f"{rate / baseline:>5.1f}x {cpu:>14,.0f}"
+                )
+            ratio = statistics.median(next(iter(results.values()))[0]) / baseline
+            if work_ms == 0 and ratio < FLOOR:
+                print(f"FLOOR MISSED: {ratio:.2f}x < {FLOOR}x at 0 ms of work per record")
+                failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
