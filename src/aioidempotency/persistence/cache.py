@@ -117,23 +117,21 @@ class ScriptingCacheClient(CacheClient, Protocol):
 #: last `_FINGERPRINT_EDGE` bytes (see `fingerprint`).
 _FINGERPRINT_WHOLE = 4096
 _FINGERPRINT_EDGE = 2048
-#: An owner token is only looked for in values up to this size (an in-progress record
-#: is a few hundred bytes; the search stays cheap whatever lies under the key).
-_MAX_OWNED_BYTES = 65536
+#: The most a script ever copies out of a value (GET): an owner token is only looked for
+#: in values up to this size (an in-progress record is a few hundred bytes), and a
+#: refused claim returns values up to this size itself; a larger one is read with a
+#: plain GET (one more round trip, and no script copies megabytes while the server waits).
+_MAX_SCRIPT_VALUE = 65536
 #: The shortest owner token the owner checks accept (the engine's are 32 hex chars): a
 #: short token could be found by chance in someone else's record.
 _MIN_OWNER_CHARS = 16
 
-# KEYS[1]; ARGV: record text, TTL, expected fingerprint or ''.
-# {1}: claimed a free key. {3}: the value still had the expected fingerprint and was
-# replaced (takeover). {4, type}: the key holds another Redis type. {0, value}: refused,
-# with the value for the caller to classify.
-_CLAIM_CODE = f"""
+# KEYS[1] is the only key; `n` its STRLEN, -1 when it holds another Redis type.
+_PRELUDE = f"""
 local key = KEYS[1]
-if redis.call('SET', key, ARGV[1], 'EX', ARGV[2], 'NX') then return {{1}} end
 local n = redis.pcall('STRLEN', key)
-if type(n) ~= 'number' then return {{4, redis.call('TYPE', key)['ok']}} end
-if ARGV[3] ~= '' then
+if type(n) ~= 'number' then n = -1 end
+local function fingerprint()
   local sample
   if n <= {_FINGERPRINT_WHOLE} then
     sample = redis.call('GET', key)
@@ -141,37 +139,55 @@ if ARGV[3] ~= '' then
     sample = redis.call('GETRANGE', key, 0, {_FINGERPRINT_EDGE - 1})
       .. redis.call('GETRANGE', key, -{_FINGERPRINT_EDGE}, -1)
   end
-  if string.format('%d', n) .. ':' .. redis.sha1hex(sample) == ARGV[3] then
-    redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
-    return {{3}}
-  end
+  return string.format('%d', n) .. ':' .. redis.sha1hex(sample)
 end
-return {{0, redis.call('GET', key)}}
 """
 
-# The value under KEYS[1] is ours when it is a string of at most _MAX_OWNED_BYTES that
-# contains our owner token as a JSON string (ARGV[1], quotes included). Only our own
-# in-progress records carry it; a completed record carries no token.
-_OWNED = f"""
-local key, token = KEYS[1], ARGV[1]
-local n = redis.pcall('STRLEN', key)
-if type(n) ~= 'number' then n = -1 end
+# ARGV: record text, TTL, expected fingerprint or ''.
+# {1}: claimed a free key. {3}: the value still had the expected fingerprint and was
+# replaced (takeover). {4, type}: the key holds another Redis type. {0, value}:
+# refused, with the value for the caller to classify. {5}: refused, the value is too
+# large to copy here (the caller GETs it).
+_CLAIM_CODE = (
+    """
+if redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then return {1} end
+"""
+    + _PRELUDE
+    + f"""
+if n < 0 then return {{4, redis.call('TYPE', key)['ok']}} end
+if ARGV[3] ~= '' and fingerprint() == ARGV[3] then
+  redis.call('SET', key, ARGV[1], 'EX', ARGV[2])
+  return {{3}}
+end
+if n > {_MAX_SCRIPT_VALUE} then return {{5}} end
+return {{0, redis.call('GET', key)}}
+"""
+)
+
+# The value is ours when it is a string of at most _MAX_SCRIPT_VALUE bytes containing
+# our owner token as a JSON string (ARGV[1], quotes included). Only our own in-progress
+# records carry it; a completed record carries no token.
+_OWNED = (
+    _PRELUDE
+    + f"""
 local function missing()
   return n == 0 and redis.call('EXISTS', key) == 0
 end
 local function ours()
-  return n > 0 and n <= {_MAX_OWNED_BYTES}
-    and string.find(redis.call('GET', key), token, 1, true) ~= nil
+  return n > 0 and n <= {_MAX_SCRIPT_VALUE}
+    and string.find(redis.call('GET', key), ARGV[1], 1, true) ~= nil
 end
 """
+)
 
-# ARGV: quoted owner token, completed record text, TTL. 1: stored (or already stored
-# by this very completion, resent after a lost reply), 0: gone, 2: taken over.
+# ARGV: quoted owner token, completed record text, TTL, fingerprint of that text.
+# 1: stored, or already stored by this very completion (resent after a lost reply);
+# 0: gone; 2: taken over.
 _COMPLETE_CODE = (
     _OWNED
     + """
 if missing() then return 0 end
-if n == #ARGV[2] and redis.call('GET', key) == ARGV[2] then return 1 end
+if n == #ARGV[2] and fingerprint() == ARGV[4] then return 1 end
 if not ours() then return 2 end
 redis.call('SET', key, ARGV[2], 'EX', ARGV[3])
 return 1
@@ -205,7 +221,7 @@ _COMPLETE = LuaScript(_COMPLETE_CODE)
 _RELEASE = LuaScript(_RELEASE_CODE)
 _RENEW = LuaScript(_RENEW_CODE)
 
-_CLAIM_REFUSED, _CLAIM_FREE, _CLAIM_TAKEOVER, _CLAIM_WRONG_TYPE = 0, 1, 3, 4
+_CLAIM_REFUSED, _CLAIM_FREE, _CLAIM_TAKEOVER, _CLAIM_WRONG_TYPE, _CLAIM_TOO_LARGE = 0, 1, 3, 4, 5
 _DONE, _GONE, _TAKEN_OVER = 1, 0, 2
 
 
@@ -734,18 +750,24 @@ class CachePersistenceLayer(PersistenceLayer):
     ) -> ClaimResult:
         # 1 round trip for a free key or a live record; an expired or orphaned one is
         # classified here, then replaced only if it is still the same value (2 in all).
-        reply = await _script(client, _CLAIM, key, (text, ttl, ""))
-        raw = _claim_value(key, reply)
-        if raw is None:
-            return ClaimResult(claimed=True)
-        existing = self.attributes.from_json(key, raw)
-        if not existing.is_claimable(now):
-            return ClaimResult(claimed=False, existing=existing)
-        reply = await _script(client, _CLAIM, key, (text, ttl, fingerprint(raw)))
-        raw = _claim_value(key, reply)
-        if raw is None:
-            return ClaimResult(claimed=True)
-        return ClaimResult(claimed=False, existing=self.attributes.from_json(key, raw))
+        expected = ""
+        while True:
+            reply = await _script(client, _CLAIM, key, (text, ttl, expected))
+            code = int(reply[0])
+            if code in (_CLAIM_FREE, _CLAIM_TAKEOVER):
+                return ClaimResult(claimed=True)
+            if code == _CLAIM_WRONG_TYPE:
+                kind = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+                raise IdempotencyInvalidStatusError(
+                    f"record {key!r} holds a Redis {kind}, not a record"
+                )
+            raw = reply[1] if code == _CLAIM_REFUSED else await _read(client, key)
+            if raw is None:
+                return ClaimResult(claimed=False)  # gone since: the engine claims again
+            existing = self.attributes.from_json(key, raw)
+            if expected or not existing.is_claimable(now):
+                return ClaimResult(claimed=False, existing=existing)
+            expected = fingerprint(raw)
 
     async def _protocol_claim(
         self, client: CacheClient, key: str, text: str, ttl: int, now: float
@@ -779,7 +801,7 @@ class CachePersistenceLayer(PersistenceLayer):
         text = self.attributes.to_json(record)
         ttl = _ttl(record.expiry_timestamp, self._clock())
         if self.atomic:
-            args = (_owner_needle(owner), text, ttl)
+            args = (_owner_needle(owner), text, ttl, fingerprint(text))
             code = int(await self._run("complete", key, _script, _COMPLETE, key, args))
         else:
             op = self._protocol_complete
@@ -870,18 +892,6 @@ async def _read(client: CacheClient, key: str) -> bytes | str | None:
 
 def _delete(client: CacheClient, key: str) -> Awaitable[Any]:
     return client.delete(key)
-
-
-def _claim_value(key: str, reply: Sequence[Any]) -> bytes | str | None:
-    """The value a refused claim returned, or None when the claim was won."""
-    code = int(reply[0])
-    if code == _CLAIM_REFUSED:
-        value: bytes | str = reply[1]
-        return value
-    if code == _CLAIM_WRONG_TYPE:
-        kind = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        raise IdempotencyInvalidStatusError(f"record {key!r} holds a Redis {kind}, not a record")
-    return None
 
 
 def _owner_needle(owner: str) -> str:
