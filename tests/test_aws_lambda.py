@@ -23,7 +23,7 @@ import types
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -300,7 +300,7 @@ def test_idempotent_async_outside_lambda_handler() -> None:
         assert record.in_progress_expiry_timestamp is not None
         return {"id": event["id"], "deadline_ms": record.in_progress_expiry_timestamp - remaining}
 
-    outer = idempotent_async(persistence_store=store)(lambda_handler(handler))  # type: ignore[arg-type]
+    outer = cast(Any, idempotent_async(persistence_store=store))(lambda_handler(handler))
     assert not asyncio.iscoroutinefunction(outer), "the runtime must get a sync handler"
     context = types.SimpleNamespace(get_remaining_time_in_millis=lambda: 5_000)
     before = int(time.time() * 1000)
