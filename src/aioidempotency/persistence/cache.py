@@ -259,6 +259,10 @@ _RETRY_REPLY = re.compile(r"\b(MOVED|ASK|TRYAGAIN|CLUSTERDOWN|LOADING|READONLY|M
 _DENIED_REPLY = re.compile(
     r"\b(WRONGPASS|NOAUTH|NOPERM)\b|PermissionDenied|no permissions|invalid username-password"
 )
+#: redis-py's names for those replies (its MovedError's text omits the word MOVED).
+_RETRY_ERRORS = frozenset(
+    {"MovedError", "AskError", "TryAgainError", "ClusterDownError", "MasterDownError"}
+)
 _TRANSIENT, _DENIED, _WRONG_TYPE, _OTHER = "transient", "denied", "wrongtype", "other"
 
 
@@ -299,7 +303,11 @@ def _classify(exc: BaseException) -> str:
         return _DENIED
     if "WRONGTYPE" in text:
         return _WRONG_TYPE
-    if isinstance(exc, _connection_error_types()) or _RETRY_REPLY.search(text):
+    if (
+        isinstance(exc, _connection_error_types())
+        or _RETRY_REPLY.search(text)
+        or type(exc).__name__ in _RETRY_ERRORS
+    ):
         return _TRANSIENT
     if isinstance(exc, AttributeError) and _raised_inside(exc, ("redis", "valkey")):
         # redis-py's cluster client trips over its own topology during a failover.
