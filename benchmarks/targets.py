@@ -289,18 +289,20 @@ def floor_glide_scripts(client: Any, counter: RequestCounter, payload: int) -> T
     executed = RequestCounter()
     claim_script = Script(cache._CLAIM.code)  # type: ignore[no-untyped-call]
     complete_script = Script(cache._COMPLETE.code)  # type: ignore[no-untyped-call]
-    claim, done, owner = _in_progress_value(), _completed_value(payload), "0" * 32
+    claim, done = _in_progress_value(), _completed_value(payload)
     ttl = str(TTL_SECONDS)
+    # What the store sends: the owner token as a JSON string, the completed record and
+    # its fingerprint (a resent completion is recognised by it).
+    complete_args = [json.dumps("0" * 32), done, ttl, cache.fingerprint(done)]
 
     async def call(key: str) -> None:
-        now = time.time()
-        args = [claim, ttl, str(int(now)), str(int(now * 1000))]
-        reply = await client.invoke_script(claim_script, keys=[key], args=args)
-        if int(reply[0]) == 0:
-            if reply[1].startswith(b'{"status": "INPROGRESS"'):
+        reply = await client.invoke_script(claim_script, keys=[key], args=[claim, ttl, ""])
+        code = int(reply[0])
+        if code not in (1, 3):  # refused: 0 with the value, 5 when too large to return
+            if code == 0 and reply[1].startswith(b'{"status": "INPROGRESS"'):
                 raise Refused
             return
-        await client.invoke_script(complete_script, keys=[key], args=[owner, done, ttl])
+        await client.invoke_script(complete_script, keys=[key], args=complete_args)
         executed.add()
 
     return Target(call, True, lambda: counter.value, executed)
