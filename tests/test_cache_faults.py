@@ -365,11 +365,14 @@ async def test_a_refusal_is_not_retried_and_says_what_it_is(
     assert isinstance(caught.value, CacheAccessDeniedError) == denied
 
 
+@pytest.mark.parametrize("client", ["redis", "glide"])
 async def test_a_wrong_password_on_a_real_server_is_access_denied(
-    cache_servers: ServerPool,
+    cache_servers: ServerPool, client: str
 ) -> None:
+    """redis-py's AuthenticationError is a ConnectionError, glide's a ClosingError: both
+    used to be reported as transient."""
     node = cache_servers.standalone("redis")
-    url = f"redis://nobody:wrong@{node.host}:{node.port}?timeout=2"
+    url = f"redis://nobody:wrong@{node.host}:{node.port}?client={client}&timeout=2"
     async with CachePersistenceLayer.from_url(url) as layer:
         with pytest.raises(CacheAccessDeniedError) as caught:
             await layer.claim(in_progress(new_key(), token()), now=time.time())
