@@ -641,10 +641,11 @@ class CachePersistenceLayer(PersistenceLayer):
                 failure: Exception = cause  # an adapter's mapped error: judge its cause
             except Exception as exc:
                 failure = exc
-            swallowed = cancelling is not None and cancelling() > before
+            if cancelling is not None and cancelling() > before:
+                # Cancelled while the client failed: the caller asked to stop, not retry.
+                raise asyncio.CancelledError(f"{action} of {key!r} was cancelled") from failure
             if (
-                swallowed
-                or _classify(failure) != _TRANSIENT
+                _classify(failure) != _TRANSIENT
                 or attempt >= self.retry_attempts
                 or time.monotonic() - started > self.retry_budget_seconds
             ):
