@@ -102,6 +102,11 @@ class RedisCounters:
         values = await self._client.mget([f"exec:{name}" for name in names]) if names else []
         return {name: int(value or 0) for name, value in zip(names, values, strict=True)}
 
+    async def raw(self, key: str) -> bytes | None:
+        """The value under `key` as this server holds it (read by redis-py)."""
+        value = await self._client.get(key)
+        return None if value is None else value.encode() if isinstance(value, str) else value
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -372,7 +377,7 @@ def check(
     seed: int,
     entries: list[CallEntry],
     counters: dict[int, int],
-    records: dict[int, DataRecord | None],
+    records: dict[int, DataRecord | str | None],
 ) -> HistoryReport:
     """Check invariants 1-5 on one seed's history, counters and final records."""
     report = HistoryReport(store=store_name, seed=seed, calls=len(entries), keys=len(records))
@@ -409,6 +414,9 @@ def check(
                 f"{len(executed)} counted and {len(attempted)} started"
             )
         stored: str | None = None
+        if isinstance(record, str):  # invariant 5: a key no call can use any more
+            bad.append(f"[5] key {key}: unusable record: {record}")
+            continue
         if record is not None and record.status is RecordStatus.INPROGRESS:
             report.keys_locked += 1  # invariant 3
             bad.append(f"[3] key {key}: left locked by {record.owner}")
@@ -488,14 +496,22 @@ def counters_factory(spec: Spec) -> Callable[[PersistenceLayer], Counters]:
 
 async def final_state(
     spec: Spec, store: PersistenceLayer, counters: Counters, seed: int
-) -> tuple[dict[int, int], dict[int, DataRecord | None]]:
-    """The server's counters and the stored records of one seed's keys."""
+) -> tuple[dict[int, int], dict[int, DataRecord | str | None]]:
+    """The server's counters and the stored records of one seed's keys (a text saying
+    what is wrong, for a record the store cannot read)."""
     engine = spec.engine(store, seed)
     names = {index: spec.counter_name(seed, index) for index in range(spec.keys)}
     counts = await counters.read(names.values())
-    records: dict[int, DataRecord | None] = {}
+    records: dict[int, DataRecord | str | None] = {}
     for index in range(spec.keys):
-        records[index] = await store.get(engine.idempotency_key(spec.payload(index)))
+        key = engine.idempotency_key(spec.payload(index))
+        try:
+            records[index] = await store.get(key)
+        except IdempotencyError as exc:
+            # unusable for this client: show what the server holds, read by another one
+            raw = getattr(counters, "raw", None)
+            held = await raw(key) if raw is not None else "(not read)"
+            records[index] = f"{type(exc).__name__}: {exc}; the server holds {held!r}"
     return {index: counts[name] for index, name in names.items()}, records
 
 

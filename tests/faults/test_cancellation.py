@@ -12,8 +12,11 @@ raised by the function. The last test interrupts calls at random on many keys.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -502,3 +505,49 @@ async def test_random_interruptions_real_store(
         f"{len(report.locked)} of {keys} keys left locked after {calls} random interruptions"
     )
     assert sum(report.outcomes.values()) == calls
+
+
+# -- store writes cancelled mid-flight ------------------------------------------------------
+
+
+@pytest.mark.parametrize("real_store", ["valkey_glide_atomic", "redis_atomic"], indirect=True)
+async def test_cancelled_writes_leave_readable_records(real_store: PersistenceLayer) -> None:
+    """A completion or renewal cancelled right after it was sent (as the engine's
+    background work and the lease keeper do) lands whole or not at all: every record
+    stays readable. valkey-glide 2.6 frees a cancelled script call's arguments while its
+    core may still send them, which writes process memory as the record."""
+    rounds = pick(ci=3000, full=10000)
+    store = real_store
+    now = time.time()
+    keys = [f"cancelled-write-{uuid.uuid4().hex[:8]}-{index}" for index in range(rounds)]
+    owners = {key: uuid.uuid4().hex for key in keys}
+    for key in keys:
+        claim = DataRecord(
+            key, RecordStatus.INPROGRESS, int(now) + 600, None, None, None, owners[key]
+        )
+        assert (await store.claim(claim, now=now)).claimed
+    for index, key in enumerate(keys):
+        if index % 2:
+            done = DataRecord(
+                key, RecordStatus.COMPLETED, int(now) + 600, None, json.dumps(key * (index % 40))
+            )
+            write = store.complete(done, owner=owners[key])
+        else:
+            until = int((now + 60) * 1000)
+            renewed = DataRecord(
+                key, RecordStatus.INPROGRESS, int(now) + 600, until, None, None, owners[key]
+            )
+            write = store.renew(renewed)
+        task = asyncio.ensure_future(write)
+        for _ in range(index % 7):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, IdempotencyError):
+            await task
+    unreadable = []
+    for key in keys:
+        try:
+            await store.get(key)
+        except IdempotencyError as exc:
+            unreadable.append(f"{key}: {exc}")
+    assert not unreadable, f"{len(unreadable)} of {rounds} records unreadable: {unreadable[:3]}"
