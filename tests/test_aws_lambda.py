@@ -282,12 +282,6 @@ def test_handler_exceptions_propagate_and_release_the_claim() -> None:
     assert len(attempts) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="@idempotent_async over @lambda_handler needs the decorators.py change in "
-    "/work/notes/lambda_stacking.patch",
-)
 def test_idempotent_async_outside_lambda_handler() -> None:
     store = InMemoryPersistenceLayer()
     runs: list[str] = []
@@ -367,11 +361,6 @@ def durable_store(request: pytest.FixtureRequest) -> PersistenceLayer:
     return store
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IdempotencyAlreadyInProgressError,
-    reason="needs the engine change in /work/notes/durable.patch",
-)
 async def test_durable_replay_completes_its_own_in_progress_claim(
     durable_store: PersistenceLayer,
 ) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec
 
+from aioidempotency.aws_lambda import ASYNC_HANDLER_ATTR, LambdaHandler, lambda_handler
 from aioidempotency.config import IdempotencyConfig, LambdaContextLike
-from aioidempotency.engine import IdempotencyEngine
+from aioidempotency.engine import IdempotencyEngine, is_durable_replay
 from aioidempotency.persistence.base import PersistenceLayer
 from aioidempotency.serialization import (
     BaseIdempotencyModelSerializer,
@@ -22,7 +23,7 @@ from aioidempotency.serialization import (
     resolve_output_serializer,
 )
 
-__all__ = ["idempotent_async", "idempotent_function_async"]
+__all__ = ["HandlerDecorator", "idempotent_async", "idempotent_function_async"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -114,39 +115,58 @@ def _require_coroutine_function(function: Callable[..., Any], sync_name: str) ->
         )
 
 
+class HandlerDecorator(Protocol):
+    """What `idempotent_async(...)` returns: it decorates an async handler, or a
+    `lambda_handler` (which stays the sync handler the Lambda runtime calls)."""
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, handler: LambdaHandler[P, R], /
+    ) -> LambdaHandler[P, R]: ...
+
+    @overload
+    def __call__(
+        self, handler: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+
+
 def idempotent_async(
     *,
     persistence_store: PersistenceLayer,
     config: IdempotencyConfig | None = None,
     key_prefix: str | None = None,
     output_serializer: OutputSerializer = None,
-) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], Callable[P, Coroutine[Any, Any, R]]]:
+) -> HandlerDecorator:
     """Make an ``async def handler(event, context)`` Lambda handler idempotent.
 
     The payload is the event; the claim expires with the invocation's remaining time
-    (``context.get_remaining_time_in_millis()``).
+    (``context.get_remaining_time_in_millis()``). Over ``@lambda_handler`` it makes
+    the async handler inside idempotent and keeps the sync wrapper outermost.
     """
 
-    def decorate(
-        handler: Callable[P, Coroutine[Any, Any, R]],
-    ) -> Callable[P, Coroutine[Any, Any, R]]:
+    def decorate(handler: Any) -> Any:
+        inner = getattr(handler, ASYNC_HANDLER_ATTR, None)
+        if inner is not None:
+            return lambda_handler(decorate(inner))
         _require_coroutine_function(handler, "idempotent")
         engine = engine_for(handler, persistence_store, config, key_prefix, output_serializer)
 
         @functools.wraps(handler)
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
             event, context = handler_event_and_context(args, kwargs)
+            raw_context = args[1] if len(args) > 1 else kwargs.get("context")
             return await engine.run_for(
                 event,
                 functools.partial(handler, *args, **kwargs),
                 key_source=handler,
                 lambda_context=context,
+                durable_replay=is_durable_replay(raw_context),
             )
 
         wrapper.engine = engine  # type: ignore[attr-defined]
         return wrapper
 
-    return decorate
+    return cast(HandlerDecorator, decorate)
 
 
 def idempotent_function_async(

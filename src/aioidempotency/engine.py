@@ -59,6 +59,7 @@ __all__ = [
     "IdempotencyEngine",
     "PreparedCall",
     "is_disabled",
+    "is_durable_replay",
 ]
 
 T = TypeVar("T")
@@ -96,6 +97,21 @@ def is_disabled() -> bool:
     return os.environ.get(DISABLED_ENV, "false").strip().lower() in _TRUE_VALUES
 
 
+def is_durable_replay(context: Any) -> bool:
+    """True when `context` is a durable-functions context replaying an execution.
+
+    Powertools' rule (3.37): a context with both ``state`` and ``lambda_context`` is
+    durable, and it replays when its checkpointed ``state.operations`` hold more than
+    one operation (the execution's own operation is always there).
+    """
+    if not (hasattr(context, "state") and hasattr(context, "lambda_context")):
+        return False
+    try:
+        return len(context.state.operations) > 1
+    except (AttributeError, TypeError):
+        return False
+
+
 @dataclasses.dataclass
 class _Flight:
     """A call of this process that holds a claim; duplicates in the process join it."""
@@ -107,11 +123,16 @@ class _Flight:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PreparedCall:
-    """A call's idempotency key, validation hash and Lambda context."""
+    """A call's idempotency key, validation hash and Lambda context.
+
+    `durable_replay`: the call replays a durable execution that already claimed the
+    key (see `is_durable_replay`); it adopts its own in-progress claim.
+    """
 
     key: str
     payload_hash: str | None
     lambda_context: LambdaContextLike | None
+    durable_replay: bool = False
 
 
 class IdempotencyEngine:
@@ -179,12 +200,18 @@ class IdempotencyEngine:
         *,
         key_source: Callable[..., Any],
         lambda_context: LambdaContextLike | None = None,
+        durable_replay: bool = False,
     ) -> T:
         """Like `run`, with the key prefix derived from ``key_source`` instead of ``fn``.
 
         Decorators use it: they run a bound call of the function they decorate.
         """
-        call = self.prepare_call(payload, key_source=key_source, lambda_context=lambda_context)
+        call = self.prepare_call(
+            payload,
+            key_source=key_source,
+            lambda_context=lambda_context,
+            durable_replay=durable_replay,
+        )
         if call is None:
             return await fn()
         hit, replayed = self.replay_from_cache(call)
@@ -198,6 +225,7 @@ class IdempotencyEngine:
         *,
         key_source: Callable[..., Any],
         lambda_context: LambdaContextLike | None = None,
+        durable_replay: bool = False,
     ) -> PreparedCall | None:
         """Derive the key and validation hash of a call, without I/O.
 
@@ -228,7 +256,12 @@ class IdempotencyEngine:
         if config.payload_validation_enabled:
             payload_hash = hash_data(select_validation_data(data, config), config.hash_function)
         context = lambda_context if lambda_context is not None else registered_lambda_context()
-        return PreparedCall(key=key, payload_hash=payload_hash, lambda_context=context)
+        return PreparedCall(
+            key=key,
+            payload_hash=payload_hash,
+            lambda_context=context,
+            durable_replay=durable_replay,
+        )
 
     def replay_from_cache(self, call: PreparedCall) -> tuple[bool, Any]:
         """``(True, result)`` when the local cache holds the call's result, without I/O."""
@@ -244,7 +277,8 @@ class IdempotencyEngine:
         deadline = self._clock() + wait if wait > 0 else None
         inconsistent = 0
         while True:
-            flight = self._flight(call.key)
+            # A durable replay does not join the suspended invocation it replays.
+            flight = None if call.durable_replay else self._flight(call.key)
             if flight is not None:
                 record = await self._join(call, flight, deadline)
                 if record is not None:
@@ -262,6 +296,11 @@ class IdempotencyEngine:
                 elif existing.status is RecordStatus.COMPLETED:
                     self._cache_put(existing)
                     return cast(T, self._replay(existing))
+                elif call.durable_replay and existing.owner is not None:
+                    # A durable execution replayed after a suspension finds the claim
+                    # its first invocation took (as Powertools 3.37 does): run under it
+                    # and complete it, instead of refusing it as in progress.
+                    return await self._execute(call, existing, fn)
             if existing is not None or result.busy:  # in progress elsewhere
                 record = await self._wait(call, deadline)
                 if record is not None:
