@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import random
 import re
@@ -61,7 +60,6 @@ __all__ = [
     "fingerprint",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: How long the reference's orphan lock lives at most (seconds).
 ORPHAN_LOCK_SECONDS = 10
