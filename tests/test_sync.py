@@ -709,3 +709,53 @@ def test_closing_the_background_loop_is_bounded(delay: float, finished: bool) ->
     assert background.thread is None
     assert background.loop() is not loop  # a later call gets a new loop
     assert background.close(timeout=0.5)
+
+
+class _DurableContext:
+    """A durable-execution context: the Lambda context inside, and the execution's
+    checkpointed operations (one on its first invocation)."""
+
+    def __init__(self, operations: int) -> None:
+        self.lambda_context = FakeLambdaContext()
+        self.state = type("State", (), {"operations": list(range(operations))})()
+
+
+def test_a_sync_durable_replay_completes_its_own_in_progress_claim() -> None:
+    store = InMemoryPersistenceLayer()
+    suspended = threading.Event()
+    resume = threading.Event()
+    runs: list[int] = []
+
+    @idempotent(persistence_store=store)
+    def handler(event: dict[str, Any], context: _DurableContext) -> str:
+        runs.append(len(context.state.operations))
+        if len(context.state.operations) == 1:
+            suspended.set()
+            assert resume.wait(WAIT)
+            raise RuntimeError("the first invocation was suspended")
+        return f"shipped {event['order']}"
+
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            handler({"order": "o-1"}, _DurableContext(operations=1))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert suspended.wait(WAIT)
+        # A new execution with the same payload is a duplicate: refused.
+        with pytest.raises(IdempotencyAlreadyInProgressError):
+            handler({"order": "o-1"}, _DurableContext(operations=1))
+        # The replay of the suspended execution runs and completes its claim.
+        assert handler({"order": "o-1"}, _DurableContext(operations=3)) == "shipped o-1"
+    finally:
+        resume.set()
+        thread.join(WAIT)
+    assert [type(e) for e in errors] == [RuntimeError]
+    # The first invocation's release left the completed record alone.
+    assert handler({"order": "o-1"}, _DurableContext(operations=1)) == "shipped o-1"
+    assert runs == [1, 3]

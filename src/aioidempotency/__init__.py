@@ -8,6 +8,8 @@ back without running. Keys, records and knobs are those of Powertools for AWS La
 
 from typing import TYPE_CHECKING, Any
 
+from aioidempotency.aws_lambda import lambda_handler
+from aioidempotency.batch import process_batch, process_batch_sync
 from aioidempotency.config import IdempotencyConfig
 from aioidempotency.decorators import idempotent_async, idempotent_function_async
 from aioidempotency.engine import IdempotencyDisabledWarning, IdempotencyEngine
@@ -100,6 +102,9 @@ __all__ = [
     "idempotent_async",
     "idempotent_function",
     "idempotent_function_async",
+    "lambda_handler",
+    "process_batch",
+    "process_batch_sync",
     "store_from_url",
 ]
 

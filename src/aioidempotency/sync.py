@@ -34,9 +34,7 @@ from aioidempotency.decorators import (
     engine_for,
     handler_event_and_context,
 )
-from aioidempotency.engine import (
-    IdempotencyEngine,
-)
+from aioidempotency.engine import IdempotencyEngine, is_durable_replay
 from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
 from aioidempotency.persistence.base import PersistenceLayer
 
@@ -209,9 +207,12 @@ def run_sync(
     key_source: Callable[..., Any],
     lambda_context: LambdaContextLike | None = None,
     timeout: float = DEFAULT_STORE_TIMEOUT,
+    durable_replay: bool = False,
 ) -> R:
     """Run the engine for a sync function: store calls on the background loop,
-    ``fn`` in this thread. ``timeout`` bounds each wait for the store."""
+    ``fn`` in this thread. ``timeout`` bounds each wait for the store;
+    ``durable_replay`` says the call replays a durable execution (see
+    `aioidempotency.engine.is_durable_replay`)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -224,7 +225,12 @@ def run_sync(
         )
     # Key derivation and the local cache need no I/O: do them here, in the caller's
     # thread, so a disabled run, a missing key or a cache hit never crosses to the loop.
-    call = engine.prepare_call(payload, key_source=key_source, lambda_context=lambda_context)
+    call = engine.prepare_call(
+        payload,
+        key_source=key_source,
+        lambda_context=lambda_context,
+        durable_replay=durable_replay,
+    )
     if call is None:
         return fn()
     hit, replayed = engine.replay_from_cache(call)
@@ -302,6 +308,9 @@ def idempotent(
                 functools.partial(handler, *args, **kwargs),
                 key_source=handler,
                 lambda_context=context,
+                durable_replay=is_durable_replay(
+                    args[1] if len(args) > 1 else kwargs.get("context")
+                ),
             )
 
         wrapper.engine = engine  # type: ignore[attr-defined]
