@@ -7,7 +7,9 @@ flushed keyspace.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -57,6 +59,31 @@ def cache_servers() -> Iterator[ServerPool]:
         yield pool
     finally:
         pool.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _glide_replies_on_a_running_loop(cache_servers: ServerPool) -> Iterator[None]:
+    """valkey-glide 2.6 reads the replies of every glide client of the process from one
+    pipe, watched by the first event loop that created a glide client until that loop is
+    closed. pytest's session loop sits open and idle during sync tests, and any glide
+    client used then (a sync shim's loop, a Lambda handler's loop) would never get a
+    reply. So the first glide client of the session is made here, on a loop that runs
+    until the session ends."""
+    import glide
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="glide-replies", daemon=True)
+    thread.start()
+    node = cache_servers.standalone("valkey")
+    config = glide.GlideClientConfiguration([glide.NodeAddress(node.host, node.port)])
+    client = asyncio.run_coroutine_threadsafe(glide.GlideClient.create(config), loop).result(30)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(client.close(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 class _Flusher:
