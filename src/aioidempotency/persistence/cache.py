@@ -257,6 +257,14 @@ _RETRY_REPLY = re.compile(r"\b(MOVED|ASK|TRYAGAIN|CLUSTERDOWN|LOADING|READONLY|M
 _DENIED_REPLY = re.compile(
     r"\b(WRONGPASS|NOAUTH|NOPERM)\b|PermissionDenied|no permissions|invalid username-password"
 )
+#: Client-side texts for the same: valkey-glide reports a failed (lazy) connection and a
+#: redirection it gave up on as a plain RequestError ("Standalone connect failed - IoError:
+#: ... timed out", "Moved: 38 host:port"); redis-py's cluster client gives up on a
+#: migrating slot with ClusterError("TTL exhausted.").
+_RETRY_TEXT = re.compile(
+    r"connect failed|IoError|timed out|connection refused|broken pipe|TTL exhausted|\bmoved:",
+    re.IGNORECASE,
+)
 #: redis-py's names for those replies (its MovedError's text omits the word MOVED).
 _RETRY_ERRORS = frozenset(
     {"MovedError", "AskError", "TryAgainError", "ClusterDownError", "MasterDownError"}
@@ -304,6 +312,7 @@ def _classify(exc: BaseException) -> str:
     if (
         isinstance(exc, _connection_error_types())
         or _RETRY_REPLY.search(text)
+        or _RETRY_TEXT.search(text)
         or type(exc).__name__ in _RETRY_ERRORS
     ):
         return _TRANSIENT

@@ -85,6 +85,12 @@ def _map_error(exc: Exception) -> IdempotencyPersistenceLayerError:
     return IdempotencyPersistenceLayerError("valkey-glide command failed", exc)
 
 
+def _consume_outcome(call: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a call nobody awaits any more (no unretrieved-error log)."""
+    if not call.cancelled():
+        call.exception()
+
+
 class GlideCacheClient:
     """A valkey-glide client seen as a `CacheClient` that can also run Lua scripts.
 
@@ -118,11 +124,17 @@ class GlideCacheClient:
         credentials = None
         if password is not None:
             credentials = glide.ServerCredentials(password=password, username=username)
+        # Connect lazily, within the request timeout: an eager `create` connects inside a
+        # blocking native call, which stops the event loop while a server is unreachable.
         options: dict[str, Any] = {
             "addresses": [glide.NodeAddress(host, port)],
             "use_tls": tls,
             "credentials": credentials,
             "request_timeout": request_timeout_ms,
+            "lazy_connect": True,
+            "advanced_config": glide.AdvancedGlideClientConfiguration(
+                connection_timeout=request_timeout_ms
+            ),
         }
         try:
             if cluster:
@@ -186,10 +198,18 @@ class GlideCacheClient:
         glide_script = _SCRIPTS.get(script.code)
         if glide_script is None:
             glide_script = _SCRIPTS.setdefault(script.code, _glide().Script(script.code))
+        # glide 2.6 can free a script call's arguments when the awaiting task is
+        # cancelled while the call is in flight, and then sends freed memory as the
+        # value to write: the call runs in a task of its own, which a cancellation of
+        # the caller does not touch, so its arguments live until it is sent.
+        call = asyncio.ensure_future(
+            self.client.invoke_script(glide_script, keys=[key], args=[str(a) for a in args])
+        )
         try:
-            return await self.client.invoke_script(
-                glide_script, keys=[key], args=[str(a) for a in args]
-            )
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(_consume_outcome)
+            raise
         except Exception as exc:
             raise _map_error(exc) from exc
 
