@@ -267,7 +267,14 @@ _RETRY_TEXT = re.compile(
 )
 #: redis-py's names for those replies (its MovedError's text omits the word MOVED).
 _RETRY_ERRORS = frozenset(
-    {"MovedError", "AskError", "TryAgainError", "ClusterDownError", "MasterDownError"}
+    {
+        "MovedError",
+        "AskError",
+        "TryAgainError",
+        "ClusterDownError",
+        "MasterDownError",
+        "ClusterError",  # redis-py's "TTL exhausted" after redirections during a migration
+    }
 )
 _TRANSIENT, _DENIED, _WRONG_TYPE, _OTHER = "transient", "denied", "wrongtype", "other"
 
@@ -425,6 +432,68 @@ class RedisPyCacheClient:
         except self._no_script:
             return await self._call("eval", script.code, 1, key, *args)
 
+    async def run_script_durably(
+        self,
+        script: LuaScript,
+        key: str,
+        args: Sequence[str | int],
+        *,
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int]:
+        """Run `script`, then ``WAIT replicas timeout_ms`` on the same connection (one
+        pipeline, one round trip); returns the script's reply and the replicas that
+        acknowledged it. ``WAIT`` counts the writes of its own connection only, so it
+        cannot be sent on another one."""
+        if not self._ready:
+            await self._initialize()
+        limit = self._limit()
+        async with limit if limit is not None else contextlib.nullcontext():
+            for command, first in (("EVALSHA", script.sha), ("EVAL", script.code)):
+                commands = [(command, first, 1, key, *args), ("WAIT", replicas, timeout_ms)]
+                try:
+                    if hasattr(self.client, "nodes_manager"):
+                        reply, acked = await self._on_cluster_node(key, commands)
+                    else:
+                        pipe = self.client.pipeline(transaction=False)
+                        for parts in commands:
+                            pipe.execute_command(*parts)
+                        reply, acked = await pipe.execute()
+                except self._no_script:
+                    continue
+                return reply, int(acked)
+        raise AssertionError("unreachable: EVAL does not raise NoScriptError")
+
+    async def _on_cluster_node(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send `commands` on one connection of the node holding `key` and read every
+        reply (an error reply is raised after all replies are read, so the connection
+        stays in step). Uses `ClusterNode.acquire_connection`/`release` of redis-py's
+        asyncio cluster, which has no public per-node pipeline."""
+        node = self.client.get_node_from_key(key)
+        connection = node.acquire_connection()
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except Exception as exc:  # an error reply; keep reading the others
+                    replies.append(exc)
+        except BaseException as exc:
+            await connection.disconnect()  # out of step with its replies: start afresh
+            if isinstance(exc, (ConnectionError, OSError)) or _classify(exc) == _TRANSIENT:
+                # The node may be gone (a failover): learn the topology again before
+                # the layer retries, as the cluster client does for its own commands.
+                with contextlib.suppress(Exception):
+                    await self.client.nodes_manager.initialize()
+            raise
+        finally:
+            node.release(connection)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
     async def aclose(self) -> None:
         """Close the client if this adapter created it."""
         if self.owned:
@@ -519,9 +588,16 @@ class CachePersistenceLayer(PersistenceLayer):
     refused in a forked child (it shares its connections with the parent).
 
     Every operation is safe to repeat, so a transient failure (unreachable, timed out,
-    redirected, failing over) is retried: at most `retry_attempts` attempts, none
-    started after `retry_budget_seconds`. Attribute names default to the reference's;
+    redirected, failing over) is retried: at most `retry_attempts` attempts, and one
+    only starts if it can end within `retry_budget_seconds` at the pace of the last
+    attempt. Attribute names default to the reference's;
     `owner_attr` is ours.
+
+    `wait_replicas=N` makes claims and completions durable against a failover: each is
+    followed by ``WAIT N`` (at most `wait_timeout` seconds) on its own connection, and
+    a claim that fewer than N replicas acknowledged is released and refused with a
+    transient `IdempotencyPersistenceConnectionError` (the function does not run); a
+    completion short of N is reported the same way (the engine keeps storing it).
     """
 
     def __init__(
@@ -540,10 +616,16 @@ class CachePersistenceLayer(PersistenceLayer):
         max_concurrency: int = 64,
         retry_attempts: int = 3,
         retry_budget_seconds: float = 5.0,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if (client is None) == (client_factory is None):
             raise IdempotencyPersistenceConfigError("pass exactly one of client, client_factory")
+        if wait_replicas < 0 or wait_timeout <= 0:
+            raise IdempotencyPersistenceConfigError(
+                "wait_replicas must be >= 0 and wait_timeout > 0 seconds"
+            )
         self._client = None if client is None else _adapt(client)
         self._factory = client_factory
         can_script = client_factory is not None or isinstance(self._client, ScriptingCacheClient)
@@ -553,6 +635,12 @@ class CachePersistenceLayer(PersistenceLayer):
             )
         self.atomic = can_script if atomic is None else atomic
         self.owner_checked = self.atomic
+        if wait_replicas and not self.atomic:
+            raise IdempotencyPersistenceConfigError(
+                "wait_replicas needs the atomic path (a client that runs scripts)"
+            )
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
         self.attributes = RecordAttributes(
             status_attr=status_attr,
             expiry_attr=expiry_attr,
@@ -585,8 +673,9 @@ class CachePersistenceLayer(PersistenceLayer):
         TLS), with ``user:password@host:port/db``. Query options: ``cluster=true``,
         ``client=redis`` (redis-py, the default) or ``client=glide``, ``atomic=false``
         for the protocol path, ``timeout=SECONDS`` (default 2), ``max_concurrency=N``
-        (calls in flight per loop, default 64); other options go to redis-py. Keyword
-        `options` go to the constructor (attribute names, ...).
+        (calls in flight per loop, default 64), ``wait_replicas=N`` and
+        ``wait_timeout=SECONDS`` (durability, see the class); other options go to
+        redis-py. Keyword `options` go to the constructor (attribute names, ...).
         """
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -595,15 +684,30 @@ class CachePersistenceLayer(PersistenceLayer):
         query = parse_qs(parts.query, keep_blank_values=True)
         flags = {
             name: query.pop(name)[-1]
-            for name in ("cluster", "client", "atomic", "timeout", "max_concurrency")
+            for name in (
+                "cluster",
+                "client",
+                "atomic",
+                "timeout",
+                "max_concurrency",
+                "wait_replicas",
+                "wait_timeout",
+            )
             if name in query
         }
         cluster = _truthy(flags.get("cluster", "false"))
         kind = flags.get("client", "redis").lower()
         timeout = float(flags.get("timeout", "2"))
         options.setdefault("atomic", _truthy(flags.get("atomic", "true")))
-        if "max_concurrency" in flags:
-            options.setdefault("max_concurrency", int(flags["max_concurrency"]))
+        try:
+            if "max_concurrency" in flags:
+                options.setdefault("max_concurrency", int(flags["max_concurrency"]))
+            if "wait_replicas" in flags:
+                options.setdefault("wait_replicas", int(flags["wait_replicas"]))
+            if "wait_timeout" in flags:
+                options.setdefault("wait_timeout", float(flags["wait_timeout"]))
+        except ValueError as exc:
+            raise IdempotencyPersistenceConfigError(f"bad number in {url!r}: {exc}") from exc
         tls = scheme in {"rediss", "valkeys"}
         if kind == "glide":
             factory = _glide_factory(parts, cluster=cluster, tls=tls, timeout=timeout)
@@ -634,7 +738,7 @@ class CachePersistenceLayer(PersistenceLayer):
         if self._generation != _fork_generation:
             self._after_fork()
         attempt = 1
-        started = time.monotonic()
+        started = last = time.monotonic()
         while True:
             try:
                 result = await self._once(op, args)
@@ -651,15 +755,18 @@ class CachePersistenceLayer(PersistenceLayer):
             if cancelling is not None and cancelling() > before:
                 # Cancelled while the client failed: the caller asked to stop, not retry.
                 raise asyncio.CancelledError(f"{action} of {key!r} was cancelled") from failure
+            now = time.monotonic()
+            # Another attempt may take as long as the last one: start it only if it fits.
             if (
                 _classify(failure) != _TRANSIENT
                 or attempt >= self.retry_attempts
-                or time.monotonic() - started > self.retry_budget_seconds
+                or (now - started) + (now - last) > self.retry_budget_seconds
             ):
                 raise _store_error(action, key, failure) from failure
             delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS)) - 1]
             await asyncio.sleep(delay * (0.5 + random.random()))
             attempt += 1
+            last = time.monotonic()
         if (
             cancelling is not None
             and cancelling() > before
@@ -758,19 +865,51 @@ class CachePersistenceLayer(PersistenceLayer):
         key = record.idempotency_key
         text = self.attributes.to_json(record)
         ttl = _ttl(record.expiry_timestamp, now)
-        op = self._atomic_claim if self.atomic else self._protocol_claim
-        return await self._run("claim", key, op, key, text, ttl, now)
+        if self.atomic:
+            owner = record.owner or ""
+            return await self._run("claim", key, self._atomic_claim, key, text, ttl, now, owner)
+        return await self._run("claim", key, self._protocol_claim, key, text, ttl, now)
+
+    async def _durably(
+        self, client: CacheClient, script: LuaScript, key: str, args: Sequence[str | int]
+    ) -> tuple[Any, int]:
+        """Run `script` followed by ``WAIT``; the reply and the replicas that acked."""
+        durable = getattr(client, "run_script_durably", None)
+        if durable is None:
+            raise IdempotencyPersistenceConfigError(
+                f"{type(client).__name__} cannot wait for replicas; wait_replicas needs "
+                "a redis-py or valkey-glide client"
+            )
+        reply, acked = await durable(
+            script,
+            key,
+            args,
+            replicas=self.wait_replicas,
+            timeout_ms=max(1, int(self.wait_timeout * 1000)),
+        )
+        return reply, int(acked)
 
     async def _atomic_claim(
-        self, client: CacheClient, key: str, text: str, ttl: int, now: float
+        self, client: CacheClient, key: str, text: str, ttl: int, now: float, owner: str
     ) -> ClaimResult:
         # 1 round trip for a free key or a live record; an expired or orphaned one is
         # classified here, then replaced only if it is still the same value (2 in all).
         expected = ""
         while True:
-            reply = await _script(client, _CLAIM, key, (text, ttl, expected))
+            args = (text, ttl, expected)
+            if self.wait_replicas:
+                reply, acked = await self._durably(client, _CLAIM, key, args)
+            else:
+                reply, acked = await _script(client, _CLAIM, key, args), 0
             code = int(reply[0])
             if code in (_CLAIM_FREE, _CLAIM_TAKEOVER):
+                if acked < self.wait_replicas:
+                    # Not on enough replicas: a failover could lose it, so give it up.
+                    await _script(client, _RELEASE, key, (_owner_needle(owner),))
+                    raise _NotReplicated(
+                        f"the claim on {key!r} reached {acked} of {self.wait_replicas} "
+                        f"replicas within {self.wait_timeout:g}s; it was released"
+                    )
                 return ClaimResult(claimed=True)
             if code == _CLAIM_WRONG_TYPE:
                 kind = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
@@ -818,11 +957,26 @@ class CachePersistenceLayer(PersistenceLayer):
         ttl = _ttl(record.expiry_timestamp, self._clock())
         if self.atomic:
             args = (_owner_needle(owner), text, ttl, fingerprint(text))
-            code = int(await self._run("complete", key, _script, _COMPLETE, key, args))
+            if self.wait_replicas:
+                code = await self._run("complete", key, self._durable_complete, key, args)
+            else:
+                code = int(await self._run("complete", key, _script, _COMPLETE, key, args))
         else:
             op = self._protocol_complete
             code = await self._run("complete", key, op, key, owner, text, ttl)
         _raise_if_lost(key, code)
+
+    async def _durable_complete(
+        self, client: CacheClient, key: str, args: Sequence[str | int]
+    ) -> int:
+        reply, acked = await self._durably(client, _COMPLETE, key, args)
+        code = int(reply)
+        if code == _DONE and acked < self.wait_replicas:
+            raise _NotReplicated(
+                f"the result of {key!r} reached {acked} of {self.wait_replicas} replicas "
+                f"within {self.wait_timeout:g}s"
+            )
+        return code
 
     async def _protocol_complete(
         self, client: CacheClient, key: str, owner: str, text: str, ttl: int
@@ -930,6 +1084,10 @@ def _raise_if_lost(key: str, code: int) -> None:
         raise IdempotencyClaimLostError(f"the claim on {key!r} is gone", key=key)
     if code == _TAKEN_OVER:
         raise IdempotencyClaimLostError(f"the claim on {key!r} was taken over", key=key)
+
+
+class _NotReplicated(ConnectionError):
+    """A write fewer replicas acknowledged than `wait_replicas` asks (transient)."""
 
 
 def _truthy(value: str) -> bool:
