@@ -213,6 +213,31 @@ class GlideCacheClient:
         except Exception as exc:
             raise _map_error(exc) from exc
 
+    async def run_script_durably(
+        self,
+        script: LuaScript,
+        key: str,
+        args: Sequence[str | int],
+        *,
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int]:
+        """Run `script`, then ``WAIT replicas timeout_ms`` on the node holding `key`;
+        returns the script's reply and the replicas that acknowledged it. glide keeps one
+        connection per node, so ``WAIT`` follows the script on the connection that wrote."""
+        reply = await self.run_script(script, key, args)
+        glide = _glide()
+        command = ["WAIT", str(replicas), str(timeout_ms)]
+        try:
+            if isinstance(self.client, glide.GlideClusterClient):
+                route = glide.SlotKeyRoute(glide.SlotType.PRIMARY, key)
+                acked = await self.client.custom_command(command, route=route)
+            else:
+                acked = await self.client.custom_command(command)
+        except Exception as exc:
+            raise _map_error(exc) from exc
+        return reply, int(acked)
+
     async def aclose(self) -> None:
         """Close the glide client if this adapter created it."""
         if self.owned:
