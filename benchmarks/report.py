@@ -93,12 +93,15 @@ def evaluate_floors(cases: list[Case]) -> list[Case]:
         and c["group"] in ("valkey", "dynamodb")
         and c["path"] in ("atomic", "")
         and c["calls"]
+        # The cache scripts copy at most 64 KiB of a value (a larger copy blocks the
+        # server); a larger result is read with a second, plain GET.
+        and (c["group"] == "dynamodb" or c["payload_bytes"] <= 64 * 1024)
     ]
     counts = sorted({c["requests_per_call"] for c in replays}, key=str)
     floors.append(
         {
-            "floor": "A replay costs one store round trip (every atomic-path and DynamoDB "
-            f"replay case, {len(replays)} cases)",
+            "floor": "A replay costs one store round trip (every atomic-path replay of a "
+            f"result up to 64 KiB, and every DynamoDB replay: {len(replays)} cases)",
             "measured": f"requests per call: {', '.join(map(str, counts)) or '-'}",
             "ratio": None,
             "target": 1,

@@ -507,8 +507,7 @@ async def test_live_claim_without_lease_is_in_progress(store: PersistenceLayer) 
 
 
 async def test_late_completion_after_takeover_is_refused(store: PersistenceLayer) -> None:
-    """Owner-checked stores refuse it; a bare cache client keeps the reference's lost
-    update (the late write wins), which is what `owner_checked=False` announces."""
+    """Every store refuses it: a bare cache client reads before it writes."""
     engine = engine_for(store)
     key = engine.idempotency_key(PAYMENT)
     stale_owner = await plant(store, key, in_progress_ms=int(time.time() * 1000) - 1000)
@@ -519,12 +518,6 @@ async def test_late_completion_after_takeover_is_refused(store: PersistenceLayer
         expiry_timestamp=int(time.time()) + 3600,
         response_data='"stale"',
     )
-    if not store.owner_checked:
-        await store.complete(late, owner=stale_owner)
-        record = await store.get(key)
-        assert record is not None
-        assert record.response_data == '"stale"'
-        return
     with pytest.raises(IdempotencyClaimLostError):
         await store.complete(late, owner=stale_owner)
     await store.release(key, owner=stale_owner)
@@ -552,12 +545,6 @@ async def test_running_call_whose_claim_was_taken_over_gets_an_error(
     assert await store.delete(key)
     assert await engine_for(store).run(PAYMENT, Calls("winner")) == "winner"
     proceed.set()
-    if not store.owner_checked:  # the reference's lost update
-        assert await first == "late"
-        record = await store.get(key)
-        assert record is not None
-        assert record.response_data == '"late"'
-        return
     with pytest.raises(IdempotencyClaimLostError) as caught:
         await first
     assert caught.value.result == "late"
