@@ -65,20 +65,22 @@ class DataRecord:
         return None if self.response_data is None else json.loads(self.response_data)
 
 
-def _as_int(value: Any, name: str) -> int:
+def _as_int(value: Any, name: str, key: str) -> int:
     """A stored timestamp as an integer: a finite number (int, float or Decimal),
     rounded down. Text, booleans and other types are refused: DynamoDB's conditions
     compare numbers only, so accepting ``"123"`` here would make this reader and the
     store's condition classify the same record differently."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
-        raise IdempotencyInvalidStatusError(f"attribute {name!r} is not a number: {value!r}")
+        raise IdempotencyInvalidStatusError(
+            f"record {key!r}: attribute {name!r} is not a number: {value!r}"
+        )
     if isinstance(value, int):
         return value
     try:
         return math.floor(value)
     except (ValueError, OverflowError, ArithmeticError) as exc:
         raise IdempotencyInvalidStatusError(
-            f"attribute {name!r} is not a finite number: {value!r}"
+            f"record {key!r}: attribute {name!r} is not a finite number: {value!r}"
         ) from exc
 
 
@@ -131,12 +133,12 @@ class RecordAttributes:
             raise IdempotencyInvalidStatusError(f"record {key!r} has a stored EXPIRED status")
         if self.expiry_attr not in item:
             raise IdempotencyInvalidStatusError(f"record {key!r} has no {self.expiry_attr!r}")
-        expiry = _as_int(item[self.expiry_attr], self.expiry_attr)
+        expiry = _as_int(item[self.expiry_attr], self.expiry_attr, key)
         raw_in_progress = item.get(self.in_progress_expiry_attr)
         in_progress = (
             None
             if raw_in_progress is None
-            else _as_int(raw_in_progress, self.in_progress_expiry_attr)
+            else _as_int(raw_in_progress, self.in_progress_expiry_attr, key)
         )
         data = item.get(self.data_attr)
         if data is not None and not isinstance(data, str):
