@@ -762,7 +762,10 @@ class CachePersistenceLayer(PersistenceLayer):
                 or attempt >= self.retry_attempts
                 or (now - started) + (now - last) > self.retry_budget_seconds
             ):
-                raise _store_error(action, key, failure) from failure
+                error = _store_error(action, key, failure)
+                if error.transient:
+                    error = await self._diagnosed(error)
+                raise error from failure
             delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS)) - 1]
             await asyncio.sleep(delay * (0.5 + random.random()))
             attempt += 1
@@ -776,6 +779,24 @@ class CachePersistenceLayer(PersistenceLayer):
             # by redis-py, drops it when the command finishes at the same moment).
             raise asyncio.CancelledError(f"{action} of {key!r} was cancelled")
         return result
+
+    async def _diagnosed(
+        self, error: IdempotencyPersistenceLayerError
+    ) -> IdempotencyPersistenceLayerError:
+        """`error` (transient), or what the client finds behind it: a client that only
+        sees timeouts may be refused a login it retries in the background."""
+        client = self._client
+        if client is None:
+            state = self._loops.get(asyncio.get_running_loop())
+            client = None if state is None else state.client
+        diagnose = getattr(client, "diagnose", None)
+        if diagnose is None:
+            return error
+        with contextlib.suppress(Exception):
+            found = await asyncio.wait_for(diagnose(), self.retry_budget_seconds)
+            if found is not None:
+                return cast(IdempotencyPersistenceLayerError, found)
+        return error
 
     async def _once(self, op: Callable[..., Awaitable[_T]], args: tuple[Any, ...]) -> _T:
         client = self._client

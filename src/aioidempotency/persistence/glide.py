@@ -105,6 +105,7 @@ class GlideCacheClient:
         self.client = client
         self.owned = owned
         self._loop = _client_loop(client)
+        self._config: Any = None  # set by `connect`: lets `diagnose` open a fresh client
 
     @classmethod
     async def connect(
@@ -147,7 +148,37 @@ class GlideCacheClient:
                 client = await glide.GlideClient.create(config)
         except Exception as exc:
             raise _map_error(exc) from exc
-        return cls(client, owned=True)
+        adapter = cls(client, owned=True)
+        adapter._config = config
+        return adapter
+
+    async def diagnose(self) -> IdempotencyPersistenceLayerError | None:
+        """Why requests keep timing out, when a fresh connection can tell.
+
+        glide reconnects in the background and reports a login the server refuses (a
+        changed password, a removed ACL user) only as timed-out requests. A fresh
+        client with the same configuration logs in at once and says so: that refusal
+        is returned (`CacheAccessDeniedError`), else None. Only for clients built by
+        `connect`.
+        """
+        if self._config is None:
+            return None
+        glide = _glide()
+        kind = (
+            glide.GlideClusterClient
+            if isinstance(self._config, glide.GlideClusterClientConfiguration)
+            else glide.GlideClient
+        )
+        try:
+            probe = await kind.create(self._config)
+            try:
+                await probe.custom_command(["PING"])
+            finally:
+                await probe.close()
+        except Exception as exc:
+            error = _map_error(exc)
+            return error if isinstance(error, CacheAccessDeniedError) else None
+        return None
 
     def _check_loop(self) -> None:
         running = asyncio.get_running_loop()
