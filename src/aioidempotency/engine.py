@@ -75,8 +75,6 @@ _CLEANUP_ATTEMPTS = 8
 """Attempts of a background release or completion before it gives up (the lease, or
 the expiry without one, then frees the key): 8 attempts back off over about 13 s."""
 _CLEANUP_FIRST_DELAY = 0.05
-_ABANDONED_CLAIM_GRACE = 5.0
-"""How long a claim whose caller was cancelled may still take to answer (seconds)."""
 _CONFIRM_RELEASE_DELAY = 1.0
 """After a claim whose outcome is unknown (it failed or timed out on the client, and
 may still land on the server), the release is sent once more after this delay."""
@@ -351,27 +349,18 @@ class IdempotencyEngine:
     async def _claim(self, record: DataRecord) -> ClaimResult:
         """One claim round trip whose outcome is never lost.
 
-        The claim runs in a task of its own: a caller cancelled meanwhile does not stop
-        it, and once it ends a claim that won is released. A claim that failed on the
-        client (a timeout, a dropped connection) may still land on the server, so it is
-        released too, and once more a moment later. A claim answered with our own
-        record (a client resent it after losing the first reply) is a win.
+        A claim interrupted by a cancellation, or failed on the client (a timeout, a
+        dropped connection), may have landed on the server or may still land there:
+        its owner-checked release is sent in the background, and once more a moment
+        later for a claim that lands late. A claim answered with our own record (a
+        client resent it after losing the first reply) is a win.
         """
         owner = record.owner
         assert owner is not None
-        task = asyncio.ensure_future(self.persistence_store.claim(record, now=self._clock()))
         try:
-            result = await asyncio.shield(task)
+            result = await self.persistence_store.claim(record, now=self._clock())
         except asyncio.CancelledError:
-            if task.done():
-                self._release_abandoned_claim(record, task)
-            else:
-                self._cleanups.add(task)
-                task.add_done_callback(self._cleanups.discard)
-                task.add_done_callback(functools.partial(self._release_abandoned_claim, record))
-                # A client with no timeout of its own must not keep the claim running
-                # forever: it is cancelled after a grace period, then released.
-                asyncio.get_running_loop().call_later(_ABANDONED_CLAIM_GRACE, task.cancel)
+            self._cleanup(self._release_later(record.idempotency_key, owner, confirm=True))
             raise
         except Exception as exc:
             if not isinstance(exc, IdempotencyInvalidStatusError):  # else it did not land
@@ -384,16 +373,6 @@ class IdempotencyEngine:
         if _is_own(result, owner):
             return ClaimResult(claimed=True)
         return result
-
-    def _release_abandoned_claim(
-        self, record: DataRecord, task: asyncio.Future[ClaimResult]
-    ) -> None:
-        """Free the claim of a caller that was cancelled while it was in flight."""
-        assert record.owner is not None
-        if task.cancelled() or task.exception() is not None:
-            self._cleanup(self._release_later(record.idempotency_key, record.owner, confirm=True))
-        elif task.result().claimed or _is_own(task.result(), record.owner):
-            self._cleanup(self._release_later(record.idempotency_key, record.owner))
 
     def _raise_store_error(self, message: str, key: str, exc: BaseException) -> NoReturn:
         """Raise what the caller sees for the store failure `exc` (being handled)."""
