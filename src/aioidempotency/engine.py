@@ -385,13 +385,7 @@ class IdempotencyEngine:
         """What the caller sees for a store failure: an `IdempotencyError`, the store's
         exception chained; an unusable stored record names the key and how to free it."""
         if isinstance(exc, IdempotencyInvalidStatusError):
-            return IdempotencyInvalidRecordError(
-                f"the store holds an unusable record under {key!r}: {exc.message}. "
-                "It is left as it is; if it is not needed, free the key with "
-                f"`python -m aioidempotency delete --store URL '{key}'`",
-                exc,
-                key=key,
-            )
+            return _invalid_record(key, exc)
         if isinstance(exc, IdempotencyError):
             return exc
         error = IdempotencyPersistenceLayerError(message, exc)
@@ -414,8 +408,9 @@ class IdempotencyEngine:
         try:
             stored = record.response_json()
         except (ValueError, RecursionError) as exc:
-            raise self._store_error(
-                "", record.idempotency_key, IdempotencyInvalidStatusError("its data is not JSON")
+            key = record.idempotency_key
+            raise _invalid_record(
+                key, IdempotencyInvalidStatusError("its data is not JSON")
             ) from exc
         response = None if stored is None else self.output_serializer.from_dict(stored)
         if self.config.response_hook is not None:
@@ -715,6 +710,17 @@ class IdempotencyEngine:
         if self.config.use_local_cache:
             with self._cache_lock:
                 self._cache.pop(key, None)
+
+
+def _invalid_record(key: str, problem: IdempotencyInvalidStatusError) -> IdempotencyError:
+    """The error for an unusable record under `key`: what is wrong, and how to free it."""
+    return IdempotencyInvalidRecordError(
+        f"the store holds an unusable record under {key!r}: {problem.message}. "
+        "It is left as it is; if it is not needed, free the key with "
+        f"`python -m aioidempotency delete --store URL '{key}'`",
+        problem,
+        key=key,
+    )
 
 
 def _is_transient(exc: BaseException) -> bool:

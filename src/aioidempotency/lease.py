@@ -122,7 +122,10 @@ class LeaseKeeper:
                     delay = min(delay * 2, self._interval)
                     continue
                 lease.claim = renewed
-                lease.due = self._clock() + self._interval
+                # Due one interval after the deadline was computed, not after the reply
+                # came: a renewal retried or delayed on its way must not push the next
+                # one past the deadline it carried.
+                lease.due = until_ms / 1000 - self._lease + self._interval
                 return
         finally:
             lease.task = None

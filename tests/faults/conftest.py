@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.faults.proxy import FaultProxy
 from tests.faults.servers import ManagedServer
 from tests.servers.moto import MotoServer
-from tests.servers.redis import Kind
+from tests.servers.redis import Kind, ServerPool
 
 HERE = Path(__file__).parent
 
@@ -129,3 +130,25 @@ def valkey_proxied(make_server: MakeServer, make_proxy: MakeProxy) -> ProxiedSer
 def proxied_moto(moto_server: MotoServer, make_proxy: MakeProxy) -> FaultProxy:
     """A proxy in front of the session's moto server (endpoint ``http://host:port``)."""
     return make_proxy(moto_server.host, moto_server.port)
+
+
+@pytest.fixture(scope="module")
+def counter_pool() -> Iterator[ServerPool]:
+    """A standalone server of the module's own, outside any cluster under test."""
+    pool = ServerPool()
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+async def counter(counter_pool: ServerPool) -> AsyncIterator[aioredis.Redis]:
+    """A client of `counter_pool`'s Valkey, where cluster tests count executions (a
+    failover in the cluster cannot lose a count there)."""
+    server = counter_pool.standalone("valkey")
+    client = aioredis.Redis(host=server.host, port=server.port)
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -26,32 +26,12 @@ from aioidempotency import CachePersistenceLayer, IdempotencyConfig, Idempotency
 from aioidempotency.exceptions import IdempotencyError, IdempotencyPersistenceLayerError
 from aioidempotency.persistence import PersistenceLayer
 from tests.faults.cluster import ClusterNode, ReplicatedCluster, Workload, wait_until
-from tests.servers.redis import ServerPool
 
 pytestmark = pytest.mark.timeout(120)
 
 CLIENTS = ["redis", "glide"]
 DURABLE = "&wait_replicas=1&wait_timeout=0.5"
 GETACK_BYTES = len(b"*3\r\n$8\r\nREPLCONF\r\n$6\r\nGETACK\r\n$1\r\n*\r\n")
-
-
-@pytest.fixture(scope="module")
-def counter_pool() -> Iterator[ServerPool]:
-    pool = ServerPool()
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
-@pytest.fixture(scope="module")
-async def counter(counter_pool: ServerPool) -> AsyncIterator[aioredis.Redis]:
-    server = counter_pool.standalone("valkey")
-    client = aioredis.Redis(host=server.host, port=server.port)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -26,7 +25,7 @@ from aioidempotency.exceptions import (
 )
 from aioidempotency.persistence import store_from_url
 from tests.faults.cluster import SCALE, ReplicatedCluster, Workload, scaled, stored_runs
-from tests.servers.redis import Kind, ServerPool
+from tests.servers.redis import Kind
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,25 +35,6 @@ WORKERS = 8
 WARM_UP_CALLS = scaled(ci=40, full=200)
 CALLS_AFTER_RECOVERY = scaled(ci=60, full=300)
 RECOVERY_SECONDS = 30.0
-
-
-@pytest.fixture(scope="module")
-def counter_pool() -> Iterator[ServerPool]:
-    pool = ServerPool()
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
-@pytest.fixture(scope="module")
-async def counter(counter_pool: ServerPool) -> AsyncIterator[aioredis.Redis]:
-    server = counter_pool.standalone("valkey")
-    client = aioredis.Redis(host=server.host, port=server.port)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.mark.parametrize("kind", KINDS)

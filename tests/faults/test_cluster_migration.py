@@ -18,7 +18,7 @@ import collections
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,7 +28,7 @@ from aioidempotency import CachePersistenceLayer, IdempotencyConfig, Idempotency
 from aioidempotency.exceptions import IdempotencyPersistenceLayerError
 from aioidempotency.persistence import PersistenceLayer, store_from_url
 from tests.faults.cluster import SCALE, ReplicatedCluster, Workload, scaled, stored_run
-from tests.servers.redis import Kind, ServerPool
+from tests.servers.redis import Kind
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,25 +41,6 @@ WINDOW = 4  # keys in flight at once in the background passes (each with LANES c
 MAX_PASSES = scaled(ci=2, full=50)
 STORM_SECONDS = 90.0
 HANDSHAKE_SECONDS = 30.0
-
-
-@pytest.fixture(scope="module")
-def counter_pool() -> Iterator[ServerPool]:
-    pool = ServerPool()
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
-@pytest.fixture(scope="module")
-async def counter(counter_pool: ServerPool) -> AsyncIterator[aioredis.Redis]:
-    server = counter_pool.standalone("valkey")
-    client = aioredis.Redis(host=server.host, port=server.port)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(scope="module", params=KINDS)

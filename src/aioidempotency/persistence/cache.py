@@ -983,7 +983,7 @@ class CachePersistenceLayer(PersistenceLayer):
             else:
                 code = int(await self._run("complete", key, _script, _COMPLETE, key, args))
         else:
-            op = self._protocol_complete
+            op = self._protocol_replace
             code = await self._run("complete", key, op, key, owner, text, ttl)
         _raise_if_lost(key, code)
 
@@ -999,9 +999,12 @@ class CachePersistenceLayer(PersistenceLayer):
             )
         return code
 
-    async def _protocol_complete(
+    async def _protocol_replace(
         self, client: CacheClient, key: str, owner: str, text: str, ttl: int
     ) -> int:
+        """Write `text` (a completion or a renewal) over `owner`'s in-progress claim:
+        read, check, write. A takeover landing between the GET and the SET is
+        overwritten (docs/redis-valkey.md says what this path guarantees)."""
         try:
             raw = await _read(client, key)
         except IdempotencyInvalidStatusError:
@@ -1009,10 +1012,9 @@ class CachePersistenceLayer(PersistenceLayer):
         if raw is None:
             return _GONE
         if _as_bytes(raw) == text.encode():
-            return _DONE  # this very completion, resent after a lost reply
+            return _DONE  # this very write, resent after a lost reply
         if not self._is_our_claim(key, raw, owner):
             return _TAKEN_OVER
-        # A takeover landing between this GET and SET is overwritten (docs/redis-valkey.md).
         await client.set(key, text, ex=ttl)
         return _DONE
 
@@ -1040,23 +1042,9 @@ class CachePersistenceLayer(PersistenceLayer):
             code = int(await self._run("renew", key, _script, _RENEW, key, args))
         else:
             ttl = _ttl(record.expiry_timestamp, self._clock())
-            op = self._protocol_renew
+            op = self._protocol_replace
             code = await self._run("renew", key, op, key, owner, text, ttl)
         _raise_if_lost(key, code)
-
-    async def _protocol_renew(
-        self, client: CacheClient, key: str, owner: str, text: str, ttl: int
-    ) -> int:
-        try:
-            raw = await _read(client, key)
-        except IdempotencyInvalidStatusError:
-            return _TAKEN_OVER
-        if raw is None:
-            return _GONE
-        if not self._is_our_claim(key, raw, owner):
-            return _TAKEN_OVER
-        await client.set(key, text, ex=ttl)
-        return _DONE
 
     async def delete(self, key: str) -> bool:
         return bool(await self._run("delete", key, _delete, key))
