@@ -139,11 +139,30 @@ def running_moto() -> Iterator[ChildServer]:
         os.environ.setdefault(name, value)
     directory = Path(tempfile.mkdtemp(prefix="aioidem-bench-moto-"))
     port = free_port()
-    code = (
-        "import logging, sys; logging.getLogger('werkzeug').setLevel(logging.ERROR);"
-        "from moto.server import main; sys.exit(main(sys.argv[1:]))"
-    )
-    args = [sys.executable, "-c", code, "-H", "127.0.0.1", "-p", str(port)]
+    # moto's backends take no lock: two concurrent conditional writes on one key can
+    # both succeed, where DynamoDB makes each atomic (duplicates at concurrency 100 then
+    # saw a claim "taken over"). Served one request at a time, as the test suite does.
+    code = """
+import logging, sys, threading
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication, MotoRequestHandler, create_backend_app,
+)
+from werkzeug.serving import make_server
+
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+app = DomainDispatcherApplication(create_backend_app)
+lock = threading.Lock()
+
+def serial(environ, start_response):
+    with lock:
+        return list(app(environ, start_response))
+
+server = make_server(
+    "127.0.0.1", int(sys.argv[1]), serial, threaded=True, request_handler=MotoRequestHandler
+)
+server.serve_forever()
+"""
+    args = [sys.executable, "-c", code, str(port)]
     server = _spawn("moto", args, port, directory)
     server.version = f"moto {moto.__version__}"
 
