@@ -359,14 +359,14 @@ class Bench:
         return self._stores[name]
 
     def _open_store(self, spec: Spec) -> PersistenceLayer:
-        from aioidempotency.persistence.cache import CachePersistenceLayer
-        from aioidempotency.sync import background_loop
+        from aioidempotency._async.cache import CachePersistenceLayer
+        from aioidempotency._shim import background_loop
 
         counter = RequestCounter()
         atomic = spec.path == "atomic"
         store: PersistenceLayer
         if spec.client == "aiobotocore":
-            from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+            from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 
             self._ensure_table()
             dynamodb = DynamoDBPersistenceLayer(TABLE, endpoint_url=self._moto_server().url)
@@ -382,8 +382,8 @@ class Bench:
 
             async def open_client() -> Any:
                 # Adapters that own their client, so that the store's aclose() closes it.
-                from aioidempotency.persistence.cache import RedisPyCacheClient
-                from aioidempotency.persistence.glide import GlideCacheClient
+                from aioidempotency._async.cache import RedisPyCacheClient
+                from aioidempotency._async.glide import GlideCacheClient
 
                 if spec.client == "glide":
                     return GlideCacheClient(await self._open_glide(counter), owned=True)

@@ -278,13 +278,13 @@ def floor_glide(client: Any, counter: RequestCounter, payload: int) -> Target:
 def floor_glide_scripts(client: Any, counter: RequestCounter, payload: int) -> Target:
     """A diagnostic floor: raw glide running the atomic path's own two Lua scripts.
 
-    The claim and completion scripts of `aioidempotency.persistence.cache`, with the
+    The claim and completion scripts of `aioidempotency._async.cache`, with the
     arguments the store sends; what is left between this and the store is the
     library's own cost.
     """
     from glide import Script
 
-    from aioidempotency.persistence import cache
+    from aioidempotency._async import cache
 
     executed = RequestCounter()
     claim_script = Script(cache._CLAIM.code)  # type: ignore[no-untyped-call]

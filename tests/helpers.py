@@ -10,8 +10,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from aioidempotency._records import DataRecord
 from aioidempotency.persistence import ClaimResult, InMemoryPersistenceLayer, PersistenceLayer
-from aioidempotency.records import DataRecord
 
 __all__ = ["FakeLambdaContext", "StoreCall", "VanishingStore", "WrapperStore"]
 

@@ -33,9 +33,9 @@ from aioidempotency import (
     PersistenceLayer,
     idempotent_async,
 )
+from aioidempotency._async.glide import GlideCacheClient
+from aioidempotency._records import RecordStatus
 from aioidempotency.aws_lambda import LambdaHandlerError, handler_loop, lambda_handler
-from aioidempotency.persistence.glide import GlideCacheClient
-from aioidempotency.records import RecordStatus
 from tests.aws_helpers import create_table
 from tests.servers.moto import MotoServer
 from tests.servers.redis import ServerPool

@@ -20,6 +20,9 @@ from aioidempotency import (
     PersistenceLayer,
     store_from_url,
 )
+from aioidempotency._async.engine import IdempotencyEngine
+from aioidempotency._async.store import ClaimResult
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.aws_lambda import LambdaHandlerError
 from aioidempotency.batch import (
     BatchEventError,
@@ -30,9 +33,6 @@ from aioidempotency.batch import (
     process_batch,
     process_batch_sync,
 )
-from aioidempotency.engine import IdempotencyEngine
-from aioidempotency.persistence.base import ClaimResult
-from aioidempotency.records import DataRecord, RecordStatus
 from tests.aws_helpers import create_table
 from tests.batch_events import (
     batch,

@@ -20,6 +20,14 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from aioidempotency import IdempotencyConfig, IdempotencyEngine
+from aioidempotency._async.cache import (
+    CacheAccessDeniedError,
+    CachePersistenceLayer,
+    LuaScript,
+    RedisPyCacheClient,
+)
+from aioidempotency._async.glide import GlideCacheClient
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.exceptions import (
     IdempotencyClaimLostError,
     IdempotencyInvalidStatusError,
@@ -27,14 +35,6 @@ from aioidempotency.exceptions import (
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
 )
-from aioidempotency.persistence.cache import (
-    CacheAccessDeniedError,
-    CachePersistenceLayer,
-    LuaScript,
-    RedisPyCacheClient,
-)
-from aioidempotency.persistence.glide import GlideCacheClient
-from aioidempotency.records import DataRecord, RecordStatus
 from tests.backends.cache import BACKENDS
 from tests.servers.redis import Server, ServerPool
 

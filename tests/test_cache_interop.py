@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from aioidempotency import IdempotencyConfig, idempotent_function
-from aioidempotency.persistence.cache import CachePersistenceLayer
+from aioidempotency._async.cache import CachePersistenceLayer
 from tests.servers.redis import Server, ServerPool
 
 EXECUTIONS: list[str] = []

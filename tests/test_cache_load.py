@@ -25,7 +25,7 @@ async def _work(
     import redis.asyncio as aioredis
 
     from aioidempotency import IdempotencyConfig, IdempotencyEngine
-    from aioidempotency.persistence.cache import CachePersistenceLayer
+    from aioidempotency._async.cache import CachePersistenceLayer
 
     query = f"client={client}&atomic={str(atomic).lower()}&timeout=10"
     layer = CachePersistenceLayer.from_url(f"redis://{host}:{port}?{query}")

@@ -22,10 +22,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aioidempotency._async.cache import CachePersistenceLayer
+from aioidempotency._async.store import ClaimResult
+from aioidempotency._records import DataRecord, RecordAttributes, RecordStatus
 from aioidempotency.exceptions import IdempotencyInvalidStatusError
-from aioidempotency.persistence.base import ClaimResult
-from aioidempotency.persistence.cache import CachePersistenceLayer
-from aioidempotency.records import DataRecord, RecordAttributes, RecordStatus
 from tests.servers.redis import Kind, Server, ServerPool
 
 #: The region of time the examples live in (epoch seconds).

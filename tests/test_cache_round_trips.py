@@ -25,13 +25,13 @@ from aioidempotency import (
     IdempotencyConfig,
     IdempotencyEngine,
 )
-from aioidempotency.persistence.cache import (
+from aioidempotency._async.cache import (
     CachePersistenceLayer,
     LuaScript,
     RedisPyCacheClient,
     ScriptingCacheClient,
 )
-from aioidempotency.persistence.glide import GlideCacheClient
+from aioidempotency._async.glide import GlideCacheClient
 from tests.servers.redis import Server, ServerPool
 
 #: Round trips per case: (atomic path, protocol path).

@@ -17,6 +17,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from aioidempotency._async.cache import (
+    CacheAccessDeniedError,
+    CacheClient,
+    CachePersistenceLayer,
+)
+from aioidempotency._async.glide import GlideCacheClient
+from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._urls import store_from_url
 from aioidempotency.exceptions import (
     IdempotencyClaimLostError,
     IdempotencyInvalidStatusError,
@@ -24,14 +32,6 @@ from aioidempotency.exceptions import (
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
 )
-from aioidempotency.persistence.cache import (
-    CacheAccessDeniedError,
-    CacheClient,
-    CachePersistenceLayer,
-)
-from aioidempotency.persistence.glide import GlideCacheClient
-from aioidempotency.persistence.urls import store_from_url
-from aioidempotency.records import DataRecord, RecordStatus
 from tests.servers.redis import Kind, Server, ServerPool
 
 CLIENTS = ["redis", "glide"]

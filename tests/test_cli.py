@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from aioidempotency import IdempotencyConfig, IdempotencyEngine, InMemoryPersistenceLayer
-from aioidempotency.cli import main
-from aioidempotency.demo import run_demo
+from aioidempotency._cli import main
+from aioidempotency._demo import run_demo
 
 
 def test_demo_command_charges_each_payment_once() -> None:

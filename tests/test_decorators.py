@@ -21,7 +21,7 @@ from aioidempotency import (
     idempotent_function,
     idempotent_function_async,
 )
-from aioidempotency.records import DataRecord
+from aioidempotency._records import DataRecord
 from tests.helpers import FakeLambdaContext
 
 WAIT = 5.0  # bound on every wait for another task
@@ -411,7 +411,7 @@ async def test_registered_lambda_context_is_per_task() -> None:
             <= after + expected_ms[name]
         ), name
     # nothing leaked into this (the test's) task or onto the shared config
-    from aioidempotency.config import registered_lambda_context
+    from aioidempotency._config import registered_lambda_context
 
     assert registered_lambda_context() is None
     assert not any(isinstance(value, FakeLambdaContext) for value in vars(config).values())

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from aioidempotency.cli import main
-from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
-from aioidempotency.records import DataRecord, RecordStatus
+from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
+from aioidempotency._cli import main
+from aioidempotency._records import DataRecord, RecordStatus
 from tests.backends.dynamodb import fresh_store
 from tests.servers.moto import MotoServer
 

@@ -15,13 +15,13 @@ import pytest
 from aiobotocore.config import AioConfig
 from botocore.exceptions import ClientError, EndpointConnectionError
 
+from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.exceptions import (
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
 )
-from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
-from aioidempotency.records import DataRecord, RecordStatus
 from tests.backends.dynamodb import fresh_store, inject_error
 from tests.servers.moto import MotoServer, free_port
 

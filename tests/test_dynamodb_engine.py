@@ -18,8 +18,8 @@ from aioidempotency import (
     idempotent_function,
     idempotent_function_async,
 )
+from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 from aioidempotency.exceptions import IdempotencyPersistenceLayerError
-from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
 from tests.backends.dynamodb import counting_requests, fresh_store, inject_error
 from tests.helpers import FakeLambdaContext
 from tests.servers.moto import MotoServer

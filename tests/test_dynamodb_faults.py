@@ -22,20 +22,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aioidempotency import IdempotencyConfig, IdempotencyEngine
+from aioidempotency._async.dynamodb import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_READ_TIMEOUT,
+    DynamoDBPersistenceLayer,
+)
+from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._urls import store_from_url
 from aioidempotency.exceptions import (
     IdempotencyInvalidStatusError,
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
 )
-from aioidempotency.persistence.dynamodb import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_READ_TIMEOUT,
-    DynamoDBPersistenceLayer,
-)
-from aioidempotency.persistence.urls import store_from_url
-from aioidempotency.records import DataRecord, RecordStatus
 from tests.backends.dynamodb import counting_requests, fresh_store, inject_error
 from tests.faults_dynamodb import ReplyDroppingProxy, frozen_server
 from tests.servers.moto import MotoServer, free_port

@@ -21,7 +21,7 @@ TIMEOUT = 120.0
 
 async def _calls(table: str, endpoint_url: str, worker: int) -> dict[str, Any]:
     from aioidempotency import IdempotencyAlreadyInProgressError, idempotent_function_async
-    from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+    from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 
     store = DynamoDBPersistenceLayer(table, endpoint_url=endpoint_url, key_attr="pk")
     executed: list[int] = []

@@ -34,7 +34,7 @@ from aioidempotency import (
     IdempotencyValidationError,
     idempotent_function_async,
 )
-from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 from tests.backends.dynamodb import fresh_store
 from tests.servers.moto import MotoServer
 

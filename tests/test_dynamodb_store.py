@@ -9,19 +9,19 @@ from typing import Any
 
 import pytest
 
+from aioidempotency._async.dynamodb import (
+    MAX_ITEM_BYTES,
+    DynamoDBPersistenceLayer,
+    create_idempotency_table,
+)
+from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._urls import store_from_url
 from aioidempotency.exceptions import (
     IdempotencyClaimLostError,
     IdempotencyInvalidStatusError,
     IdempotencyPersistenceConfigError,
     IdempotencyResultTooLargeError,
 )
-from aioidempotency.persistence.dynamodb import (
-    MAX_ITEM_BYTES,
-    DynamoDBPersistenceLayer,
-    create_idempotency_table,
-)
-from aioidempotency.persistence.urls import store_from_url
-from aioidempotency.records import DataRecord, RecordStatus
 from tests.backends.dynamodb import BACKENDS, counting_requests, new_table_name
 from tests.servers.moto import MotoServer
 

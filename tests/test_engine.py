@@ -28,8 +28,8 @@ from aioidempotency import (
     IdempotencyValidationError,
     InMemoryPersistenceLayer,
 )
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.persistence import PersistenceLayer
-from aioidempotency.records import DataRecord, RecordStatus
 from tests.helpers import FakeLambdaContext, VanishingStore, WrapperStore
 
 PAYMENT = {"payment_id": "p-1", "amount": 100, "currency": "EUR"}
@@ -753,9 +753,9 @@ class SwallowingRenewStore(WrapperStore):
 async def test_a_renewer_that_ignores_cancellation_cannot_hang_the_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import aioidempotency.lease
+    import aioidempotency._async.lease
 
-    monkeypatch.setattr(aioidempotency.lease, "STOP_TIMEOUT", 0.05)
+    monkeypatch.setattr(aioidempotency._async.lease, "STOP_TIMEOUT", 0.05)
     store = SwallowingRenewStore(InMemoryPersistenceLayer())
     engine = engine_for(store, in_progress_lease_seconds=0.03)
     gate = Gate("finished")

@@ -25,8 +25,8 @@ from aioidempotency import (
     IdempotencyPersistenceLayerError,
     InMemoryPersistenceLayer,
 )
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.persistence import ClaimResult, PersistenceLayer
-from aioidempotency.records import DataRecord, RecordStatus
 from tests.helpers import WrapperStore
 
 PAYMENT = {"payment_id": "p-recovery", "amount": 5}

@@ -44,8 +44,8 @@ from aioidempotency import (
     RecordStatus,
     idempotent_function_async,
 )
-from aioidempotency.encoding import dumps_result
-from aioidempotency.keys import (
+from aioidempotency._encoding import dumps_result
+from aioidempotency._keys import (
     PowertoolsFunctions,
     hash_data,
     is_missing_idempotency_key,
@@ -410,7 +410,7 @@ class PayloadGenerator:
     ],
 )
 def test_semantics_vectors(data: Any, serialised: str, digest: str) -> None:
-    from aioidempotency.encoding import dumps_key_data
+    from aioidempotency._encoding import dumps_key_data
 
     assert dumps_key_data(data) == serialised
     assert hash_data(data) == digest

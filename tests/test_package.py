@@ -57,13 +57,28 @@ def test_dynamodb_store_without_its_extra_says_what_to_install() -> None:
         """
         import aioidempotency
         try:
-            aioidempotency.DynamoDBPersistenceLayer
+            aioidempotency.DynamoDBPersistenceLayer(table_name="t")
         except ImportError as exc:
             print("ImportError:", exc)
         """
     )
     assert done.returncode == 0, done.stderr
     assert "aioidempotency[dynamodb]" in done.stdout
+
+
+def test_star_imports_work_without_any_extra() -> None:
+    done = run_python(
+        """
+        from aioidempotency import *
+        from aioidempotency.persistence import *
+        from aioidempotency.integrations import *
+        import aioidempotency, aioidempotency.persistence as persistence
+        missing = [n for n in aioidempotency.__all__ + persistence.__all__ if n not in globals()]
+        print("missing:", missing)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "missing: []" in done.stdout
 
 
 def test_every_public_name_is_importable() -> None:

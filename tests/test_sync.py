@@ -25,10 +25,10 @@ from aioidempotency import (
     idempotent,
     idempotent_function,
 )
+from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
+from aioidempotency._records import DataRecord
+from aioidempotency._shim import background_loop, run_sync
 from aioidempotency.persistence import ClaimResult
-from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
-from aioidempotency.records import DataRecord
-from aioidempotency.sync import background_loop, run_sync
 from tests.helpers import FakeLambdaContext, WrapperStore
 
 WAIT = 10.0
@@ -616,8 +616,8 @@ def report_open_sessions():
 atexit.register(report_open_sessions)
 
 from aioidempotency import idempotent, idempotent_function
-from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
-from aioidempotency.sync import background_loop
+from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
+from aioidempotency._shim import background_loop
 
 table, endpoint = sys.argv[1], sys.argv[2]
 store = DynamoDBPersistenceLayer(table, endpoint_url=endpoint)
@@ -694,7 +694,7 @@ class _SlowToCloseStore(WrapperStore):
 
 @pytest.mark.parametrize(("delay", "finished"), [(0.0, True), (3600.0, False)])
 def test_closing_the_background_loop_is_bounded(delay: float, finished: bool) -> None:
-    from aioidempotency.sync import BackgroundLoop
+    from aioidempotency._shim import BackgroundLoop
 
     background = BackgroundLoop()
     loop = background.loop()

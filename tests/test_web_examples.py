@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
-from aioidempotency.integrations.http import REPLAYED_HEADER
+from aioidempotency.integrations._http import REPLAYED_HEADER
 from aioidempotency.persistence import InMemoryPersistenceLayer
 from tests.web_apps import run_aiohttp, run_uvicorn
 

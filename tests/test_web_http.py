@@ -11,6 +11,9 @@ import time
 import pytest
 
 from aioidempotency import IdempotencyConfig
+from aioidempotency._async.store import ClaimResult
+from aioidempotency._keys import hash_data
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.exceptions import (
     IdempotencyError,
     IdempotencyInvalidRecordError,
@@ -19,7 +22,7 @@ from aioidempotency.exceptions import (
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
 )
-from aioidempotency.integrations.http import (
+from aioidempotency.integrations._http import (
     NOT_STORED_HEADER,
     REPLAYED_HEADER,
     HttpIdempotency,
@@ -34,10 +37,7 @@ from aioidempotency.integrations.http import (
     parse_idempotency_key,
     problem,
 )
-from aioidempotency.keys import hash_data
 from aioidempotency.persistence import InMemoryPersistenceLayer
-from aioidempotency.persistence.base import ClaimResult
-from aioidempotency.records import DataRecord, RecordStatus
 
 # -- keys ------------------------------------------------------------------------------
 

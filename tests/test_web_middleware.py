@@ -13,7 +13,7 @@ import aiohttp
 import httpx
 import pytest
 
-from aioidempotency.integrations.http import (
+from aioidempotency.integrations._http import (
     NOT_STORED_HEADER,
     REPLAYED_HEADER,
     credential_scope,

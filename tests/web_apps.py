@@ -25,16 +25,16 @@ from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aioidempotency import IdempotencyConfig
+from aioidempotency._keys import hash_data
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.integrations import aiohttp as aiohttp_integration
-from aioidempotency.integrations.http import (
+from aioidempotency.integrations._http import (
     DEFAULT_EXCLUDED_HEADERS,
     HttpIdempotency,
     fingerprint,
 )
 from aioidempotency.integrations.starlette import IdempotencyMiddleware
-from aioidempotency.keys import hash_data
 from aioidempotency.persistence import InMemoryPersistenceLayer
-from aioidempotency.records import DataRecord, RecordStatus
 
 __all__ = [
     "BIG_BODY",

@@ -6,13 +6,13 @@ back without running. Keys, records and knobs are those of Powertools for AWS La
 (Python), so a team can switch without losing the records in its table.
 """
 
-from typing import TYPE_CHECKING, Any
-
+from aioidempotency._async.decorators import idempotent_async, idempotent_function_async
+from aioidempotency._async.engine import IdempotencyDisabledWarning, IdempotencyEngine
+from aioidempotency._config import IdempotencyConfig
+from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._shim import idempotent, idempotent_function
 from aioidempotency.aws_lambda import lambda_handler
 from aioidempotency.batch import process_batch, process_batch_sync
-from aioidempotency.config import IdempotencyConfig
-from aioidempotency.decorators import idempotent_async, idempotent_function_async
-from aioidempotency.engine import IdempotencyDisabledWarning, IdempotencyEngine
 from aioidempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyClaimLostError,
@@ -39,11 +39,11 @@ from aioidempotency.persistence import (
     CacheClient,
     CachePersistenceLayer,
     ClaimResult,
+    DynamoDBPersistenceLayer,
     InMemoryPersistenceLayer,
     PersistenceLayer,
     store_from_url,
 )
-from aioidempotency.records import DataRecord, RecordStatus
 from aioidempotency.serialization import (
     BaseIdempotencyModelSerializer,
     BaseIdempotencySerializer,
@@ -52,29 +52,45 @@ from aioidempotency.serialization import (
     NoOpSerializer,
     PydanticSerializer,
 )
-from aioidempotency.sync import idempotent, idempotent_function
-
-if TYPE_CHECKING:
-    from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
 
 __version__ = "0.1.0"
+"""The package version: the only place it is written (pyproject.toml reads it)."""
 
 __all__ = [
+    "__version__",
+    # making calls idempotent
+    "IdempotencyConfig",
+    "IdempotencyEngine",
+    "idempotent",
+    "idempotent_async",
+    "idempotent_function",
+    "idempotent_function_async",
+    "lambda_handler",
+    "process_batch",
+    "process_batch_sync",
+    # stores
+    "CachePersistenceLayer",
+    "DynamoDBPersistenceLayer",
+    "InMemoryPersistenceLayer",
+    "store_from_url",
+    # writing a store
+    "CacheClient",
+    "ClaimResult",
+    "DataRecord",
+    "PersistenceLayer",
+    "RecordStatus",
+    # results that are not plain JSON
     "BaseIdempotencyModelSerializer",
     "BaseIdempotencySerializer",
-    "CacheClient",
-    "CachePersistenceLayer",
-    "ClaimResult",
     "CustomDictSerializer",
-    "DataRecord",
     "DataclassSerializer",
-    "DynamoDBPersistenceLayer",
+    "NoOpSerializer",
+    "PydanticSerializer",
+    # errors and warnings
     "IdempotencyAlreadyInProgressError",
     "IdempotencyClaimLostError",
     "IdempotencyCompletionError",
-    "IdempotencyConfig",
     "IdempotencyDisabledWarning",
-    "IdempotencyEngine",
     "IdempotencyError",
     "IdempotencyInconsistentStateError",
     "IdempotencyInvalidRecordError",
@@ -92,27 +108,4 @@ __all__ = [
     "IdempotencyResultTooLargeError",
     "IdempotencySerializationError",
     "IdempotencyValidationError",
-    "InMemoryPersistenceLayer",
-    "NoOpSerializer",
-    "PersistenceLayer",
-    "PydanticSerializer",
-    "RecordStatus",
-    "__version__",
-    "idempotent",
-    "idempotent_async",
-    "idempotent_function",
-    "idempotent_function_async",
-    "lambda_handler",
-    "process_batch",
-    "process_batch_sync",
-    "store_from_url",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # The DynamoDB store needs the optional aioboto3 extra: import it on first use.
-    if name == "DynamoDBPersistenceLayer":
-        from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
-
-        return DynamoDBPersistenceLayer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

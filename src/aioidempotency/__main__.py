@@ -2,6 +2,6 @@
 
 import sys
 
-from aioidempotency.cli import main
+from aioidempotency._cli import main
 
 sys.exit(main())

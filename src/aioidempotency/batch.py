@@ -37,10 +37,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
 
-from aioidempotency.config import IdempotencyConfig
-from aioidempotency.decorators import lambda_context_of
-from aioidempotency.engine import IdempotencyEngine
-from aioidempotency.persistence.base import PersistenceLayer
+from aioidempotency._async.decorators import lambda_context_of
+from aioidempotency._async.engine import IdempotencyEngine
+from aioidempotency._async.store import PersistenceLayer
+from aioidempotency._config import IdempotencyConfig
 from aioidempotency.serialization import BaseIdempotencySerializer
 
 __all__ = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from aioidempotency.records import DataRecord
+    from aioidempotency._records import DataRecord
 
 __all__ = [
     "IdempotencyAlreadyInProgressError",

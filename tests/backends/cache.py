@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
-from aioidempotency.persistence.cache import CachePersistenceLayer
+from aioidempotency._async.cache import CachePersistenceLayer
 from tests.servers.redis import Kind, Server, ServerPool
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 from tests.servers.moto import DUMMY_AWS_ENV, MotoServer, running_moto_server
 
 BACKENDS = ["dynamodb_simple", "dynamodb_composite", "dynamodb_custom_attrs"]

@@ -471,6 +471,7 @@ class ReplicatedCluster:
         *,
         batch: int = 50,
         on_slot: Callable[[int, str], None] | None = None,
+        tell_others: bool = True,
     ) -> int:
         """Move `slots` from `source` to `target` with live traffic allowed; returns the
         number of keys moved.
@@ -480,7 +481,10 @@ class ReplicatedCluster:
         and every other primary. `on_slot(slot, phase)` runs while the slot is
         half-moved: ``"migrating"`` (keys still on the source) and ``"moved"`` (keys on
         the target, ownership not yet switched), so a test can put traffic into each
-        window before the migration goes on.
+        window before the migration goes on. With ``tell_others=False`` only the source
+        and the target are told the new owner; the other primaries learn it from the
+        target's gossip (its `SETSLOT NODE` bumps its config epoch), so a primary that
+        is frozen or failing over meanwhile does not stop the migration.
         """
         moved = 0
         with source.admin() as src, target.admin() as dst:
@@ -504,7 +508,7 @@ class ReplicatedCluster:
                     on_slot(slot, "moved")
                 dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
                 src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
-                for other in others:
+                for other in others if tell_others else ():
                     other.command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
         return moved
 

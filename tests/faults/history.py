@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aioidempotency import IdempotencyConfig, IdempotencyEngine
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.exceptions import IdempotencyError, IdempotencyPersistenceLayerError
 from aioidempotency.persistence import PersistenceLayer
-from aioidempotency.records import DataRecord, RecordStatus
 
 __all__ = [
     "CallEntry",
@@ -475,11 +475,11 @@ def write_entries(entries: list[CallEntry], path: Path) -> None:
 def store_factory(spec: Spec) -> Callable[[], PersistenceLayer]:
     info = spec.store
     if info["kind"] == "cache":
-        from aioidempotency.persistence.cache import CachePersistenceLayer
+        from aioidempotency._async.cache import CachePersistenceLayer
 
         return lambda: CachePersistenceLayer.from_url(info["url"])
     if info["kind"] == "dynamodb":
-        from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+        from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 
         return lambda: DynamoDBPersistenceLayer(info["table"], endpoint_url=info["endpoint"])
     raise ValueError(f"no worker processes for store kind {info['kind']!r}")

@@ -171,7 +171,7 @@ async def make_cache_rig(kind: str, server: ManagedServer, proxy: FaultProxy) ->
 
 
 async def make_dynamodb_rig(endpoint: str, proxy: FaultProxy, session: Any) -> Rig:
-    from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+    from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 
     table = f"faults-{uuid.uuid4().hex[:12]}"
     admin = DynamoDBPersistenceLayer(table, endpoint_url=endpoint, session=session)

@@ -16,8 +16,8 @@ import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
+from aioidempotency._records import DataRecord
 from aioidempotency.persistence import ClaimResult, PersistenceLayer
-from aioidempotency.records import DataRecord
 
 __all__ = ["FunctionGate", "Gate", "Landed", "Phase", "SteppingStore"]
 

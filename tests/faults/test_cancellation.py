@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from aioidempotency import IdempotencyConfig, IdempotencyEngine
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.exceptions import IdempotencyError
 from aioidempotency.persistence import PersistenceLayer
-from aioidempotency.records import DataRecord, RecordStatus
 from tests.faults.scale import pick
 from tests.faults.stepping import FunctionGate, Gate, SteppingStore
 

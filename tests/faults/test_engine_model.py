@@ -33,13 +33,13 @@ from hypothesis.stateful import (
 )
 
 from aioidempotency import IdempotencyConfig, IdempotencyEngine
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyClaimLostError,
     IdempotencyValidationError,
 )
 from aioidempotency.persistence import InMemoryPersistenceLayer
-from aioidempotency.records import DataRecord, RecordStatus
 from tests.faults.scale import pick
 from tests.faults.stepping import FunctionGate
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
+from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 from aioidempotency.persistence import InMemoryPersistenceLayer, PersistenceLayer
-from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
 from tests.faults.history import (
     CallEntry,
     HistoryReport,

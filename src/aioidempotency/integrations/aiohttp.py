@@ -23,8 +23,9 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 from typing_extensions import Unpack
 
-from aioidempotency.config import IdempotencyConfig
-from aioidempotency.integrations.http import (
+from aioidempotency._async.store import PersistenceLayer
+from aioidempotency._config import IdempotencyConfig
+from aioidempotency.integrations._http import (
     DEFAULT_KEY_PREFIX,
     NOT_STORED_HEADER,
     HttpIdempotency,
@@ -34,7 +35,6 @@ from aioidempotency.integrations.http import (
     PassThrough,
     Reply,
 )
-from aioidempotency.persistence.base import PersistenceLayer
 
 __all__ = ["IdempotencyMiddleware", "ScopeFunction", "idempotency_middleware", "setup_idempotency"]
 

@@ -22,8 +22,9 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from typing_extensions import Unpack
 
-from aioidempotency.config import IdempotencyConfig
-from aioidempotency.integrations.http import (
+from aioidempotency._async.store import PersistenceLayer
+from aioidempotency._config import IdempotencyConfig
+from aioidempotency.integrations._http import (
     DEFAULT_KEY_PREFIX,
     NOT_STORED_HEADER,
     HttpIdempotency,
@@ -33,7 +34,6 @@ from aioidempotency.integrations.http import (
     PassThrough,
     Reply,
 )
-from aioidempotency.persistence.base import PersistenceLayer
 
 __all__ = ["IdempotencyMiddleware", "ScopeFunction"]
 

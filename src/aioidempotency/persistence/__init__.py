@@ -1,33 +1,33 @@
-"""Stores for idempotency records and the contract they implement.
+"""Stores for idempotency records, and the interface for writing one.
 
-`DynamoDBPersistenceLayer` is imported on first use, so the package works without
-the ``dynamodb`` extra installed.
+Users pick a store: `InMemoryPersistenceLayer`, `CachePersistenceLayer` (Redis and
+Valkey through redis-py, valkey-glide or any `CacheClient`), `DynamoDBPersistenceLayer`,
+or `store_from_url`. Store writers subclass `PersistenceLayer` and return
+`ClaimResult`s holding `DataRecord`s.
+
+Everything imports without the optional extras; a store whose client library is
+missing says what to install when it is built.
 """
 
-from typing import TYPE_CHECKING, Any
-
-from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
-from aioidempotency.persistence.cache import CacheClient, CachePersistenceLayer
-from aioidempotency.persistence.memory import InMemoryPersistenceLayer
-from aioidempotency.persistence.urls import store_from_url
-
-if TYPE_CHECKING:
-    from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+from aioidempotency._async.cache import CacheClient, CachePersistenceLayer
+from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer, create_idempotency_table
+from aioidempotency._async.memory import InMemoryPersistenceLayer
+from aioidempotency._async.store import ClaimResult, PersistenceLayer
+from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._urls import store_from_url
 
 __all__ = [
-    "CacheClient",
+    # stores
     "CachePersistenceLayer",
-    "ClaimResult",
     "DynamoDBPersistenceLayer",
     "InMemoryPersistenceLayer",
-    "PersistenceLayer",
     "store_from_url",
+    # writing a store
+    "CacheClient",
+    "ClaimResult",
+    "DataRecord",
+    "PersistenceLayer",
+    "RecordStatus",
+    # operating a table
+    "create_idempotency_table",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "DynamoDBPersistenceLayer":
-        from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
-
-        return DynamoDBPersistenceLayer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

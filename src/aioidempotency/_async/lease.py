@@ -18,9 +18,9 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+from aioidempotency._async.store import PersistenceLayer
+from aioidempotency._records import DataRecord
 from aioidempotency.exceptions import IdempotencyClaimLostError
-from aioidempotency.persistence.base import PersistenceLayer
-from aioidempotency.records import DataRecord
 
 __all__ = ["Lease", "LeaseKeeper", "stop_task"]
 

@@ -23,8 +23,9 @@ from typing import Any
 
 from typing_extensions import TypedDict
 
-from aioidempotency.config import IdempotencyConfig
-from aioidempotency.engine import IdempotencyEngine
+from aioidempotency._async.engine import IdempotencyEngine
+from aioidempotency._async.store import PersistenceLayer
+from aioidempotency._config import IdempotencyConfig
 from aioidempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyClaimLostError,
@@ -36,7 +37,6 @@ from aioidempotency.exceptions import (
     IdempotencyResultTooLargeError,
     IdempotencyValidationError,
 )
-from aioidempotency.persistence.base import PersistenceLayer
 
 __all__ = [
     "DEFAULT_EXCLUDED_HEADERS",

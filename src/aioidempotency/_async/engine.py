@@ -24,8 +24,19 @@ from typing import Any, NoReturn, TypeVar, cast
 
 from typing_extensions import TypeVarTuple, Unpack
 
-from aioidempotency.config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
-from aioidempotency.encoding import dumps_result
+from aioidempotency._async.lease import Lease, LeaseKeeper
+from aioidempotency._async.store import ClaimResult, PersistenceLayer
+from aioidempotency._config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
+from aioidempotency._encoding import dumps_result
+from aioidempotency._keys import (
+    default_key_prefix,
+    hash_data,
+    is_missing_idempotency_key,
+    prepare_payload,
+    select_key_data,
+    select_validation_data,
+)
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyClaimLostError,
@@ -39,17 +50,6 @@ from aioidempotency.exceptions import (
     IdempotencySerializationError,
     IdempotencyValidationError,
 )
-from aioidempotency.keys import (
-    default_key_prefix,
-    hash_data,
-    is_missing_idempotency_key,
-    prepare_payload,
-    select_key_data,
-    select_validation_data,
-)
-from aioidempotency.lease import Lease, LeaseKeeper
-from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
-from aioidempotency.records import DataRecord, RecordStatus
 from aioidempotency.serialization import BaseIdempotencySerializer, NoOpSerializer
 
 __all__ = [

@@ -11,19 +11,19 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aioidempotency.config import IdempotencyConfig
-from aioidempotency.demo import run_demo
-from aioidempotency.encoding import dumps_key_data
-from aioidempotency.exceptions import IdempotencyError
-from aioidempotency.keys import (
+from aioidempotency._config import IdempotencyConfig
+from aioidempotency._demo import run_demo
+from aioidempotency._encoding import dumps_key_data
+from aioidempotency._keys import (
     hash_data,
     is_missing_idempotency_key,
     prepare_payload,
     select_key_data,
     select_validation_data,
 )
-from aioidempotency.persistence.urls import store_from_url
-from aioidempotency.records import DataRecord
+from aioidempotency._records import DataRecord
+from aioidempotency._urls import store_from_url
+from aioidempotency.exceptions import IdempotencyError
 
 __all__ = ["main"]
 

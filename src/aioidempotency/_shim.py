@@ -27,16 +27,16 @@ from typing import Any, TypeVar, cast
 
 from typing_extensions import ParamSpec
 
-from aioidempotency.config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
-from aioidempotency.decorators import (
+from aioidempotency._async.decorators import (
     OutputSerializer,
     PayloadArgument,
     engine_for,
     handler_event_and_context,
 )
-from aioidempotency.engine import IdempotencyEngine, is_durable_replay
+from aioidempotency._async.engine import IdempotencyEngine, is_durable_replay
+from aioidempotency._async.store import PersistenceLayer
+from aioidempotency._config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
 from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
-from aioidempotency.persistence.base import PersistenceLayer
 
 __all__ = ["BackgroundLoop", "background_loop", "idempotent", "idempotent_function", "run_sync"]
 
@@ -212,7 +212,7 @@ def run_sync(
     """Run the engine for a sync function: store calls on the background loop,
     ``fn`` in this thread. ``timeout`` bounds each wait for the store;
     ``durable_replay`` says the call replays a durable execution (see
-    `aioidempotency.engine.is_durable_replay`)."""
+    `aioidempotency._async.engine.is_durable_replay`)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:

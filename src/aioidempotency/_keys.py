@@ -17,8 +17,8 @@ import jmespath
 import jmespath.functions
 import jmespath.parser
 
-from aioidempotency.config import IdempotencyConfig
-from aioidempotency.encoding import dumps_key_data
+from aioidempotency._config import IdempotencyConfig
+from aioidempotency._encoding import dumps_key_data
 from aioidempotency.exceptions import IdempotencyPayloadError, IdempotencyPersistenceConfigError
 
 __all__ = [

@@ -18,17 +18,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aioidempotency.exceptions import (
-    IdempotencyPersistenceConfigError,
-    IdempotencyPersistenceConnectionError,
-    IdempotencyPersistenceLayerError,
-)
-from aioidempotency.persistence.cache import (
+from aioidempotency._async.cache import (
     _DENIED,
     _TRANSIENT,
     CacheAccessDeniedError,
     LuaScript,
     _classify,
+)
+from aioidempotency.exceptions import (
+    IdempotencyPersistenceConfigError,
+    IdempotencyPersistenceConnectionError,
+    IdempotencyPersistenceLayerError,
 )
 
 __all__ = ["GlideCacheClient", "is_glide_client"]

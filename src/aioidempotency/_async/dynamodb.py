@@ -34,11 +34,23 @@ try:
         ReadTimeoutError,
     )
     from botocore.exceptions import ConnectionError as BotoConnectionError
-except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ImportError(
+except ImportError:  # pragma: no cover - depends on the installed extras
+    # The module imports without the extra (so `from aioidempotency import *` works);
+    # building a store says what to install.
+    _MISSING_EXTRA: str | None = (
         "the DynamoDB store needs aioboto3: pip install 'aioidempotency[dynamodb]'"
-    ) from exc
+    )
 
+    class _NotInstalled(Exception):
+        """Stands in for botocore's exceptions, which nothing can raise here."""
+
+    BotoCoreError = ClientError = HTTPClientError = _NotInstalled
+    NoRegionError = ReadTimeoutError = BotoConnectionError = _NotInstalled
+else:
+    _MISSING_EXTRA = None
+
+from aioidempotency._async.store import ClaimResult, PersistenceLayer
+from aioidempotency._records import DataRecord, RecordAttributes, RecordStatus
 from aioidempotency.exceptions import (
     IdempotencyClaimLostError,
     IdempotencyError,
@@ -47,8 +59,6 @@ from aioidempotency.exceptions import (
     IdempotencyPersistenceLayerError,
     IdempotencyResultTooLargeError,
 )
-from aioidempotency.persistence.base import ClaimResult, PersistenceLayer
-from aioidempotency.records import DataRecord, RecordAttributes, RecordStatus
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -288,6 +298,8 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         max_attempts: int | None = None,
     ) -> None:
+        if _MISSING_EXTRA is not None:  # pragma: no cover - depends on the installed extras
+            raise ImportError(_MISSING_EXTRA)
         if not table_name:
             raise IdempotencyPersistenceConfigError("table_name must not be empty")
         if sort_key_attr == key_attr:

@@ -38,6 +38,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
+from aioidempotency._async.store import ClaimResult, PersistenceLayer, check_result_size
+from aioidempotency._records import DataRecord, RecordAttributes, RecordStatus
+from aioidempotency._urls import CACHE_SCHEMES
 from aioidempotency.exceptions import (
     IdempotencyClaimLostError,
     IdempotencyError,
@@ -46,9 +49,6 @@ from aioidempotency.exceptions import (
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
 )
-from aioidempotency.persistence.base import ClaimResult, PersistenceLayer, check_result_size
-from aioidempotency.persistence.urls import CACHE_SCHEMES
-from aioidempotency.records import DataRecord, RecordAttributes, RecordStatus
 
 __all__ = [
     "CacheAccessDeniedError",
@@ -518,7 +518,7 @@ def _pool_capacity(client: Any) -> int | None:
 def _adapt(client: object, *, owned: bool = False) -> CacheClient:
     """The `CacheClient` the store talks to for `client`; a raw redis-py or glide client
     is wrapped in an adapter that closes it on `aclose()` when `owned`."""
-    from aioidempotency.persistence.glide import GlideCacheClient, is_glide_client
+    from aioidempotency._async.glide import GlideCacheClient, is_glide_client
 
     if isinstance(client, (RedisPyCacheClient, GlideCacheClient)):
         return client
@@ -1123,7 +1123,7 @@ def _glide_factory(parts: Any, *, cluster: bool, tls: bool, timeout: float) -> C
     database = int(path) if path else 0
 
     async def open_client() -> Any:
-        from aioidempotency.persistence.glide import GlideCacheClient
+        from aioidempotency._async.glide import GlideCacheClient
 
         return await GlideCacheClient.connect(
             parts.hostname or "localhost",

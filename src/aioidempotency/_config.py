@@ -14,7 +14,7 @@ import jmespath.parser
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 
 if TYPE_CHECKING:
-    from aioidempotency.records import DataRecord
+    from aioidempotency._records import DataRecord
 
 __all__ = ["IdempotencyConfig", "LambdaContextLike", "ResponseHook"]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
+from aioidempotency._async.memory import InMemoryPersistenceLayer
+from aioidempotency._async.store import PersistenceLayer
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
-from aioidempotency.persistence.base import PersistenceLayer
-from aioidempotency.persistence.memory import InMemoryPersistenceLayer
 
 __all__ = ["CACHE_SCHEMES", "store_from_url"]
 
@@ -26,11 +26,11 @@ def store_from_url(url: str) -> PersistenceLayer:
         max_items = int(query.get("max_items", ["100000"])[0])
         return InMemoryPersistenceLayer(max_items=max_items)
     if scheme in CACHE_SCHEMES:
-        from aioidempotency.persistence.cache import CachePersistenceLayer
+        from aioidempotency._async.cache import CachePersistenceLayer
 
         return CachePersistenceLayer.from_url(url)
     if scheme == "dynamodb":
-        from aioidempotency.persistence.dynamodb import DynamoDBPersistenceLayer
+        from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 
         return DynamoDBPersistenceLayer.from_url(url)
     raise IdempotencyPersistenceConfigError(

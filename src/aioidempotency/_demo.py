@@ -16,10 +16,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from aioidempotency.config import IdempotencyConfig
-from aioidempotency.engine import IdempotencyEngine
+from aioidempotency._async.engine import IdempotencyEngine
+from aioidempotency._async.store import PersistenceLayer
+from aioidempotency._config import IdempotencyConfig
 from aioidempotency.exceptions import IdempotencyAlreadyInProgressError
-from aioidempotency.persistence.base import PersistenceLayer
 
 __all__ = ["DemoReport", "run_demo"]
 

@@ -13,10 +13,10 @@ from typing import Any, Protocol, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec
 
+from aioidempotency._async.engine import IdempotencyEngine, is_durable_replay
+from aioidempotency._async.store import PersistenceLayer
+from aioidempotency._config import IdempotencyConfig, LambdaContextLike
 from aioidempotency.aws_lambda import ASYNC_HANDLER_ATTR, LambdaHandler, lambda_handler
-from aioidempotency.config import IdempotencyConfig, LambdaContextLike
-from aioidempotency.engine import IdempotencyEngine, is_durable_replay
-from aioidempotency.persistence.base import PersistenceLayer
 from aioidempotency.serialization import (
     BaseIdempotencyModelSerializer,
     BaseIdempotencySerializer,

@@ -13,12 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from aioidempotency._async.store import ClaimResult, PersistenceLayer, check_result_size
+from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.exceptions import (
     IdempotencyClaimLostError,
     IdempotencyPersistenceLayerError,
 )
-from aioidempotency.persistence.base import ClaimResult, PersistenceLayer, check_result_size
-from aioidempotency.records import DataRecord, RecordStatus
 
 __all__ = ["InMemoryPersistenceLayer"]
 

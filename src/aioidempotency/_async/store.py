@@ -2,7 +2,7 @@
 
 A store knows how to talk to its server and nothing else: no retries, hooks,
 serializers or key derivation. Each method is one round trip where the server allows.
-The engine (`aioidempotency.engine`) owns all the logic.
+The engine (`aioidempotency._async.engine`) owns all the logic.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import abc
 import dataclasses
 from types import TracebackType
 
+from aioidempotency._records import DataRecord
 from aioidempotency.exceptions import IdempotencyResultTooLargeError
-from aioidempotency.records import DataRecord
 
 __all__ = ["ClaimResult", "PersistenceLayer", "check_result_size"]
 
