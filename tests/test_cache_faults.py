@@ -1,4 +1,4 @@
-"""The Redis/Valkey store under faults (issue 9): operations resent after a lost reply,
+"""The Redis/Valkey store under faults: operations resent after a lost reply,
 transient errors retried and mapped, a bare client that never touches a record that is
 not its own claim, huge garbage values, pool exhaustion, and `os.fork()` with each
 client kind. Real servers throughout; in-process wrappers only inject faults."""

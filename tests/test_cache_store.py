@@ -1,4 +1,4 @@
-"""The Redis/Valkey store itself (issue 3): what lands on the server, orphans, the
+"""The Redis/Valkey store itself: what lands on the server, orphans, the
 atomic path's owner checks, unparsable and large records, error mapping, clients
 and event loops. The engine behaviours run on these backends through `store`."""
 

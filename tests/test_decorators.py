@@ -317,7 +317,7 @@ def test_sync_shim_on_an_async_function_points_to_the_async_decorator(
         decorator(persistence_store=InMemoryPersistenceLayer())(coroutine_function)
 
 
-# -- per-call state (semantics.md B8) ---------------------------------------------------------
+# -- per-call state ---------------------------------------------------------------------------
 
 
 async def test_two_functions_on_one_store_never_replay_each_other() -> None:

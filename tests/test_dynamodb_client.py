@@ -87,7 +87,7 @@ async def test_async_context_manager_closes_own_client(moto_server: MotoServer) 
 async def test_asyncio_run_per_invocation_reopens_and_closes_the_client(
     moto_server: MotoServer,
 ) -> None:
-    """Semantics C9: a layer built once keeps working when each call has a new loop."""
+    """A layer built once keeps working when each call has a new loop."""
     async with fresh_store(moto_server) as store:
         seen: list[tuple[Any, list[Any]]] = []
 

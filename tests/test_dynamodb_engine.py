@@ -156,7 +156,7 @@ async def test_a_taken_over_call_cannot_complete_over_the_new_owner(
 
 
 async def test_asyncio_run_per_invocation_executes_once(moto_server: MotoServer) -> None:
-    """Semantics C9 end to end: one decorated function, a new loop for every call."""
+    """End to end: one decorated function, a new event loop for every call."""
     async with fresh_store(moto_server) as store:
         executions: Counter[str] = Counter()
 

@@ -1,5 +1,5 @@
 """The DynamoDB store under faults: dead and frozen endpoints, lost replies, a fork with
-a client passed in, and items that are not usable records (issue #9)."""
+a client passed in, and items that are not usable records."""
 
 from __future__ import annotations
 
@@ -541,9 +541,9 @@ def _python_reading(store: DynamoDBPersistenceLayer, item: dict[str, Any]) -> An
 async def test_the_claim_condition_and_the_record_reader_agree(
     store_dynamodb_simple: DynamoDBPersistenceLayer,
 ) -> None:
-    """Semantics D: DynamoDB's condition and `records.py` classify every item alike:
-    claimed iff `records.py` reads a claimable record; an item it refuses is refused by
-    the claim too (the error propagates) and left unchanged."""
+    """DynamoDB's condition and `records.py` classify every item alike (one reader of
+    records, docs/reliability.md): claimed iff `records.py` reads a claimable record; an
+    item it refuses is refused by the claim too (the error propagates) and left unchanged."""
     store = store_dynamodb_simple
     loop = asyncio.get_running_loop()
     client = await store.client()

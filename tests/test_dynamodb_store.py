@@ -36,7 +36,8 @@ def ddb(request: pytest.FixtureRequest) -> DynamoDBPersistenceLayer:
 
 
 def key_of(store: DynamoDBPersistenceLayer, key: str) -> dict[str, Any]:
-    """The primary key of `key`'s item, as semantics A3 lays it out."""
+    """The primary key of `key`'s item: `key` itself, or the static partition key and
+    `key` as the sort key (the layout of Powertools' DynamoDB layer)."""
     if store.sort_key_attr is None:
         return {store.key_attr: {"S": key}}
     return {store.key_attr: {"S": store.static_pk_value}, store.sort_key_attr: {"S": key}}

@@ -1,4 +1,4 @@
-"""Engine behaviour (semantics A6 and B), run against every store backend."""
+"""Engine behaviour (docs/state-machine.md), run against every store backend."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ async def test_stored_record_is_completed_with_reference_layout(store: Persisten
     assert record is not None
     assert record.status is RecordStatus.COMPLETED
     assert record.response_data == '{"a": [1, 2], "b": 1}'
-    assert record.payload_hash is not None  # kept on completion (B7)
+    assert record.payload_hash is not None  # kept on completion, for validating replays
     assert record.expiry_timestamp >= int(time.time()) + 3600 - 5
 
 
@@ -224,7 +224,7 @@ async def test_concurrent_duplicates_without_waiting_execute_once(
     assert all(r == n % 20 for n, r in enumerate(results) if not isinstance(r, Exception))
 
 
-# -- waiting (B9, C3) ------------------------------------------------------------------
+# -- waiting for a running duplicate ---------------------------------------------------
 
 
 async def test_waiting_duplicate_gets_the_result(store: PersistenceLayer) -> None:
@@ -478,7 +478,7 @@ async def test_not_disabled_by_false_values(
     assert fn.count == 1
 
 
-# -- orphans, expiry, ownership (B3) ---------------------------------------------------
+# -- orphans, expiry, ownership --------------------------------------------------------
 
 
 async def test_orphaned_claim_is_taken_over(store: PersistenceLayer) -> None:
@@ -553,7 +553,7 @@ async def test_running_call_whose_claim_was_taken_over_gets_an_error(
     assert record.response_data == '"winner"'
 
 
-# -- leases (B5, C4) -------------------------------------------------------------------
+# -- leases ----------------------------------------------------------------------------
 
 
 async def test_lease_is_set_and_renewed_while_running(store: PersistenceLayer) -> None:

@@ -1,7 +1,7 @@
 """Idempotency keys, validation hashes and stored data: byte-identical to Powertools 3.x.
 
 Powertools' own `BasePersistenceLayer` computes the reference values; a seeded
-generator produces the payloads (semantics.md A2).
+generator produces the payloads.
 """
 
 from __future__ import annotations
@@ -395,7 +395,7 @@ class PayloadGenerator:
         )()
 
 
-# -- the semantics.md vectors ---------------------------------------------------------------
+# -- fixed vectors: serialised key data and its MD5 -----------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -776,7 +776,7 @@ async def handle(order):
 
 
 async def test_same_name_in_two_modules_never_replay_each_other() -> None:
-    """Pitfall C2: functions with the same __name__ in different modules are separate."""
+    """Functions with the same __name__ in different modules are separate."""
     billing = _function_in_module("app.billing", HANDLER_SOURCE, "handle")
     shipping = _function_in_module("app.shipping", HANDLER_SOURCE, "handle")
     assert billing.__name__ == shipping.__name__ == "handle"

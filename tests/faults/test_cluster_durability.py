@@ -1,8 +1,8 @@
 """Failover after the replica lagged: acknowledged writes are lost without durability.
 
-Issue #9 ("Clusters and failover"): replication is asynchronous, so a claim or a
-COMPLETED record that a primary acknowledged and that its replica had not copied yet is
-gone once the replica is promoted, and the key runs again with no error to anyone.
+Replication is asynchronous, so a claim or a COMPLETED record that a primary
+acknowledged and that its replica had not copied yet is gone once the replica is
+promoted, and the key runs again with no error to anyone.
 
 - `test_failover_loses_an_acknowledged_completion_without_durability` demonstrates the
   documented risk: it asserts that the record is gone and that the key runs again.

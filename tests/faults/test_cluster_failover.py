@@ -1,7 +1,7 @@
 """A primary is killed while calls run: errors are transient and the same store recovers.
 
-Issue #9 ("Clusters and failover"): errors while a replica takes over must be marked
-transient (`IdempotencyPersistenceConnectionError`, ``.transient is True``) so callers
+Errors raised while a replica takes over must be marked transient
+(`IdempotencyPersistenceConnectionError`, ``.transient is True``) so callers
 and the middleware can retry, and the store object in use must work again once the
 cluster is back, without being rebuilt. Keys whose record reached the replica before
 the kill must not run again; keys acknowledged but not yet replicated may (that loss is

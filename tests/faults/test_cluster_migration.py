@@ -1,8 +1,8 @@
 """A slot range moves between primaries while duplicates of every key call the engine.
 
-Issue #9 ("Clusters and failover"): with redis-py's `RedisCluster`, 3-19 of ~280 keys
-ran twice during a migration, raw `AttributeError`s surfaced as store errors and
-completions that were stored were reported as `IdempotencyClaimLostError`. Here each
+An earlier version of the store, on redis-py's `RedisCluster`, ran 3-19 of ~280 keys
+twice during a migration, let raw `AttributeError`s surface as store errors and
+reported completions that were stored as `IdempotencyClaimLostError`. Here each
 key is called by 3 lanes (an engine with its own store and client each, like three
 processes) in repeated passes for as long as the migration runs, then once more after
 it. Every run of the function is counted on a standalone server. Expected: no key runs

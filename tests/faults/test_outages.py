@@ -1,5 +1,5 @@
 """Store outages, store by store: what a caller sees, how often the function runs and
-what is left in the store (issue #9, semantics part D).
+what is left in the store (the invariants of docs/reliability.md).
 
 Every store talks to its server through a `FaultProxy` with 0.5 s client timeouts;
 what is stored is read on the server's real port. Every call is bounded by
