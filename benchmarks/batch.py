@@ -14,6 +14,10 @@ records (fresh message ids, so every record claims and completes its key):
 ``--work-ms`` adds that much I/O wait per record (asyncio.sleep / time.sleep): the
 records' own work, which a concurrent batch overlaps. The ratio that must hold
 (>= 3x) is at 0 ms: idempotency overhead alone.
+
+``python -m benchmarks.run`` measures the same batches as cases of its ``batch`` group
+(`batch_target`: one call is one batch; interleaved rounds, medians), with the store
+requests counted; this script stays as the quick stand-alone comparison.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.counting import RequestCounter
 from benchmarks.servers import running_valkey
+from benchmarks.targets import Target
 
 BATCH_SIZE = 100
 CONCURRENCY = 10
@@ -45,16 +51,21 @@ class Context:
         return 30_000
 
 
-CONTEXT = Context()
+CONTEXT: Any = Context()  # duck-typed: Powertools annotates its own LambdaContext
 
 
-def sqs_event() -> dict[str, Any]:
-    """A batch of new SQS records, as Lambda delivers them."""
+def sqs_event(prefix: str | None = None) -> dict[str, Any]:
+    """A batch of new SQS records, as Lambda delivers them; with `prefix`, the message
+    ids (the records' keys) are ``prefix-0`` ... ``prefix-99``, else random."""
     arn = "arn:aws:sqs:eu-west-1:123456789012:orders"
+
+    def message_id(n: int) -> str:
+        return f"{prefix}-{n}" if prefix is not None else str(uuid.uuid4())
+
     return {
         "Records": [
             {
-                "messageId": str(uuid.uuid4()),
+                "messageId": message_id(n),
                 "receiptHandle": uuid.uuid4().hex,
                 "body": json.dumps({"order_id": uuid.uuid4().hex, "amount": n}),
                 "attributes": {"ApproximateReceiveCount": "1"},
@@ -69,18 +80,22 @@ def sqs_event() -> dict[str, Any]:
     }
 
 
-def ours(url: str, work_ms: float, plain: bool) -> tuple[Callable[[dict[str, Any]], Any], Any]:
-    from aioidempotency import store_from_url
-    from aioidempotency.batch import process_batch_sync
-
-    store = store_from_url(f"{url}?client=glide&timeout=5")
+def ours(
+    store: Any, work_ms: float, plain: bool, ran: RequestCounter | None = None
+) -> Callable[[dict[str, Any]], Any]:
+    """A batch through `process_batch_sync` on `store`; `ran` counts the records run."""
+    from aioidempotency import process_batch_sync
 
     async def handle_async(record: Any) -> dict[str, Any]:
+        if ran is not None:
+            ran.add()
         if work_ms:
             await asyncio.sleep(work_ms / 1000)
         return {"order_id": record.json()["order_id"]}
 
     def handle_plain(record: Any) -> dict[str, Any]:
+        if ran is not None:
+            ran.add()
         if work_ms:
             time.sleep(work_ms / 1000)
         return {"order_id": record.json()["order_id"]}
@@ -97,10 +112,15 @@ def ours(url: str, work_ms: float, plain: bool) -> tuple[Callable[[dict[str, Any
             key_prefix="bench-ours",
         )
 
-    return run, store
+    return run
 
 
-def powertools(url: str, work_ms: float) -> Callable[[dict[str, Any]], Any]:
+def powertools(
+    layer: Any, work_ms: float, ran: RequestCounter | None = None
+) -> Callable[[dict[str, Any]], Any]:
+    """A batch through Powertools' `BatchProcessor` with the record handler wrapped in
+    `idempotent_function` on `layer` (a `RedisCachePersistenceLayer`); `ran` counts the
+    records run."""
     from aws_lambda_powertools.utilities.batch import (
         BatchProcessor,
         EventType,
@@ -110,11 +130,7 @@ def powertools(url: str, work_ms: float) -> Callable[[dict[str, Any]], Any]:
         IdempotencyConfig,
         idempotent_function,
     )
-    from aws_lambda_powertools.utilities.idempotency.persistence.redis import (
-        RedisCachePersistenceLayer,
-    )
 
-    layer = RedisCachePersistenceLayer(url=url)
     processor = BatchProcessor(event_type=EventType.SQS)
     config = IdempotencyConfig(event_key_jmespath="messageId")
 
@@ -122,6 +138,8 @@ def powertools(url: str, work_ms: float) -> Callable[[dict[str, Any]], Any]:
         data_keyword_argument="record", persistence_store=layer, config=config
     )
     def charge(record: dict[str, Any]) -> dict[str, Any]:
+        if ran is not None:
+            ran.add()
         if work_ms:
             time.sleep(work_ms / 1000)
         return {"order_id": json.loads(record["body"])["order_id"]}
@@ -136,6 +154,29 @@ def powertools(url: str, work_ms: float) -> Callable[[dict[str, Any]], Any]:
         )
 
     return run
+
+
+def batch_target(
+    run: Callable[[dict[str, Any]], Any], ran: RequestCounter, requests: Callable[[], int]
+) -> Target:
+    """One call = one batch of `BATCH_SIZE` records keyed by the call's key (`run` from
+    `ours` or `powertools`, counting its records in `ran`). A batch counts as executed
+    when every record ran, as replayed when none did; anything else (a failed record, a
+    partly run batch) raises, and the runner counts an error."""
+    executed = RequestCounter()
+
+    def call(key: str) -> None:
+        before = ran.value
+        response = run(sqs_event(key))
+        if response != {"batchItemFailures": []}:
+            raise RuntimeError(f"batch {key!r}: {response}")
+        count = ran.value - before
+        if count == BATCH_SIZE:
+            executed.add()
+        elif count:
+            raise RuntimeError(f"batch {key!r}: {count} of {BATCH_SIZE} records ran")
+
+    return Target(call, False, requests, executed)
 
 
 def measure(run: Callable[[dict[str, Any]], Any], batches: int) -> tuple[list[float], float]:
@@ -161,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--work-ms", type=float, nargs="*", default=[0.0, 1.0, 5.0])
     args = parser.parse_args(argv)
+    from aws_lambda_powertools.utilities.idempotency.persistence.redis import (
+        RedisCachePersistenceLayer,
+    )
+
+    from aioidempotency import store_from_url
     from aioidempotency.aws_lambda import handler_loop
 
     failed = False
@@ -172,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{'ratio':>6} {'CPU us/record':>14}"
         )
         for work_ms in args.work_ms:
-            run_async, store_async = ours(server.url, work_ms, plain=False)
-            run_plain, store_plain = ours(server.url, work_ms, plain=True)
+            store_async = store_from_url(f"{server.url}?client=glide&timeout=5")
+            store_plain = store_from_url(f"{server.url}?client=glide&timeout=5")
+            run_async = ours(store_async, work_ms, plain=False)
+            run_plain = ours(store_plain, work_ms, plain=True)
             results = {
                 f"aioidempotency process_batch, async def, c={CONCURRENCY}": measure(
                     run_async, args.batches
@@ -182,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                     run_plain, args.batches
                 ),
                 "Powertools BatchProcessor + idempotent_function": measure(
-                    powertools(server.url, work_ms), args.batches
+                    powertools(RedisCachePersistenceLayer(url=server.url), work_ms),
+                    args.batches,
                 ),
             }
             handler_loop.run(store_async.aclose())

@@ -7,6 +7,12 @@ Groups:
 - ``valkey``: one Valkey server; the floor (raw redis-py and glide), Powertools
   (sync redis-py) and aioidempotency (async and sync shim; redis-py and glide; atomic
   and protocol paths).
+- ``valkey-replica``: a Valkey primary with one replica; aioidempotency (async, glide
+  and redis-py, atomic path) with ``wait_replicas=0`` and ``wait_replicas=1``: what a
+  synchronous replica acknowledgement (``WAIT``) costs.
+- ``batch``: 100-record SQS batches on the ``valkey`` server, `process_batch_sync`
+  (glide) against Powertools' `BatchProcessor` (`benchmarks.batch`); one call is one
+  batch.
 - ``dynamodb``: one moto server; throughput is reported as a ratio to Powertools.
 """
 
@@ -20,7 +26,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from aioidempotency import IdempotencyConfig, InMemoryPersistenceLayer, PersistenceLayer
+from aioidempotency import (
+    CachePersistenceLayer,
+    IdempotencyConfig,
+    InMemoryPersistenceLayer,
+    PersistenceLayer,
+)
+from benchmarks import batch
 from benchmarks.counting import (
     RequestCounter,
     count_botocore,
@@ -29,7 +41,7 @@ from benchmarks.counting import (
     count_redis_sync,
 )
 from benchmarks.runner import KeyStream, RunStats, run_async, run_threads
-from benchmarks.servers import ChildServer
+from benchmarks.servers import ChildServer, ReplicatedValkey
 from benchmarks.targets import (
     PowertoolsMemoryLayer,
     Target,
@@ -44,7 +56,7 @@ from benchmarks.targets import (
     powertools,
 )
 
-__all__ = ["Bench", "Budget", "Spec", "case_list", "needs_fresh_loop"]
+__all__ = ["BATCH", "REPLICA", "WAIT", "Bench", "Budget", "Spec", "case_list", "needs_fresh_loop"]
 
 SIZES = (100, 10_000, 200_000)
 CONCURRENCY = (1, 10, 100, 1000)
@@ -52,6 +64,10 @@ THREADS = 16
 TABLE = "idempotency-bench"
 REDIS_POOL = 100
 SCENARIOS = ("first", "replay", "duplicates", "cache-hit")
+REPLICA = "valkey-replica"
+BATCH = "batch"
+WAIT = "wait_replicas=1"  # the variant of a valkey-replica case that waits for the replica
+BATCH_WORK_MS = (0, 1, 5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +75,11 @@ class Spec:
     """One case: who, on what, how many at once, which scenario, which payload size.
 
     `mode` is ``async`` (`concurrency` tasks on one event loop) or ``sync``
-    (`concurrency` threads; 1 = sequential). `variant` marks a diagnostic twin of a
-    case with one setting changed (``no-lease``: ``in_progress_lease_seconds=None``).
+    (`concurrency` threads; 1 = sequential). `variant` marks a twin of a case with one
+    setting changed (``no-lease``: ``in_progress_lease_seconds=None``; `WAIT`:
+    ``wait_replicas=1``). A `headline` case is measured in every round, back to back with
+    the others (see `benchmarks.run`), and its median kept. `work_ms`: the I/O wait of
+    each record of a batch case.
     """
 
     group: str
@@ -73,6 +92,7 @@ class Spec:
     payload: int = 100
     variant: str = ""
     headline: bool = False
+    work_ms: int = 0
 
     @property
     def id(self) -> str:
@@ -80,6 +100,8 @@ class Spec:
         parts += [f"c{self.concurrency}", self.scenario, f"{self.payload}B"]
         if self.variant:
             parts.append(self.variant)
+        if self.work_ms:
+            parts.append(f"work{self.work_ms}ms")
         return "/".join(parts)
 
 
@@ -146,6 +168,32 @@ def _valkey_cases() -> Iterator[Spec]:
                 )
 
 
+def _replica_cases() -> Iterator[Spec]:
+    """Each case without and with ``wait_replicas=1``, back to back in every round."""
+    for scenario in ("first", "replay"):
+        for concurrency in (1, 100):
+            for client in ("glide", "redis-py"):
+                for variant in ("", WAIT):
+                    yield Spec(
+                        REPLICA, "aioidempotency", client, "atomic", "async", concurrency,
+                        scenario, variant=variant, headline=True,
+                    )  # fmt: skip
+
+
+def _batch_cases(smoke: bool) -> Iterator[Spec]:
+    """process_batch_sync (glide, async def and plain def record handlers) and Powertools,
+    on new records, at each amount of work per record (0 ms only in a smoke run)."""
+    for work_ms in BATCH_WORK_MS[:1] if smoke else BATCH_WORK_MS:
+        for path in ("async-def", "plain-def"):
+            yield Spec(
+                BATCH, "aioidempotency", "glide", path, "sync", 1, "first",
+                headline=True, work_ms=work_ms,
+            )  # fmt: skip
+        yield Spec(
+            BATCH, "powertools", "redis-py", "", "sync", 1, "first", headline=True, work_ms=work_ms
+        )
+
+
 def _memory_cases() -> Iterator[Spec]:
     m = "in-memory"
     for payload in SIZES:
@@ -179,13 +227,25 @@ def _dynamodb_cases() -> Iterator[Spec]:
 
 
 def needs_fresh_loop(spec: Spec) -> bool:
-    """True for the sync shim on glide: it runs last in its group, after `Bench.new_loop`."""
-    return spec.client == "glide" and spec.mode == "sync"
+    """True for glide off the bench's loop: the sync shim on glide and the batch cases
+    (glide on the Lambda handler loop); they run last in their group, after
+    `Bench.new_loop`."""
+    return (spec.client == "glide" and spec.mode == "sync") or spec.group == BATCH
 
 
-def case_list(groups: tuple[str, ...] = ("in-memory", "valkey", "dynamodb")) -> list[Spec]:
-    """Every case of a run, in the order they run (see `needs_fresh_loop`)."""
-    makers = {"in-memory": _memory_cases, "valkey": _valkey_cases, "dynamodb": _dynamodb_cases}
+ALL_GROUPS = ("in-memory", "valkey", REPLICA, BATCH, "dynamodb")
+
+
+def case_list(groups: tuple[str, ...] = ALL_GROUPS, *, smoke: bool = False) -> list[Spec]:
+    """Every case of a run, in the order they run (see `needs_fresh_loop`); a `smoke`
+    run has fewer batch cases."""
+    makers: dict[str, Callable[[], Iterator[Spec]]] = {
+        "in-memory": _memory_cases,
+        "valkey": _valkey_cases,
+        REPLICA: _replica_cases,
+        BATCH: lambda: _batch_cases(smoke),
+        "dynamodb": _dynamodb_cases,
+    }
     specs: dict[str, Spec] = {}
     for group in groups:
         for spec in sorted(makers[group](), key=needs_fresh_loop):
@@ -207,13 +267,15 @@ class Budget:
     def duration_of(self, spec: Spec) -> float:
         if self.smoke:
             return 0.5
-        if spec.group == "dynamodb":
+        if spec.group in ("dynamodb", BATCH):
             return 20.0  # count-bound; a safety net only
         if spec.group == "in-memory":
             return self.memory_duration
         return self.headline_duration if spec.headline else self.duration
 
     def max_calls(self, spec: Spec) -> int:
+        if spec.group == BATCH:  # batches of 100 records
+            return 2 if self.smoke else {0: 20, 1: 10}.get(spec.work_ms, 6)
         if self.smoke:
             return 12 if spec.group == "dynamodb" else 30
         if spec.group == "dynamodb":
@@ -221,6 +283,8 @@ class Budget:
         return {100: 10**7, 10_000: 20_000}.get(spec.payload, 600)
 
     def warmup_calls(self, spec: Spec) -> int:
+        if spec.group == BATCH:
+            return 1
         if self.smoke:
             return min(spec.concurrency, 4)
         if spec.group == "dynamodb":
@@ -228,6 +292,8 @@ class Budget:
         return min(max(2 * spec.concurrency, 100), self.max_calls(spec))
 
     def memory_calls(self, spec: Spec) -> int:
+        if spec.group == BATCH:
+            return 1  # one batch
         if spec.group == "dynamodb" or (spec.library == "floor" and spec.group != "valkey"):
             return 0
         if self.smoke:
@@ -252,15 +318,21 @@ class Bench:
     """Builds each case's target on the run's servers and measures it.
 
     Async cases run on one long-lived event loop (glide clients are bound to the loop
-    that made them); the sync shim's store lives on aioidempotency's background loop.
+    that made them); the sync shim's store lives on aioidempotency's background loop,
+    the batch cases' on the Lambda handler loop (`end_batches` closes it).
     """
 
     def __init__(
-        self, budget: Budget, valkey: ChildServer | None, moto: ChildServer | None
+        self,
+        budget: Budget,
+        valkey: ChildServer | None,
+        moto: ChildServer | None,
+        replicated: ReplicatedValkey | None = None,
     ) -> None:
         self.budget = budget
         self.valkey = valkey
         self.moto = moto
+        self.replicated = replicated
         self.loop = asyncio.new_event_loop()
         self._clients: dict[str, tuple[Any, RequestCounter]] = {}
         self._stores: dict[str, PersistenceLayer] = {}
@@ -268,6 +340,7 @@ class Bench:
         self._sync_closers: list[Callable[[], None]] = []
         self._table_ready = False
         self._measured = 0
+        self._batch_store: tuple[CachePersistenceLayer, RequestCounter] | None = None
 
     # --- clients -----------------------------------------------------------------------
     def _shared(
@@ -282,37 +355,41 @@ class Bench:
         assert self.valkey is not None, "the valkey group needs a Valkey server"
         return self.valkey
 
+    def _replica_primary(self) -> ChildServer:
+        assert self.replicated is not None, f"the {REPLICA} group needs a replicated Valkey"
+        return self.replicated.primary
+
     def _moto_server(self) -> ChildServer:
         assert self.moto is not None, "the dynamodb group needs a moto server"
         return self.moto
 
-    def _redis_async(self, counter: RequestCounter) -> Any:
+    def _redis_async(self, counter: RequestCounter, server: ChildServer | None = None) -> Any:
         import redis.asyncio
 
-        server = self._valkey_server()
+        server = server or self._valkey_server()
         client = redis.asyncio.Redis(connection_pool=_blocking_pool(server))
         self._closers.append(client.aclose)
         return count_redis_async(client, counter)
 
-    def _redis_sync(self, counter: RequestCounter) -> Any:
+    def _redis_sync(self, counter: RequestCounter, server: ChildServer | None = None) -> Any:
         import redis
 
-        server = self._valkey_server()
+        server = server or self._valkey_server()
         client = redis.Redis(host=server.host, port=server.port, max_connections=64)
         self._sync_closers.append(client.close)
         return count_redis_sync(client, counter)
 
-    async def _open_glide(self, counter: RequestCounter) -> Any:
+    async def _open_glide(self, counter: RequestCounter, server: ChildServer | None = None) -> Any:
         from glide import GlideClient, GlideClientConfiguration, NodeAddress
 
-        server = self._valkey_server()
+        server = server or self._valkey_server()
         config = GlideClientConfiguration(
             [NodeAddress(server.host, server.port)], request_timeout=5000
         )
         return count_glide(await GlideClient.create(config), counter)
 
-    def _glide(self, counter: RequestCounter) -> Any:
-        client = self.loop.run_until_complete(self._open_glide(counter))
+    def _glide(self, counter: RequestCounter, server: ChildServer | None = None) -> Any:
+        client = self.loop.run_until_complete(self._open_glide(counter, server))
         self._closers.append(client.close)
         return client
 
@@ -354,12 +431,13 @@ class Bench:
         if spec.client == "in-memory":
             return InMemoryPersistenceLayer(max_items=10**7)
         name = f"{spec.client}/{spec.path}/{spec.mode}"
+        if spec.group == REPLICA:  # one store (and client) per wait_replicas setting
+            name = f"{spec.group}/{spec.variant}/{name}"
         if name not in self._stores:
             self._stores[name] = self._open_store(spec)
         return self._stores[name]
 
     def _open_store(self, spec: Spec) -> PersistenceLayer:
-        from aioidempotency._async.cache import CachePersistenceLayer
         from aioidempotency._shim import background_loop
 
         counter = RequestCounter()
@@ -374,6 +452,12 @@ class Bench:
             client = self._in_loop(loop, dynamodb.client())
             count_botocore(client, counter)
             store = dynamodb
+        elif spec.group == REPLICA:
+            server = self._replica_primary()
+            glide = spec.client == "glide"
+            client = self._glide(counter, server) if glide else self._redis_async(counter, server)
+            wait = 1 if spec.variant == WAIT else 0
+            store = CachePersistenceLayer(client, atomic=atomic, wait_replicas=wait)
         elif spec.mode == "async":
             client = self._glide(counter) if spec.client == "glide" else self._redis_async(counter)
             store = CachePersistenceLayer(client, atomic=atomic)
@@ -381,16 +465,13 @@ class Bench:
             server = self._valkey_server()
 
             async def open_client() -> Any:
-                # Adapters that own their client, so that the store's aclose() closes it.
-                from aioidempotency._async.cache import RedisPyCacheClient
-                from aioidempotency._async.glide import GlideCacheClient
-
+                # A client a factory returns is the store's: its aclose() closes it.
                 if spec.client == "glide":
-                    return GlideCacheClient(await self._open_glide(counter), owned=True)
+                    return await self._open_glide(counter)
                 import redis.asyncio
 
                 client = redis.asyncio.Redis(connection_pool=_blocking_pool(server))
-                return RedisPyCacheClient(count_redis_async(client, counter), owned=True)
+                return count_redis_async(client, counter)
 
             store = CachePersistenceLayer(client_factory=open_client, atomic=atomic)
         if spec.mode == "async":
@@ -411,6 +492,8 @@ class Bench:
     # --- targets -------------------------------------------------------------------------
     def target(self, spec: Spec) -> Target:
         """The target of `spec`, on this run's clients."""
+        if spec.group == BATCH:
+            return self._batch(spec)
         if spec.library == "aioidempotency":
             store = self._ours_store(spec)
             make = ours_async if spec.mode == "async" else ours_sync
@@ -441,6 +524,41 @@ class Bench:
         return powertools(
             layer, lambda: counter.value, local_cache=local_cache, payload=spec.payload
         )
+
+    def _batch(self, spec: Spec) -> Target:
+        """A batch of 100 new records per call (`benchmarks.batch`) on the valkey server."""
+        ran = RequestCounter()
+        if spec.library == "powertools":
+            from aws_lambda_powertools.utilities.idempotency.persistence.redis import (
+                RedisCachePersistenceLayer,
+            )
+
+            client, counter = self._shared("redis-sync/batch", self._redis_sync)
+            run = batch.powertools(RedisCachePersistenceLayer(client=client), spec.work_ms, ran)
+            return batch.batch_target(run, ran, lambda: counter.value)
+        if self._batch_store is None:
+            store_counter = RequestCounter()
+
+            async def open_client() -> Any:  # on the Lambda handler loop
+                return await self._open_glide(store_counter)
+
+            store = CachePersistenceLayer(client_factory=open_client)
+            self._batch_store = store, store_counter
+        store, counter = self._batch_store
+        run = batch.ours(store, spec.work_ms, plain=spec.path == "plain-def", ran=ran)
+        return batch.batch_target(run, ran, lambda: counter.value)
+
+    def end_batches(self) -> None:
+        """Close the Lambda handler loop of the batch cases, and their store with it.
+
+        glide reads every client's replies on the first loop that opened one, as long as
+        that loop lives (see `new_loop`); closing this one lets the sync shim's glide
+        client, measured next, read its own replies on its own loop.
+        """
+        from aioidempotency.aws_lambda import handler_loop
+
+        handler_loop.close()  # awaits the store's aclose() (process_batch_sync asked it)
+        self._batch_store = None
 
     def _floor(self, spec: Spec) -> Target:
         if spec.variant == "scripts":
@@ -507,18 +625,28 @@ class Bench:
             )
         else:
             stats = run_threads(target.call, stream, threads=spec.concurrency, **options)
-        if self.valkey is not None and spec.group == "valkey":
-            self._flush()
+        if spec.group in ("valkey", BATCH, REPLICA):
+            self._flush(spec)
         return _figures(spec, stats)
 
+    def _server(self, spec: Spec) -> ChildServer | None:
+        """The server of `spec`'s store (the primary for the replicated group)."""
+        if spec.group == REPLICA:
+            return None if self.replicated is None else self.replicated.primary
+        return {"valkey": self.valkey, BATCH: self.valkey, "dynamodb": self.moto}.get(spec.group)
+
     def _server_cpu(self, spec: Spec) -> Callable[[], float] | None:
-        server = {"valkey": self.valkey, "dynamodb": self.moto}.get(spec.group)
+        server = self._server(spec)
         if server is None or not Path(f"/proc/{server.process.pid}/stat").exists():
             return None
         return server.cpu_seconds
 
-    def _flush(self) -> None:
-        client, _ = self._shared("redis-sync/admin", self._redis_sync)
+    def _flush(self, spec: Spec) -> None:
+        server = self._server(spec)
+        if server is None:
+            return
+        name = f"redis-sync/admin/{server.port}"
+        client, _ = self._shared(name, lambda counter: self._redis_sync(counter, server))
         client.flushall()
 
     def new_loop(self) -> None:
@@ -550,6 +678,8 @@ class Bench:
 
     def close(self) -> None:
         """Close every client this bench opened, then its loop."""
+        if self._batch_store is not None:
+            self.end_batches()
         self._close_loop_clients()
         for close_sync in reversed(self._sync_closers):
             try:
@@ -592,6 +722,7 @@ def _figures(spec: Spec, stats: RunStats) -> dict[str, Any]:
         "payload_bytes": spec.payload,
         "variant": spec.variant,
         "headline": spec.headline,
+        "work_ms": spec.work_ms,
         "calls": calls,
         "seconds": round(stats.seconds, 4),
         "calls_per_s": round(stats.calls_per_second, 1),

