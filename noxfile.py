@@ -1,4 +1,5 @@
-"""Developer tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s demo``, ``nox -s faults``."""
+"""Developer tasks: ``nox -s tests``, ``nox -s lint``, ``nox -s generate``, ``nox -s demo``,
+``nox -s faults``, ``nox -s bench``."""
 
 from __future__ import annotations
 
@@ -54,12 +55,23 @@ def faults(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def generate(session: nox.Session) -> None:
+    """Rewrite the sync twin (src/aioidempotency/_sync) from the async source.
+
+    ``nox -s generate -- --check`` only checks that the generated files are current.
+    """
+    session.install("ruff")
+    session.run("python", "tools/unasync.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff (lint and format) and mypy --strict."""
+    """The generated sync twin is current; ruff (lint and format); mypy --strict."""
     session.install("-e", ".[test]", "ruff", "mypy")
+    session.run("python", "tools/unasync.py", "--check")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.run("mypy", "--strict", "src")
+    session.run("mypy", "--strict", "src", "tools")
 
 
 @nox.session(python=PYTHON)

@@ -438,7 +438,7 @@ class Bench:
         return self._stores[name]
 
     def _open_store(self, spec: Spec) -> PersistenceLayer:
-        from aioidempotency._shim import background_loop
+        from aioidempotency._sync.bridge import background_loop
 
         counter = RequestCounter()
         atomic = spec.path == "atomic"

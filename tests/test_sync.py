@@ -18,16 +18,16 @@ import pytest
 from aioidempotency import (
     IdempotencyAlreadyInProgressError,
     IdempotencyConfig,
-    IdempotencyEngine,
     IdempotencyPersistenceConnectionError,
     InMemoryPersistenceLayer,
     RecordStatus,
+    SyncIdempotencyEngine,
     idempotent,
     idempotent_function,
 )
 from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 from aioidempotency._records import DataRecord
-from aioidempotency._shim import background_loop, run_sync
+from aioidempotency._sync.bridge import BridgedStore, background_loop
 from aioidempotency.persistence import ClaimResult
 from tests.helpers import FakeLambdaContext, WrapperStore
 
@@ -165,9 +165,6 @@ def test_function_runs_in_the_callers_thread() -> None:
 
     run_threads([worker])
     assert seen == {"main": threading.get_ident(), "worker": worker_ident[0]}
-    loop_thread = background_loop.thread
-    assert loop_thread is not None
-    assert loop_thread.ident not in seen.values()
 
 
 def test_store_calls_run_on_one_background_loop_across_calls() -> None:
@@ -441,7 +438,9 @@ def test_handler_shim_claim_uses_the_context_argument() -> None:
 # -- misuse, nesting, timeouts -----------------------------------------------------------------
 
 
-async def test_sync_shim_inside_a_running_loop_points_to_the_async_decorator() -> None:
+async def test_sync_decorators_work_inside_a_running_loop_on_a_sync_capable_store() -> None:
+    """The in-memory store has a native sync twin: no loop is involved, so a sync
+    idempotent function may be called from async code (it blocks like any def)."""
     store = InMemoryPersistenceLayer()
     runs: list[int] = []
 
@@ -450,17 +449,10 @@ async def test_sync_shim_inside_a_running_loop_points_to_the_async_decorator() -
         runs.append(1)
         return 1
 
-    @idempotent(persistence_store=store)
-    def handler(event: dict[str, Any], context: Any) -> int:
-        runs.append(1)
-        return 1
-
-    with pytest.raises(RuntimeError, match=r"running event loop.*@idempotent_async"):
-        place(order={"id": 1})
-    with pytest.raises(RuntimeError, match=r"idempotent_function_async"):
-        handler({"id": 1}, None)
-    assert runs == []
-    assert len(store) == 0
+    assert place(order={"id": 1}) == 1
+    assert place(order={"id": 1}) == 1
+    assert runs == [1]
+    assert len(store) == 1
 
 
 def test_nested_sync_idempotent_calls_do_not_deadlock() -> None:
@@ -513,7 +505,7 @@ class _HangingStore(InMemoryPersistenceLayer):
 
 def test_a_store_that_never_answers_times_out() -> None:
     store = _HangingStore()
-    engine = IdempotencyEngine(store, key_prefix="hang")
+    engine = SyncIdempotencyEngine(BridgedStore(store, timeout=0.2), key_prefix="hang")
     runs: list[int] = []
 
     def work() -> int:
@@ -521,7 +513,7 @@ def test_a_store_that_never_answers_times_out() -> None:
         return 1
 
     with pytest.raises(IdempotencyPersistenceConnectionError, match="did not answer"):
-        run_sync(engine, {"id": 1}, work, key_source=work, timeout=0.2)
+        engine.run({"id": 1}, work)
     assert runs == []
     assert store.claim_cancelled.wait(timeout=WAIT)  # the engine call was cancelled
 
@@ -617,7 +609,7 @@ atexit.register(report_open_sessions)
 
 from aioidempotency import idempotent, idempotent_function
 from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
-from aioidempotency._shim import background_loop
+from aioidempotency._sync.bridge import background_loop
 
 table, endpoint = sys.argv[1], sys.argv[2]
 store = DynamoDBPersistenceLayer(table, endpoint_url=endpoint)
@@ -694,13 +686,12 @@ class _SlowToCloseStore(WrapperStore):
 
 @pytest.mark.parametrize(("delay", "finished"), [(0.0, True), (3600.0, False)])
 def test_closing_the_background_loop_is_bounded(delay: float, finished: bool) -> None:
-    from aioidempotency._shim import BackgroundLoop
+    from aioidempotency._sync.bridge import BackgroundLoop
 
     background = BackgroundLoop()
     loop = background.loop()
     store = _SlowToCloseStore(delay)
-    engine = IdempotencyEngine(store, key_prefix="exit")  # held, as a decorator holds it
-    background.remember(engine)
+    background.remember(store)
     started = time.monotonic()
     assert background.close(timeout=0.5) is finished
     assert time.monotonic() - started < WAIT

@@ -59,12 +59,16 @@ def sync_handler(event: dict[str, Any], context: Context | None) -> list[str]:
     return ["ok"]
 
 
-# R: def (order: dict[str, Any], *, customer: str) -> Coroutine[Any, Any, Receipt]
+# R: aioidempotency._async.decorators.IdempotentFunction[[order: dict[str, Any], *, customer: str], Coroutine[Any, Any, Receipt]]
 reveal_type(place)
-# R: def (event: dict[str, Any], context: Context) -> Coroutine[Any, Any, dict[str, int]]
+# R: aioidempotency._async.decorators.IdempotentFunction[[event: dict[str, Any], context: Context], Coroutine[Any, Any, dict[str, int]]]
 reveal_type(handler)
-reveal_type(charge)  # R: def (amount: decimal.Decimal, order: Receipt, retries: int =) -> Receipt
-reveal_type(sync_handler)  # R: def (event: dict[str, Any], context: Context | None) -> list[str]
+# R: aioidempotency._sync.decorators.IdempotentFunction[[amount: decimal.Decimal, order: Receipt, retries: int =], Receipt]
+reveal_type(charge)
+# R: aioidempotency._sync.decorators.IdempotentFunction[[event: dict[str, Any], context: Context | None], list[str]]
+reveal_type(sync_handler)
+reveal_type(place.engine)  # R: aioidempotency._async.engine.IdempotencyEngine
+reveal_type(charge.engine)  # R: aioidempotency._sync.engine.SyncIdempotencyEngine
 
 
 async def callers() -> None:

@@ -10,7 +10,8 @@ from aioidempotency._async.decorators import idempotent_async, idempotent_functi
 from aioidempotency._async.engine import IdempotencyDisabledWarning, IdempotencyEngine
 from aioidempotency._config import IdempotencyConfig
 from aioidempotency._records import DataRecord, RecordStatus
-from aioidempotency._shim import idempotent, idempotent_function
+from aioidempotency._sync.decorators import idempotent, idempotent_function
+from aioidempotency._sync.engine import SyncIdempotencyEngine
 from aioidempotency.aws_lambda import lambda_handler
 from aioidempotency.batch import process_batch, process_batch_sync
 from aioidempotency.exceptions import (
@@ -42,6 +43,8 @@ from aioidempotency.persistence import (
     DynamoDBPersistenceLayer,
     InMemoryPersistenceLayer,
     PersistenceLayer,
+    SyncInMemoryPersistenceLayer,
+    SyncPersistenceLayer,
     store_from_url,
 )
 from aioidempotency.serialization import (
@@ -61,6 +64,7 @@ __all__ = [
     # making calls idempotent
     "IdempotencyConfig",
     "IdempotencyEngine",
+    "SyncIdempotencyEngine",
     "idempotent",
     "idempotent_async",
     "idempotent_function",
@@ -72,6 +76,7 @@ __all__ = [
     "CachePersistenceLayer",
     "DynamoDBPersistenceLayer",
     "InMemoryPersistenceLayer",
+    "SyncInMemoryPersistenceLayer",
     "store_from_url",
     # writing a store
     "CacheClient",
@@ -79,6 +84,7 @@ __all__ = [
     "DataRecord",
     "PersistenceLayer",
     "RecordStatus",
+    "SyncPersistenceLayer",
     # results that are not plain JSON
     "BaseIdempotencyModelSerializer",
     "BaseIdempotencySerializer",

@@ -37,10 +37,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
 
-from aioidempotency._async.decorators import lambda_context_of
 from aioidempotency._async.engine import IdempotencyEngine
 from aioidempotency._async.store import PersistenceLayer
 from aioidempotency._config import IdempotencyConfig
+from aioidempotency._handlers import lambda_context_of
 from aioidempotency.serialization import BaseIdempotencySerializer
 
 __all__ = [

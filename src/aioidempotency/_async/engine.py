@@ -9,43 +9,43 @@ and (opt-in) waits for a duplicate's result. Stores only move records.
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import dataclasses
 import functools
 import logging
 import os
-import threading
 import time
-import warnings
-import weakref
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, NoReturn, TypeVar, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from typing_extensions import TypeVarTuple, Unpack
 
-from aioidempotency._async.lease import Lease, LeaseKeeper
-from aioidempotency._async.store import ClaimResult, PersistenceLayer
-from aioidempotency._config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
-from aioidempotency._encoding import dumps_result
-from aioidempotency._keys import (
-    default_key_prefix,
-    hash_data,
-    is_missing_idempotency_key,
-    prepare_payload,
-    select_key_data,
-    select_validation_data,
+from aioidempotency._async.concurrency import Background, Cancelled, shielded, sleep
+from aioidempotency._async.flights import Flight, Flights
+from aioidempotency._async.lease import Lease, Leases
+from aioidempotency._calls import (
+    DISABLED_ENV,
+    DISABLED_MESSAGE,
+    IdempotencyDisabledWarning,
+    PreparedCall,
+    idempotency_key,
+    is_disabled,
+    is_durable_replay,
+    key_prefix_of,
+    prepare_call,
 )
+from aioidempotency._config import IdempotencyConfig, LambdaContextLike
+from aioidempotency._contract import ClaimResult
+from aioidempotency._encoding import dumps_result
+from aioidempotency._errors import invalid_record, is_own, is_transient, store_errors
+from aioidempotency._local_cache import LocalCache
 from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._twins import StoreForAsync, as_async_store
 from aioidempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyClaimLostError,
     IdempotencyCompletionError,
     IdempotencyError,
     IdempotencyInconsistentStateError,
-    IdempotencyInvalidRecordError,
     IdempotencyInvalidStatusError,
-    IdempotencyKeyError,
     IdempotencyPersistenceLayerError,
     IdempotencySerializationError,
     IdempotencyValidationError,
@@ -67,8 +67,6 @@ Ts = TypeVarTuple("Ts")
 
 logger = logging.getLogger("aioidempotency")
 
-DISABLED_ENV = "POWERTOOLS_IDEMPOTENCY_DISABLED"
-_TRUE_VALUES = frozenset({"1", "y", "yes", "t", "true", "on"})
 _MAX_CLAIM_ATTEMPTS = 3
 _MAX_POLL_INTERVAL = 1.0
 _CLEANUP_ATTEMPTS = 8
@@ -80,94 +78,42 @@ _CONFIRM_RELEASE_DELAY = 1.0
 may still land on the server), the release is sent once more after this delay."""
 
 
-DISABLED_MESSAGE = (
-    "Disabling idempotency is intended for development environments only "
-    "and should not be used in production."
-)
-
-
-class IdempotencyDisabledWarning(UserWarning):
-    """Idempotency is switched off by `POWERTOOLS_IDEMPOTENCY_DISABLED`."""
-
-
-def is_disabled() -> bool:
-    """True when `POWERTOOLS_IDEMPOTENCY_DISABLED` holds a true value."""
-    return os.environ.get(DISABLED_ENV, "false").strip().lower() in _TRUE_VALUES
-
-
-def is_durable_replay(context: Any) -> bool:
-    """True when `context` is a durable-functions context replaying an execution.
-
-    Powertools' rule (3.37): a context with both ``state`` and ``lambda_context`` is
-    durable, and it replays when its checkpointed ``state.operations`` hold more than
-    one operation (the execution's own operation is always there).
-    """
-    if not (hasattr(context, "state") and hasattr(context, "lambda_context")):
-        return False
-    try:
-        return len(context.state.operations) > 1
-    except (AttributeError, TypeError):
-        return False
-
-
-@dataclasses.dataclass
-class _Flight:
-    """A call of this process that holds a claim; duplicates in the process join it."""
-
-    loop: asyncio.AbstractEventLoop
-    payload_hash: str | None
-    done: asyncio.Future[DataRecord | None]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PreparedCall:
-    """A call's idempotency key, validation hash and Lambda context.
-
-    `durable_replay`: the call replays a durable execution that already claimed the
-    key (see `is_durable_replay`); it adopts its own in-progress claim.
-    """
-
-    key: str
-    payload_hash: str | None
-    lambda_context: LambdaContextLike | None
-    durable_replay: bool = False
-
-
 class IdempotencyEngine:
     """Runs functions at most once per payload within the expiry window.
 
     ``persistence_store`` keeps the records; ``config`` says what to key on and how
     long to remember; ``key_prefix`` replaces the prefix otherwise derived from the
     function (``{AWS_LAMBDA_FUNCTION_NAME}.{module}.{qualname}``). ``output_serializer``
-    turns results into JSON-able data and back. One engine may serve many concurrent
-    calls; it keeps no per-call state.
+    turns results into JSON-able data and back; ``clock`` (epoch seconds) is the only
+    time the engine and its stores compare against. One engine may serve many
+    concurrent calls; it keeps no per-call state.
     """
 
     def __init__(
         self,
-        persistence_store: PersistenceLayer,
+        persistence_store: StoreForAsync,
         config: IdempotencyConfig | None = None,
         *,
         key_prefix: str | None = None,
         output_serializer: BaseIdempotencySerializer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not isinstance(persistence_store, PersistenceLayer):
-            raise TypeError(
-                f"persistence_store must be a PersistenceLayer, not {type(persistence_store)!r}"
-            )
-        self.persistence_store = persistence_store
+        self.persistence_store = as_async_store(persistence_store)
         self.config = config or IdempotencyConfig()
         self.key_prefix = key_prefix
         self.output_serializer = output_serializer or NoOpSerializer()
         self._clock = clock
-        self._cache: collections.OrderedDict[str, DataRecord] = collections.OrderedDict()
-        self._cache_lock = threading.Lock()
-        self._flights: dict[str, _Flight] = {}
-        self._keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LeaseKeeper] = (
-            weakref.WeakKeyDictionary()
+        self._cache = LocalCache(
+            enabled=self.config.use_local_cache,
+            max_items=self.config.local_cache_max_items,
+            clock=clock,
         )
-        self._cleanups: set[asyncio.Future[Any]] = set()
+        self._flights = Flights()
+        self._background = Background()
+        lease = self.config.in_progress_lease_seconds
+        self._leases = (
+            None if lease is None else Leases(self.persistence_store, lease=lease, clock=clock)
+        )
 
     # -- public API -----------------------------------------------------------------
 
@@ -180,9 +126,9 @@ class IdempotencyEngine:
     ) -> T:
         """Run ``fn(*args)`` once for ``payload``; replay its stored result to duplicates.
 
-        ``fn`` is an async callable; ``args`` are passed to it as they are (as
-        ``loop.call_soon`` does), so a loop over records needs no closure, which would
-        bind the loop variable late. ``lambda_context`` (or the one registered with
+        ``args`` are passed to ``fn`` as they are (as ``loop.call_soon`` does), so a
+        loop over records needs no closure, which would bind the loop variable late.
+        ``lambda_context`` (or the one registered with
         `IdempotencyConfig.register_lambda_context`) bounds the claim by the
         invocation's remaining time. Raises `IdempotencyAlreadyInProgressError` for a
         concurrent duplicate, `IdempotencyValidationError` when the payload differs
@@ -230,40 +176,20 @@ class IdempotencyEngine:
         Returns None, after a warning, when idempotency is disabled by the environment
         or the payload has no key (`IdempotencyKeyError` instead when configured): the
         function then runs unprotected. Entry points run `replay_from_cache` and then
-        `run_prepared` on what it returns; the sync shims do the first two steps in the
-        caller's thread.
+        `run_prepared` on what it returns.
         """
-        config = self.config
-        if is_disabled():
-            warnings.warn(DISABLED_MESSAGE, IdempotencyDisabledWarning, stacklevel=4)
-            return None
-        prefix = self._prefix(key_source)
-        data = prepare_payload(payload, deep_copy=bool(config.jmespath_options))
-        key_data = select_key_data(data, config)
-        if is_missing_idempotency_key(key_data):
-            if config.raise_on_no_idempotency_key:
-                raise IdempotencyKeyError("No data found to create a hashed idempotency_key")
-            warnings.warn(
-                "No idempotency key value found. Skipping persistence layer and validation "
-                f"operations. jmespath: {config.event_key_jmespath}",
-                stacklevel=4,
-            )
-            return None
-        key = f"{prefix}#{hash_data(key_data, config.hash_function)}"
-        payload_hash = None
-        if config.payload_validation_enabled:
-            payload_hash = hash_data(select_validation_data(data, config), config.hash_function)
-        context = lambda_context if lambda_context is not None else registered_lambda_context()
-        return PreparedCall(
-            key=key,
-            payload_hash=payload_hash,
-            lambda_context=context,
+        return prepare_call(
+            payload,
+            self.config,
+            prefix=key_prefix_of(self.key_prefix, key_source),
+            lambda_context=lambda_context,
             durable_replay=durable_replay,
+            stacklevel=4,
         )
 
     def replay_from_cache(self, call: PreparedCall) -> tuple[bool, Any]:
         """``(True, result)`` when the local cache holds the call's result, without I/O."""
-        cached = self._cache_get(call.key)
+        cached = self._cache.get(call.key)
         if cached is None:
             return False, None
         self._validate(call, cached.payload_hash)
@@ -276,7 +202,7 @@ class IdempotencyEngine:
         inconsistent = 0
         while True:
             # A durable replay does not join the suspended invocation it replays.
-            flight = None if call.durable_replay else self._flight(call.key)
+            flight = None if call.durable_replay else self._flights.find(call.key)
             if flight is not None:
                 record = await self._join(call, flight, deadline)
                 if record is not None:
@@ -292,7 +218,7 @@ class IdempotencyEngine:
                 if existing.is_claimable(self._clock()):
                     existing = None  # it changed between the claim and the read
                 elif existing.status is RecordStatus.COMPLETED:
-                    self._cache_put(existing)
+                    self._cache.put(existing)
                     return cast(T, self._replay(existing))
                 elif call.durable_replay and existing.owner is not None:
                     # A durable execution replayed after a suspension finds the claim
@@ -312,20 +238,17 @@ class IdempotencyEngine:
 
     def idempotency_key(self, payload: Any, key_source: Callable[..., Any] | None = None) -> str:
         """The key a call with ``payload`` would use (for debugging and tools)."""
-        prefix = self._prefix(key_source)
-        data = select_key_data(prepare_payload(payload), self.config)
-        if is_missing_idempotency_key(data):
-            raise IdempotencyKeyError("No data found to create a hashed idempotency_key")
-        return f"{prefix}#{hash_data(data, self.config.hash_function)}"
+        prefix = key_prefix_of(self.key_prefix, key_source)
+        return idempotency_key(prefix, payload, self.config)
 
-    # -- key derivation -------------------------------------------------------------
+    async def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until the background releases and completions of this engine's calls
+        are done; True if they all finished within `timeout`.
 
-    def _prefix(self, key_source: Callable[..., Any] | None) -> str:
-        if self.key_prefix:
-            return self.key_prefix
-        if key_source is None:
-            raise IdempotencyKeyError("no key_prefix and no function to derive it from")
-        return default_key_prefix(key_source)
+        Calls that were cancelled or failed mid-flight free their claims (or store
+        their results) in the background; tests and shutdown hooks await this.
+        """
+        return await self._background.drain(timeout)
 
     # -- the state machine ------------------------------------------------------------
 
@@ -355,42 +278,21 @@ class IdempotencyEngine:
         later for a claim that lands late. A claim answered with our own record (a
         client resent it after losing the first reply) is a win.
         """
-        owner = record.owner
+        key, owner = record.idempotency_key, record.owner
         assert owner is not None
-        try:
-            result = await self.persistence_store.claim(record, now=self._clock())
-        except asyncio.CancelledError:
-            self._cleanup(self._release_later(record.idempotency_key, owner, confirm=True))
-            raise
-        except Exception as exc:
-            if not isinstance(exc, IdempotencyInvalidStatusError):  # else it did not land
-                self._cleanup(self._release_later(record.idempotency_key, owner, confirm=True))
-            self._raise_store_error(
-                "Failed to save in progress record to idempotency store",
-                record.idempotency_key,
-                exc,
-            )
-        if _is_own(result, owner):
+        with store_errors("Failed to save in progress record to idempotency store", key):
+            try:
+                result = await self.persistence_store.claim(record, now=self._clock())
+            except Cancelled:
+                self._background.spawn(self._release_later, key, owner, True)
+                raise
+            except Exception as exc:
+                if not isinstance(exc, IdempotencyInvalidStatusError):  # else it did not land
+                    self._background.spawn(self._release_later, key, owner, True)
+                raise
+        if is_own(result, owner):
             return ClaimResult(claimed=True)
         return result
-
-    def _raise_store_error(self, message: str, key: str, exc: BaseException) -> NoReturn:
-        """Raise what the caller sees for the store failure `exc` (being handled)."""
-        error = self._store_error(message, key, exc)
-        if error is exc:
-            raise exc  # already ours, with its own cause
-        raise error from exc
-
-    def _store_error(self, message: str, key: str, exc: BaseException) -> IdempotencyError:
-        """What the caller sees for a store failure: an `IdempotencyError`, the store's
-        exception chained; an unusable stored record names the key and how to free it."""
-        if isinstance(exc, IdempotencyInvalidStatusError):
-            return _invalid_record(key, exc)
-        if isinstance(exc, IdempotencyError):
-            return exc
-        error = IdempotencyPersistenceLayerError(message, exc)
-        error.transient = _is_transient(exc)
-        return error
 
     def _validate(self, call: PreparedCall, stored_hash: str | None) -> None:
         if call.payload_hash is not None and stored_hash != call.payload_hash:
@@ -409,7 +311,7 @@ class IdempotencyEngine:
             stored = record.response_json()
         except (ValueError, RecursionError) as exc:
             key = record.idempotency_key
-            raise _invalid_record(
+            raise invalid_record(
                 key, IdempotencyInvalidStatusError("its data is not JSON")
             ) from exc
         response = None if stored is None else self.output_serializer.from_dict(stored)
@@ -424,9 +326,7 @@ class IdempotencyEngine:
     ) -> T:
         owner = claim.owner
         assert owner is not None
-        loop = asyncio.get_running_loop()
-        flight = _Flight(loop=loop, payload_hash=call.payload_hash, done=loop.create_future())
-        self._flights[call.key] = flight
+        flight = self._flights.start(call.key, call.payload_hash)
         lease = self._start_lease(call, claim)
         try:
             try:
@@ -442,14 +342,11 @@ class IdempotencyEngine:
                     logger.exception("could not release %s after %r", call.key, error)
                 raise
             completed = await self._complete(call, owner, result, lease)
-            self._cache_put(completed)
-            flight.done.set_result(completed)
+            self._cache.put(completed)
+            flight.outcome.set(completed)
             return result
         finally:
-            if self._flights.get(call.key) is flight:
-                del self._flights[call.key]
-            if not flight.done.done():
-                flight.done.set_result(None)
+            self._flights.land(call.key, flight)
 
     async def _complete(
         self, call: PreparedCall, owner: str, result: Any, lease: Lease | None
@@ -489,8 +386,8 @@ class IdempotencyEngine:
                         key=call.key,
                     )
             await self.persistence_store.complete(completed, owner=owner)
-        except asyncio.CancelledError:
-            self._cleanup(self._complete_later(completed, owner))
+        except Cancelled:
+            self._background.spawn(self._complete_later, completed, owner)
             raise
         except IdempotencyClaimLostError as exc:
             exc.result = result
@@ -500,7 +397,7 @@ class IdempotencyEngine:
             await self._release(call.key, owner)
             raise
         except Exception as exc:
-            self._cleanup(self._complete_later(completed, owner))
+            self._background.spawn(self._complete_later, completed, owner)
             error = IdempotencyCompletionError(
                 "Failed to update record state to success in idempotency store; "
                 "the function ran and its result is attached. Storing it is retried in "
@@ -508,7 +405,7 @@ class IdempotencyEngine:
                 exc,
                 result=result,
             )
-            error.transient = _is_transient(exc)  # a retry later replays the result
+            error.transient = is_transient(exc)  # a retry later replays the result
             raise error from exc
         return completed
 
@@ -524,43 +421,16 @@ class IdempotencyEngine:
             try:
                 await self.persistence_store.release(key, owner=owner)
             except Exception:
-                self._cleanup(self._release_later(key, owner))
+                self._background.spawn(self._release_later, key, owner, False)
                 raise
 
-        self._cache_delete(key)
-        try:
-            await _shielded(release())
-        except Exception as exc:
-            self._raise_store_error("Failed to delete record from idempotency store", key, exc)
+        self._cache.discard(key)
+        with store_errors("Failed to delete record from idempotency store", key):
+            await shielded(release)
 
-    # -- cleanup in the background ------------------------------------------------------
+    # -- work left to the background ------------------------------------------------------
 
-    def _cleanup(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` (a bounded release or completion) in the background."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-
-    async def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until the background releases and completions of this engine's calls
-        on the running loop are done; True if they all finished within `timeout`.
-
-        Calls that were cancelled or failed mid-flight free their claims (or store
-        their results) in the background; tests and shutdown hooks await this.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            pending = {task for task in self._cleanups if task.get_loop() is loop}
-            left = deadline - loop.time()
-            if not pending:
-                return True
-            if left <= 0:
-                return False
-            # A finished task may start another (a claim's release): look again.
-            await asyncio.wait(pending, timeout=left)
-
-    async def _release_later(self, key: str, owner: str, *, confirm: bool = False) -> None:
+    async def _release_later(self, key: str, owner: str, confirm: bool) -> None:
         """Release `owner`'s claim, retrying failures with backoff (bounded).
 
         With `confirm`, release once more after `_CONFIRM_RELEASE_DELAY`: the claim
@@ -569,7 +439,7 @@ class IdempotencyEngine:
         release = self.persistence_store.release
         released = await self._retry(f"release of {key}", release, key, owner=owner)
         if released and confirm:
-            await asyncio.sleep(_CONFIRM_RELEASE_DELAY)
+            await sleep(_CONFIRM_RELEASE_DELAY)
             await self._retry(f"release of {key}", release, key, owner=owner)
 
     async def _complete_later(self, record: DataRecord, owner: str) -> None:
@@ -581,14 +451,14 @@ class IdempotencyEngine:
                 record,
                 owner=owner,
             ):
-                self._cache_put(record)
+                self._cache.put(record)
         except IdempotencyClaimLostError:
             logger.warning(
                 "the claim on %s was taken over; its result was not stored",
                 record.idempotency_key,
             )
         except IdempotencyCompletionError:
-            await self._release_later(record.idempotency_key, owner)
+            await self._release_later(record.idempotency_key, owner, False)
 
     async def _retry(
         self, what: str, operation: Callable[..., Awaitable[Any]], *args: Any, **kw: Any
@@ -602,14 +472,14 @@ class IdempotencyEngine:
             except (IdempotencyClaimLostError, IdempotencyCompletionError):
                 raise
             except Exception as exc:
-                if isinstance(exc, IdempotencyError) and not _is_transient(exc):
+                if isinstance(exc, IdempotencyError) and not is_transient(exc):
                     logger.warning("the %s failed for good", what, exc_info=True)
                     return False
                 if attempt == _CLEANUP_ATTEMPTS:
                     logger.warning("gave up the %s after %d attempts", what, attempt, exc_info=True)
                     return False
                 logger.warning("the %s failed; retrying in %.2gs", what, delay, exc_info=True)
-                await asyncio.sleep(delay)
+                await sleep(delay)
                 delay *= 2
             else:
                 return True
@@ -618,26 +488,14 @@ class IdempotencyEngine:
     # -- lease renewal ----------------------------------------------------------------
 
     def _start_lease(self, call: PreparedCall, claim: DataRecord) -> Lease | None:
-        lease = self.config.in_progress_lease_seconds
-        if call.lambda_context is not None or lease is None:
+        if call.lambda_context is not None or self._leases is None:
             return None
-        loop = asyncio.get_running_loop()
-        keeper = self._keepers.get(loop)
-        if keeper is None:
-            keeper = LeaseKeeper(self.persistence_store, lease=lease, clock=self._clock)
-            self._keepers[loop] = keeper
-        return keeper.keep(claim)
+        return self._leases.keep(claim)
 
     # -- waiting for a duplicate's result -------------------------------------------------
 
-    def _flight(self, key: str) -> _Flight | None:
-        flight = self._flights.get(key)
-        if flight is None or flight.loop is not asyncio.get_running_loop():
-            return None
-        return flight
-
     async def _join(
-        self, call: PreparedCall, flight: _Flight, deadline: float | None
+        self, call: PreparedCall, flight: Flight, deadline: float | None
     ) -> DataRecord | None:
         """Share the result of a call of this process that holds the key."""
         self._validate(call, flight.payload_hash)
@@ -647,8 +505,8 @@ class IdempotencyEngine:
         if left <= 0:
             raise self._in_progress_error(call.key)
         try:
-            return await asyncio.wait_for(asyncio.shield(flight.done), left)
-        except asyncio.TimeoutError:
+            return await self._flights.join(flight, left)
+        except TimeoutError:
             raise self._in_progress_error(call.key) from None
 
     async def _wait(self, call: PreparedCall, deadline: float | None) -> DataRecord | None:
@@ -661,101 +519,19 @@ class IdempotencyEngine:
             raise self._in_progress_error(call.key)
         interval = self.config.wait_poll_interval_seconds
         while True:
-            flight = self._flight(call.key)
+            flight = self._flights.find(call.key)
             if flight is not None:
                 return await self._join(call, flight, deadline)
             left = deadline - self._clock()
             if left <= 0:
                 raise self._in_progress_error(call.key)
-            await asyncio.sleep(min(interval, left))
+            await sleep(min(interval, left))
             interval = min(interval * 2, _MAX_POLL_INTERVAL)
-            try:
+            with store_errors("Failed to get record from idempotency store", call.key):
                 record = await self.persistence_store.get(call.key)
-            except Exception as exc:
-                self._raise_store_error(
-                    "Failed to get record from idempotency store", call.key, exc
-                )
             if record is None or record.is_claimable(self._clock()):
                 return None
             self._validate(call, record.payload_hash)
             if record.status is RecordStatus.COMPLETED:
-                self._cache_put(record)
+                self._cache.put(record)
                 return record
-
-    # -- local cache --------------------------------------------------------------------
-
-    def _cache_get(self, key: str) -> DataRecord | None:
-        if not self.config.use_local_cache:
-            return None
-        with self._cache_lock:
-            record = self._cache.get(key)
-            if record is None:
-                return None
-            if record.is_expired(self._clock()):
-                del self._cache[key]
-                return None
-            self._cache.move_to_end(key)
-            return record
-
-    def _cache_put(self, record: DataRecord) -> None:
-        if not self.config.use_local_cache or record.status is not RecordStatus.COMPLETED:
-            return
-        with self._cache_lock:
-            self._cache[record.idempotency_key] = record
-            self._cache.move_to_end(record.idempotency_key)
-            while len(self._cache) > self.config.local_cache_max_items:
-                self._cache.popitem(last=False)
-
-    def _cache_delete(self, key: str) -> None:
-        if self.config.use_local_cache:
-            with self._cache_lock:
-                self._cache.pop(key, None)
-
-
-def _invalid_record(key: str, problem: IdempotencyInvalidStatusError) -> IdempotencyError:
-    """The error for an unusable record under `key`: what is wrong, and how to free it."""
-    return IdempotencyInvalidRecordError(
-        f"the store holds an unusable record under {key!r}: {problem.message}. "
-        "It is left as it is; if it is not needed, free the key with "
-        f"`python -m aioidempotency delete --store URL '{key}'`",
-        problem,
-        key=key,
-    )
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Whether retrying after `exc` can succeed: our errors say so; a client's own
-    connection errors and timeouts are transient."""
-    if isinstance(exc, IdempotencyPersistenceLayerError):
-        return exc.transient
-    if isinstance(exc, IdempotencyError):
-        return False
-    return isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError))
-
-
-def _is_own(result: ClaimResult, owner: str) -> bool:
-    """True when a refused claim shows the caller's own in-progress record: a client
-    resent the claim after losing the reply to the first one, which had won."""
-    existing = result.existing
-    return (
-        not result.claimed
-        and existing is not None
-        and existing.owner == owner
-        and existing.status is RecordStatus.INPROGRESS
-    )
-
-
-async def _shielded(awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable`` in its own task so that cancelling the caller does not
-    interrupt it; the caller still sees the cancellation."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(_log_background_failure)
-        raise
-
-
-def _log_background_failure(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("store operation failed after cancellation", exc_info=task.exception())

@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable
 
 from aioidempotency._async.store import PersistenceLayer
 from aioidempotency._records import DataRecord
 from aioidempotency.exceptions import IdempotencyClaimLostError
 
-__all__ = ["Lease", "LeaseKeeper", "stop_task"]
+__all__ = ["Lease", "LeaseKeeper", "Leases", "stop_task"]
 
 logger = logging.getLogger("aioidempotency")
 
@@ -129,6 +130,29 @@ class LeaseKeeper:
                 return
         finally:
             lease.task = None
+
+
+class Leases:
+    """The lease keepers of one engine: one per event loop, created on first use."""
+
+    def __init__(
+        self, store: PersistenceLayer, *, lease: float, clock: Callable[[], float]
+    ) -> None:
+        self._store = store
+        self._lease = lease
+        self._clock = clock
+        self._keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LeaseKeeper] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def keep(self, claim: DataRecord) -> Lease:
+        """Start renewing `claim` on the running loop."""
+        loop = asyncio.get_running_loop()
+        keeper = self._keepers.get(loop)
+        if keeper is None:
+            keeper = LeaseKeeper(self._store, lease=self._lease, clock=self._clock)
+            self._keepers[loop] = keeper
+        return keeper.keep(claim)
 
 
 async def stop_task(task: asyncio.Task[None] | None) -> None:

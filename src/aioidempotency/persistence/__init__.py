@@ -2,8 +2,9 @@
 
 Users pick a store: `InMemoryPersistenceLayer`, `CachePersistenceLayer` (Redis and
 Valkey through redis-py, valkey-glide or any `CacheClient`), `DynamoDBPersistenceLayer`,
-or `store_from_url`. Store writers subclass `PersistenceLayer` and return
-`ClaimResult`s holding `DataRecord`s.
+or `store_from_url`; each serves async and sync code alike. Store writers subclass
+`PersistenceLayer` (async) or `SyncPersistenceLayer` (sync) and return `ClaimResult`s
+holding `DataRecord`s.
 
 Everything imports without the optional extras; a store whose client library is
 missing says what to install when it is built.
@@ -14,6 +15,8 @@ from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer, create_idem
 from aioidempotency._async.memory import InMemoryPersistenceLayer
 from aioidempotency._async.store import ClaimResult, PersistenceLayer
 from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._sync.memory import SyncInMemoryPersistenceLayer
+from aioidempotency._sync.store import SyncPersistenceLayer
 from aioidempotency._urls import store_from_url
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "CachePersistenceLayer",
     "DynamoDBPersistenceLayer",
     "InMemoryPersistenceLayer",
+    "SyncInMemoryPersistenceLayer",
     "store_from_url",
     # writing a store
     "CacheClient",
@@ -28,6 +32,7 @@ __all__ = [
     "DataRecord",
     "PersistenceLayer",
     "RecordStatus",
+    "SyncPersistenceLayer",
     # operating a table
     "create_idempotency_table",
 ]

@@ -1,0 +1,142 @@
+"""Leases for the sync engine: one thread per engine keeps in-progress claims alive.
+
+The rules are those of ``_async/lease.py``: a claim is renewed every third of its
+lease; a failed renewal is retried (backing off up to a third of the lease) for as
+long as the call runs; only a proven loss stops it, marks the lease `lost`, and the
+engine then refuses to store the late result. The keeper thread starts with the
+first claim, sleeps while there is none, and a forked child starts its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from aioidempotency._records import DataRecord
+from aioidempotency._sync.store import SyncPersistenceLayer
+from aioidempotency.exceptions import IdempotencyClaimLostError
+
+__all__ = ["Lease", "Leases"]
+
+logger = logging.getLogger("aioidempotency")
+
+STOP_TIMEOUT = 5.0
+"""How long stopping waits for a renewal in flight."""
+
+RETRY_DELAY = 0.05
+"""First pause between failed renewals (seconds); it doubles up to a third of the lease."""
+
+
+class Lease:
+    """One claim kept alive by `Leases`; `lost` once the store proved it gone."""
+
+    __slots__ = ("claim", "delay", "due", "idle", "keeper", "lost")
+
+    def __init__(self, keeper: Leases, claim: DataRecord, due: float) -> None:
+        self.keeper = keeper
+        self.claim = claim
+        self.due = due
+        self.delay = RETRY_DELAY
+        self.lost = False
+        self.idle = threading.Event()  # clear while a renewal is in flight
+        self.idle.set()
+
+    @property
+    def key(self) -> str:
+        """The claimed idempotency key."""
+        return self.claim.idempotency_key
+
+    def stop(self) -> None:
+        """Stop renewing; returns once no renewal is in flight (bounded wait)."""
+        self.keeper._forget(self)
+        if not self.idle.wait(STOP_TIMEOUT):
+            logger.warning(
+                "the lease renewal of %s did not stop within %ss", self.key, STOP_TIMEOUT
+            )
+
+
+class Leases:
+    """Renews the claims of one engine from one daemon thread."""
+
+    def __init__(
+        self, store: SyncPersistenceLayer, *, lease: float, clock: Callable[[], float]
+    ) -> None:
+        self._store = store
+        self._lease = lease
+        self._interval = lease / 3
+        self._clock = clock
+        self._changed = threading.Condition()
+        self._leases: dict[str, Lease] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def keep(self, claim: DataRecord) -> Lease:
+        """Start renewing `claim` (an in-progress record with an owner token)."""
+        assert claim.owner is not None
+        lease = Lease(self, claim, self._clock() + self._interval)
+        with self._changed:
+            if self._pid != os.getpid():  # a forked child: the parent's thread is gone
+                self._leases, self._thread, self._pid = {}, None, os.getpid()
+            self._leases[claim.owner] = lease
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="aioidempotency-leases", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify()
+        return lease
+
+    def _forget(self, lease: Lease) -> None:
+        with self._changed:
+            self._leases.pop(lease.claim.owner or "", None)
+
+    def _serve(self) -> None:
+        while True:
+            with self._changed:
+                if self._pid != os.getpid():
+                    return
+                now = self._clock()
+                due = [lease for lease in self._leases.values() if lease.due <= now]
+                if not due:
+                    # Wake by the next due time at the latest; a new claim notifies.
+                    self._changed.wait(self._interval / 2)
+                    continue
+                for lease in due:
+                    lease.idle.clear()
+            for lease in due:
+                try:
+                    self._renew(lease)
+                finally:
+                    lease.idle.set()
+
+    def _renew(self, lease: Lease) -> None:
+        if lease.claim.owner not in self._leases:
+            return
+        until_ms = int((self._clock() + self._lease) * 1000)
+        renewed = dataclasses.replace(lease.claim, in_progress_expiry_timestamp=until_ms)
+        try:
+            self._store.renew(renewed)
+        except IdempotencyClaimLostError:
+            logger.warning(
+                "lease on %s lost to another call; its result will not be stored", lease.key
+            )
+            lease.lost = True
+            self._forget(lease)
+            return
+        except Exception:
+            logger.warning(
+                "renewing the lease on %s failed; retrying in %.2gs",
+                lease.key,
+                lease.delay,
+                exc_info=True,
+            )
+            lease.due = self._clock() + lease.delay
+            lease.delay = min(lease.delay * 2, self._interval)
+            return
+        lease.claim = renewed
+        lease.delay = RETRY_DELAY
+        # Due one interval after the deadline was computed (see _async/lease.py).
+        lease.due = until_ms / 1000 - self._lease + self._interval
