@@ -37,7 +37,6 @@ class WrapperStore(PersistenceLayer):
 
     def __init__(self, inner: PersistenceLayer | None = None) -> None:
         self.inner = inner if inner is not None else InMemoryPersistenceLayer()
-        self.owner_checked = self.inner.owner_checked
         self.calls: list[StoreCall] = []
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -79,9 +78,9 @@ class WrapperStore(PersistenceLayer):
         self._record("claim", record.idempotency_key)
         return await self.inner.claim(record, now=now)
 
-    async def get(self, key: str) -> DataRecord | None:
+    async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
         self._record("get", key)
-        return await self.inner.get(key)
+        return await self.inner.get(key, now=now)
 
     async def complete(self, record: DataRecord, *, owner: str) -> None:
         self._record("complete", record.idempotency_key)

@@ -203,7 +203,7 @@ async def test_atomic_orphan_takeover_refuses_the_late_owner(
     cluster: bool,
 ) -> None:
     layer, _ = open_layer(layers, cache_servers, kind, client, cluster=cluster)
-    assert layer.owner_checked
+    assert layer.atomic
     key = new_key()
     stale = in_progress(key, "crashed", in_progress_ms=int(time.time() * 1000) - 1000)
     assert (await layer.claim(stale, now=time.time())).claimed
@@ -233,7 +233,7 @@ async def test_protocol_orphan_takeover_takes_the_reference_lock(
     cache_servers: ServerPool, layers: list[CachePersistenceLayer], cluster: bool
 ) -> None:
     layer, _ = open_layer(layers, cache_servers, "valkey", "redis", atomic=False, cluster=cluster)
-    assert not layer.owner_checked
+    assert not layer.atomic
     key = new_key()
     past = int(time.time() * 1000) - 1000
     assert await layer.claim(in_progress(key, "crashed", in_progress_ms=past), now=time.time())
@@ -560,7 +560,7 @@ async def test_a_user_object_satisfying_cache_client_gets_the_protocol_path(
         assert isinstance(user_cache, CacheClient)
         layer = CachePersistenceLayer(user_cache)
         assert not layer.atomic
-        assert not layer.owner_checked
+        assert not layer.atomic
         key = new_key()
         assert (await layer.claim(in_progress(key, "a"), now=time.time())).claimed
         await layer.complete(completed(key, [1, 2]), owner=tok("a"))
@@ -591,8 +591,8 @@ def test_clients_that_cannot_serve_are_refused() -> None:
 def test_urls_choose_the_path() -> None:
     store = store_from_url("valkeys://u:p@cache.example:6380/2?client=glide&atomic=false")
     assert isinstance(store, CachePersistenceLayer)
-    assert not store.owner_checked
-    assert CachePersistenceLayer.from_url("redis://localhost?cluster=true").owner_checked
+    assert not store.atomic
+    assert CachePersistenceLayer.from_url("redis://localhost?cluster=true").atomic
 
 
 async def test_cluster_records_spread_over_the_nodes(

@@ -582,7 +582,7 @@ async def test_a_failed_renewal_is_retried(store: PersistenceLayer) -> None:
     counting = WrapperStore(store)
     failures = iter([ConnectionError("blip")])
     counting.fail["renew"] = lambda: next(failures, None)
-    engine = engine_for(counting, in_progress_lease_seconds=0.3)
+    engine = engine_for(counting, in_progress_lease_seconds=1.0)
     gate = Gate()
     task = asyncio.create_task(engine.run(PAYMENT, gate))
     await asyncio.wait_for(gate.started.wait(), 10)

@@ -85,10 +85,10 @@ class MemoryTable:
             self._put(record, now)
             return ClaimResult(claimed=True)
 
-    def get(self, key: str) -> DataRecord | None:
+    def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
         with self._lock:
             self.operations["get"] += 1
-            return self._live(key, self._clock())
+            return self._live(key, self._clock() if now is None else now)
 
     def _owned(self, key: str, owner: str) -> DataRecord:
         current = self._records.get(key)

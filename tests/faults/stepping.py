@@ -106,7 +106,6 @@ class SteppingStore(PersistenceLayer):
 
     def __init__(self, inner: PersistenceLayer) -> None:
         self.inner = inner
-        self.owner_checked = inner.owner_checked
         self.landed: list[Landed] = []
         self.claims: dict[str, str] = {}
         self._gates: dict[tuple[str, Phase], list[tuple[str | None, Gate]]] = {}
@@ -175,8 +174,8 @@ class SteppingStore(PersistenceLayer):
             "claim", key, record.owner, lambda: self.inner.claim(record, now=now)
         )
 
-    async def get(self, key: str) -> DataRecord | None:
-        return await self._step("get", key, None, lambda: self.inner.get(key))
+    async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+        return await self._step("get", key, None, lambda: self.inner.get(key, now=now))
 
     async def complete(self, record: DataRecord, *, owner: str) -> None:
         await self._step(

@@ -170,7 +170,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     def stored(self, index: int) -> DataRecord | None:
         # read the store's dict: `get()` would drop expired records, changing its state
-        return self.store._records.get(self.key(index))
+        return self.store.table._records.get(self.key(index))
 
     def store_ops(self) -> int:
         """Store operations so far, but renewals (the lease keeper may renew other

@@ -9,8 +9,8 @@ chosen by what the client can do:
 - **protocol path**, for any `CacheClient` (get/set/delete): the reference algorithm
   (semantics A5) with its orphan lock key `"{key}:lock"`; completion, release and
   renewal read the record first and write only over the caller's own claim, but a
-  takeover landing between that read and the write is not seen, so `owner_checked` is
-  False (docs/redis-valkey.md says what this path guarantees).
+  takeover landing between that read and the write is not seen (docs/redis-valkey.md
+  says what this path guarantees).
 - **atomic path**, for clients that run Lua scripts (redis-py asyncio, valkey-py
   asyncio, valkey-glide): claim-or-return-existing, orphan takeover, completion,
   release and renewal each conditional on the server, in one round trip (a takeover in
@@ -634,7 +634,6 @@ class CachePersistenceLayer(PersistenceLayer):
                 f"{type(client).__name__} cannot run scripts; use atomic=False"
             )
         self.atomic = can_script if atomic is None else atomic
-        self.owner_checked = self.atomic
         if wait_replicas and not self.atomic:
             raise IdempotencyPersistenceConfigError(
                 "wait_replicas needs the atomic path (a client that runs scripts)"
@@ -962,12 +961,12 @@ class CachePersistenceLayer(PersistenceLayer):
         await client.set(key, text, ex=ttl)
         return ClaimResult(claimed=True)
 
-    async def get(self, key: str) -> DataRecord | None:
+    async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
         raw = await self._run("get", key, _read, key)
         if raw is None:
             return None
         record = self.attributes.from_json(key, raw)
-        if record.is_expired(self._clock()):
+        if record.is_expired(time.time() if now is None else now):
             return None
         return record
 

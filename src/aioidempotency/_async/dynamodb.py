@@ -274,7 +274,6 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
     own timeouts and retries), never closed, and refused in a forked child.
     """
 
-    owner_checked = True
 
     def __init__(
         self,
@@ -571,14 +570,14 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
             )
         return ClaimResult(claimed=True)
 
-    async def get(self, key: str) -> DataRecord | None:
-        """A strongly consistent GetItem; None when absent or expired."""
+    async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+        """A strongly consistent GetItem; None when absent or expired at `now`."""
         response = await self._call("get_item", "get", Key=self._key(key), ConsistentRead=True)
         item = response.get("Item")
         if item is None:
             return None
         record = self._record(key, item)
-        return None if record.is_expired(time.time()) else record
+        return None if record.is_expired(time.time() if now is None else now) else record
 
     async def complete(self, record: DataRecord, *, owner: str) -> None:
         """One UpdateItem conditional on `owner`; checks the 400 KB limit first.

@@ -528,7 +528,7 @@ class IdempotencyEngine:
             await sleep(min(interval, left))
             interval = min(interval * 2, _MAX_POLL_INTERVAL)
             with store_errors("Failed to get record from idempotency store", call.key):
-                record = await self.persistence_store.get(call.key)
+                record = await self.persistence_store.get(call.key, now=self._clock())
             if record is None or record.is_claimable(self._clock()):
                 return None
             self._validate(call, record.payload_hash)

@@ -53,8 +53,8 @@ class InMemoryPersistenceLayer(PersistenceLayer):
     async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
         return self.table.claim(record, now=now)
 
-    async def get(self, key: str) -> DataRecord | None:
-        return self.table.get(key)
+    async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+        return self.table.get(key, now=now)
 
     async def complete(self, record: DataRecord, *, owner: str) -> None:
         self.table.complete(record, owner=owner)

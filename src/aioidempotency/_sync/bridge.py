@@ -195,8 +195,8 @@ class BridgedStore(SyncPersistenceLayer):
     def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
         return self._run(self.inner.claim(record, now=now))
 
-    def get(self, key: str) -> DataRecord | None:
-        return self._run(self.inner.get(key))
+    def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+        return self._run(self.inner.get(key, now=now))
 
     def complete(self, record: DataRecord, *, owner: str) -> None:
         self._run(self.inner.complete(record, owner=owner))

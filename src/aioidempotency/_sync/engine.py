@@ -525,7 +525,7 @@ class SyncIdempotencyEngine:
             sleep(min(interval, left))
             interval = min(interval * 2, _MAX_POLL_INTERVAL)
             with store_errors("Failed to get record from idempotency store", call.key):
-                record = self.persistence_store.get(call.key)
+                record = self.persistence_store.get(call.key, now=self._clock())
             if record is None or record.is_claimable(self._clock()):
                 return None
             self._validate(call, record.payload_hash)

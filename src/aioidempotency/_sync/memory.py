@@ -54,8 +54,8 @@ class SyncInMemoryPersistenceLayer(SyncPersistenceLayer):
     def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
         return self.table.claim(record, now=now)
 
-    def get(self, key: str) -> DataRecord | None:
-        return self.table.get(key)
+    def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+        return self.table.get(key, now=now)
 
     def complete(self, record: DataRecord, *, owner: str) -> None:
         self.table.complete(record, owner=owner)

@@ -20,12 +20,9 @@ __all__ = ["ClaimResult", "SyncPersistenceLayer", "check_result_size"]
 class SyncPersistenceLayer(abc.ABC):
     """Base class of every store. Subclass it to add a store.
 
-    `owner_checked` says whether `complete`, `release` and `renew` check the owner
-    token atomically on the server. A store that cannot (a bare cache client) sets it
-    to False and the engine falls back to the reference behaviour.
+    Every method may be sent more than once for the same call (a client's retry after
+    a lost reply, the engine's retry in the background): each must be safe to repeat.
     """
-
-    owner_checked: bool = True
 
     @abc.abstractmethod
     def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
@@ -42,8 +39,10 @@ class SyncPersistenceLayer(abc.ABC):
         """
 
     @abc.abstractmethod
-    def get(self, key: str) -> DataRecord | None:
-        """Read the record under `key`, or None. Never returns a malformed record."""
+    def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+        """Read the record under `key`, or None when there is none or it expired at
+        `now` (epoch seconds; the engine always passes its clock, None means
+        ``time.time()`` for tools). Never returns a malformed record."""
 
     @abc.abstractmethod
     def complete(self, record: DataRecord, *, owner: str) -> None:
