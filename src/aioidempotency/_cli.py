@@ -6,15 +6,16 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from aioidempotency._calls import idempotency_key
 from aioidempotency._config import IdempotencyConfig
 from aioidempotency._demo import run_demo
 from aioidempotency._encoding import dumps_key_data
 from aioidempotency._keys import (
+    function_key_prefix,
     hash_data,
     is_missing_idempotency_key,
     prepare_payload,
@@ -86,14 +87,13 @@ def _key_command(args: argparse.Namespace) -> int:
     if args.prefix is not None:
         prefix = args.prefix
     else:
-        function = args.function or "<module>.<function>"
-        prefix = f"{os.environ.get('AWS_LAMBDA_FUNCTION_NAME', 'test-func')}.{function}"
+        prefix = function_key_prefix(args.function or "<module>.<function>")
     print(f"selected:   {json.dumps(selected)}")
     if is_missing_idempotency_key(selected):
         print("key:        none (the selection is empty: the call would run without persistence)")
         return 1
     print(f"serialised: {dumps_key_data(selected)}")
-    print(f"key:        {prefix}#{hash_data(selected, args.hash)}")
+    print(f"key:        {idempotency_key(prefix, data, config)}")
     if config.payload_validation_enabled:
         validation = select_validation_data(data, config)
         print(f"validation: {hash_data(validation, args.hash)}  (of {dumps_key_data(validation)})")

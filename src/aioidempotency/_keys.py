@@ -170,5 +170,11 @@ def default_key_prefix(fn: Callable[..., Any]) -> str:
             f"cannot derive a stable idempotency key prefix from {fn!r} (a lambda, a partial "
             "or a callable object); pass key_prefix=... explicitly"
         )
+    return function_key_prefix(f"{module}.{qualname}")
+
+
+def function_key_prefix(dotted_name: str) -> str:
+    """The prefix of the function ``module.qualname``:
+    ``{AWS_LAMBDA_FUNCTION_NAME or 'test-func'}.{module}.{qualname}``."""
     function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "test-func")
-    return f"{function_name}.{module}.{qualname}"
+    return f"{function_name}.{dotted_name}"
