@@ -105,6 +105,13 @@ _DIGESTS: dict[str, set[str]] = {
         # aiohttp 3.14.5
         "5b94964416f69903a62e4be86d053cdb51d3914caf344835d010a6263add2f9d",
     },
+    # The middleware also hands the handler a fresh stream holding the body it read, in
+    # `BaseRequest._payload`, for multipart parsing. Re-check that `multipart()` (which
+    # a multipart `post()` calls) still reads `self._payload`.
+    "aiohttp.web_request:BaseRequest.multipart": {
+        # aiohttp 3.14.5
+        "c513ebef382e1d049b988f5a60249369d9d16b323a5bc481d08507bf14e7d9a8",
+    },
 }
 
 
@@ -385,3 +392,4 @@ async def test_aiohttp_request_read_bytes() -> None:
     assert await request.text() == "a=1"
     assert dict(await request.post()) == {"a": "1"}
     _check_digest("aiohttp.web_request:BaseRequest.read")
+    _check_digest("aiohttp.web_request:BaseRequest.multipart")

@@ -13,12 +13,14 @@ responses that a handler streams itself (``await response.prepare(request)``) wi
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 from typing_extensions import Unpack
@@ -44,6 +46,8 @@ caller cannot be identified (the request is then refused); it runs before the
 handler, after the middlewares listed before this one."""
 
 _RECOMPUTED = frozenset({"content-length", "transfer-encoding"})
+_STREAM_LIMIT = 2**16
+"""Buffer limit of the stream handed back to the handler (aiohttp's own default)."""
 _in_handler: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "aioidempotency_in_handler", default=False
 )
@@ -171,9 +175,16 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
         if len(body) > limit:
             return None
     data = bytes(body)
-    # aiohttp's cache of `read()`: the handler's read(), text(), json() and post()
-    # find the body there, as after an ordinary `await request.read()`.
+    # aiohttp's cache of `read()`: the handler's read(), text(), json() and an
+    # urlencoded post() find the body there, as after an ordinary `await request.read()`.
     request._read_bytes = data
+    # multipart() (and a multipart post()) parse the stream itself: give them a fresh
+    # one holding the body that was read.
+    replay = StreamReader(request.protocol, _STREAM_LIMIT, loop=asyncio.get_running_loop())
+    if data:
+        replay.feed_data(data)
+    replay.feed_eof()
+    request._payload = replay
     return data
 
 
