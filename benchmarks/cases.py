@@ -29,7 +29,6 @@ from typing import Any
 from aioidempotency import (
     CachePersistenceLayer,
     IdempotencyConfig,
-    InMemoryPersistenceLayer,
     PersistenceLayer,
 )
 from benchmarks import batch
@@ -43,6 +42,7 @@ from benchmarks.counting import (
 from benchmarks.runner import KeyStream, RunStats, run_async, run_threads
 from benchmarks.servers import ChildServer, ReplicatedValkey
 from benchmarks.targets import (
+    CountingMemoryStore,
     PowertoolsMemoryLayer,
     Target,
     attach_counter,
@@ -429,7 +429,7 @@ class Bench:
     # --- aioidempotency stores -----------------------------------------------------------
     def _ours_store(self, spec: Spec) -> PersistenceLayer:
         if spec.client == "in-memory":
-            return InMemoryPersistenceLayer(max_items=10**7)
+            return CountingMemoryStore(max_items=10**7)
         name = f"{spec.client}/{spec.path}/{spec.mode}"
         if spec.group == REPLICA:  # one store (and client) per wait_replicas setting
             name = f"{spec.group}/{spec.variant}/{name}"

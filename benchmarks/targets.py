@@ -20,6 +20,8 @@ from typing import Any
 from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
 
 from aioidempotency import (
+    ClaimResult,
+    DataRecord,
     IdempotencyConfig,
     InMemoryPersistenceLayer,
     PersistenceLayer,
@@ -127,9 +129,36 @@ def attach_counter(store: PersistenceLayer, counter: RequestCounter) -> Persiste
     return store
 
 
+class CountingMemoryStore(InMemoryPersistenceLayer):
+    """The in-memory store, counting each request as a network store's client does."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.requests = RequestCounter()
+        attach_counter(self, self.requests)
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        self.requests.add()
+        return await super().claim(record, now=now)
+
+    async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+        self.requests.add()
+        return await super().get(key, now=now)
+
+    async def complete(self, record: DataRecord, *, owner: str) -> None:
+        self.requests.add()
+        await super().complete(record, owner=owner)
+
+    async def release(self, key: str, *, owner: str) -> None:
+        self.requests.add()
+        await super().release(key, owner=owner)
+
+    async def renew(self, record: DataRecord) -> None:
+        self.requests.add()
+        await super().renew(record)
+
+
 def _requests_of(store: PersistenceLayer) -> Callable[[], int]:
-    if isinstance(store, InMemoryPersistenceLayer):
-        return lambda: sum(store.operations.values())
     counter = _STORE_COUNTERS[id(store)]
     return lambda: counter.value
 

@@ -27,6 +27,13 @@ class StoreCall:
     native_thread_id: int
 
 
+def put_record(store: InMemoryPersistenceLayer, record: DataRecord) -> None:
+    """Write `record` into an in-memory store as it is, as another writer could."""
+    table = store.table
+    with table._lock:
+        table._put(record, time.time())
+
+
 class WrapperStore(PersistenceLayer):
     """Delegates every call to `inner` (an in-memory store by default) and records it.
 

@@ -37,6 +37,7 @@ from aioidempotency._async.glide import GlideCacheClient
 from aioidempotency._records import RecordStatus
 from aioidempotency.aws_lambda import LambdaHandlerError, handler_loop, lambda_handler
 from tests.aws_helpers import create_table
+from tests.helpers import WrapperStore
 from tests.servers.moto import MotoServer
 from tests.servers.redis import ServerPool
 
@@ -408,7 +409,7 @@ async def test_durable_replay_completes_its_own_in_progress_claim(
 
 
 async def test_durable_replay_without_a_claim_just_runs() -> None:
-    store = InMemoryPersistenceLayer()
+    store = WrapperStore()
 
     @idempotent_async(persistence_store=store)
     async def handler(event: dict[str, Any], context: FakeDurableContext) -> int:
@@ -416,7 +417,7 @@ async def test_durable_replay_without_a_claim_just_runs() -> None:
 
     assert await handler({"n": 1}, FakeDurableContext(operations=4)) == 7
     assert await handler({"n": 1}, FakeDurableContext(operations=1)) == 7
-    assert store.operations["complete"] == 1
+    assert store.counts["complete"] == 1
 
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")

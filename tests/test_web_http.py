@@ -38,6 +38,7 @@ from aioidempotency.integrations._http import (
     problem,
 )
 from aioidempotency.persistence import InMemoryPersistenceLayer
+from tests.helpers import put_record
 
 # -- keys ------------------------------------------------------------------------------
 
@@ -539,7 +540,7 @@ async def test_a_foreign_result_under_the_key_is_a_500_problem_with_a_typed_erro
     store = InMemoryPersistenceLayer()
     core = _core(store)
     record = _completed(core, json.dumps({"amount": 5}))
-    store.put_record(record)
+    put_record(store, record)
     app = _App(Reply(201, (), b"x"))
     with caplog.at_level(logging.INFO, logger="aioidempotency.web"):
         outcome = await core.run(_request(), app)

@@ -35,6 +35,7 @@ from aioidempotency.integrations._http import (
 )
 from aioidempotency.integrations.starlette import IdempotencyMiddleware
 from aioidempotency.persistence import InMemoryPersistenceLayer
+from tests.helpers import put_record
 
 __all__ = [
     "BIG_BODY",
@@ -175,14 +176,15 @@ class Site:
         """Write a COMPLETED record holding `data` (JSON text) under the key of a POST
         of `body` to `path` (scope ``""``), as another writer could; returns its key."""
         storage_key = self.storage_key(path, key)
-        self.store.put_record(
+        put_record(
+            self.store,
             DataRecord(
                 idempotency_key=storage_key,
                 status=RecordStatus.COMPLETED,
                 expiry_timestamp=int(time.time()) + 3600,
                 response_data=data,
                 payload_hash=hash_data(fingerprint(body)),  # the middleware validates it
-            )
+            ),
         )
         return storage_key
 

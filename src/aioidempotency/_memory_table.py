@@ -25,8 +25,7 @@ class MemoryTable:
     `max_items` bounds the number of records: when full, expired records go first,
     then the least recently written completed ones; in-progress claims are never
     evicted (a full table of live claims refuses new ones with an error).
-    `max_result_bytes` optionally caps the size of a stored result. `operations`
-    counts the calls per method, so tests can see how often the store was asked.
+    `max_result_bytes` optionally caps the size of a stored result.
     """
 
     def __init__(
@@ -43,7 +42,6 @@ class MemoryTable:
         self._clock = clock
         self._records: collections.OrderedDict[str, DataRecord] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self.operations: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -77,7 +75,6 @@ class MemoryTable:
 
     def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
         with self._lock:
-            self.operations["claim"] += 1
             existing = self._live(record.idempotency_key, now)
             if existing is not None and not existing.is_claimable(now):
                 self._records.move_to_end(record.idempotency_key)
@@ -87,7 +84,6 @@ class MemoryTable:
 
     def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
         with self._lock:
-            self.operations["get"] += 1
             return self._live(key, self._clock() if now is None else now)
 
     def _owned(self, key: str, owner: str) -> DataRecord:
@@ -101,7 +97,6 @@ class MemoryTable:
     def complete(self, record: DataRecord, *, owner: str) -> None:
         check_result_size(record, self.max_result_bytes)
         with self._lock:
-            self.operations["complete"] += 1
             current = self._records.get(record.idempotency_key)
             if (
                 current is not None
@@ -115,7 +110,6 @@ class MemoryTable:
 
     def release(self, key: str, *, owner: str) -> None:
         with self._lock:
-            self.operations["release"] += 1
             current = self._records.get(key)
             if (
                 current is not None
@@ -127,7 +121,6 @@ class MemoryTable:
     def renew(self, record: DataRecord) -> None:
         key = record.idempotency_key
         with self._lock:
-            self.operations["renew"] += 1
             current = self._owned(key, record.owner or "")
             self._records[key] = dataclasses.replace(
                 current, in_progress_expiry_timestamp=record.in_progress_expiry_timestamp
@@ -135,10 +128,4 @@ class MemoryTable:
 
     def delete(self, key: str) -> bool:
         with self._lock:
-            self.operations["delete"] += 1
             return self._records.pop(key, None) is not None
-
-    def put_record(self, record: DataRecord) -> None:
-        """Store `record` as it is, unconditionally (for tests and fixtures)."""
-        with self._lock:
-            self._put(record, self._clock())

@@ -24,9 +24,8 @@ class SyncInMemoryPersistenceLayer(SyncPersistenceLayer):
     `max_items` bounds the number of records: when full, expired records go first,
     then the least recently written completed ones; in-progress claims are never
     evicted (a full store of live claims refuses new ones with an error).
-    `max_result_bytes` optionally caps the size of a stored result. `operations`
-    counts the calls per method, so tests can see how often the store was asked.
-    ``table`` shares the records of another in-memory store (its sync twin does).
+    `max_result_bytes` optionally caps the size of a stored result. ``table`` shares
+    the records of another in-memory store (its sync twin does).
     """
 
     def __init__(
@@ -42,7 +41,6 @@ class SyncInMemoryPersistenceLayer(SyncPersistenceLayer):
         self.table = table
         self.max_items = self.table.max_items
         self.max_result_bytes = self.table.max_result_bytes
-        self.operations = self.table.operations
 
     def __len__(self) -> int:
         return len(self.table)
@@ -68,7 +66,3 @@ class SyncInMemoryPersistenceLayer(SyncPersistenceLayer):
 
     def delete(self, key: str) -> bool:
         return self.table.delete(key)
-
-    def put_record(self, record: DataRecord) -> None:
-        """Store `record` as it is, unconditionally (for tests and fixtures)."""
-        self.table.put_record(record)
