@@ -43,7 +43,6 @@ from aioidempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyClaimLostError,
     IdempotencyCompletionError,
-    IdempotencyError,
     IdempotencyInconsistentStateError,
     IdempotencyInvalidStatusError,
     IdempotencyPersistenceLayerError,
@@ -464,17 +463,21 @@ class IdempotencyEngine:
         self, what: str, operation: Callable[..., Awaitable[Any]], *args: Any, **kw: Any
     ) -> bool:
         """Await `operation(*args, **kw)` until it succeeds, at most `_CLEANUP_ATTEMPTS`
-        times; a claim lost or a result too large is raised at once."""
+        times; a claim lost or a result too large is raised at once.
+
+        Every other failure is retried, even one that does not look transient: a
+        client still connecting, or a node changing role in a failover, fails in ways
+        no classification foresees, and a release or completion left undone keeps
+        the key locked until its lease runs out. The attempts are bounded and safe to
+        repeat.
+        """
         delay = _CLEANUP_FIRST_DELAY
         for attempt in range(1, _CLEANUP_ATTEMPTS + 1):
             try:
                 await operation(*args, **kw)
             except (IdempotencyClaimLostError, IdempotencyCompletionError):
                 raise
-            except Exception as exc:
-                if isinstance(exc, IdempotencyError) and not is_transient(exc):
-                    logger.warning("the %s failed for good", what, exc_info=True)
-                    return False
+            except Exception:
                 if attempt == _CLEANUP_ATTEMPTS:
                     logger.warning("gave up the %s after %d attempts", what, attempt, exc_info=True)
                     return False
