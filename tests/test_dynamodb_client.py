@@ -164,11 +164,10 @@ async def test_no_region_is_a_configuration_error(
 ) -> None:
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     monkeypatch.delenv("AWS_REGION", raising=False)
-    layer = DynamoDBPersistenceLayer("t")
+    layer = DynamoDBPersistenceLayer("t", endpoint_url=moto_server.endpoint_url)
     with pytest.raises(IdempotencyPersistenceConfigError, match="region"):
         await layer.get("fn#k")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    layer.endpoint_url = moto_server.endpoint_url
     with pytest.raises(IdempotencyPersistenceLayerError, match="ResourceNotFoundException"):
         await layer.get("fn#k")  # a failed opening is retried on the next call
     await layer.aclose()

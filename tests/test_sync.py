@@ -611,8 +611,11 @@ from aioidempotency import idempotent, idempotent_function
 from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 from aioidempotency._sync.bridge import background_loop
 
+from aiobotocore.session import AioSession
+
 table, endpoint = sys.argv[1], sys.argv[2]
-store = DynamoDBPersistenceLayer(table, endpoint_url=endpoint)
+# an aiobotocore session: sync calls go through the bridge (a boto3 one would not)
+store = DynamoDBPersistenceLayer(table, endpoint_url=endpoint, session=AioSession())
 runs = []
 
 @idempotent(persistence_store=store)
