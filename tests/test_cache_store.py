@@ -575,9 +575,11 @@ async def test_a_user_object_satisfying_cache_client_gets_the_protocol_path(
         await client.aclose()
 
 
-def test_clients_that_cannot_serve_are_refused() -> None:
+async def test_clients_that_cannot_serve_are_refused() -> None:
+    # A sync client serves @idempotent (tests/test_sync_cache_store.py); async use is
+    # refused, saying why.
     with pytest.raises(IdempotencyPersistenceConfigError, match="block the event loop"):
-        CachePersistenceLayer(redis.Redis())
+        await CachePersistenceLayer(redis.Redis()).get("k")
     with pytest.raises(IdempotencyPersistenceConfigError, match="not a cache client"):
         CachePersistenceLayer(object())
     with pytest.raises(IdempotencyPersistenceConfigError, match="exactly one"):

@@ -34,6 +34,9 @@ SOURCE = ROOT / "src" / "aioidempotency" / "_async"
 TARGET = ROOT / "src" / "aioidempotency" / "_sync"
 
 GENERATED = [
+    "cache.py",
+    "cache_clients.py",
+    "cache_paths.py",
     "decorators.py",
     "dynamodb.py",
     "engine.py",
@@ -62,6 +65,12 @@ NAMES = {
     "require_coroutine_function": "require_plain_function",
     "as_async_store": "as_sync_store",
     "StoreForAsync": "StoreForSync",
+    "CachePersistenceLayer": "SyncCachePersistenceLayer",
+    "CacheClient": "SyncCacheClient",
+    "ScriptingCacheClient": "SyncScriptingCacheClient",
+    "TtlCacheClient": "SyncTtlCacheClient",
+    "RedisPyCacheClient": "SyncRedisPyCacheClient",
+    "GlideCacheClient": "SyncGlideCacheClient",
 }
 """Names renamed in the twin (whole identifiers, also inside strings and comments)."""
 

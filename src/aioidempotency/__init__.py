@@ -43,6 +43,8 @@ from aioidempotency.persistence import (
     DynamoDBPersistenceLayer,
     InMemoryPersistenceLayer,
     PersistenceLayer,
+    RedisCachePersistenceLayer,
+    SyncCachePersistenceLayer,
     SyncInMemoryPersistenceLayer,
     SyncPersistenceLayer,
     store_from_url,
@@ -76,6 +78,8 @@ __all__ = [
     "CachePersistenceLayer",
     "DynamoDBPersistenceLayer",
     "InMemoryPersistenceLayer",
+    "RedisCachePersistenceLayer",
+    "SyncCachePersistenceLayer",
     "SyncInMemoryPersistenceLayer",
     "store_from_url",
     # writing a store

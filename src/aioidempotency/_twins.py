@@ -9,7 +9,7 @@ clients, a `BridgedStore` that runs it on a background loop.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from aioidempotency._async.memory import InMemoryPersistenceLayer
 from aioidempotency._async.store import PersistenceLayer
@@ -28,6 +28,10 @@ _TWIN = "_aioidempotency_sync_twin"
 def as_async_store(store: Any) -> PersistenceLayer:
     """`store` for the async engine (a `TypeError` naming what to pass otherwise)."""
     if isinstance(store, PersistenceLayer):
+        refusal = getattr(store, "_async_refusal", None)  # a layer holding a sync client
+        reason = None if refusal is None else refusal()
+        if reason is not None:
+            raise TypeError(reason)
         return store
     if isinstance(store, SyncPersistenceLayer):
         raise TypeError(
@@ -59,6 +63,9 @@ def _make_twin(store: PersistenceLayer) -> SyncPersistenceLayer:
         from aioidempotency._sync.memory import SyncInMemoryPersistenceLayer
 
         return SyncInMemoryPersistenceLayer(table=store.table)
+    twin_of = getattr(store, "_sync_twin", None)  # a store that knows its own twin
+    if twin_of is not None:
+        return cast(SyncPersistenceLayer, twin_of())
     from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 
     if isinstance(store, DynamoDBPersistenceLayer):

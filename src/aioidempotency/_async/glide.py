@@ -1,9 +1,11 @@
 """Adapter from valkey-glide to the cache store (glide is an optional dependency).
 
 `GlideCacheClient` wraps a `GlideClient` or `GlideClusterClient` so that it offers the
-`CacheClient` methods and runs the store's Lua scripts. NX and EX are mapped to
+`CacheClient` methods and runs the store's Lua scripts. NX, EX and EXAT are mapped to
 glide's own options (`ConditionalChange.ONLY_IF_DOES_NOT_EXIST`,
-`ExpirySet(ExpiryType.SEC, n)`); no option is ever dropped.
+`ExpirySet(ExpiryType.SEC, n)`, `ExpirySet(ExpiryType.UNIX_SEC, t)`); no option is
+ever dropped. Its sync twin, ``aioidempotency._sync.glide``, wraps ``glide_sync``
+clients with the same method names.
 
 A glide client is bound to the event loop that created it: used from another loop it
 hangs silently. The adapter checks the running loop before every call and refuses a
@@ -18,13 +20,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aioidempotency._async.cache import (
-    _DENIED,
-    _TRANSIENT,
-    CacheAccessDeniedError,
-    LuaScript,
-    _classify,
-)
+from aioidempotency._cache_errors import DENIED, TRANSIENT, CacheAccessDeniedError, classify
+from aioidempotency._lua import LuaScript
+from aioidempotency._urls import CacheConnection
 from aioidempotency.exceptions import (
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
@@ -75,14 +73,23 @@ def _map_error(exc: Exception) -> IdempotencyPersistenceLayerError:
     """glide's error as ours, judged like the layer judges any client's (the cause is
     chained by the caller): unreachable, timed out or failing over -> connection error,
     refused credentials or ACL -> `CacheAccessDeniedError`, others -> layer error."""
-    kind = _classify(exc)
-    if kind == _TRANSIENT:
+    kind = classify(exc)
+    if kind == TRANSIENT:
         return IdempotencyPersistenceConnectionError(
             "valkey-glide could not reach the server or it was failing over", exc
         )
-    if kind == _DENIED:
+    if kind == DENIED:
         return CacheAccessDeniedError("valkey-glide was refused access by the server", exc)
     return IdempotencyPersistenceLayerError("valkey-glide command failed", exc)
+
+
+def _expiry(glide: Any, ex: int | None, exat: int | None) -> Any:
+    """glide's `ExpirySet` for EX seconds or EXAT epoch seconds (None for neither)."""
+    if exat is not None:
+        return glide.ExpirySet(glide.ExpiryType.UNIX_SEC, int(exat))
+    if ex is not None:
+        return glide.ExpirySet(glide.ExpiryType.SEC, int(ex))
+    return None
 
 
 def _consume_outcome(call: asyncio.Future[Any]) -> None:
@@ -152,6 +159,20 @@ class GlideCacheClient:
         adapter._config = config
         return adapter
 
+    @classmethod
+    async def from_connection(cls, connection: CacheConnection) -> GlideCacheClient:
+        """`connect` to `connection`'s server (`connection.options` are redis-py's)."""
+        return await cls.connect(
+            connection.host,
+            connection.port,
+            cluster=connection.cluster,
+            tls=connection.tls,
+            username=connection.username,
+            password=connection.password,
+            database=connection.db,
+            request_timeout_ms=int(connection.timeout * 1000),
+        )
+
     async def diagnose(self) -> IdempotencyPersistenceLayerError | None:
         """Why requests keep timing out, when a fresh connection can tell.
 
@@ -202,12 +223,21 @@ class GlideCacheClient:
             raise _map_error(exc) from exc
         return value
 
-    async def set(self, name: str, value: str, *, ex: int | None = None, nx: bool = False) -> bool:
-        """SET `name` with NX and EX mapped to glide's options; True when written."""
+    async def set(
+        self,
+        name: str,
+        value: str,
+        *,
+        ex: int | None = None,
+        exat: int | None = None,
+        nx: bool = False,
+    ) -> bool:
+        """SET `name` with NX, EX (seconds) and EXAT (epoch seconds) mapped to glide's
+        options; True when written."""
         self._check_loop()
         glide = _glide()
         conditional = glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST if nx else None
-        expiry = None if ex is None else glide.ExpirySet(glide.ExpiryType.SEC, int(ex))
+        expiry = _expiry(glide, ex, exat)
         try:
             result = await self.client.set(name, value, conditional_set=conditional, expiry=expiry)
         except Exception as exc:

@@ -1,7 +1,8 @@
 """Stores for idempotency records, and the interface for writing one.
 
 Users pick a store: `InMemoryPersistenceLayer`, `CachePersistenceLayer` (Redis and
-Valkey through redis-py, valkey-glide or any `CacheClient`), `DynamoDBPersistenceLayer`,
+Valkey through redis-py, valkey-glide or any `CacheClient`; `RedisCachePersistenceLayer`
+is its Powertools name), `DynamoDBPersistenceLayer`,
 or `store_from_url`; each serves async and sync code alike. Store writers subclass
 `PersistenceLayer` (async) or `SyncPersistenceLayer` (sync) and return `ClaimResult`s
 holding `DataRecord`s.
@@ -10,11 +11,16 @@ Everything imports without the optional extras; a store whose client library is
 missing says what to install when it is built.
 """
 
-from aioidempotency._async.cache import CacheClient, CachePersistenceLayer
+from aioidempotency._async.cache import (
+    CacheClient,
+    CachePersistenceLayer,
+    RedisCachePersistenceLayer,
+)
 from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer, create_idempotency_table
 from aioidempotency._async.memory import InMemoryPersistenceLayer
 from aioidempotency._async.store import ClaimResult, PersistenceLayer
 from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._sync.cache import SyncCachePersistenceLayer
 from aioidempotency._sync.memory import SyncInMemoryPersistenceLayer
 from aioidempotency._sync.store import SyncPersistenceLayer
 from aioidempotency._urls import store_from_url
@@ -24,6 +30,8 @@ __all__ = [
     "CachePersistenceLayer",
     "DynamoDBPersistenceLayer",
     "InMemoryPersistenceLayer",
+    "RedisCachePersistenceLayer",
+    "SyncCachePersistenceLayer",
     "SyncInMemoryPersistenceLayer",
     "store_from_url",
     # writing a store

@@ -1,0 +1,197 @@
+"""Clients a store opens for itself: one per event loop, and again in a forked child.
+
+A store built from settings (a URL, a factory) opens its client lazily inside the loop
+that uses it: `OpenedClients` keeps one per loop, bounds the calls in flight on each,
+and closes them on `aclose()`. A client the user passed in is held by `PassedClient`,
+which refuses it in a forked child (its sockets are the parent's). Both offer the same
+methods, so a store uses either without caring which. Nothing here knows what the
+client is: any store can use them. The sync twin, ``aioidempotency._sync.clients``,
+keeps one client per process under the same names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+from aioidempotency.exceptions import IdempotencyPersistenceConfigError
+
+__all__ = ["Opened", "OpenedClients", "PassedClient", "fork_generation"]
+
+C = TypeVar("C")
+
+# How many forks this process descends from (bumped in each child): a holder compares
+# it with the value it saw when it took its clients, to tell it runs in a forked child.
+_fork_generation = 0
+
+
+def _forked() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+def fork_generation() -> int:
+    """How many forks this process descends from (0 in the process that started)."""
+    return _fork_generation
+
+
+@dataclasses.dataclass
+class Opened(Generic[C]):
+    """A client ready for use, and what bounds the calls in flight on it."""
+
+    client: C
+    limit: contextlib.AbstractAsyncContextManager[Any]
+
+
+class PassedClient(Generic[C]):
+    """A client the user passed in: used as it is, never closed, refused in a forked
+    child with `refusal` (an `IdempotencyPersistenceConfigError`)."""
+
+    def __init__(self, client: C, *, refusal: str) -> None:
+        self._opened: Opened[C] = Opened(client, contextlib.nullcontext())
+        self._refusal = refusal
+        self._generation = _fork_generation
+        self._pid = os.getpid()
+
+    @property
+    def client(self) -> C:
+        """The client passed in."""
+        return self._opened.client
+
+    def ready(self) -> Opened[C] | None:
+        """The client; raises in a forked child."""
+        if self._generation != _fork_generation:
+            raise IdempotencyPersistenceConfigError(
+                f"this client was created in process {self._pid}, before os.fork(): "
+                + self._refusal
+            )
+        return self._opened
+
+    async def open(self) -> Opened[C]:
+        """The same as `ready` (nothing to open)."""
+        opened = self.ready()
+        assert opened is not None
+        return opened
+
+    def current(self) -> C | None:
+        """The client."""
+        return self._opened.client
+
+    async def aclose(self) -> None:
+        """Nothing: a client passed in stays open."""
+
+
+@dataclasses.dataclass
+class _LoopEntry(Generic[C]):
+    lock: asyncio.Lock
+    limit: asyncio.Semaphore
+    opened: Opened[C] | None = None
+
+
+class OpenedClients(Generic[C]):
+    """One client per event loop, opened on demand by `open_client` and closed by
+    `aclose()` with `close_client`; at most `max_concurrency` calls in flight on each.
+
+    In a forked child the parent's clients are forgotten, not closed (their sockets are
+    the parent's; they stay referenced so that no finalizer closes them), and new ones
+    are opened.
+    """
+
+    def __init__(
+        self,
+        open_client: Callable[[], Awaitable[C]],
+        close_client: Callable[[C], Awaitable[None]],
+        *,
+        max_concurrency: int,
+    ) -> None:
+        self._open_client = open_client
+        self._close_client = close_client
+        self.max_concurrency = max_concurrency
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopEntry[C]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+        self._generation = _fork_generation
+        self._forsaken: list[Any] = []
+
+    def _after_fork(self) -> None:
+        self._forsaken.extend(self._loops.items())
+        self._loops = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # the parent's may have been held at fork
+        self._generation = _fork_generation
+
+    def ready(self) -> Opened[C] | None:
+        """The running loop's client if it is open already (no await), else None."""
+        if self._generation != _fork_generation:
+            self._after_fork()
+        entry = self._loops.get(asyncio.get_running_loop())
+        return None if entry is None else entry.opened
+
+    async def open(self) -> Opened[C]:
+        """The running loop's client, opened if needed (once, whoever asks first)."""
+        if self._generation != _fork_generation:
+            self._after_fork()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry = self._loops.get(loop)
+            if entry is None:
+                limit = asyncio.Semaphore(self.max_concurrency)
+                entry = self._loops[loop] = _LoopEntry(asyncio.Lock(), limit)
+        if entry.opened is None:
+            async with entry.lock:
+                if entry.opened is None:
+                    entry.opened = Opened(await self._open_client(), entry.limit)
+        return entry.opened
+
+    def current(self) -> C | None:
+        """The running loop's client, if one is open."""
+        try:
+            entry = self._loops.get(asyncio.get_running_loop())
+        except RuntimeError:
+            return None
+        return None if entry is None or entry.opened is None else entry.opened.client
+
+    async def aclose(self) -> None:
+        """Close the clients opened so far: the running loop's here, those of other
+        running loops in their own loop; those of closed loops are dropped. In a forked
+        child, the parent's clients are left alone."""
+        if self._generation != _fork_generation:
+            self._after_fork()
+        with self._lock:
+            entries = list(self._loops.items())
+            self._loops.clear()
+        current = asyncio.get_running_loop()
+        for loop, entry in entries:
+            if entry.opened is None:
+                continue
+            closing = self._close_client(entry.opened.client)
+            if loop is current:
+                with contextlib.suppress(Exception):
+                    await closing
+            elif loop.is_running() and not loop.is_closed():
+                future = asyncio.run_coroutine_threadsafe(_awaited(closing), loop)
+                with contextlib.suppress(Exception, concurrent.futures.TimeoutError):
+                    await asyncio.wait_for(asyncio.wrap_future(future), timeout=5)
+            else:
+                _discard(closing)
+
+
+async def _awaited(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
+def _discard(awaitable: Awaitable[None]) -> None:
+    close = getattr(awaitable, "close", None)  # a coroutine never awaited: no warning
+    if close is not None:
+        close()

@@ -1,0 +1,215 @@
+"""Adapter from redis-py (or valkey-py) asyncio clients to the cache store.
+
+`RedisPyCacheClient` wraps a ``redis.asyncio.Redis`` or ``RedisCluster`` (or valkey-py's
+``valkey.asyncio`` twins) so that it offers the `CacheClient` methods, runs the store's
+Lua scripts and waits for replicas on the connection that wrote (`wait_replicas`).
+Its sync twin, ``aioidempotency._sync.redis``, is written by hand with the same
+method names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from aioidempotency._cache_errors import TRANSIENT, classify
+from aioidempotency._lua import LuaScript
+from aioidempotency._urls import CacheConnection
+from aioidempotency.exceptions import IdempotencyPersistenceConfigError
+
+__all__ = ["RedisPyCacheClient", "is_redis_client", "pool_capacity"]
+
+
+def is_redis_client(client: object) -> bool:
+    """True for a redis-py or valkey-py asyncio client (standalone or cluster)."""
+    module = type(client).__module__
+    return (
+        module.split(".")[0] in {"redis", "valkey"}
+        and ".asyncio" in module
+        and hasattr(client, "execute_command")
+    )
+
+
+def pool_capacity(client: Any) -> int | None:
+    """How many commands `client` can have in flight before its pool refuses one: the
+    pool's `max_connections` (per node for a cluster); None for a blocking pool, which
+    makes a command wait for a connection instead."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        if type(pool).__name__ == "BlockingConnectionPool":
+            return None
+        capacity = getattr(pool, "max_connections", None)
+    else:
+        kwargs = getattr(getattr(client, "nodes_manager", None), "connection_kwargs", {})
+        capacity = kwargs.get("max_connections") if isinstance(kwargs, dict) else None
+    return capacity if isinstance(capacity, int) and 0 < capacity < 2**31 - 1 else None
+
+
+class RedisPyCacheClient:
+    """A redis-py (or valkey-py) asyncio client, standalone or cluster, with scripts.
+
+    Scripts run with EVALSHA and fall back to EVAL once per server when the script is
+    not cached yet. `owned=True` closes the client on `aclose()`. Calls in flight are
+    bounded, per event loop, by what the client's pool can carry (its
+    `max_connections`; per node for a cluster), so load waits for a connection instead
+    of failing with "Too many connections". A `BlockingConnectionPool` already waits
+    and gets no bound.
+    """
+
+    def __init__(self, client: Any, *, owned: bool = False) -> None:
+        self.client = client
+        self.owned = owned
+        root = type(client).__module__.split(".")[0]
+        self._no_script: type[BaseException] = sys.modules[f"{root}.exceptions"].NoScriptError
+        # A cluster client discovers its nodes on first use; concurrent first commands
+        # race in that discovery (redis-py 8.1 drops a connection under a command in
+        # flight, then retries it, so a claim can run twice and refuse itself).
+        self._ready = not hasattr(client, "nodes_manager")
+        self._ready_lock: asyncio.Lock | None = None
+        self.max_in_flight = pool_capacity(client)
+        self._limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @classmethod
+    async def from_connection(cls, connection: CacheConnection) -> RedisPyCacheClient:
+        """Open a client for `connection` (lazily: the first command connects); the
+        adapter owns and closes it."""
+        try:
+            import redis.asyncio as aioredis
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise IdempotencyPersistenceConfigError(
+                "redis-py is not installed; install aioidempotency[redis]"
+            ) from exc
+        kind: Any = aioredis.RedisCluster if connection.cluster else aioredis.Redis
+        timeout = connection.timeout
+        client = kind.from_url(
+            connection.redis_url(), socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        return cls(client, owned=True)
+
+    async def _initialize(self) -> None:
+        if self._ready_lock is None:
+            self._ready_lock = asyncio.Lock()
+        async with self._ready_lock:
+            if not self._ready:
+                await self.client.initialize()
+                self._ready = True
+
+    def _limit(self) -> asyncio.Semaphore | None:
+        if self.max_in_flight is None:
+            return None
+        loop = asyncio.get_running_loop()
+        limit = self._limits.get(loop)
+        if limit is None:
+            limit = self._limits.setdefault(loop, asyncio.Semaphore(self.max_in_flight))
+        return limit
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if not self._ready:
+            await self._initialize()
+        limit = self._limit()
+        if limit is None:
+            return await getattr(self.client, method)(*args, **kwargs)
+        async with limit:
+            return await getattr(self.client, method)(*args, **kwargs)
+
+    async def get(self, name: str) -> bytes | str | None:
+        """GET `name`."""
+        value: bytes | str | None = await self._call("get", name)
+        return value
+
+    async def set(
+        self,
+        name: str,
+        value: str,
+        *,
+        ex: int | None = None,
+        exat: int | None = None,
+        nx: bool = False,
+    ) -> Any:
+        """SET `name` with EX (seconds) or EXAT (epoch seconds) and NX."""
+        return await self._call("set", name, value, ex=ex, exat=exat, nx=nx)
+
+    async def delete(self, *names: str) -> int:
+        """DEL `names`."""
+        count: int = await self._call("delete", *names)
+        return count
+
+    async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
+        """EVALSHA `script` on `key`'s node; EVAL when the server does not know it yet."""
+        try:
+            return await self._call("evalsha", script.sha, 1, key, *args)
+        except self._no_script:
+            return await self._call("eval", script.code, 1, key, *args)
+
+    async def run_script_durably(
+        self,
+        script: LuaScript,
+        key: str,
+        args: Sequence[str | int],
+        *,
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int]:
+        """Run `script`, then ``WAIT replicas timeout_ms`` on the same connection (one
+        pipeline, one round trip); returns the script's reply and the replicas that
+        acknowledged it. ``WAIT`` counts the writes of its own connection only, so it
+        cannot be sent on another one."""
+        if not self._ready:
+            await self._initialize()
+        limit = self._limit()
+        async with limit if limit is not None else contextlib.nullcontext():
+            for command, first in (("EVALSHA", script.sha), ("EVAL", script.code)):
+                commands = [(command, first, 1, key, *args), ("WAIT", replicas, timeout_ms)]
+                try:
+                    if hasattr(self.client, "nodes_manager"):
+                        reply, acked = await self._on_cluster_node(key, commands)
+                    else:
+                        pipe = self.client.pipeline(transaction=False)
+                        for parts in commands:
+                            pipe.execute_command(*parts)
+                        reply, acked = await pipe.execute()
+                except self._no_script:
+                    continue
+                return reply, int(acked)
+        raise AssertionError("unreachable: EVAL does not raise NoScriptError")
+
+    async def _on_cluster_node(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send `commands` on one connection of the node holding `key` and read every
+        reply (an error reply is raised after all replies are read, so the connection
+        stays in step). Uses `ClusterNode.acquire_connection`/`release` of redis-py's
+        asyncio cluster, which has no public per-node pipeline."""
+        node = self.client.get_node_from_key(key)
+        connection = node.acquire_connection()
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except Exception as exc:  # an error reply; keep reading the others
+                    replies.append(exc)
+        except BaseException as exc:
+            await connection.disconnect()  # out of step with its replies: start afresh
+            if isinstance(exc, (ConnectionError, OSError)) or classify(exc) == TRANSIENT:
+                # The node may be gone (a failover): learn the topology again before
+                # the layer retries, as the cluster client does for its own commands.
+                with contextlib.suppress(Exception):
+                    await self.client.nodes_manager.initialize()
+            raise
+        finally:
+            node.release(connection)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def aclose(self) -> None:
+        """Close the client if this adapter created it."""
+        if self.owned:
+            await self.client.aclose()
