@@ -6,7 +6,8 @@ classify a record the same way). A script only moves bytes, compares them and lo
 for an owner token, so it costs the same whatever the record's shape and (past a
 bounded prefix and suffix) whatever its size. They do not depend on attribute names:
 one set serves every layer. Every script touches one key (cluster-safe), and writes
-take the record's absolute expiry (``EXAT``, Redis >= 6.2), so no clock is involved.
+take the record's absolute expiry (``EXAT``, Redis >= 6.2), so the caller needs no
+clock; a write whose expiry has passed lives one second by the server's clock.
 """
 
 from __future__ import annotations
@@ -84,20 +85,30 @@ local function fingerprint()
 end
 """
 
+# The expiry a write sets: the record's (epoch seconds), or one second from the server's
+# now if that has passed, so that a record written late lives a moment, as with EX 1.
+_EXPIRY = """
+local function expiry(at)
+  return math.max(tonumber(at), tonumber(redis.call('TIME')[1]) + 1)
+end
+"""
+
 # ARGV: record text, expiry (epoch seconds), expected fingerprint or ''.
 # {1}: claimed a free key. {3}: the value still had the expected fingerprint and was
 # replaced (takeover). {4, type}: the key holds another Redis type. {0, value}:
 # refused, with the value for the caller to classify. {5}: refused, the value is too
 # large to copy here (the caller GETs it).
 _CLAIM_CODE = (
-    """
-if redis.call('SET', KEYS[1], ARGV[1], 'EXAT', ARGV[2], 'NX') then return {1} end
+    _EXPIRY
+    + """
+local at = expiry(ARGV[2])
+if redis.call('SET', KEYS[1], ARGV[1], 'EXAT', at, 'NX') then return {1} end
 """
     + _PRELUDE
     + f"""
 if n < 0 then return {{4, redis.call('TYPE', key)['ok']}} end
 if ARGV[3] ~= '' and fingerprint() == ARGV[3] then
-  redis.call('SET', key, ARGV[1], 'EXAT', ARGV[2])
+  redis.call('SET', key, ARGV[1], 'EXAT', at)
   return {{3}}
 end
 if n > {_MAX_SCRIPT_VALUE} then return {{5}} end
@@ -125,12 +136,13 @@ end
 # of that text. 1: stored, or already stored by this very completion (resent after a
 # lost reply); 0: gone; 2: taken over.
 _COMPLETE_CODE = (
-    _OWNED
+    _EXPIRY
+    + _OWNED
     + """
 if missing() then return 0 end
 if n == #ARGV[2] and fingerprint() == ARGV[4] then return 1 end
 if not ours() then return 2 end
-redis.call('SET', key, ARGV[2], 'EXAT', ARGV[3])
+redis.call('SET', key, ARGV[2], 'EXAT', expiry(ARGV[3]))
 return 1
 """
 )

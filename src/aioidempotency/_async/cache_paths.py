@@ -14,7 +14,9 @@
 
 Each operation takes the client first, so the store runs it on whichever client the
 running loop (or process) has; every operation is safe to repeat. Expiries are
-absolute (epoch seconds): the paths need no clock.
+absolute (epoch seconds): the paths need no clock. (The protocol path writes a
+completion or renewal with the record's own expiry: one that has already passed is
+gone at once, which readers could not tell from an expired record.)
 """
 
 from __future__ import annotations
@@ -205,6 +207,8 @@ class ProtocolPath:
         self, client: CacheClient, key: str, text: str, expiry: int, now: float, owner: str
     ) -> ClaimResult:
         """Claim `key` with `text` unless a live record holds it (then return that)."""
+        # A record whose expiry has passed lives a second, as the scripts make it.
+        expiry = max(expiry, int(now) + 1)
         if await _set(client, key, text, exat=expiry, nx=True):
             return ClaimResult(claimed=True)
         raw = await read(client, key)
