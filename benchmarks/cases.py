@@ -31,21 +31,23 @@ from aioidempotency import (
     IdempotencyConfig,
     PersistenceLayer,
 )
+from aioidempotency._twins import as_sync_store
 from benchmarks import batch
 from benchmarks.counting import (
     RequestCounter,
     count_botocore,
     count_glide,
+    count_glide_sync,
     count_redis_async,
     count_redis_sync,
 )
 from benchmarks.runner import KeyStream, RunStats, run_async, run_threads
 from benchmarks.servers import ChildServer, ReplicatedValkey
 from benchmarks.targets import (
-    CountingMemoryStore,
     PowertoolsMemoryLayer,
     Target,
     attach_counter,
+    counting_memory_store,
     floor_dynamodb,
     floor_glide,
     floor_glide_scripts,
@@ -393,6 +395,17 @@ class Bench:
         self._closers.append(client.close)
         return client
 
+    def _glide_sync(self, counter: RequestCounter, server: ChildServer | None = None) -> Any:
+        from glide_sync import GlideClient, GlideClientConfiguration, NodeAddress
+
+        server = server or self._valkey_server()
+        config = GlideClientConfiguration(
+            [NodeAddress(server.host, server.port)], request_timeout=5000
+        )
+        client = GlideClient.create(config)
+        self._sync_closers.append(client.close)
+        return count_glide_sync(client, counter)
+
     def _boto3(self, counter: RequestCounter) -> Any:
         import boto3  # type: ignore[import-untyped]
         from botocore.config import Config
@@ -429,7 +442,7 @@ class Bench:
     # --- aioidempotency stores -----------------------------------------------------------
     def _ours_store(self, spec: Spec) -> PersistenceLayer:
         if spec.client == "in-memory":
-            return CountingMemoryStore(max_items=10**7)
+            return counting_memory_store(max_items=10**7)
         name = f"{spec.client}/{spec.path}/{spec.mode}"
         if spec.group == REPLICA:  # one store (and client) per wait_replicas setting
             name = f"{spec.group}/{spec.variant}/{name}"
@@ -438,8 +451,6 @@ class Bench:
         return self._stores[name]
 
     def _open_store(self, spec: Spec) -> PersistenceLayer:
-        from aioidempotency._sync.bridge import background_loop
-
         counter = RequestCounter()
         atomic = spec.path == "atomic"
         store: PersistenceLayer
@@ -448,9 +459,10 @@ class Bench:
 
             self._ensure_table()
             dynamodb = DynamoDBPersistenceLayer(TABLE, endpoint_url=self._moto_server().url)
-            loop = self.loop if spec.mode == "async" else background_loop.loop()
-            client = self._in_loop(loop, dynamodb.client())
-            count_botocore(client, counter)
+            if spec.mode == "async":
+                count_botocore(self._in_loop(self.loop, dynamodb.client()), counter)
+            else:  # sync code gets the store's boto3 twin
+                count_botocore(as_sync_store(dynamodb).client(), counter)  # type: ignore[attr-defined]
             store = dynamodb
         elif spec.group == REPLICA:
             server = self._replica_primary()
@@ -461,23 +473,14 @@ class Bench:
         elif spec.mode == "async":
             client = self._glide(counter) if spec.client == "glide" else self._redis_async(counter)
             store = CachePersistenceLayer(client, atomic=atomic)
-        else:
-            server = self._valkey_server()
-
-            async def open_client() -> Any:
-                # A client a factory returns is the store's: its aclose() closes it.
-                if spec.client == "glide":
-                    return await self._open_glide(counter)
-                import redis.asyncio
-
-                client = redis.asyncio.Redis(connection_pool=_blocking_pool(server))
-                return count_redis_async(client, counter)
-
-            store = CachePersistenceLayer(client_factory=open_client, atomic=atomic)
+        else:  # sync code: the native sync store, on the client Powertools users pass
+            glide = spec.client == "glide"
+            client = self._glide_sync(counter) if glide else self._redis_sync(counter)
+            store = CachePersistenceLayer(client, atomic=atomic)
         if spec.mode == "async":
             self._closers.append(store.aclose)
         else:
-            self._sync_closers.append(lambda: self._in_loop(background_loop.loop(), store.aclose()))
+            self._sync_closers.append(as_sync_store(store).close)
         return attach_counter(store, counter)
 
     def _in_loop(self, loop: asyncio.AbstractEventLoop, awaitable: Awaitable[Any]) -> Any:

@@ -99,6 +99,24 @@ def count_glide(client: Any, counter: RequestCounter) -> Any:
     return client
 
 
+def count_glide_sync(client: Any, counter: RequestCounter) -> Any:
+    """Count every command and script invocation of a `glide_sync` client."""
+    command = client._execute_command
+    script = client._execute_script
+
+    def execute_command(*args: Any, **kwargs: Any) -> Any:
+        counter.add()
+        return command(*args, **kwargs)
+
+    def execute_script(*args: Any, **kwargs: Any) -> Any:
+        counter.add()
+        return script(*args, **kwargs)
+
+    client._execute_command = execute_command
+    client._execute_script = execute_script
+    return client
+
+
 def count_botocore(client: Any, counter: RequestCounter) -> Any:
     """Count every HTTP request (retries included) of a boto3 or aiobotocore client."""
 

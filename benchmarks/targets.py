@@ -28,6 +28,7 @@ from aioidempotency import (
     idempotent_function,
     idempotent_function_async,
 )
+from aioidempotency._memory_table import MemoryTable
 from benchmarks.counting import RequestCounter
 from benchmarks.runner import Refused
 
@@ -129,33 +130,41 @@ def attach_counter(store: PersistenceLayer, counter: RequestCounter) -> Persiste
     return store
 
 
-class CountingMemoryStore(InMemoryPersistenceLayer):
-    """The in-memory store, counting each request as a network store's client does."""
+class _CountingTable(MemoryTable):
+    """A memory table counting each request, whichever engine (async or sync) sends it."""
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, requests: RequestCounter, **options: Any) -> None:
         super().__init__(**options)
-        self.requests = RequestCounter()
-        attach_counter(self, self.requests)
+        self.requests = requests
 
-    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+    def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
         self.requests.add()
-        return await super().claim(record, now=now)
+        return super().claim(record, now=now)
 
-    async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+    def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
         self.requests.add()
-        return await super().get(key, now=now)
+        return super().get(key, now=now)
 
-    async def complete(self, record: DataRecord, *, owner: str) -> None:
+    def complete(self, record: DataRecord, *, owner: str) -> None:
         self.requests.add()
-        await super().complete(record, owner=owner)
+        super().complete(record, owner=owner)
 
-    async def release(self, key: str, *, owner: str) -> None:
+    def release(self, key: str, *, owner: str) -> None:
         self.requests.add()
-        await super().release(key, owner=owner)
+        super().release(key, owner=owner)
 
-    async def renew(self, record: DataRecord) -> None:
+    def renew(self, record: DataRecord) -> None:
         self.requests.add()
-        await super().renew(record)
+        super().renew(record)
+
+
+def counting_memory_store(**options: Any) -> InMemoryPersistenceLayer:
+    """The in-memory store, counting each request as a network store's client does
+    (its sync twin shares the table, so sync calls are counted too)."""
+    requests = RequestCounter()
+    store = InMemoryPersistenceLayer(table=_CountingTable(requests, **options))
+    attach_counter(store, requests)
+    return store
 
 
 def _requests_of(store: PersistenceLayer) -> Callable[[], int]:
