@@ -4,7 +4,10 @@ The rules are those of ``_async/lease.py``: a claim is renewed every third of it
 lease; a failed renewal is retried (backing off up to a third of the lease) for as
 long as the call runs; only a proven loss stops it, marks the lease `lost`, and the
 engine then refuses to store the late result. The keeper thread starts with the
-first claim, sleeps while there is none, and a forked child starts its own.
+first claim, sleeps while there is none, and a forked child starts its own. Each
+renewal runs in a daemon thread of its own (at most one in flight per claim), as the
+async keeper runs each in a task: a renewal that hangs (a request that never answers)
+holds up its own claim only, never the other claims' renewals.
 """
 
 from __future__ import annotations
@@ -100,7 +103,11 @@ class Leases:
                 if self._pid != os.getpid():
                     return
                 now = self._clock()
-                due = [lease for lease in self._leases.values() if lease.due <= now]
+                due = [
+                    lease
+                    for lease in self._leases.values()
+                    if lease.due <= now and lease.idle.is_set()  # none in flight
+                ]
                 if not due:
                     # Look again in half an interval: no claim can fall due sooner.
                     self._changed.wait(self._interval / 2)
@@ -108,10 +115,18 @@ class Leases:
                 for lease in due:
                     lease.idle.clear()
             for lease in due:
-                try:
-                    self._renew(lease)
-                finally:
-                    lease.idle.set()
+                threading.Thread(
+                    target=self._renewing,
+                    args=(lease,),
+                    name=f"aioidempotency-lease:{lease.key}",
+                    daemon=True,
+                ).start()
+
+    def _renewing(self, lease: Lease) -> None:
+        try:
+            self._renew(lease)
+        finally:
+            lease.idle.set()
 
     def _renew(self, lease: Lease) -> None:
         if lease.claim.owner not in self._leases:
