@@ -1,8 +1,14 @@
-"""Engine behaviour (docs/state-machine.md), run against every store backend."""
+"""Engine behaviour (docs/state-machine.md), run against every store backend.
+
+tools/unasync.py generates the sync engine's twin of this module, tests/sync/test_engine.py:
+what differs by nature comes from ``.concurrency`` and ``.helpers`` (tests/ here,
+tests/sync/ there), and the tests of cancellation are async-only.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 import time
@@ -30,13 +36,15 @@ from aioidempotency import (
 )
 from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.persistence import PersistenceLayer
-from tests.helpers import FakeLambdaContext, VanishingStore, WrapperStore
+
+from .concurrency import Event, gather, sleep, spawn, wait_set
+from .helpers import FakeLambdaContext, VanishingStore, WrapperStore
 
 PAYMENT = {"payment_id": "p-1", "amount": 100, "currency": "EUR"}
 
 
 class Calls:
-    """An async function that counts its executions and returns a chosen result."""
+    """A function that counts its executions and returns a chosen result."""
 
     def __init__(self, result: Any = None) -> None:
         self.result = result
@@ -48,19 +56,36 @@ class Calls:
 
 
 class Gate:
-    """An async function that blocks until released, to hold a claim open."""
+    """A function that blocks until released, to hold a claim open."""
 
     def __init__(self, result: Any = "done") -> None:
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
+        self.started = Event()
+        self.release = Event()
         self.result = result
         self.count = 0
 
     async def __call__(self) -> Any:
         self.count += 1
         self.started.set()
-        await asyncio.wait_for(self.release.wait(), 10)
+        await wait_set(self.release)
         return self.result
+
+
+class Joins:
+    """Counts the calls that join a running call of `engine` (in-process duplicates);
+    `joined` is set once `expected` of them did."""
+
+    def __init__(self, engine: IdempotencyEngine, expected: int) -> None:
+        self.joined = Event()
+        counter = itertools.count(1)
+        join = engine._flights.join
+
+        async def counted(flight: Any, timeout: float) -> Any:
+            if next(counter) == expected:
+                self.joined.set()
+            return await join(flight, timeout)
+
+        engine._flights.join = counted  # type: ignore[method-assign]
 
 
 def engine_for(store: PersistenceLayer, **config: Any) -> IdempotencyEngine:
@@ -155,12 +180,12 @@ async def test_concurrent_duplicate_from_another_process_is_refused(
     store: PersistenceLayer,
 ) -> None:
     gate = Gate()
-    first = asyncio.create_task(engine_for(store).run(PAYMENT, gate))
-    await asyncio.wait_for(gate.started.wait(), 10)
+    first = spawn(engine_for(store).run, PAYMENT, gate)
+    await wait_set(gate.started)
     with pytest.raises(IdempotencyAlreadyInProgressError, match="already in progress"):
         await engine_for(store).run(PAYMENT, Calls())
     gate.release.set()
-    assert await first == "done"
+    assert await first.result() == "done"
     assert gate.count == 1
 
 
@@ -170,32 +195,36 @@ async def test_concurrent_duplicate_in_process_is_refused_without_store_traffic(
     counting = WrapperStore(store)
     engine = engine_for(counting)
     gate = Gate()
-    first = asyncio.create_task(engine.run(PAYMENT, gate))
-    await asyncio.wait_for(gate.started.wait(), 10)
+    first = spawn(engine.run, PAYMENT, gate)
+    await wait_set(gate.started)
     before = counting.total
     with pytest.raises(IdempotencyAlreadyInProgressError):
         await engine.run(PAYMENT, Calls())
     assert counting.total == before
     gate.release.set()
-    await first
+    await first.result()
 
 
 async def test_thousand_concurrent_calls_over_fifty_payloads_execute_each_once(
     store: PersistenceLayer,
 ) -> None:
-    engine = engine_for(store, wait_for_in_progress_seconds=30)
-    executions: Counter[int] = Counter()
+    # The sync twin's 1000 threads share one GIL with the suite's in-process moto server:
+    # in a full run it took up to 42 s there (alone, 12-17 s as this one), so its
+    # waiters get a longer bound.
+    engine = engine_for(store, wait_for_in_progress_seconds=30)  # async-only
+    # sync-only: engine = engine_for(store, wait_for_in_progress_seconds=120)
+    executions: list[int] = []  # appended to, so no thread loses a count
 
     async def call(i: int) -> int:
         async def pay() -> int:
-            executions[i] += 1
-            await asyncio.sleep(0)
+            executions.append(i)
+            await sleep(0)
             return i * 10
 
         return await engine.run({"payment": i}, pay)
 
-    results = await asyncio.gather(*(call(n % 50) for n in range(1000)))
-    assert executions == Counter({i: 1 for i in range(50)})
+    results = await gather(*(spawn(call, n % 50) for n in range(1000)))
+    assert Counter(executions) == Counter({i: 1 for i in range(50)})
     assert results == [(n % 50) * 10 for n in range(1000)]
 
 
@@ -203,12 +232,12 @@ async def test_concurrent_duplicates_without_waiting_execute_once(
     store: PersistenceLayer,
 ) -> None:
     engine = engine_for(store)
-    executions: Counter[int] = Counter()
+    executions: list[int] = []  # appended to, so no thread loses a count
 
     async def call(i: int) -> Any:
         async def pay() -> int:
-            executions[i] += 1
-            await asyncio.sleep(0)
+            executions.append(i)
+            await sleep(0)
             return i
 
         try:
@@ -216,8 +245,8 @@ async def test_concurrent_duplicates_without_waiting_execute_once(
         except IdempotencyAlreadyInProgressError as exc:
             return exc
 
-    results = await asyncio.gather(*(call(n % 20) for n in range(200)))
-    assert executions == Counter({i: 1 for i in range(20)})
+    results = await gather(*(spawn(call, n % 20) for n in range(200)))
+    assert Counter(executions) == Counter({i: 1 for i in range(20)})
     refused = [r for r in results if isinstance(r, IdempotencyAlreadyInProgressError)]
     answered = [r for r in results if not isinstance(r, Exception)]
     assert len(refused) + len(answered) == 200
@@ -229,15 +258,15 @@ async def test_concurrent_duplicates_without_waiting_execute_once(
 
 async def test_waiting_duplicate_gets_the_result(store: PersistenceLayer) -> None:
     gate = Gate({"receipt": 7})
-    first = asyncio.create_task(engine_for(store).run(PAYMENT, gate))
-    await asyncio.wait_for(gate.started.wait(), 10)
+    first = spawn(engine_for(store).run, PAYMENT, gate)
+    await wait_set(gate.started)
     waiter_engine = engine_for(
         store, wait_for_in_progress_seconds=20, wait_poll_interval_seconds=0.01
     )
-    waiter = asyncio.create_task(waiter_engine.run(PAYMENT, Calls("never")))
+    waiter = spawn(waiter_engine.run, PAYMENT, Calls("never"))
     gate.release.set()
-    assert await waiter == {"receipt": 7}
-    assert await first == {"receipt": 7}
+    assert await waiter.result() == {"receipt": 7}
+    assert await first.result() == {"receipt": 7}
     assert gate.count == 1
 
 
@@ -245,39 +274,39 @@ async def test_waiting_duplicate_claims_a_released_key(store: PersistenceLayer) 
     class Boom(Exception):
         pass
 
-    started = asyncio.Event()
-    release = asyncio.Event()
+    started = Event()
+    release = Event()
 
     async def failing() -> None:
         started.set()
-        await asyncio.wait_for(release.wait(), 10)
+        await wait_set(release)
         raise Boom
 
-    first = asyncio.create_task(engine_for(store).run(PAYMENT, failing))
-    await asyncio.wait_for(started.wait(), 10)
+    first = spawn(engine_for(store).run, PAYMENT, failing)
+    await wait_set(started)
     waiter_engine = engine_for(
         store, wait_for_in_progress_seconds=20, wait_poll_interval_seconds=0.01
     )
     second = Calls("second")
-    waiter = asyncio.create_task(waiter_engine.run(PAYMENT, second))
+    waiter = spawn(waiter_engine.run, PAYMENT, second)
     release.set()
     with pytest.raises(Boom):
-        await first
-    assert await waiter == "second"
+        await first.result()
+    assert await waiter.result() == "second"
     assert second.count == 1
 
 
 async def test_waiting_gives_up_after_the_bound(store: PersistenceLayer) -> None:
     gate = Gate()
-    first = asyncio.create_task(engine_for(store).run(PAYMENT, gate))
-    await asyncio.wait_for(gate.started.wait(), 10)
+    first = spawn(engine_for(store).run, PAYMENT, gate)
+    await wait_set(gate.started)
     waiter_engine = engine_for(
         store, wait_for_in_progress_seconds=0.05, wait_poll_interval_seconds=0.01
     )
     with pytest.raises(IdempotencyAlreadyInProgressError):
         await waiter_engine.run(PAYMENT, Calls())
     gate.release.set()
-    await first
+    await first.result()
 
 
 async def test_in_process_waiters_share_one_execution_without_polling(
@@ -286,12 +315,13 @@ async def test_in_process_waiters_share_one_execution_without_polling(
     counting = WrapperStore(store)
     engine = engine_for(counting, wait_for_in_progress_seconds=20)
     gate = Gate({"ok": True})
-    first = asyncio.create_task(engine.run(PAYMENT, gate))
-    await asyncio.wait_for(gate.started.wait(), 10)
-    waiters = [asyncio.create_task(engine.run(PAYMENT, Calls())) for _ in range(10)]
-    await asyncio.sleep(0)
+    first = spawn(engine.run, PAYMENT, gate)
+    await wait_set(gate.started)
+    joins = Joins(engine, 10)
+    waiters = [spawn(engine.run, PAYMENT, Calls()) for _ in range(10)]
+    await wait_set(joins.joined)  # all ten share the running call before it ends
     gate.release.set()
-    results = await asyncio.gather(first, *waiters)
+    results = await gather(first, *waiters)
     assert results == [{"ok": True}] * 11
     assert gate.count == 1
     assert counting.counts["get"] == 0
@@ -321,14 +351,14 @@ async def test_validation_also_applies_to_a_call_in_progress(store: PersistenceL
     config = {"event_key_jmespath": "payment_id", "payload_validation_jmespath": "amount"}
     gate = Gate()
     engine = engine_for(store, **config)
-    first = asyncio.create_task(engine.run(PAYMENT, gate))
-    await asyncio.wait_for(gate.started.wait(), 10)
+    first = spawn(engine.run, PAYMENT, gate)
+    await wait_set(gate.started)
     with pytest.raises(IdempotencyValidationError):
         await engine.run({**PAYMENT, "amount": 1}, Calls())
     with pytest.raises(IdempotencyValidationError):
         await engine_for(store, **config).run({**PAYMENT, "amount": 1}, Calls())
     gate.release.set()
-    await first
+    await first.result()
 
 
 # -- failure, cancellation, bad results ------------------------------------------------
@@ -350,6 +380,9 @@ async def test_failure_releases_the_claim_and_reraises(store: PersistenceLayer) 
     assert fn.count == 1
 
 
+# begin async-only
+# Nothing cancels a sync call from outside (a thread cannot be interrupted; Ctrl-C is
+# the main thread's): the sync twin has no tests of cancellation or of asyncio.timeout.
 async def test_cancellation_releases_the_claim(store: PersistenceLayer) -> None:
     engine = engine_for(store)
     gate = Gate()
@@ -382,6 +415,9 @@ async def test_timeout_releases_the_claim(store: PersistenceLayer) -> None:
     assert gate.count == 1
     assert await store.get(engine.idempotency_key(PAYMENT)) is None
     assert await engine.run(PAYMENT, Calls("again")) == "again"
+
+
+# end async-only
 
 
 async def test_unserialisable_result_releases_the_key(store: PersistenceLayer) -> None:
@@ -531,22 +567,22 @@ async def test_running_call_whose_claim_was_taken_over_gets_an_error(
 ) -> None:
     engine = engine_for(store, in_progress_lease_seconds=None)
     key = engine.idempotency_key(PAYMENT)
-    started = asyncio.Event()
-    proceed = asyncio.Event()
+    started = Event()
+    proceed = Event()
 
     async def slow() -> str:
         started.set()
-        await asyncio.wait_for(proceed.wait(), 10)
+        await wait_set(proceed)
         return "late"
 
-    first = asyncio.create_task(engine.run(PAYMENT, slow))
-    await asyncio.wait_for(started.wait(), 10)
+    first = spawn(engine.run, PAYMENT, slow)
+    await wait_set(started)
     # Another worker deletes the stuck record (an operator) and a new call claims it.
     assert await store.delete(key)
     assert await engine_for(store).run(PAYMENT, Calls("winner")) == "winner"
     proceed.set()
     with pytest.raises(IdempotencyClaimLostError) as caught:
-        await first
+        await first.result()
     assert caught.value.result == "late"
     record = await store.get(key)
     assert record is not None
@@ -561,8 +597,8 @@ async def test_lease_is_set_and_renewed_while_running(store: PersistenceLayer) -
     engine = engine_for(counting, in_progress_lease_seconds=0.3)
     key = engine.idempotency_key(PAYMENT)
     gate = Gate()
-    task = asyncio.create_task(engine.run(PAYMENT, gate))
-    await asyncio.wait_for(gate.started.wait(), 10)
+    task = spawn(engine.run, PAYMENT, gate)
+    await wait_set(gate.started)
     record = await store.get(key)
     assert record is not None
     assert record.in_progress_expiry_timestamp is not None
@@ -575,7 +611,7 @@ async def test_lease_is_set_and_renewed_while_running(store: PersistenceLayer) -
     assert renewed.in_progress_expiry_timestamp > first_expiry
     assert not renewed.is_orphaned(time.time())
     gate.release.set()
-    assert await task == "done"
+    assert await task.result() == "done"
 
 
 async def test_a_failed_renewal_is_retried(store: PersistenceLayer) -> None:
@@ -584,26 +620,26 @@ async def test_a_failed_renewal_is_retried(store: PersistenceLayer) -> None:
     counting.fail["renew"] = lambda: next(failures, None)
     engine = engine_for(counting, in_progress_lease_seconds=1.0)
     gate = Gate()
-    task = asyncio.create_task(engine.run(PAYMENT, gate))
-    await asyncio.wait_for(gate.started.wait(), 10)
+    task = spawn(engine.run, PAYMENT, gate)
+    await wait_set(gate.started)
     await counting.wait_calls("renew", 3)
     record = await store.get(engine.idempotency_key(PAYMENT))
     assert record is not None
     assert not record.is_orphaned(time.time())
     gate.release.set()
-    assert await task == "done"
+    assert await task.result() == "done"
 
 
 async def test_no_lease_keeps_the_reference_behaviour(store: PersistenceLayer) -> None:
     engine = engine_for(store, in_progress_lease_seconds=None)
     gate = Gate()
-    task = asyncio.create_task(engine.run(PAYMENT, gate))
-    await asyncio.wait_for(gate.started.wait(), 10)
+    task = spawn(engine.run, PAYMENT, gate)
+    await wait_set(gate.started)
     record = await store.get(engine.idempotency_key(PAYMENT))
     assert record is not None
     assert record.in_progress_expiry_timestamp is None
     gate.release.set()
-    await task
+    await task.result()
 
 
 @pytest.mark.parametrize("remaining_ms", [0, 5000])
@@ -611,17 +647,15 @@ async def test_lambda_context_bounds_the_claim(store: PersistenceLayer, remainin
     engine = engine_for(store)
     gate = Gate()
     before = int(time.time() * 1000)
-    task = asyncio.create_task(
-        engine.run(PAYMENT, gate, lambda_context=FakeLambdaContext(remaining_ms))
-    )
-    await asyncio.wait_for(gate.started.wait(), 10)
+    task = spawn(engine.run, PAYMENT, gate, lambda_context=FakeLambdaContext(remaining_ms))
+    await wait_set(gate.started)
     record = await store.get(engine.idempotency_key(PAYMENT))
     assert record is not None
     assert record.in_progress_expiry_timestamp is not None
     assert before + remaining_ms <= record.in_progress_expiry_timestamp
     assert record.in_progress_expiry_timestamp <= int(time.time() * 1000) + remaining_ms
     gate.release.set()
-    await task
+    await task.result()
 
 
 # -- engine-only rules (no store differences) ------------------------------------------
@@ -675,11 +709,20 @@ async def test_a_failed_release_after_an_error_is_a_persistence_error() -> None:
     async def declined() -> None:
         raise ValueError("declined")
 
+    engine = engine_for(store)
     with pytest.raises(IdempotencyPersistenceLayerError) as caught:
-        await engine_for(store).run(PAYMENT, declined)
+        await engine.run(PAYMENT, declined)
     assert isinstance(caught.value.__cause__, ConnectionError)
+    # The release is retried in the background until the store answers (and then no
+    # retry outlives the test, logging into the next ones).
+    await store.wait_calls("release", 2)
+    del store.fail["release"]
+    assert await engine.drain(timeout=10)
+    assert len(store.inner) == 0
 
 
+# begin async-only
+# Cancellation (see test_cancellation_releases_the_claim).
 async def test_a_cancellation_stays_a_cancellation_when_the_release_fails() -> None:
     inner = InMemoryPersistenceLayer()
     store = WrapperStore(inner)
@@ -731,22 +774,29 @@ async def test_the_release_survives_a_second_cancellation() -> None:
     assert len(inner) == 0
 
 
+# end async-only
+
+
 class SwallowingRenewStore(WrapperStore):
-    """A renewal that swallows its cancellation, as redis-py can on Python 3.11."""
+    """A renewal that swallows its cancellation, as redis-py can on Python 3.11 (in the
+    sync twin: a renewal that hangs, as a sync client call cannot be interrupted)."""
 
     def __init__(self, inner: PersistenceLayer) -> None:
         super().__init__(inner)
-        self.renewing = asyncio.Event()
-        self.let_go = asyncio.Event()
-        self.returned = asyncio.Event()
+        self.renewing = Event()
+        self.let_go = Event()
+        self.returned = Event()
 
     async def renew(self, record: DataRecord) -> None:
         self._record("renew", record.idempotency_key)
         self.renewing.set()
+        # begin async-only
         try:
             await asyncio.wait_for(asyncio.Event().wait(), 10)
         except asyncio.CancelledError:
-            await asyncio.wait_for(self.let_go.wait(), 10)  # the cancellation is lost
+            await wait_set(self.let_go)  # the cancellation is lost
+        # end async-only
+        # sync-only: wait_set(self.let_go)  # hangs until the test lets it go
         self.returned.set()
 
 
@@ -759,13 +809,56 @@ async def test_a_renewer_that_ignores_cancellation_cannot_hang_the_call(
     store = SwallowingRenewStore(InMemoryPersistenceLayer())
     engine = engine_for(store, in_progress_lease_seconds=0.03)
     gate = Gate("finished")
-    task = asyncio.create_task(engine.run(PAYMENT, gate))
-    await asyncio.wait_for(store.renewing.wait(), 10)
+    task = spawn(engine.run, PAYMENT, gate)
+    await wait_set(store.renewing)
     gate.release.set()
-    assert await asyncio.wait_for(task, 10) == "finished"
+    assert await task.result(10) == "finished"
     store.let_go.set()
-    await asyncio.wait_for(store.returned.wait(), 10)
+    await wait_set(store.returned)
     assert store.counts["renew"] == 1  # a stopped renewer does not schedule another
+
+
+class HangingRenewStore(WrapperStore):
+    """Holds the renewals of `key` until `let_go` is set (a request that never answers);
+    the renewals of other keys go through, and are recorded."""
+
+    def __init__(self, inner: PersistenceLayer) -> None:
+        super().__init__(inner)
+        self.key = ""
+        self.hanging = Event()
+        self.let_go = Event()
+
+    async def renew(self, record: DataRecord) -> None:
+        if record.idempotency_key == self.key:
+            self.hanging.set()
+            await wait_set(self.let_go)
+        await super().renew(record)
+
+
+async def test_a_hung_renewal_holds_up_no_other_claim() -> None:
+    """Each claim is renewed on its own: while one renewal hangs, the other claims of
+    the engine are still renewed (else their leases would lapse and a duplicate run)."""
+    inner = InMemoryPersistenceLayer()
+    store = HangingRenewStore(inner)
+    engine = engine_for(store, in_progress_lease_seconds=0.3)
+    store.key = engine.idempotency_key({"n": "a"})
+    first, second = Gate("a"), Gate("b")
+    hung = spawn(engine.run, {"n": "a"}, first)
+    await wait_set(store.hanging)
+    other = spawn(engine.run, {"n": "b"}, second)
+    await wait_set(second.started)
+    await store.wait_calls("renew", 2)  # the second claim, twice, past its first lease
+    record = await inner.get(engine.idempotency_key({"n": "b"}))
+    assert record is not None
+    assert not record.is_orphaned(time.time())
+    assert {call.key for call in store.calls if call.method == "renew"} == {
+        engine.idempotency_key({"n": "b"})
+    }
+    second.release.set()
+    assert await other.result() == "b"
+    store.let_go.set()
+    first.release.set()
+    assert await hung.result() == "a"
 
 
 async def test_a_result_over_the_store_limit_is_refused_and_released() -> None:
@@ -785,13 +878,19 @@ async def test_every_concurrent_claim_is_renewed(store: PersistenceLayer) -> Non
     counting = WrapperStore(store)
     engine = engine_for(counting, in_progress_lease_seconds=0.3)
     gates = [Gate(n) for n in range(10)]
-    tasks = [asyncio.create_task(engine.run({"n": n}, gate)) for n, gate in enumerate(gates)]
+    tasks = [spawn(engine.run, {"n": n}, gate) for n, gate in enumerate(gates)]
     for gate in gates:
-        await asyncio.wait_for(gate.started.wait(), 10)
+        await wait_set(gate.started)
     first = [await store.get(engine.idempotency_key({"n": n})) for n in range(10)]
-    await counting.wait_calls("renew", 10)
-    renewed_keys = {call.key for call in counting.calls if call.method == "renew"}
-    assert renewed_keys == {engine.idempotency_key({"n": n}) for n in range(10)}
+    keys = {engine.idempotency_key({"n": n}) for n in range(10)}
+    # The claims started one by one: on a slow store the first is renewed again before
+    # the last is due, so wait for the keys, not for ten renewals (bounded).
+    for renewals in range(10, 200):
+        await counting.wait_calls("renew", renewals)
+        renewed_keys = {call.key for call in counting.calls if call.method == "renew"}
+        if renewed_keys == keys:
+            break
+    assert renewed_keys == keys
     for n, record in enumerate(first):
         now = await store.get(engine.idempotency_key({"n": n}))
         assert record is not None
@@ -801,4 +900,4 @@ async def test_every_concurrent_claim_is_renewed(store: PersistenceLayer) -> Non
         assert now.in_progress_expiry_timestamp >= record.in_progress_expiry_timestamp
     for gate in gates:
         gate.release.set()
-    assert await asyncio.gather(*tasks) == list(range(10))
+    assert await gather(*tasks) == list(range(10))

@@ -4,6 +4,9 @@ Each store operation must be safe to repeat for its owner (a client may resend i
 after losing the reply); the engine relies on that to recognise its own claim and to
 finish an interrupted completion in the background instead of releasing a key whose
 function already ran. These tests run on every backend of the suite.
+
+tools/unasync.py generates the sync engine's twin of this module,
+tests/sync/test_engine_recovery.py (see tests/test_engine.py).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from aioidempotency import (
 )
 from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.persistence import ClaimResult, PersistenceLayer
-from tests.helpers import WrapperStore
+
+from .concurrency import Event, gather, spawn, wait_set
+from .helpers import WrapperStore
 
 PAYMENT = {"payment_id": "p-recovery", "amount": 5}
 
@@ -37,7 +42,7 @@ def engine_for(store: PersistenceLayer, **config: Any) -> IdempotencyEngine:
 
 
 class Counted:
-    """An async function that counts its executions."""
+    """A function that counts its executions."""
 
     def __init__(self, result: Any = "paid") -> None:
         self.result = result
@@ -112,7 +117,7 @@ class LosingLeaseStore(WrapperStore):
 
     def __init__(self, inner: PersistenceLayer) -> None:
         super().__init__(inner)
-        self.renewed = asyncio.Event()
+        self.renewed = Event()
 
     async def renew(self, record: DataRecord) -> None:
         self._record("renew", record.idempotency_key)
@@ -125,7 +130,7 @@ async def test_a_lost_lease_refuses_the_late_completion_without_writing() -> Non
     engine = engine_for(store, in_progress_lease_seconds=0.06)
 
     async def slow() -> str:
-        await asyncio.wait_for(store.renewed.wait(), 10)
+        await wait_set(store.renewed)
         return "late"
 
     with pytest.raises(IdempotencyClaimLostError) as raised:
@@ -167,6 +172,8 @@ async def test_a_failed_completion_is_stored_in_the_background_not_released(
     assert fn.count == 1
 
 
+# begin async-only
+# Nothing cancels a sync call from outside (see tests/test_engine.py).
 class HeldCompletionStore(WrapperStore):
     """Holds the first completion until `proceed` is set."""
 
@@ -201,6 +208,9 @@ async def test_a_completion_cancelled_mid_flight_still_stores_the_result(
     assert fn.count == 1
 
 
+# end async-only
+
+
 class UnusableRecordStore(WrapperStore):
     """A store whose claims find a record that cannot be read."""
 
@@ -228,6 +238,8 @@ async def test_an_unusable_record_is_a_typed_error_naming_the_key_and_the_fix() 
     assert store.counts["release"] == 0  # nothing of ours was written
 
 
+# begin async-only
+# Nothing cancels a sync call from outside (see tests/test_engine.py).
 class LandedClaimStore(WrapperStore):
     """Lets a claim land in the inner store, then holds its reply until `proceed`."""
 
@@ -262,6 +274,9 @@ async def test_a_caller_cancelled_while_its_claim_is_in_flight_leaves_no_claim(
     assert await engine_for(store).run(PAYMENT, fn) == "paid"
 
 
+# end async-only
+
+
 async def test_the_lease_is_renewed_after_an_outage_longer_than_the_lease() -> None:
     inner = InMemoryPersistenceLayer()
     store = WrapperStore(inner)
@@ -269,13 +284,13 @@ async def test_the_lease_is_renewed_after_an_outage_longer_than_the_lease() -> N
     store.fail["renew"] = lambda: ConnectionError("store unreachable") if down[0] else None
     engine = engine_for(store, in_progress_lease_seconds=0.3)
     key = engine.idempotency_key(PAYMENT)
-    release = asyncio.Event()
+    release = Event()
 
     async def slow() -> str:
-        await asyncio.wait_for(release.wait(), 20)
+        await wait_set(release, 20)
         return "paid"
 
-    task = asyncio.create_task(engine.run(PAYMENT, slow))
+    task = spawn(engine.run, PAYMENT, slow)
     # Renewals fail until the claim's in-progress expiry has passed.
     for renewals in range(1, 200):
         await store.wait_calls("renew", renewals)
@@ -290,7 +305,7 @@ async def test_the_lease_is_renewed_after_an_outage_longer_than_the_lease() -> N
     assert renewed is not None
     assert not renewed.is_orphaned(time.time())
     release.set()
-    assert await task == "paid"
+    assert await task.result() == "paid"
     stored = await inner.get(key)
     assert stored is not None
     assert stored.status is RecordStatus.COMPLETED
@@ -305,7 +320,7 @@ async def test_run_passes_positional_arguments_so_no_closure_binds_late() -> Non
         return record["id"].upper()
 
     records = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
-    results = await asyncio.gather(*(engine.run(r, process, r) for r in records))
+    results = await gather(*(spawn(engine.run, r, process, r) for r in records))
     assert results == ["A", "B", "C"]
     assert sorted(seen) == ["a", "b", "c"]
     # The prefix comes from the function, not from the bound call.
