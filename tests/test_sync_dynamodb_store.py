@@ -466,18 +466,21 @@ async def test_a_boto3_client_or_session_used_by_async_code_says_what_to_pass(
         else boto3.session.Session()
     )
     store = DynamoDBPersistenceLayer(table_name="t", **{given: thing})
+    with pytest.raises(TypeError) as when_decorated:
 
-    @idempotent_function_async(data_keyword_argument="order", persistence_store=store)
-    async def pay(order: dict[str, Any]) -> str:
-        return "never"
+        @idempotent_function_async(data_keyword_argument="order", persistence_store=store)
+        async def pay(order: dict[str, Any]) -> str:
+            return "never"
 
-    with pytest.raises(IdempotencyPersistenceConfigError) as error:
-        await pay(order=ORDER)
-    message = str(error.value)
-    assert "boto3" in message
-    assert "sync code only" in message
-    assert "aiobotocore client as client=" in message
-    assert "aioboto3 session as session=" in message
+    with pytest.raises(IdempotencyPersistenceConfigError) as when_used:
+        await store.get("fn#k")  # the store used directly: the same words
+    for error in (when_decorated.value, when_used.value):
+        message = str(error)
+        assert "boto3" in message
+        assert "sync code only" in message
+        assert "aiobotocore client as client=" in message
+        assert "aioboto3 session as session=" in message
+    assert type(as_sync_store(store)) is SyncDynamoDBPersistenceLayer  # sync code is served
 
 
 async def test_an_aiobotocore_client_serves_async_code_and_is_refused_by_sync_code(
@@ -491,14 +494,18 @@ async def test_an_aiobotocore_client_serves_async_code_and_is_refused_by_sync_co
             return calls()
 
         assert await pay(order=ORDER) == "paid"
-        with pytest.raises(IdempotencyPersistenceConfigError) as error:
+        with pytest.raises(TypeError) as when_decorated:
 
             @idempotent_function(data_keyword_argument="order", persistence_store=store)
             def pay_sync(order: dict[str, Any]) -> str:
                 return "never"
 
-        assert "aiobotocore client (client=)" in str(error.value)
-        assert "boto3_client=" in str(error.value)
+        with pytest.raises(IdempotencyPersistenceConfigError) as when_used:
+            SyncDynamoDBPersistenceLayer.from_settings(store.settings).get("fn#k")
+        for error in (when_decorated.value, when_used.value):
+            assert "aiobotocore client (client=)" in str(error)
+            assert "boto3_client=" in str(error)
+        assert await pay(order=ORDER) == "paid"  # async code is still served
         assert calls.count == 1
 
 

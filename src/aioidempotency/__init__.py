@@ -45,6 +45,7 @@ from aioidempotency.persistence import (
     PersistenceLayer,
     RedisCachePersistenceLayer,
     SyncCachePersistenceLayer,
+    SyncDynamoDBPersistenceLayer,
     SyncInMemoryPersistenceLayer,
     SyncPersistenceLayer,
     store_from_url,
@@ -80,6 +81,7 @@ __all__ = [
     "InMemoryPersistenceLayer",
     "RedisCachePersistenceLayer",
     "SyncCachePersistenceLayer",
+    "SyncDynamoDBPersistenceLayer",
     "SyncInMemoryPersistenceLayer",
     "store_from_url",
     # writing a store

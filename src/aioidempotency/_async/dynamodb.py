@@ -191,6 +191,14 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         """Close the clients this layer opened (a client given to it stays open)."""
         await self._clients.aclose()
 
+    # begin async-only
+    def _async_refusal(self) -> str | None:
+        """Why async code cannot use this layer (it was given only boto3 clients), or
+        None; async decorators and engines raise it as a `TypeError` when built."""
+        return self._clients.refusal()
+
+    # end async-only
+
     # -- requests --------------------------------------------------------------------
 
     async def _call(self, operation: str, action: str, **params: Any) -> dict[str, Any]:

@@ -73,14 +73,16 @@ class DynamoDBClients:
             user = AioConfig(**given)
         return user.merge(AioConfig(**defaults))
 
-    def _refuse_sync_only(self) -> None:
+    def refusal(self) -> str | None:
+        """Why async code cannot use this layer (it was given only boto3 clients or
+        sessions), or None."""
         settings = self.settings
+        if settings.async_client is not None or self.session is not None:
+            return None
         if settings.sync_client is None and settings.sync_session is None:
-            return
-        if self.session is not None:
-            return  # an async session given as well (or set since)
+            return None
         what = "client" if settings.sync_client is not None else "session"
-        raise IdempotencyPersistenceConfigError(
+        return (
             f"the DynamoDB layer of table {settings.table_name!r} was given a boto3 {what}, "
             "which serves sync code only (@idempotent, @idempotent_function). For async "
             "code pass an aiobotocore client as client= or an aioboto3 session as "
@@ -117,7 +119,9 @@ class DynamoDBClients:
             if os.getpid() != settings.pid:
                 raise refused_in_child(settings, "client=")
             return settings.async_client
-        self._refuse_sync_only()
+        reason = self.refusal()
+        if reason is not None:
+            raise IdempotencyPersistenceConfigError(reason)
         loop = asyncio.get_running_loop()
         with self._lock:
             entry = self._clients.get(loop)

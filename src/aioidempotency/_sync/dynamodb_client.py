@@ -57,12 +57,14 @@ class DynamoDBClients:
             user = Config(**given)  # its aiohttp options mean nothing to botocore
         return user.merge(Config(**defaults))
 
-    def _refuse_async_only(self) -> None:
+    def refusal(self) -> str | None:
+        """Why sync code cannot use this layer (it was given only an aiobotocore
+        client or an aioboto3 session), or None."""
         settings = self.settings
-        if self.session is not None:
-            return
+        if settings.sync_client is not None or self.session is not None:
+            return None
         if settings.async_client is not None:
-            raise IdempotencyPersistenceConfigError(
+            return (
                 f"the DynamoDB layer of table {settings.table_name!r} was given an "
                 "aiobotocore client (client=), which belongs to the event loop it was "
                 "opened in and serves async code only. For sync code (@idempotent, "
@@ -70,11 +72,12 @@ class DynamoDBClients:
                 "leave client= out so that the layer opens a client of each kind itself"
             )
         if settings.async_session is not None:
-            raise IdempotencyPersistenceConfigError(
+            return (
                 f"the sync DynamoDB layer of table {settings.table_name!r} was given an "
                 "aioboto3/aiobotocore session; pass a boto3 session as boto3_session= "
                 "(or session=) instead"
             )
+        return None
 
     def _open(self) -> Any:
         session = self.session
@@ -105,7 +108,9 @@ class DynamoDBClients:
         entry = self._entry
         if entry is not None and entry[0] == os.getpid():
             return entry[1]
-        self._refuse_async_only()
+        reason = self.refusal()
+        if reason is not None:
+            raise IdempotencyPersistenceConfigError(reason)
         with self._lock:
             entry = self._entry
             if entry is None or entry[0] != os.getpid():
@@ -142,7 +147,7 @@ def sync_twin(store: DynamoDBPersistenceLayer) -> SyncPersistenceLayer:
     when `store` was given an aioboto3/aiobotocore session and no boto3 one (the layer
     opens its own client from that session on the bridge's loop), or is a subclass
     (its methods are async). An aiobotocore client with no boto3 client is refused
-    (`IdempotencyPersistenceConfigError`): it belongs to the loop it was opened in.
+    with a `TypeError` that says what to pass: it belongs to the loop it was opened in.
     """
     from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
     from aioidempotency._sync.bridge import BridgedStore
@@ -151,7 +156,7 @@ def sync_twin(store: DynamoDBPersistenceLayer) -> SyncPersistenceLayer:
     settings = store.settings
     if settings.sync_client is None and settings.sync_session is None:
         if settings.async_client is not None:
-            DynamoDBClients(settings)._refuse_async_only()
+            raise TypeError(DynamoDBClients(settings).refusal())
         if settings.async_session is not None:
             return BridgedStore(store)
     if type(store) is not DynamoDBPersistenceLayer:

@@ -21,6 +21,7 @@ from aioidempotency._async.memory import InMemoryPersistenceLayer
 from aioidempotency._async.store import ClaimResult, PersistenceLayer
 from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency._sync.cache import SyncCachePersistenceLayer
+from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
 from aioidempotency._sync.memory import SyncInMemoryPersistenceLayer
 from aioidempotency._sync.store import SyncPersistenceLayer
 from aioidempotency._urls import store_from_url
@@ -32,6 +33,7 @@ __all__ = [
     "InMemoryPersistenceLayer",
     "RedisCachePersistenceLayer",
     "SyncCachePersistenceLayer",
+    "SyncDynamoDBPersistenceLayer",
     "SyncInMemoryPersistenceLayer",
     "store_from_url",
     # writing a store
