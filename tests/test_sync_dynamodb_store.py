@@ -783,3 +783,21 @@ def test_powertools_replays_a_record_the_sync_store_completed(
         record = store.get(ours.engine.idempotency_key(ORDER, charge))
         assert isinstance(record, DataRecord)
         assert record.owner is not None  # our token, which Powertools ignores
+
+
+def test_the_aws_configuration_of_a_boto3_session_sets_the_attempts(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A boto3 session's profile (read through its botocore session, `Session._session`)
+    wins over the default attempts, as the AWS configuration does for aioboto3's."""
+    config_file = tmp_path / "config"
+    config_file.write_text("[profile retrying]\nmax_attempts = 5\nretry_mode = adaptive\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config_file))
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
+    session = boto3.session.Session(profile_name="retrying", region_name="eu-west-1")
+    layer = SyncDynamoDBPersistenceLayer("t", boto3_session=session, endpoint_url="http://x")
+    assert layer.client_config(session).retries == {}  # left to botocore: the profile's
+    assert layer.client().meta.config.retries == {"total_max_attempts": 5, "mode": "adaptive"}
+    explicit = SyncDynamoDBPersistenceLayer("t", boto3_session=session, max_attempts=2)
+    assert explicit.client_config(session).retries == {"total_max_attempts": 2}
