@@ -23,6 +23,7 @@ from botocore.config import Config
 from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 
 from aioidempotency import (
+    IdempotencyConfig,
     IdempotencyEngine,
     SyncIdempotencyEngine,
     idempotent,
@@ -801,3 +802,39 @@ def test_the_aws_configuration_of_a_boto3_session_sets_the_attempts(
     assert layer.client().meta.config.retries == {"total_max_attempts": 5, "mode": "adaptive"}
     explicit = SyncDynamoDBPersistenceLayer("t", boto3_session=session, max_attempts=2)
     assert explicit.client_config(session).retries == {"total_max_attempts": 2}
+
+
+def test_sixteen_threads_share_one_client_and_run_each_payload_once(
+    moto_server: MotoServer, boto3_session: Any
+) -> None:
+    with sync_store(moto_server, session=boto3_session) as admin:
+        store = DynamoDBPersistenceLayer(admin.table_name, endpoint_url=moto_server.endpoint_url)
+        runs: list[int] = []
+        started = threading.Barrier(16)
+
+        @idempotent_function(
+            data_keyword_argument="order",
+            persistence_store=store,
+            config=IdempotencyConfig(wait_for_in_progress_seconds=BOUND),
+        )
+        def pay(order: dict[str, Any]) -> dict[str, Any]:
+            runs.append(order["id"])
+            time.sleep(0.1)
+            return {"paid": order["id"]}
+
+        results: list[Any] = []
+
+        def call(n: int) -> None:
+            started.wait(BOUND)
+            results.append(pay(order={"id": n % 4}))
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(BOUND)
+        twin = as_sync_store(store)
+        assert isinstance(twin, SyncDynamoDBPersistenceLayer)
+        assert sorted(runs) == [0, 1, 2, 3]
+        assert sorted(r["paid"] for r in results) == sorted(n % 4 for n in range(16))
+        assert twin._clients._entry is not None  # one client, opened once for all threads

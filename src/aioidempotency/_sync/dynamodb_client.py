@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["DynamoDBClients", "sync_twin"]
 
 _HOLDERS: weakref.WeakSet[DynamoDBClients] = weakref.WeakSet()
+_OPENING = threading.Lock()
+"""Held while a client is created: boto3 sessions are not thread-safe, and one session
+may be given to several layers."""
 
 
 class DynamoDBClients:
@@ -91,12 +94,13 @@ class DynamoDBClients:
             else:
                 session = self.session = boto3.session.Session()
         create = getattr(session, "client", None) or session.create_client
-        return create(
-            "dynamodb",
-            region_name=self.settings.region_name,
-            endpoint_url=self.settings.endpoint_url,
-            config=self.config(session),
-        )
+        with _OPENING:
+            return create(
+                "dynamodb",
+                region_name=self.settings.region_name,
+                endpoint_url=self.settings.endpoint_url,
+                config=self.config(session),
+            )
 
     def get(self) -> Any:
         """The client of this process (opened if needed)."""
@@ -131,6 +135,8 @@ class DynamoDBClients:
 
 
 def _after_fork_in_child() -> None:
+    global _OPENING
+    _OPENING = threading.Lock()
     for holder in list(_HOLDERS):
         holder._after_fork()
 
