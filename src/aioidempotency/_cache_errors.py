@@ -42,7 +42,11 @@ class NotReplicated(ConnectionError):
 
 #: Server replies that say "not now or not here": redirections the client did not follow,
 #: a cluster or a node that is failing over, loading or read-only (a demoted primary).
-_RETRY_REPLY = re.compile(r"\b(MOVED|ASK|TRYAGAIN|CLUSTERDOWN|LOADING|READONLY|MASTERDOWN)\b")
+_RETRY_REPLY = re.compile(
+    r"\b(MOVED|ASK|TRYAGAIN|CLUSTERDOWN|LOADING|READONLY|MASTERDOWN)\b"
+    # a primary demoted in a failover between a script and the WAIT after it
+    r"|WAIT cannot be used with replica instances"
+)
 _DENIED_REPLY = re.compile(
     r"\b(WRONGPASS|NOAUTH|NOPERM)\b|PermissionDenied|no permissions|invalid username-password"
 )
