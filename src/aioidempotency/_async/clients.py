@@ -1,12 +1,14 @@
 """Clients a store opens for itself: one per event loop, and again in a forked child.
 
-A store built from settings (a URL, a factory) opens its client lazily inside the loop
-that uses it: `OpenedClients` keeps one per loop, bounds the calls in flight on each,
-and closes them on `aclose()`. A client the user passed in is held by `PassedClient`,
-which refuses it in a forked child (its sockets are the parent's). Both offer the same
-methods, so a store uses either without caring which. Nothing here knows what the
-client is: any store can use them. The sync twin, ``aioidempotency._sync.clients``,
-keeps one client per process under the same names.
+A store built from settings (a URL, a factory, a table name) opens its client lazily
+inside the loop that uses it: `OpenedClients` keeps one per loop, optionally bounds
+the calls in flight on each, and closes each one on `aclose()` or, if nobody calls it,
+when its loop shuts down (`asyncio.run` closes it before closing the loop). A client
+the user passed in is held by `PassedClient`, which refuses it in a forked child (its
+sockets are the parent's). Both offer the same methods, so a store uses either without
+caring which. Nothing here knows what the client is: the cache and DynamoDB stores use
+them alike. The sync twin, ``aioidempotency._sync.clients``, keeps one client per
+process under the same names.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import dataclasses
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
@@ -56,13 +58,18 @@ class Opened(Generic[C]):
 
 class PassedClient(Generic[C]):
     """A client the user passed in: used as it is, never closed, refused in a forked
-    child with `refusal` (an `IdempotencyPersistenceConfigError`)."""
+    child with `refusal` (an `IdempotencyPersistenceConfigError`).
 
-    def __init__(self, client: C, *, refusal: str) -> None:
+    `pid` is the process the client was created in, when the holder is built in
+    another one (a forked child building a store from its parent's settings): the
+    client is refused from the start.
+    """
+
+    def __init__(self, client: C, *, refusal: str, pid: int | None = None) -> None:
         self._opened: Opened[C] = Opened(client, contextlib.nullcontext())
         self._refusal = refusal
-        self._generation = _fork_generation
-        self._pid = os.getpid()
+        self._pid = os.getpid() if pid is None else pid
+        self._generation = _fork_generation if self._pid == os.getpid() else -1
 
     @property
     def client(self) -> C:
@@ -92,16 +99,26 @@ class PassedClient(Generic[C]):
         """Nothing: a client passed in stays open."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _LoopEntry(Generic[C]):
+    """One loop's client: `opened` while it is open, and the generator that owns it."""
+
     lock: asyncio.Lock
-    limit: asyncio.Semaphore
+    limit: contextlib.AbstractAsyncContextManager[Any]
     opened: Opened[C] | None = None
+    lifetime: AsyncGenerator[C, None] | None = None
 
 
 class OpenedClients(Generic[C]):
-    """One client per event loop, opened on demand by `open_client` and closed by
-    `aclose()` with `close_client`; at most `max_concurrency` calls in flight on each.
+    """One client per event loop, opened on demand by `open_client` and closed with
+    `close_client`; at most `max_concurrency` calls in flight on each (None: no bound).
+
+    A client is closed by `aclose()`, or when its loop shuts down: it lives in an
+    async generator first run in that loop, which the loop registers, so
+    `asyncio.run` (through `loop.shutdown_asyncgens`) closes it even if nobody calls
+    `aclose()` (a store built once and used with `asyncio.run` per call, as in a
+    Lambda handler, leaves no client open behind each call). A loop closed without
+    that (`loop.close()` alone) leaves its client to the garbage collector.
 
     In a forked child the parent's clients are forgotten, not closed (their sockets are
     the parent's; they stay referenced so that no finalizer closes them), and new ones
@@ -113,7 +130,7 @@ class OpenedClients(Generic[C]):
         open_client: Callable[[], Awaitable[C]],
         close_client: Callable[[C], Awaitable[None]],
         *,
-        max_concurrency: int,
+        max_concurrency: int | None = None,
     ) -> None:
         self._open_client = open_client
         self._close_client = close_client
@@ -146,13 +163,36 @@ class OpenedClients(Generic[C]):
         with self._lock:
             entry = self._loops.get(loop)
             if entry is None:
-                limit = asyncio.Semaphore(self.max_concurrency)
+                # An entry may hold its loop (a lock or a client does once used), which
+                # would keep the weak key alive: forget those of closed loops here.
+                for closed in [old for old in self._loops if old.is_closed()]:
+                    del self._loops[closed]
+                limit: contextlib.AbstractAsyncContextManager[Any] = (
+                    contextlib.nullcontext()
+                    if self.max_concurrency is None
+                    else asyncio.Semaphore(self.max_concurrency)
+                )
                 entry = self._loops[loop] = _LoopEntry(asyncio.Lock(), limit)
         if entry.opened is None:
             async with entry.lock:
                 if entry.opened is None:
-                    entry.opened = Opened(await self._open_client(), entry.limit)
+                    lifetime = self._lifetime(entry)
+                    client = await lifetime.__anext__()  # the loop registers `lifetime`
+                    entry.lifetime = lifetime
+                    entry.opened = Opened(client, entry.limit)
         return entry.opened
+
+    async def _lifetime(self, entry: _LoopEntry[C]) -> AsyncGenerator[C, None]:
+        """Open a client, hand it out, and close it when closed itself (by `aclose()`
+        or by the loop's shutdown); `entry` then has no client, and the next call in a
+        loop still running opens a new one."""
+        client = await self._open_client()
+        try:
+            yield client
+        finally:
+            entry.opened = None
+            with contextlib.suppress(Exception):
+                await self._close_client(client)
 
     def current(self) -> C | None:
         """The running loop's client, if one is open."""
@@ -164,8 +204,9 @@ class OpenedClients(Generic[C]):
 
     async def aclose(self) -> None:
         """Close the clients opened so far: the running loop's here, those of other
-        running loops in their own loop; those of closed loops are dropped. In a forked
-        child, the parent's clients are left alone."""
+        running loops in their own loop; those of closed loops were closed when their
+        loop shut down, and one of a loop that is not running is closed by that loop
+        when it runs again. In a forked child, the parent's clients are left alone."""
         if self._generation != _fork_generation:
             self._after_fork()
         with self._lock:
@@ -173,25 +214,19 @@ class OpenedClients(Generic[C]):
             self._loops.clear()
         current = asyncio.get_running_loop()
         for loop, entry in entries:
-            if entry.opened is None:
+            lifetime, entry.lifetime = entry.lifetime, None
+            if lifetime is None or entry.opened is None:
                 continue
-            closing = self._close_client(entry.opened.client)
             if loop is current:
                 with contextlib.suppress(Exception):
-                    await closing
+                    await lifetime.aclose()
             elif loop.is_running() and not loop.is_closed():
-                future = asyncio.run_coroutine_threadsafe(_awaited(closing), loop)
+                future = asyncio.run_coroutine_threadsafe(_closed(lifetime), loop)
                 with contextlib.suppress(Exception, concurrent.futures.TimeoutError):
                     await asyncio.wait_for(asyncio.wrap_future(future), timeout=5)
-            else:
-                _discard(closing)
+            # else: dropped; the loop's finalizer hook schedules its closing in that
+            # loop (a loop that is closed already has closed it at shutdown)
 
 
-async def _awaited(awaitable: Awaitable[None]) -> None:
-    await awaitable
-
-
-def _discard(awaitable: Awaitable[None]) -> None:
-    close = getattr(awaitable, "close", None)  # a coroutine never awaited: no warning
-    if close is not None:
-        close()
+async def _closed(lifetime: AsyncGenerator[Any, None]) -> None:
+    await lifetime.aclose()

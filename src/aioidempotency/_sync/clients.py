@@ -2,10 +2,10 @@
 
 The twin of ``aioidempotency._async.clients`` (same names and methods): where the async
 holder keeps one client per event loop, `OpenedClients` here keeps one per process,
-shared by every thread (redis-py's and glide_sync's clients are thread-safe), and
-bounds the calls in flight on it. `PassedClient` holds a client the user passed in and
-refuses it in a forked child. Nothing here knows what the client is: any store can
-use them.
+shared by every thread (the clients of redis-py, glide_sync and boto3 are
+thread-safe), and optionally bounds the calls in flight on it. `PassedClient` holds a
+client the user passed in and refuses it in a forked child. Nothing here knows what
+the client is: the cache and DynamoDB stores use them alike.
 """
 
 from __future__ import annotations
@@ -51,13 +51,18 @@ class Opened(Generic[C]):
 
 class PassedClient(Generic[C]):
     """A client the user passed in: used as it is, never closed, refused in a forked
-    child with `refusal` (an `IdempotencyPersistenceConfigError`)."""
+    child with `refusal` (an `IdempotencyPersistenceConfigError`).
 
-    def __init__(self, client: C, *, refusal: str) -> None:
+    `pid` is the process the client was created in, when the holder is built in
+    another one (a forked child building a store from its parent's settings): the
+    client is refused from the start.
+    """
+
+    def __init__(self, client: C, *, refusal: str, pid: int | None = None) -> None:
         self._opened: Opened[C] = Opened(client, contextlib.nullcontext())
         self._refusal = refusal
-        self._generation = _fork_generation
-        self._pid = os.getpid()
+        self._pid = os.getpid() if pid is None else pid
+        self._generation = _fork_generation if self._pid == os.getpid() else -1
 
     @property
     def client(self) -> C:
@@ -90,7 +95,7 @@ class PassedClient(Generic[C]):
 class OpenedClients(Generic[C]):
     """One client per process, opened on demand by `open_client` (once, whichever
     thread asks first) and closed by `close()` with `close_client`; at most
-    `max_concurrency` calls in flight on it.
+    `max_concurrency` calls in flight on it (None: no bound).
 
     In a forked child the parent's client is forgotten, not closed (its sockets are the
     parent's; it stays referenced so that no finalizer closes it), and a new one is
@@ -102,7 +107,7 @@ class OpenedClients(Generic[C]):
         open_client: Callable[[], C],
         close_client: Callable[[C], None],
         *,
-        max_concurrency: int,
+        max_concurrency: int | None = None,
     ) -> None:
         self._open_client = open_client
         self._close_client = close_client
@@ -130,7 +135,11 @@ class OpenedClients(Generic[C]):
             self._after_fork()
         with self._lock:
             if self._opened is None:
-                limit = threading.BoundedSemaphore(self.max_concurrency)
+                limit: contextlib.AbstractContextManager[Any] = (
+                    contextlib.nullcontext()
+                    if self.max_concurrency is None
+                    else threading.BoundedSemaphore(self.max_concurrency)
+                )
                 self._opened = Opened(self._open_client(), limit)
             return self._opened
 
