@@ -407,7 +407,7 @@ class Bench:
         return count_glide_sync(client, counter)
 
     def _boto3(self, counter: RequestCounter) -> Any:
-        import boto3  # type: ignore[import-untyped]
+        import boto3
         from botocore.config import Config
 
         config = Config(max_pool_connections=THREADS * 2)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import contextvars
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -290,7 +291,7 @@ def test_idempotent_async_outside_lambda_handler() -> None:
     async def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         runs.append(event["id"])
         remaining = context.get_remaining_time_in_millis()
-        record = await store.get(outer.engine.idempotency_key(event, handler))  # type: ignore[attr-defined]
+        record = await store.get(outer.engine.idempotency_key(event, handler))
         assert record is not None
         assert record.in_progress_expiry_timestamp is not None
         return {"id": event["id"], "deadline_ms": record.in_progress_expiry_timestamp - remaining}
@@ -381,7 +382,7 @@ async def test_durable_replay_completes_its_own_in_progress_claim(
     first = asyncio.create_task(handler(event, FakeDurableContext(operations=1)))
     try:
         await asyncio.wait_for(suspended.wait(), 10)
-        key = handler.engine.idempotency_key(event, handler.__wrapped__)  # type: ignore[attr-defined]
+        key = handler.engine.idempotency_key(event, inspect.unwrap(handler))
         claim = await store.get(key)
         assert claim is not None
         assert claim.status is RecordStatus.INPROGRESS
@@ -402,7 +403,7 @@ async def test_durable_replay_completes_its_own_in_progress_claim(
         first.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await first
-        await handler.engine.drain(10)  # type: ignore[attr-defined]
+        await handler.engine.drain(10)
     stored = await store.get(key)
     assert stored is not None
     assert stored.status is RecordStatus.COMPLETED, "the suspended call's release is a no-op"

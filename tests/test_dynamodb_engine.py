@@ -188,4 +188,4 @@ async def test_the_sync_shim_drives_the_store_from_its_own_loop(
 
     assert await asyncio.wait_for(asyncio.to_thread(caller), timeout=60) == ["charged"] * 2
     assert executions == ["o-1"]
-    assert await ddb.get(charge.engine.idempotency_key(ORDER, charge)) is not None  # type: ignore[attr-defined]
+    assert await ddb.get(charge.engine.idempotency_key(ORDER, charge)) is not None

@@ -306,7 +306,7 @@ async def test_requests_per_call_are_the_same_sync_and_async(
 
         def on_sync() -> list[dict[str, int]]:
             fn, counts = Calls({"id": 7}), []
-            with counting_requests(twin.client()) as requests:  # type: ignore[attr-defined]
+            with counting_requests(twin.client()) as requests:
                 for payload, call in [
                     (ORDER, fn),
                     (ORDER, fn),
