@@ -12,7 +12,7 @@ import signal
 import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import pytest
@@ -149,7 +149,8 @@ async def test_an_owner_token_inside_a_stored_result_does_not_make_it_ours(
 ) -> None:
     node = cache_servers.standalone("redis")
     url = f"redis://{node.host}:{node.port}?atomic={str(atomic).lower()}&timeout=5"
-    async with CachePersistenceLayer.from_url(url) as layer:
+    layer = CachePersistenceLayer.from_url(url)  # `async with` gives back a PersistenceLayer
+    async with layer:
         key, owner = new_key(), token()
         decoy = {"status": "INPROGRESS", "owner_token": owner}
         with node.admin() as admin:
@@ -404,9 +405,7 @@ async def test_a_default_redis_client_carries_hundreds_of_concurrent_calls(
         return n
 
     try:
-        tasks = [
-            asyncio.create_task(engine.run({"n": n}, lambda n=n: work(n))) for n in range(calls)
-        ]
+        tasks = [asyncio.create_task(engine.run({"n": n}, work, n)) for n in range(calls)]
         claimed = asyncio.ensure_future(all_claimed.wait())
         await asyncio.wait([claimed, *tasks], timeout=60, return_when=asyncio.FIRST_COMPLETED)
         claimed.cancel()
@@ -433,7 +432,7 @@ async def _wait_child(pid: int, timeout: float = 60) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _fork(child: Callable[[], Awaitable[int]]) -> int:
+def _fork(child: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Fork; the child runs `child()` in a new loop and exits with its code."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # glide's threads

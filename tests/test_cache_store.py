@@ -773,7 +773,7 @@ async def test_concurrent_first_claims_on_a_fresh_cluster_client_run_once_each(
 
     try:
         results = await asyncio.gather(
-            *(engine.run({"n": n}, lambda n=n: charge(n)) for n in range(20)),
+            *(engine.run({"n": n}, charge, n) for n in range(20)),
             return_exceptions=True,
         )
     finally:

@@ -104,7 +104,7 @@ async def test_handler_payload_is_the_event() -> None:
     assert record is not None
     assert record.status is RecordStatus.COMPLETED
     assert record.idempotency_key == engine_of(handler).idempotency_key(
-        event, key_source=handler.__wrapped__
+        event, key_source=inspect.unwrap(handler)
     )
 
 
@@ -368,7 +368,8 @@ async def test_registered_lambda_context_is_per_task() -> None:
     async def place(order: dict[str, Any]) -> str:
         claimed[order["task"]].set()
         await asyncio.wait_for(finish.wait(), WAIT)
-        return order["task"]
+        task: str = order["task"]
+        return task
 
     registered = {name: asyncio.Event() for name in claimed}
     all_registered = asyncio.Event()

@@ -8,6 +8,7 @@ their default key prefixes match (``test-func.{module}.charge``), or use a key_p
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -171,7 +172,7 @@ async def test_each_refuses_a_key_the_other_holds(table: DynamoDBPersistenceLaye
     def powertools_slow(order: dict[str, Any]) -> str:
         return "powertools"
 
-    powertools_slow.__qualname__ = slow.__qualname__
+    powertools_slow.__qualname__ = inspect.unwrap(slow).__qualname__
     powertools_store = PowertoolsDynamoDB(
         table_name=table.table_name,
         boto3_client=boto3.client("dynamodb", endpoint_url=table.endpoint_url),

@@ -17,6 +17,7 @@ import re
 import uuid
 import warnings
 import zlib
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
@@ -58,6 +59,9 @@ from aioidempotency._keys import (
 
 class _ReferenceLayer(BasePersistenceLayer):
     """Powertools' persistence layer with no storage: only its key derivation is used."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # Powertools leaves it unannotated
 
     def _get_record(self, idempotency_key: str) -> Any:
         raise NotImplementedError
@@ -206,6 +210,11 @@ _TIMEZONES = [
 ]
 
 
+def _one_of(rng: random.Random, makers: list[Callable[[], Any]]) -> Any:
+    """One of `makers`, chosen by `rng`, called."""
+    return rng.choice(makers)()
+
+
 class PayloadGenerator:
     """Random payloads of every kind the key derivation accepts (seeded)."""
 
@@ -223,7 +232,8 @@ class PayloadGenerator:
 
     def number(self) -> Any:
         rng = self.rng
-        return rng.choice(
+        return _one_of(
+            rng,
             [
                 lambda: rng.randint(-1000, 1000),
                 lambda: rng.getrandbits(80) - 2**79,
@@ -237,8 +247,8 @@ class PayloadGenerator:
                     )
                 ),
                 lambda: Decimal(rng.randint(-(10**6), 10**6)) / Decimal(100),
-            ]
-        )()
+            ],
+        )
 
     def moment(self) -> Any:
         rng = self.rng
@@ -246,17 +256,19 @@ class PayloadGenerator:
             seconds=rng.randint(0, 10**9), microseconds=rng.choice([0, rng.randint(0, 999_999)])
         )
         tz = rng.choice(_TIMEZONES)
-        return rng.choice(
+        return _one_of(
+            rng,
             [
                 lambda: base.replace(tzinfo=tz),
                 lambda: base.date(),
                 lambda: base.time().replace(tzinfo=tz),
-            ]
-        )()
+            ],
+        )
 
     def scalar(self) -> Any:
         rng = self.rng
-        return rng.choice(
+        return _one_of(
+            rng,
             [
                 self.text,
                 self.text,
@@ -270,8 +282,8 @@ class PayloadGenerator:
                 lambda: rng.choice(
                     [PurePosixPath("a/b/é.txt"), PureWindowsPath("C:\\data\\x.json")]
                 ),
-            ]
-        )()
+            ],
+        )
 
     def line(self) -> Line:
         rng = self.rng
@@ -310,7 +322,8 @@ class PayloadGenerator:
         rng = self.rng
         if depth >= 4 or rng.random() < 0.45:
             return self.scalar()
-        return rng.choice(
+        return _one_of(
+            rng,
             [
                 lambda: self.mapping(depth),
                 lambda: self.mapping(depth),
@@ -318,13 +331,14 @@ class PayloadGenerator:
                 lambda: tuple(self.value(depth + 1) for _ in range(rng.randint(0, 3))),
                 lambda: self.order(depth),
                 lambda: self.customer(depth),
-            ]
-        )()
+            ],
+        )
 
     def payload(self) -> Any:
         """A whole payload: usually a dict, sometimes a model, a scalar or a wrapper."""
         rng = self.rng
-        return rng.choice(
+        return _one_of(
+            rng,
             [
                 lambda: self.mapping(0),
                 lambda: self.mapping(0),
@@ -334,8 +348,8 @@ class PayloadGenerator:
                 lambda: self.customer(0),
                 lambda: LegacyEvent(self.mapping(0)),
                 lambda: WrappedEvent(self.mapping(0)),
-            ]
-        )()
+            ],
+        )
 
     def json_value(self, depth: int = 0) -> Any:
         """JSON-native data (for a request body that is JSON text)."""
@@ -370,7 +384,8 @@ class PayloadGenerator:
         """A function result Powertools' encoder can store."""
         rng = self.rng
         if depth >= 3 or rng.random() < 0.4:
-            return rng.choice(
+            return _one_of(
+                rng,
                 [
                     self.text,
                     lambda: rng.randint(-(2**70), 2**70),
@@ -378,9 +393,10 @@ class PayloadGenerator:
                     lambda: Decimal(rng.randint(0, 99_999)) / 100,
                     lambda: rng.choice([True, False, None, 0, "", Mode.SAFE, Level.HIGH]),
                     self.line,
-                ]
-            )()
-        return rng.choice(
+                ],
+            )
+        return _one_of(
+            rng,
             [
                 lambda: {self.text(): self.result(depth + 1) for _ in range(rng.randint(0, 4))},
                 lambda: [self.result(depth + 1) for _ in range(rng.randint(0, 4))],
@@ -391,8 +407,8 @@ class PayloadGenerator:
                     balance=Decimal("2.50"),
                     tags=[],
                 ),
-            ]
-        )()
+            ],
+        )
 
 
 # -- fixed vectors: serialised key data and its MD5 -----------------------------------------

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import inspect
 import json
+from collections.abc import Callable, Coroutine
 from decimal import Decimal
-from typing import Any, Optional, Union
+from typing import Any, Optional, ParamSpec, TypeVar, Union
 
 import pydantic
 import pytest
@@ -27,8 +29,12 @@ from aioidempotency import (
     idempotent_function,
     idempotent_function_async,
 )
+from aioidempotency._async.decorators import IdempotentFunction
 from aioidempotency.persistence import PersistenceLayer
 from tests.helpers import FakeLambdaContext
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Currency(enum.Enum):
@@ -108,7 +114,9 @@ async def assert_replays_equal(
 # -- module-level functions: their string annotations resolve (from __future__ import) --------
 
 
-def _decorate(store: PersistenceLayer, serializer: Any) -> Any:
+def _decorate(
+    store: PersistenceLayer, serializer: Any
+) -> Callable[[Callable[P, Coroutine[Any, Any, R]]], IdempotentFunction[P, Coroutine[Any, Any, R]]]:
     return idempotent_function_async(
         data_keyword_argument="order", persistence_store=store, output_serializer=serializer
     )
@@ -154,7 +162,7 @@ async def test_custom_dict_serializer_round_trip() -> None:
     _, second = await assert_replays_equal(store, charge, {"cents": 995}, calls)
     assert isinstance(second, Money)
     assert second == Money(995, "EUR")
-    key = charge.engine.idempotency_key({"cents": 995}, key_source=charge.__wrapped__)
+    key = charge.engine.idempotency_key({"cents": 995}, key_source=inspect.unwrap(charge))
     record = await store.get(key)
     assert record is not None
     assert json.loads(record.response_data or "") == {"cents": 995, "currency": "EUR"}

@@ -19,7 +19,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import glide_sync
 import pytest
@@ -59,8 +59,8 @@ class BareClient:
         self.sets: list[dict[str, Any]] = []
 
     def get(self, name: str) -> bytes | None:
-        value: bytes | None = self.inner.get(name)
-        return value
+        # redis-py types GET as bytes | str | None; without decode_responses it is bytes.
+        return cast("bytes | None", self.inner.get(name))
 
     def set(self, name: str, value: str, *, ex: int | None = None, nx: bool = False) -> Any:
         self.sets.append({"ex": ex, "nx": nx})

@@ -593,6 +593,7 @@ async def test_store_errors_are_503_only_when_transient(
     with caplog.at_level(logging.INFO, logger="aioidempotency.web"):
         outcome = await core.run(request, app)
     assert app.calls == 0
+    assert outcome.error is not None
     assert outcome.error is error or outcome.error.__cause__ is error  # the engine's wrap
     assert isinstance(outcome.response, Reply)
     assert outcome.response.status == status

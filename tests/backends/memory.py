@@ -13,5 +13,6 @@ BACKENDS = ["memory"]
 
 @pytest.fixture
 async def store_memory() -> AsyncIterator[InMemoryPersistenceLayer]:
-    async with InMemoryPersistenceLayer() as store:
+    store = InMemoryPersistenceLayer()  # `async with` gives back a PersistenceLayer
+    async with store:
         yield store
