@@ -298,6 +298,7 @@ async def test_the_lease_is_renewed_after_an_outage_longer_than_the_lease() -> N
         assert record is not None
         if record.is_orphaned(time.time()):
             break
+    assert record is not None
     assert record.is_orphaned(time.time())
     down[0] = False  # the store is back, and nobody took the key over
     await store.wait_calls("renew", renewals + 1)

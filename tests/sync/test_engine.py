@@ -661,7 +661,8 @@ def test_lambdas_and_partials_need_a_prefix() -> None:
 
 
 def test_a_failed_release_after_an_error_is_a_persistence_error() -> None:
-    store = WrapperStore(SyncInMemoryPersistenceLayer())
+    inner = SyncInMemoryPersistenceLayer()
+    store = WrapperStore(inner)
     store.fail["release"] = lambda: ConnectionError("store went away")
 
     def declined() -> None:
@@ -676,7 +677,7 @@ def test_a_failed_release_after_an_error_is_a_persistence_error() -> None:
     store.wait_calls("release", 2)
     del store.fail["release"]
     assert engine.drain(timeout=10)
-    assert len(store.inner) == 0
+    assert len(inner) == 0
 
 
 class SwallowingRenewStore(WrapperStore):

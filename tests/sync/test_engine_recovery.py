@@ -220,6 +220,7 @@ def test_the_lease_is_renewed_after_an_outage_longer_than_the_lease() -> None:
         assert record is not None
         if record.is_orphaned(time.time()):
             break
+    assert record is not None
     assert record.is_orphaned(time.time())
     down[0] = False  # the store is back, and nobody took the key over
     store.wait_calls("renew", renewals + 1)
