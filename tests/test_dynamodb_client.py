@@ -8,6 +8,7 @@ import multiprocessing
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aioboto3
@@ -181,7 +182,7 @@ async def test_a_missing_table_is_a_persistence_error(
         "no-such-table", endpoint_url=moto_server.endpoint_url, session=aws_session
     )
     record = in_progress()
-    calls = {
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
         "claim": lambda: layer.claim(record, now=time.time()),
         "get": lambda: layer.get("fn#k"),
         "complete": lambda: layer.complete(record, owner="o"),

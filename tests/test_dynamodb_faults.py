@@ -436,7 +436,7 @@ PAST = {"N": str(int(time.time()) - 3600)}
 FUTURE = {"N": str(int(time.time()) + 3600)}
 PAST_MS = {"N": str(int(time.time() * 1000) - 60_000)}
 
-UNUSABLE = {
+UNUSABLE: dict[str, dict[str, Any]] = {
     "expiration-as-text": {"status": {"S": "INPROGRESS"}, "expiration": {"S": PAST["N"]}},
     "no-status": {"expiration": PAST},
     "number-status": {"status": {"N": "1"}, "expiration": PAST},

@@ -86,7 +86,7 @@ async def test_four_processes_execute_each_key_exactly_once(moto_server: MotoSer
         assert not errors
         executed = Counter(key for _, report in reports for key in report["executed"])
         assert executed == Counter({key: 1 for key in range(KEYS)})
-        outcomes = sum((report["outcomes"] for _, report in reports), Counter())
+        outcomes: Counter[str] = sum((report["outcomes"] for _, report in reports), Counter())
         assert set(outcomes) <= {"ok", "in progress"}
         assert sum(outcomes.values()) == PROCESSES * CALLS_PER_PROCESS
         assert outcomes["ok"] >= KEYS

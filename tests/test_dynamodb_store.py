@@ -380,7 +380,7 @@ def test_key_attr_equal_to_sort_key_attr_is_rejected() -> None:
         {"status_attr": ""},
     ],
 )
-def test_attribute_names_must_be_distinct(options: dict[str, str]) -> None:
+def test_attribute_names_must_be_distinct(options: dict[str, Any]) -> None:
     with pytest.raises(IdempotencyPersistenceConfigError):
         DynamoDBPersistenceLayer("t", **options)
 

@@ -646,7 +646,9 @@ def test_a_boto3_client_given_is_refused_in_a_forked_child(
 # -- faults -------------------------------------------------------------------------------------
 
 
-def _timed_claim(store: SyncDynamoDBPersistenceLayer) -> tuple[BaseException, float]:
+def _timed_claim(
+    store: SyncDynamoDBPersistenceLayer,
+) -> tuple[IdempotencyPersistenceConnectionError, float]:
     started = time.monotonic()
     with pytest.raises(IdempotencyPersistenceConnectionError) as error:
         store.claim(claim_record(f"fn#{uuid.uuid4().hex}"), now=time.time())
@@ -728,7 +730,7 @@ async def test_a_record_the_sync_store_completed_is_replayed_by_the_async_store(
         async def charge(order: dict[str, Any]) -> Any:
             return calls()
 
-        options = {"data_keyword_argument": "order", "key_prefix": "payments"}
+        options: dict[str, Any] = {"data_keyword_argument": "order", "key_prefix": "payments"}
         sync_pay = idempotent_function(persistence_store=sync_layer, **options)(charge_sync)
         async_pay = idempotent_function_async(persistence_store=store, **options)(charge)
         assert await asyncio.to_thread(sync_pay, order=ORDER) == {"charged": 42}

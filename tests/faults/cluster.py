@@ -669,8 +669,11 @@ class Workload:
                 findings.returned_not_stored.append(f"{label}: returned {returned}")
             for call in calls:
                 error = call.error
-                lost = isinstance(error, IdempotencyClaimLostError)
-                if lost and isinstance(error.result, dict) and error.result.get("run") == record:
+                if (
+                    isinstance(error, IdempotencyClaimLostError)
+                    and isinstance(error.result, dict)
+                    and error.result.get("run") == record
+                ):
                     findings.claim_lost_but_stored.append(f"{label}: {record}")
         return findings
 

@@ -73,7 +73,9 @@ async def test_failover_loses_an_acknowledged_completion_without_durability(
         with cluster.pause_replication(replica):
             first = await workload.call(engine, label, 0)
             assert first.error is None, first.error
-            assert '"COMPLETED"' in primary.get(key)  # acknowledged and stored
+            stored = primary.get(key)
+            assert stored is not None
+            assert '"COMPLETED"' in stored  # acknowledged and stored
             cluster.kill(primary)
         cluster.failover(replica, takeover=True)
         cluster.wait_ok()

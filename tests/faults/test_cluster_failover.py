@@ -134,9 +134,10 @@ async def test_failover_errors_are_transient_and_the_store_recovers(
     )
     assert not findings.foreign_errors, findings.foreign_errors[:5]
     not_transient = [
-        f"{call.label}: {call.error!r} <- {call.error.__cause__!r}"
+        f"{call.label}: {error!r} <- {error.__cause__!r}"
         for call in errors
-        if not (isinstance(call.error, IdempotencyPersistenceLayerError) and call.error.transient)
+        if (error := call.error) is not None  # all of `errors`
+        and not (isinstance(error, IdempotencyPersistenceLayerError) and error.transient)
     ]
     assert not not_transient, not_transient[:5]
     # The same store object recovered: the last CALLS_AFTER_RECOVERY calls succeeded.
