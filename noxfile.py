@@ -71,7 +71,7 @@ def lint(session: nox.Session) -> None:
     session.run("python", "tools/unasync.py", "--check")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.run("mypy", "--strict", "src", "tools")
+    session.run("mypy", "--strict", "src", "tools", "tests")
 
 
 @nox.session(python=PYTHON)
