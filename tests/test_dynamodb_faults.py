@@ -123,7 +123,7 @@ async def test_the_url_sets_the_timeouts_and_attempts(aws_session: Any) -> None:
             "&connect_timeout=0.5&read_timeout=0.2&max_attempts=3"
         )
         assert isinstance(layer, DynamoDBPersistenceLayer)
-        layer._clients.session = aws_session  # the suite's: its credentials, its model cache
+        layer._session = aws_session  # the suite's: its credentials, its model cache
         try:
             error, _ = await _fail_timed(layer)
             config = (await layer.client()).meta.config

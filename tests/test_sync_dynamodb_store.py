@@ -839,4 +839,4 @@ def test_sixteen_threads_share_one_client_and_run_each_payload_once(
         assert isinstance(twin, SyncDynamoDBPersistenceLayer)
         assert sorted(runs) == [0, 1, 2, 3]
         assert sorted(r["paid"] for r in results) == sorted(n % 4 for n in range(16))
-        assert twin._clients._entry is not None  # one client, opened once for all threads
+        assert twin._clients.current() is not None  # one client, opened once for all threads

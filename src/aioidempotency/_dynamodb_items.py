@@ -1,8 +1,9 @@
 """What the async and the sync DynamoDB stores share: settings, items, conditions, errors.
 
 Nothing here sends a request. `aioidempotency._async.dynamodb` (and its generated twin
-`aioidempotency._sync.dynamodb`) build on it; the clients themselves come from
-``dynamodb_client`` on each side.
+`aioidempotency._sync.dynamodb`) build on it; how a client of each kind is configured
+and opened comes from ``dynamodb_client`` on each side, and the holders of the clients
+from ``clients`` on each side.
 """
 
 from __future__ import annotations
@@ -72,9 +73,9 @@ __all__ = [
     "lost",
     "owner_values",
     "parse_url",
+    "passed_in_child",
     "plain",
     "raise_mapped",
-    "refused_in_child",
     "session_kind",
     "settings",
 ]
@@ -444,14 +445,14 @@ def owner_values(owner: str) -> dict[str, AttributeValue]:
 # -- errors --------------------------------------------------------------------------------
 
 
-def refused_in_child(settings: DynamoDBSettings, given: str) -> IdempotencyPersistenceConfigError:
-    """The error for a client given to a layer (as `given`), used in a forked child."""
-    return IdempotencyPersistenceConfigError(
-        f"the DynamoDB client passed as {given} was created in process {settings.pid}; "
-        f"this forked child ({os.getpid()}) would share its connections with the parent. "
-        "Pass table_name= with session=, region_name=, endpoint_url= or boto_config= "
-        f"instead of {given}, so that each process opens its own client, or build the "
-        "layer after the fork"
+def passed_in_child(given: str) -> str:
+    """Why a client given to a layer (as `given`) is refused in a forked child (the
+    `refusal` of its `PassedClient`)."""
+    return (
+        f"the DynamoDB client passed as {given} would share its connections with the "
+        "parent in this forked child. Pass table_name= with session=, region_name=, "
+        f"endpoint_url= or boto_config= instead of {given}, so that each process opens "
+        "its own client, or build the layer after the fork"
     )
 
 

@@ -2,16 +2,17 @@
 
 A user builds one store (an `InMemoryPersistenceLayer`, a store from a URL or a table
 name) and hands it to async and sync decorators alike. The async engine takes it as
-it is; the sync engine takes its sync twin: the same records through a sync client
-(the in-memory store shares its table), or, for a store that only has async
-clients, a `BridgedStore` that runs it on a background loop.
+it is, unless the store refuses async code (`PersistenceLayer._async_refusal`: it
+holds only sync clients); the sync engine takes its sync twin, which the store names
+(`PersistenceLayer._sync_twin`: the same records through a sync client, or the
+in-memory store's table shared), or, for a store that names none (it only has async
+clients), a `BridgedStore` that runs it on a background loop.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
-from aioidempotency._async.memory import InMemoryPersistenceLayer
 from aioidempotency._async.store import PersistenceLayer
 from aioidempotency._sync.store import SyncPersistenceLayer
 
@@ -28,8 +29,7 @@ _TWIN = "_aioidempotency_sync_twin"
 def as_async_store(store: Any) -> PersistenceLayer:
     """`store` for the async engine (a `TypeError` naming what to pass otherwise)."""
     if isinstance(store, PersistenceLayer):
-        refusal = getattr(store, "_async_refusal", None)  # a layer holding a sync client
-        reason = None if refusal is None else refusal()
+        reason = store._async_refusal()
         if reason is not None:
             raise TypeError(reason)
         return store
@@ -53,25 +53,10 @@ def as_sync_store(store: Any) -> SyncPersistenceLayer:
         )
     twin = store.__dict__.get(_TWIN)
     if twin is None:
-        twin = _make_twin(store)
+        twin = store._sync_twin()
+        if twin is None:
+            from aioidempotency._sync.bridge import BridgedStore
+
+            twin = BridgedStore(store)
         store.__dict__[_TWIN] = twin
     return twin
-
-
-def _make_twin(store: PersistenceLayer) -> SyncPersistenceLayer:
-    if isinstance(store, InMemoryPersistenceLayer):
-        from aioidempotency._sync.memory import SyncInMemoryPersistenceLayer
-
-        return SyncInMemoryPersistenceLayer(table=store.table)
-    twin_of = getattr(store, "_sync_twin", None)  # a store that knows its own twin
-    if twin_of is not None:
-        return cast(SyncPersistenceLayer, twin_of())
-    from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
-
-    if isinstance(store, DynamoDBPersistenceLayer):
-        from aioidempotency._sync.dynamodb_client import sync_twin
-
-        return sync_twin(store)
-    from aioidempotency._sync.bridge import BridgedStore
-
-    return BridgedStore(store)

@@ -16,7 +16,7 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from aioidempotency._async.cache_clients import CacheClient, ScriptingCacheClient, adapt
 from aioidempotency._async.cache_paths import AtomicPath, ProtocolPath, delete_key, read
@@ -35,6 +35,12 @@ from aioidempotency.exceptions import (
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceLayerError,
 )
+
+# begin async-only
+if TYPE_CHECKING:
+    from aioidempotency._sync.cache import SyncCachePersistenceLayer
+    from aioidempotency._sync.store import SyncPersistenceLayer
+# end async-only
 
 __all__ = [
     "CacheAccessDeniedError",
@@ -219,7 +225,7 @@ class CachePersistenceLayer(PersistenceLayer):
             )
         self._factory = client_factory
         self._foreign: Any = None
-        self._twin: Any = None  # async-only
+        self._twin: SyncCachePersistenceLayer | None = None  # async-only
         self._clients: PassedClient[CacheClient] | OpenedClients[CacheClient] | None = None
         can_script = True
         if client is not None and client_world(client) not in (None, _WORLD):
@@ -303,10 +309,10 @@ class CachePersistenceLayer(PersistenceLayer):
             return None
         return str(_wrong_client(_SYNC_CLIENT, self._foreign))
 
-    def _sync_twin(self) -> Any:
+    def _sync_twin(self) -> SyncPersistenceLayer | None:
         """The store the sync engine uses for this layer: a `SyncCachePersistenceLayer`
         on the same server (its own sync client, from the same settings), or for a
-        layer on a client factory of one's own, the bridge."""
+        layer on a client factory of one's own, None (the bridge)."""
         if self._foreign is not None:
             return self._twin
         if self.connection is not None:
@@ -316,9 +322,7 @@ class CachePersistenceLayer(PersistenceLayer):
                 self._twin = SyncCachePersistenceLayer(**self._settings)
             return self._twin
         if self._factory is not None:
-            from aioidempotency._sync.bridge import BridgedStore
-
-            return BridgedStore(self)
+            return None
         assert isinstance(self._clients, PassedClient)
         raise TypeError(str(_wrong_client(_ASYNC_CLIENT, self._clients.client)))
 

@@ -12,20 +12,22 @@ was lost): a resent claim is refused and returns the caller's own item; the comp
 item keeps the owner token, so a resent completion is recognised as done; release and
 renewal are conditional on the owner and on the INPROGRESS status.
 
-The async layer is the source of the sync one (tools/unasync.py writes it); the clients,
-which differ by nature, come from `aioidempotency._async.dynamodb_client`, and what
-both share (settings, items, conditions, errors) from `aioidempotency._dynamodb_items`.
+The async layer is the source of the sync one (tools/unasync.py writes it). What differs
+by nature is the kind of client (`aioidempotency._async.dynamodb_client`), held as every
+store holds its clients (`aioidempotency._async.clients`); what both share (settings,
+items, conditions, errors) comes from `aioidempotency._dynamodb_items`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Self
 
-from aioidempotency._async.dynamodb_client import DynamoDBClients
+from aioidempotency._async import dynamodb_client
+from aioidempotency._async.clients import OpenedClients, PassedClient
 from aioidempotency._async.store import ClaimResult, PersistenceLayer
 from aioidempotency._dynamodb_items import (
     CLAIM_CONDITION,
@@ -54,9 +56,15 @@ from aioidempotency._dynamodb_items import (
 from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.exceptions import (
     IdempotencyError,
+    IdempotencyPersistenceConfigError,
     IdempotencyPersistenceLayerError,
     IdempotencyResultTooLargeError,
 )
+
+# begin async-only
+if TYPE_CHECKING:
+    from aioidempotency._sync.store import SyncPersistenceLayer
+# end async-only
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -79,8 +87,9 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
 
     Without a client, the layer opens its own lazily (from `session`, `region_name`,
     `endpoint_url` and `boto_config`; the region otherwise comes from the environment)
-    and reuses it, as `aioidempotency._async.dynamodb_client` says; `aclose()` closes
-    it. Such clients fail fast: `connect_timeout` and `read_timeout` (seconds) and
+    and reuses it (one per event loop, closed when the loop shuts down, or one per
+    process for sync code; a new one in a forked child); `aclose()` closes them.
+    Such clients fail fast: `connect_timeout` and `read_timeout` (seconds) and
     `max_attempts` (per request, "standard" retries) default to the ``DEFAULT_*``
     constants; what `boto_config` sets explicitly wins. A client given is used as it
     is (its own timeouts and retries), never closed, and refused in a forked child.
@@ -153,7 +162,12 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         self.connect_timeout = settings.connect_timeout
         self.read_timeout = settings.read_timeout
         self.max_attempts = settings.max_attempts
-        self._clients = DynamoDBClients(settings)
+        client, self._session = dynamodb_client.given(settings)
+        self._clients: PassedClient[Any] | OpenedClients[Any] = (
+            OpenedClients(self._open_client, dynamodb_client.close_client)
+            if client is None
+            else PassedClient(client, refusal=dynamodb_client.in_child(settings), pid=settings.pid)
+        )
 
     @classmethod
     def from_settings(cls, settings: DynamoDBSettings) -> Self:
@@ -181,11 +195,25 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         under what `boto_config` sets explicitly (its values win). The attempts and
         retry mode of the AWS configuration (``AWS_MAX_ATTEMPTS``, ``AWS_RETRY_MODE``,
         the profile) of `session` win over the defaults too."""
-        return self._clients.config(session)
+        return dynamodb_client.config(self.settings, session)
+
+    async def _open_client(self) -> Any:
+        """A new client for this loop (or process), from the session given (a new one
+        when none was) with `client_config()`; refused, saying what to pass, when the
+        layer was given only clients or sessions of the other kind."""
+        reason = dynamodb_client.refusal(self.settings)
+        if reason is not None:
+            raise IdempotencyPersistenceConfigError(reason)
+        if self._session is None:
+            self._session = dynamodb_client.new_session()
+        return await dynamodb_client.open_client(self.settings, self._session)
 
     async def client(self) -> Any:
         """The DynamoDB client this layer sends its requests with (opened if needed)."""
-        return await self._clients.get()
+        opened = self._clients.ready()
+        if opened is None:
+            opened = await self._clients.open()
+        return opened.client
 
     async def aclose(self) -> None:
         """Close the clients this layer opened (a client given to it stays open)."""
@@ -195,7 +223,28 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
     def _async_refusal(self) -> str | None:
         """Why async code cannot use this layer (it was given only boto3 clients), or
         None; async decorators and engines raise it as a `TypeError` when built."""
-        return self._clients.refusal()
+        return dynamodb_client.refusal(self.settings)
+
+    def _sync_twin(self) -> SyncPersistenceLayer | None:
+        """What serves this layer in sync code: a `SyncDynamoDBPersistenceLayer` on the
+        same settings (its own boto3 client, or the boto3 client or session this layer
+        was given); None (the bridge) when it was given an aioboto3/aiobotocore session
+        and no boto3 one (the layer opens its own client from that session on the
+        bridge's loop), or is a subclass (its methods are async). An aiobotocore client
+        with no boto3 client is refused with a `TypeError` that says what to pass: it
+        belongs to the loop it was opened in."""
+        from aioidempotency._sync import dynamodb_client as sync_clients
+        from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
+
+        settings = self.settings
+        if settings.sync_client is None and settings.sync_session is None:
+            if settings.async_client is not None:
+                raise TypeError(sync_clients.refusal(settings))
+            if settings.async_session is not None:
+                return None
+        if type(self) is not DynamoDBPersistenceLayer:
+            return None
+        return SyncDynamoDBPersistenceLayer.from_settings(settings)
 
     # end async-only
 
@@ -428,9 +477,10 @@ async def create_idempotency_table(
 ) -> bool:
     """Create an on-demand idempotency table with TTL on `ttl_attr`; wait until active.
 
-    `client` is a DynamoDB client of the kind `DynamoDBClients` opens. Returns False
-    (and changes nothing) when the table exists and `exist_ok`; raises
-    `IdempotencyPersistenceLayerError` for any other failure.
+    `client` is a DynamoDB client of the kind a layer opens (see
+    `aioidempotency._async.dynamodb_client`). Returns False (and changes nothing) when
+    the table exists and `exist_ok`; raises `IdempotencyPersistenceLayerError` for any
+    other failure.
     """
     schema = [{"AttributeName": key_attr, "KeyType": "HASH"}]
     definitions = [{"AttributeName": key_attr, "AttributeType": "S"}]

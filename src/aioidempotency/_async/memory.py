@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aioidempotency._async.store import ClaimResult, PersistenceLayer
 from aioidempotency._memory_table import MemoryTable
 from aioidempotency._records import DataRecord
+
+# begin async-only
+if TYPE_CHECKING:
+    from aioidempotency._sync.store import SyncPersistenceLayer
+# end async-only
 
 __all__ = ["InMemoryPersistenceLayer"]
 
@@ -47,6 +53,15 @@ class InMemoryPersistenceLayer(PersistenceLayer):
     def __bool__(self) -> bool:
         # A store is a store even when empty: `store or default` must not swap it.
         return True
+
+    # begin async-only
+    def _sync_twin(self) -> SyncPersistenceLayer:
+        """The sync twin: a `SyncInMemoryPersistenceLayer` sharing this store's table."""
+        from aioidempotency._sync.memory import SyncInMemoryPersistenceLayer
+
+        return SyncInMemoryPersistenceLayer(table=self.table)
+
+    # end async-only
 
     async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
         return self.table.claim(record, now=now)

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import abc
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from aioidempotency._contract import ClaimResult, check_result_size
 from aioidempotency._records import DataRecord
+
+# begin async-only
+if TYPE_CHECKING:
+    from aioidempotency._sync.store import SyncPersistenceLayer
+# end async-only
 
 __all__ = ["ClaimResult", "PersistenceLayer", "check_result_size"]
 
@@ -79,6 +85,21 @@ class PersistenceLayer(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Close the clients this layer opened itself (clients given to it stay open)."""
+
+    # begin async-only
+    def _async_refusal(self) -> str | None:
+        """Why async code cannot use this store (it holds only sync clients), or None;
+        async decorators and engines raise it as a `TypeError` when built."""
+        return None
+
+    def _sync_twin(self) -> SyncPersistenceLayer | None:
+        """The store that serves this one in sync code, or None: the sync engine then
+        runs this store on a background loop (`aioidempotency._sync.bridge`). Raises a
+        `TypeError` that says what to pass when sync code cannot use this store.
+        `aioidempotency._twins.as_sync_store` asks once per store."""
+        return None
+
+    # end async-only
 
     async def __aenter__(self) -> PersistenceLayer:
         return self

@@ -13,9 +13,10 @@ was lost): a resent claim is refused and returns the caller's own item; the comp
 item keeps the owner token, so a resent completion is recognised as done; release and
 renewal are conditional on the owner and on the INPROGRESS status.
 
-The async layer is the source of the sync one (tools/unasync.py writes it); the clients,
-which differ by nature, come from `aioidempotency._sync.dynamodb_client`, and what
-both share (settings, items, conditions, errors) from `aioidempotency._dynamodb_items`.
+The async layer is the source of the sync one (tools/unasync.py writes it). What differs
+by nature is the kind of client (`aioidempotency._sync.dynamodb_client`), held as every
+store holds its clients (`aioidempotency._sync.clients`); what both share (settings,
+items, conditions, errors) comes from `aioidempotency._dynamodb_items`.
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ from aioidempotency._dynamodb_items import (
     settings,
 )
 from aioidempotency._records import DataRecord, RecordStatus
-from aioidempotency._sync.dynamodb_client import DynamoDBClients
+from aioidempotency._sync import dynamodb_client
+from aioidempotency._sync.clients import OpenedClients, PassedClient
 from aioidempotency._sync.store import ClaimResult, SyncPersistenceLayer
 from aioidempotency.exceptions import (
     IdempotencyError,
+    IdempotencyPersistenceConfigError,
     IdempotencyPersistenceLayerError,
     IdempotencyResultTooLargeError,
 )
@@ -80,8 +83,9 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
 
     Without a client, the layer opens its own lazily (from `session`, `region_name`,
     `endpoint_url` and `boto_config`; the region otherwise comes from the environment)
-    and reuses it, as `aioidempotency._sync.dynamodb_client` says; `close()` closes
-    it. Such clients fail fast: `connect_timeout` and `read_timeout` (seconds) and
+    and reuses it (one per event loop, closed when the loop shuts down, or one per
+    process for sync code; a new one in a forked child); `close()` closes them.
+    Such clients fail fast: `connect_timeout` and `read_timeout` (seconds) and
     `max_attempts` (per request, "standard" retries) default to the ``DEFAULT_*``
     constants; what `boto_config` sets explicitly wins. A client given is used as it
     is (its own timeouts and retries), never closed, and refused in a forked child.
@@ -154,7 +158,12 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
         self.connect_timeout = settings.connect_timeout
         self.read_timeout = settings.read_timeout
         self.max_attempts = settings.max_attempts
-        self._clients = DynamoDBClients(settings)
+        client, self._session = dynamodb_client.given(settings)
+        self._clients: PassedClient[Any] | OpenedClients[Any] = (
+            OpenedClients(self._open_client, dynamodb_client.close_client)
+            if client is None
+            else PassedClient(client, refusal=dynamodb_client.in_child(settings), pid=settings.pid)
+        )
 
     @classmethod
     def from_settings(cls, settings: DynamoDBSettings) -> Self:
@@ -182,11 +191,25 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
         under what `boto_config` sets explicitly (its values win). The attempts and
         retry mode of the AWS configuration (``AWS_MAX_ATTEMPTS``, ``AWS_RETRY_MODE``,
         the profile) of `session` win over the defaults too."""
-        return self._clients.config(session)
+        return dynamodb_client.config(self.settings, session)
+
+    def _open_client(self) -> Any:
+        """A new client for this loop (or process), from the session given (a new one
+        when none was) with `client_config()`; refused, saying what to pass, when the
+        layer was given only clients or sessions of the other kind."""
+        reason = dynamodb_client.refusal(self.settings)
+        if reason is not None:
+            raise IdempotencyPersistenceConfigError(reason)
+        if self._session is None:
+            self._session = dynamodb_client.new_session()
+        return dynamodb_client.open_client(self.settings, self._session)
 
     def client(self) -> Any:
         """The DynamoDB client this layer sends its requests with (opened if needed)."""
-        return self._clients.get()
+        opened = self._clients.ready()
+        if opened is None:
+            opened = self._clients.open()
+        return opened.client
 
     def close(self) -> None:
         """Close the clients this layer opened (a client given to it stays open)."""
@@ -419,9 +442,10 @@ def create_idempotency_table(
 ) -> bool:
     """Create an on-demand idempotency table with TTL on `ttl_attr`; wait until active.
 
-    `client` is a DynamoDB client of the kind `DynamoDBClients` opens. Returns False
-    (and changes nothing) when the table exists and `exist_ok`; raises
-    `IdempotencyPersistenceLayerError` for any other failure.
+    `client` is a DynamoDB client of the kind a layer opens (see
+    `aioidempotency._sync.dynamodb_client`). Returns False (and changes nothing) when
+    the table exists and `exist_ok`; raises `IdempotencyPersistenceLayerError` for any
+    other failure.
     """
     schema = [{"AttributeName": key_attr, "KeyType": "HASH"}]
     definitions = [{"AttributeName": key_attr, "AttributeType": "S"}]
