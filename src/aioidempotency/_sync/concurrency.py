@@ -6,14 +6,15 @@ Same names as ``_async/concurrency.py``: see there for what each one is for.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from typing_extensions import TypeVarTuple, Unpack
 
-__all__ = ["Background", "Cancelled", "Outcome", "scope", "shielded", "sleep"]
+__all__ = ["Background", "Cancelled", "Outcome", "Slots", "scope", "shielded", "sleep"]
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -49,23 +50,57 @@ def shielded(operation: Callable[[], T]) -> T:
 
 
 class Outcome(Generic[T]):
-    """A value set once, that threads wait for."""
+    """A value set once, by the thread that owns it, that other threads wait for.
+
+    A bare lock held until the value is set: every flight makes one and most are never
+    waited for, so it costs a lock allocation, not an `Event` (a condition, its lock
+    and their Python-level bookkeeping). A waiter acquires the lock once it is
+    released and hands it on at once, so every waiter wakes.
+    """
+
+    __slots__ = ("_done", "_unset", "_value")
 
     def __init__(self) -> None:
-        self._set = threading.Event()
+        self._unset = threading.Lock()
+        self._unset.acquire()
+        self._done = False
         self._value: T | None = None
 
     def set(self, value: T) -> None:
         """Set the value (the first one counts)."""
-        if not self._set.is_set():
+        if not self._done:
             self._value = value
-            self._set.set()
+            self._done = True
+            self._unset.release()
 
     def wait(self, timeout: float) -> T:
         """The value, once set; `TimeoutError` after `timeout` seconds."""
-        if not self._set.wait(timeout):
+        if not self._unset.acquire(timeout=max(timeout, 0)):
             raise TimeoutError
+        self._unset.release()
         return self._value  # type: ignore[return-value]
+
+
+class Slots:
+    """At most `size` threads inside at once (``with slots: ...``); the others wait.
+
+    A queue of `size` tokens: taking and returning one is a C call, where a
+    `threading.BoundedSemaphore` runs a Python condition (several µs per call, and a
+    lock that busy threads queue on).
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, size: int) -> None:
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(size):
+            self._tokens.put(None)
+
+    def __enter__(self) -> None:
+        self._tokens.get()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tokens.put(None)
 
 
 class Background:

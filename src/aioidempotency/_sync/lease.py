@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
+import time
 from collections.abc import Callable
 
 from aioidempotency._records import DataRecord
+from aioidempotency._sync.concurrency import scope
 from aioidempotency._sync.store import SyncPersistenceLayer
 from aioidempotency.exceptions import IdempotencyClaimLostError
 
@@ -36,7 +37,7 @@ RETRY_DELAY = 0.05
 class Lease:
     """One claim kept alive by `Leases`; `lost` once the store proved it gone."""
 
-    __slots__ = ("claim", "delay", "due", "idle", "keeper", "lost")
+    __slots__ = ("claim", "delay", "due", "keeper", "lost", "renewing")
 
     def __init__(self, keeper: Leases, claim: DataRecord, due: float) -> None:
         self.keeper = keeper
@@ -44,8 +45,9 @@ class Lease:
         self.due = due
         self.delay = RETRY_DELAY
         self.lost = False
-        self.idle = threading.Event()  # clear while a renewal is in flight
-        self.idle.set()
+        # Held while a renewal is in flight: taken by the keeper, released by the
+        # renewal's thread (a bare lock, not an Event: most claims never renew).
+        self.renewing = threading.Lock()
 
     @property
     def key(self) -> str:
@@ -55,14 +57,21 @@ class Lease:
     def stop(self) -> None:
         """Stop renewing; returns once no renewal is in flight (bounded wait)."""
         self.keeper._forget(self)
-        if not self.idle.wait(STOP_TIMEOUT):
+        if not self.renewing.acquire(timeout=STOP_TIMEOUT):
             logger.warning(
                 "the lease renewal of %s did not stop within %ss", self.key, STOP_TIMEOUT
             )
+            return
+        self.renewing.release()
 
 
 class Leases:
-    """Renews the claims of one engine from one daemon thread."""
+    """Renews the claims of one engine from one daemon thread.
+
+    Starting and stopping a lease costs a dict insert and delete under a plain lock;
+    the keeper thread looks for due claims every half interval (a new claim is not due
+    before one interval, so nothing needs to wake it).
+    """
 
     def __init__(
         self, store: SyncPersistenceLayer, *, lease: float, clock: Callable[[], float]
@@ -71,49 +80,47 @@ class Leases:
         self._lease = lease
         self._interval = lease / 3
         self._clock = clock
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        self._scope = scope()
 
     def keep(self, claim: DataRecord) -> Lease:
         """Start renewing `claim` (an in-progress record with an owner token)."""
         assert claim.owner is not None
         lease = Lease(self, claim, self._clock() + self._interval)
-        with self._changed:
-            if self._pid != os.getpid():  # a forked child: the parent's thread is gone
-                self._leases, self._thread, self._pid = {}, None, os.getpid()
+        with self._lock:
+            if self._scope is not scope():  # a forked child: the parent's thread is gone
+                self._leases, self._thread, self._scope = {}, None, scope()
             self._leases[claim.owner] = lease
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._serve, name="aioidempotency-leases", daemon=True
+                    target=self._serve,
+                    args=(self._scope,),
+                    name="aioidempotency-leases",
+                    daemon=True,
                 )
                 self._thread.start()
-            # No notify: the keeper wakes every half interval anyway, and a new claim is
-            # not due before one interval; waking it on every call costs a thread switch.
         return lease
 
     def _forget(self, lease: Lease) -> None:
-        with self._changed:
+        with self._lock:
             self._leases.pop(lease.claim.owner or "", None)
 
-    def _serve(self) -> None:
-        while True:
-            with self._changed:
-                if self._pid != os.getpid():
-                    return
+    def _serve(self, process: object) -> None:
+        while scope() is process:
+            with self._lock:
                 now = self._clock()
                 due = [
                     lease
                     for lease in self._leases.values()
-                    if lease.due <= now and lease.idle.is_set()  # none in flight
+                    # none in flight: take its lock now, the renewal releases it
+                    if lease.due <= now and lease.renewing.acquire(blocking=False)
                 ]
-                if not due:
-                    # Look again in half an interval: no claim can fall due sooner.
-                    self._changed.wait(self._interval / 2)
-                    continue
-                for lease in due:
-                    lease.idle.clear()
+            if not due:
+                # Look again in half an interval: no claim can fall due sooner.
+                time.sleep(self._interval / 2)
+                continue
             for lease in due:
                 threading.Thread(
                     target=self._renewing,
@@ -126,7 +133,7 @@ class Leases:
         try:
             self._renew(lease)
         finally:
-            lease.idle.set()
+            lease.renewing.release()
 
     def _renew(self, lease: Lease) -> None:
         if lease.claim.owner not in self._leases:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 from aioidempotency._async.redis import pool_capacity
 from aioidempotency._cache_errors import TRANSIENT, classify
 from aioidempotency._lua import LuaScript
+from aioidempotency._sync.concurrency import Slots
 from aioidempotency._urls import CacheConnection
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 
@@ -51,9 +51,7 @@ class SyncRedisPyCacheClient:
         self._no_script: type[BaseException] = sys.modules[f"{root}.exceptions"].NoScriptError
         self.max_in_flight = pool_capacity(client)
         self._limit: contextlib.AbstractContextManager[Any] = (
-            contextlib.nullcontext()
-            if self.max_in_flight is None
-            else threading.BoundedSemaphore(self.max_in_flight)
+            contextlib.nullcontext() if self.max_in_flight is None else Slots(self.max_in_flight)
         )
 
     @classmethod
