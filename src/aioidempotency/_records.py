@@ -6,13 +6,27 @@ import dataclasses
 import enum
 import json
 import math
+import os
+import random
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
 from aioidempotency.exceptions import IdempotencyInvalidStatusError
 
-__all__ = ["DataRecord", "RecordAttributes", "RecordStatus"]
+__all__ = ["DataRecord", "RecordAttributes", "RecordStatus", "new_owner_token"]
+
+# Owner tokens must be unique, not secret (whoever reads the store reads them): a
+# private generator seeded from os.urandom, and again in a forked child, makes them
+# without a system call. os.urandom releases the GIL: under threads, a switch per call.
+_tokens = random.Random()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_tokens.seed)
+
+
+def new_owner_token() -> str:
+    """A new claim's owner token: 32 random hex digits."""
+    return f"{_tokens.getrandbits(128):032x}"
 
 
 class RecordStatus(str, enum.Enum):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -37,7 +36,7 @@ from aioidempotency._contract import ClaimResult
 from aioidempotency._encoding import dumps_result
 from aioidempotency._errors import invalid_record, is_own, is_transient, store_errors
 from aioidempotency._local_cache import LocalCache
-from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._records import DataRecord, RecordStatus, new_owner_token
 from aioidempotency._twins import StoreForAsync, as_async_store
 from aioidempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
@@ -265,7 +264,7 @@ class IdempotencyEngine:
             expiry_timestamp=int(now) + self.config.expires_after_seconds,
             in_progress_expiry_timestamp=in_progress_ms,
             payload_hash=call.payload_hash,
-            owner=os.urandom(16).hex(),
+            owner=new_owner_token(),
         )
 
     async def _claim(self, record: DataRecord) -> ClaimResult:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -35,7 +34,7 @@ from aioidempotency._contract import ClaimResult
 from aioidempotency._encoding import dumps_result
 from aioidempotency._errors import invalid_record, is_own, is_transient, store_errors
 from aioidempotency._local_cache import LocalCache
-from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._records import DataRecord, RecordStatus, new_owner_token
 from aioidempotency._sync.concurrency import Background, Cancelled, shielded, sleep
 from aioidempotency._sync.flights import Flight, Flights
 from aioidempotency._sync.lease import Lease, Leases
@@ -266,7 +265,7 @@ class SyncIdempotencyEngine:
             expiry_timestamp=int(now) + self.config.expires_after_seconds,
             in_progress_expiry_timestamp=in_progress_ms,
             payload_hash=call.payload_hash,
-            owner=os.urandom(16).hex(),
+            owner=new_owner_token(),
         )
 
     def _claim(self, record: DataRecord) -> ClaimResult:
