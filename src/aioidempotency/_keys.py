@@ -60,6 +60,10 @@ def _options(config: IdempotencyConfig) -> jmespath.Options:
     return _default_options()
 
 
+_PLAIN = frozenset({dict, list, str})
+"""Payload types that are plain data as they are (exactly these: a subclass may wrap)."""
+
+
 def prepare_payload(payload: Any, *, deep_copy: bool = False) -> Any:
     """The payload as plain data: dataclasses, pydantic models, objects with `.dict()`
     and event wrappers with `raw_event` are unwrapped.
@@ -69,8 +73,10 @@ def prepare_payload(payload: Any, *, deep_copy: bool = False) -> Any:
     JMESPath functions, which could mutate their input, are configured.
     """
     try:
-        if dataclasses.is_dataclass(payload) and not isinstance(payload, type):
-            data: Any = dataclasses.asdict(payload)
+        if type(payload) in _PLAIN:  # the usual case: nothing to unwrap
+            data: Any = payload
+        elif dataclasses.is_dataclass(payload) and not isinstance(payload, type):
+            data = dataclasses.asdict(payload)
         elif callable(getattr(payload, "model_dump", None)):
             data = payload.model_dump(mode="json")
         elif callable(getattr(payload, "dict", None)):
