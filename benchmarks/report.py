@@ -706,6 +706,7 @@ def write_chart(doc: dict[str, Any], path: Path) -> bool:
          {"library": "aioidempotency", "client": "redis-py", "path": "protocol"}, "C3", "-"),
     ]  # fmt: skip
     for ax, scenario in zip(axes[0], ("first", "replay"), strict=True):
+        lines = False
         for label, criteria, color, style in series:
             ys = [
                 _rate(
@@ -722,6 +723,7 @@ def write_chart(doc: dict[str, Any], path: Path) -> bool:
                 for n in concurrency
             ]
             ax.plot(concurrency, ys, style, marker="o", color=color, label=label)
+            lines = lines or any(not math.isnan(y) for y in ys)
         for threads, style in ((1, ":"), (THREADS, "-.")):
             pt = _rate(
                 _find(
@@ -737,7 +739,8 @@ def write_chart(doc: dict[str, Any], path: Path) -> bool:
             if not math.isnan(pt):
                 name = "sequential" if threads == 1 else f"{threads} threads"
                 ax.axhline(pt, color="C4", linestyle=style, label=f"Powertools, {name}")
-        ax.set_xscale("log")
+        if lines:  # a partial run (--only) may have none: a log axis needs data
+            ax.set_xscale("log")
         ax.set_xticks(concurrency, [str(n) for n in concurrency])
         ax.set_xlabel("concurrent calls (async tasks)")
         ax.set_ylabel("calls per second")
@@ -780,6 +783,7 @@ def write_chart(doc: dict[str, Any], path: Path) -> bool:
         ("Powertools seq", {"library": "powertools", "mode": "sync", "concurrency": 1}),
     ]  # fmt: skip
     width = 0.16
+    positive = False
     for index, (name, criteria) in enumerate(who_sizes):
         values = [
             _rate(_find(cases, group="valkey", scenario="first", payload_bytes=s, **criteria))
@@ -787,8 +791,10 @@ def write_chart(doc: dict[str, Any], path: Path) -> bool:
         ]
         xs = [i + (index - 2) * width for i in range(len(sizes))]
         ax.bar(xs, [0 if math.isnan(v) else v for v in values], width, label=name)
+        positive = positive or any(v > 0 for v in values)
     ax.set_xticks(range(len(sizes)), [_size(s) for s in sizes])
-    ax.set_yscale("log")
+    if positive:  # as above
+        ax.set_yscale("log")
     ax.set_ylabel("first executions per second (log)")
     ax.set_title("Valkey: payload size, first execution")
     ax.grid(alpha=0.3, axis="y")
@@ -883,9 +889,11 @@ DOCS_READING = """\
   the store's arguments and what the server spends running them; the rest, up to
   aioidempotency's row, is the engine and the store layer (the in-memory table above
   gives the engine alone, its profile the functions).
-- **The sync shim** runs each call's store operations on a background event loop and
-  the function in the caller's thread, so a call pays two thread hand-offs and the
-  asyncio client on top of the engine; Powertools calls a synchronous client directly.
+- **The sync entry points** call the store's sync twin in the caller's thread (a
+  redis-py, glide_sync or boto3 client, as Powertools does); only an async-only store
+  (a custom `PersistenceLayer`, an async `client_factory`) goes through the background
+  event loop. On the atomic path the server runs a script per operation, which costs it
+  more than Powertools' `SET` (see the sync path notes below).
 - **`wait_replicas=1`** buys durability against a failover
   ([Redis and Valkey](redis-valkey.md#durability-against-a-failover)): a claim or a
   result the caller saw acknowledged is on a replica too, so a promoted replica still
@@ -911,6 +919,9 @@ DOCS_READING = """\
   to Powertools in the same run mean something."""
 
 
+HAND_WRITTEN = "<!-- Written by hand from here on: benchmarks/report.py keeps it. -->"
+
+
 def write_docs(doc: dict[str, Any], path: Path, *, chart: Path | None) -> None:
     """`docs/performance.md`: the summaries of the run (every case stays in results.md)."""
     rel = None
@@ -920,7 +931,10 @@ def write_docs(doc: dict[str, Any], path: Path, *, chart: Path | None) -> None:
     text = render_markdown(
         portable(doc), chart=rel, full=False, title="# Performance", preamble=DOCS_PREAMBLE
     )
-    path.write_text(text + "\n" + DOCS_READING + "\n")
+    kept = ""  # notes written by hand after HAND_WRITTEN survive a new run
+    if path.exists() and HAND_WRITTEN in (old := path.read_text()):
+        kept = "\n" + old[old.index(HAND_WRITTEN) :]
+    path.write_text(text + "\n" + DOCS_READING + "\n" + kept)
 
 
 def main(argv: list[str] | None = None) -> int:
