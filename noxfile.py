@@ -34,12 +34,39 @@ def _ensure_redis_server(session: nox.Session) -> None:
     session.error("redis-server is missing: install it (Debian: apt-get install redis-server)")
 
 
+# pytest options that take a value, so that value is not read as a test path.
+_PYTEST_VALUE_OPTIONS = frozenset({"-p", "-c", "-o", "-W", "--basetemp", "--rootdir", "--timeout"})
+# pytest options that run part of the suite.
+_PYTEST_SELECTING_OPTIONS = ("-k", "-m", "--lf", "--last-failed", "--deselect", "--ignore")
+
+
+def _selects_tests(args: list[str]) -> bool:
+    """Whether pytest `args` run part of the suite (a path, a node id, -k, -m...)."""
+    takes_value = False
+    for arg in args:
+        if takes_value:
+            takes_value = False
+        elif arg in _PYTEST_VALUE_OPTIONS:
+            takes_value = True
+        elif arg.startswith(_PYTEST_SELECTING_OPTIONS) or not arg.startswith("-"):
+            return True
+    return False
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Run the whole test suite against real Redis, Valkey and moto servers."""
+    """Run the whole test suite against real Redis, Valkey and moto servers, under coverage.
+
+    The whole suite fails below the coverage gate (`fail_under` in pyproject.toml); a run
+    of part of it (``nox -s tests -- tests/test_engine.py``, ``-k``, ``-m``) only reports.
+    """
     _ensure_redis_server(session)
     session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "combine", "--quiet")
+    gate = ["--fail-under=0"] if _selects_tests(session.posargs) else []
+    session.run("coverage", "report", *gate)
 
 
 @nox.session(python=PYTHON)
