@@ -162,12 +162,6 @@ async def test_a_response_announcing_trailers_streams_unstored() -> None:
     assert runs == [1, 1], "a streamed response is not stored: the retry runs again"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the middleware holds a stream's last body message back until the claim is "
-    "released (_ResponseCapture in integrations/starlette.py), so trailers the app sends "
-    "after it go out first",
-)
 async def test_trailers_follow_the_body() -> None:
     client = Client(request_body())
     await call(IdempotencyMiddleware(trailers_app, store=InMemoryPersistenceLayer()), client)

@@ -196,13 +196,14 @@ class _ResponseCapture:
         self._start: Message | None = None
         self._reply: Reply | None = None
         self._streaming = False
+        self._trailers = False  # the response ends with its last trailers message
         self.decided: asyncio.Future[Reply | PassThrough] = (
             asyncio.get_running_loop().create_future()
         )
 
     async def __call__(self, message: Message) -> None:
         if self._streaming:
-            if not _is_last(message):
+            if not self._ends_response(message):
                 await self._send(message)
             elif not self.decided.done():
                 self.decided.set_result(PassThrough("streaming", message))  # sent after release
@@ -210,7 +211,9 @@ class _ResponseCapture:
         if self._reply is not None:
             raise RuntimeError(f"ASGI message {message['type']!r} after the response ended")
         kind = message["type"]
-        if kind == "http.response.start" and self._start is None and not message.get("trailers"):
+        if kind == "http.response.start" and message.get("trailers"):
+            self._trailers = True  # streamed, never stored: its end is its last trailers
+        if kind == "http.response.start" and self._start is None and not self._trailers:
             self._start = message
             return
         if _is_last(message) and self._start is not None:
@@ -232,6 +235,14 @@ class _ResponseCapture:
             headers = [*message.get("headers", []), _encode(NOT_STORED_HEADER, "streaming")]
             message = {**message, "headers": headers}
         await self(message)
+
+    def _ends_response(self, message: Message) -> bool:
+        """The message that ends the response: held back until the claim is settled."""
+        if self._trailers:
+            return message["type"] == "http.response.trailers" and not message.get(
+                "more_trailers", False
+            )
+        return _is_last(message)
 
     def result(self) -> Reply | PassThrough:
         """What the app produced, once it has returned without a decided response."""
