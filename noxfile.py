@@ -59,14 +59,21 @@ def tests(session: nox.Session) -> None:
 
     The whole suite fails below the coverage gate (`fail_under` in pyproject.toml); a run
     of part of it (``nox -s tests -- tests/test_engine.py``, ``-k``, ``-m``) only reports.
+    The fault suite (``tests/faults``) runs after it without coverage: under coverage's
+    tracer, CPython 3.11 aborted twice in its threaded cluster tests.
     """
     _ensure_redis_server(session)
     session.install("-e", ".[test]")
     session.run("coverage", "erase")
-    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    if _selects_tests(session.posargs):
+        session.run("coverage", "run", "-m", "pytest", *session.posargs)
+        session.run("coverage", "combine", "--quiet")
+        session.run("coverage", "report", "--fail-under=0")
+        return
+    session.run("coverage", "run", "-m", "pytest", "--ignore=tests/faults", *session.posargs)
     session.run("coverage", "combine", "--quiet")
-    gate = ["--fail-under=0"] if _selects_tests(session.posargs) else []
-    session.run("coverage", "report", *gate)
+    session.run("coverage", "report")
+    session.run("pytest", "tests/faults", *session.posargs)
 
 
 @nox.session(python=PYTHON)
