@@ -1,8 +1,8 @@
 """The holders of the clients a store opens (`OpenedClients`) or is given (`PassedClient`),
-on both sides: one client per event loop, closed by `aclose()` or when its loop shuts
-down; one per process in sync code; a client passed in refused in a forked child. The
-cache and DynamoDB stores hold their clients with them (the DynamoDB tests prove it for
-that store; the last tests here, for the cache store)."""
+on both sides: one client per event loop, closed by `aclose()` and, if the store asks
+(DynamoDB does), when its loop shuts down; one per process in sync code; a client
+passed in refused in a forked child. The cache and DynamoDB stores hold their clients
+with them (their own tests prove what each store does with them)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,13 @@ import contextlib
 import os
 import threading
 import time
-import uuid
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from aioidempotency._async import clients as async_clients
-from aioidempotency._async.cache import CachePersistenceLayer
-from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency._sync import clients as sync_clients
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
-from tests.servers.redis import ServerPool
 
 
 class Client:
@@ -58,8 +53,15 @@ class Opener:
         client.closed = True
         self.closed_in.append(asyncio.get_running_loop())
 
-    def holder(self, max_concurrency: int | None = None) -> async_clients.OpenedClients[Client]:
-        return async_clients.OpenedClients(self.open, self.close, max_concurrency=max_concurrency)
+    def holder(
+        self, max_concurrency: int | None = None, *, at_shutdown: bool = True
+    ) -> async_clients.OpenedClients[Client]:
+        return async_clients.OpenedClients(
+            self.open,
+            self.close,
+            max_concurrency=max_concurrency,
+            close_at_loop_shutdown=at_shutdown,
+        )
 
 
 async def _client(holder: async_clients.OpenedClients[Client]) -> Client:
@@ -103,6 +105,25 @@ def test_asyncio_run_closes_the_client_of_the_loop_it_shuts_down() -> None:
     assert [client.number for client in clients] == [0, 1, 2]
     assert all(client.closed for client in clients)
     assert opener.closed_in == loops  # each closed in its own loop, as it shut down
+
+
+def test_without_close_at_loop_shutdown_only_aclose_closes_a_client() -> None:
+    opener = Opener()
+    holder = opener.holder(at_shutdown=False)
+
+    async def invocation() -> Client:
+        return await _client(holder)
+
+    first = asyncio.run(invocation())
+    assert not first.closed  # the cache store's way: see `OpenedClients`
+    loop = asyncio.new_event_loop()
+    try:
+        second = loop.run_until_complete(invocation())
+        loop.run_until_complete(holder.aclose())
+    finally:
+        loop.close()
+    assert second.closed
+    assert not first.closed  # its loop is closed: dropped, as before
 
 
 def test_a_loop_that_goes_on_after_its_generators_shut_down_opens_a_new_client() -> None:
@@ -253,53 +274,3 @@ def test_a_client_passed_in_from_another_process_is_refused_from_the_start(side:
         f"this client was created in process {parent}, before os.fork(): pass a URL instead"
     )
     assert elsewhere.current() is client  # held (never closed), but not used
-
-
-# -- the cache store ----------------------------------------------------------------------------
-
-
-def _in_progress(owner: str) -> DataRecord:
-    return DataRecord(
-        idempotency_key=f"holders#{uuid.uuid4().hex}",
-        status=RecordStatus.INPROGRESS,
-        expiry_timestamp=int(time.time()) + 600,
-        owner=f"{owner:_<32}",
-    )
-
-
-async def test_the_cache_store_closes_each_loops_client_when_asyncio_run_ends(
-    cache_servers: ServerPool,
-) -> None:
-    """A layer built once and used with `asyncio.run` per call (a Lambda handler): each
-    loop's client is closed as its loop shuts down, without `aclose()`."""
-    node = cache_servers.standalone("valkey")
-    opened: list[aioredis.Redis] = []
-    closed: list[int] = []
-
-    async def factory() -> aioredis.Redis:
-        raw = aioredis.Redis(host=node.host, port=node.port)
-        number = len(opened)
-        original = raw.aclose
-
-        async def aclose() -> None:
-            closed.append(number)
-            await original()
-
-        raw.aclose = aclose  # type: ignore[method-assign,assignment]
-        opened.append(raw)
-        return raw
-
-    layer = CachePersistenceLayer(client_factory=factory)
-
-    def invocation(owner: str) -> bool:
-        async def go() -> bool:
-            return (await layer.claim(_in_progress(owner), now=time.time())).claimed
-
-        return asyncio.run(go())
-
-    for owner in ("a", "b", "c"):
-        assert await asyncio.wait_for(asyncio.to_thread(invocation, owner), 30)
-    assert closed == [0, 1, 2]
-    assert (await layer.claim(_in_progress("d"), now=time.time())).claimed  # this loop's own
-    await layer.aclose()
-    assert closed == [0, 1, 2, 3]

@@ -2,8 +2,8 @@
 
 A store built from settings (a URL, a factory, a table name) opens its client lazily
 inside the loop that uses it: `OpenedClients` keeps one per loop, optionally bounds
-the calls in flight on each, and closes each one on `aclose()` or, if nobody calls it,
-when its loop shuts down (`asyncio.run` closes it before closing the loop). A client
+the calls in flight on each, and closes each one on `aclose()` or, if the store asks
+for it, when its loop shuts down (`asyncio.run` closes it before closing the loop). A client
 the user passed in is held by `PassedClient`, which refuses it in a forked child (its
 sockets are the parent's). Both offer the same methods, so a store uses either without
 caring which. Nothing here knows what the client is: the cache and DynamoDB stores use
@@ -113,12 +113,16 @@ class OpenedClients(Generic[C]):
     """One client per event loop, opened on demand by `open_client` and closed with
     `close_client`; at most `max_concurrency` calls in flight on each (None: no bound).
 
-    A client is closed by `aclose()`, or when its loop shuts down: it lives in an
-    async generator first run in that loop, which the loop registers, so
-    `asyncio.run` (through `loop.shutdown_asyncgens`) closes it even if nobody calls
-    `aclose()` (a store built once and used with `asyncio.run` per call, as in a
-    Lambda handler, leaves no client open behind each call). A loop closed without
-    that (`loop.close()` alone) leaves its client to the garbage collector.
+    A client is closed by `aclose()`. With `close_at_loop_shutdown`, it is also closed
+    when its loop shuts down: it lives in an async generator first run in that loop,
+    which the loop registers, so `asyncio.run` (through `loop.shutdown_asyncgens`)
+    closes it even if nobody calls `aclose()` (a store built once and used with
+    `asyncio.run` per call, as in a Lambda handler, leaves no client open behind each
+    call), and the entries of closed loops are forgotten. A loop closed without that
+    (`loop.close()` alone) leaves its client to the garbage collector. The cache store
+    does not ask for it: with it, `nox -s tests` aborted in tests/faults (SIGABRT in
+    valkey-glide's native code) once glide clients were closed or collected as their
+    loops ended.
 
     In a forked child the parent's clients are forgotten, not closed (their sockets are
     the parent's; they stay referenced so that no finalizer closes them), and new ones
@@ -131,10 +135,12 @@ class OpenedClients(Generic[C]):
         close_client: Callable[[C], Awaitable[None]],
         *,
         max_concurrency: int | None = None,
+        close_at_loop_shutdown: bool = False,
     ) -> None:
         self._open_client = open_client
         self._close_client = close_client
         self.max_concurrency = max_concurrency
+        self.close_at_loop_shutdown = close_at_loop_shutdown
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopEntry[C]] = (
             weakref.WeakKeyDictionary()
         )
@@ -163,10 +169,11 @@ class OpenedClients(Generic[C]):
         with self._lock:
             entry = self._loops.get(loop)
             if entry is None:
-                # An entry may hold its loop (a lock or a client does once used), which
-                # would keep the weak key alive: forget those of closed loops here.
-                for closed in [old for old in self._loops if old.is_closed()]:
-                    del self._loops[closed]
+                if self.close_at_loop_shutdown:
+                    # An entry may hold its loop (a lock or a client does once used),
+                    # which keeps the weak key alive: forget those of closed loops.
+                    for closed in [old for old in self._loops if old.is_closed()]:
+                        del self._loops[closed]
                 limit: contextlib.AbstractAsyncContextManager[Any] = (
                     contextlib.nullcontext()
                     if self.max_concurrency is None
@@ -175,7 +182,9 @@ class OpenedClients(Generic[C]):
                 entry = self._loops[loop] = _LoopEntry(asyncio.Lock(), limit)
         if entry.opened is None:
             async with entry.lock:
-                if entry.opened is None:
+                if entry.opened is None and not self.close_at_loop_shutdown:
+                    entry.opened = Opened(await self._open_client(), entry.limit)
+                elif entry.opened is None:
                     lifetime = self._lifetime(entry)
                     client = await lifetime.__anext__()  # the loop registers `lifetime`
                     entry.lifetime = lifetime
@@ -204,9 +213,10 @@ class OpenedClients(Generic[C]):
 
     async def aclose(self) -> None:
         """Close the clients opened so far: the running loop's here, those of other
-        running loops in their own loop; those of closed loops were closed when their
-        loop shut down, and one of a loop that is not running is closed by that loop
-        when it runs again. In a forked child, the parent's clients are left alone."""
+        running loops in their own loop. Those of closed loops are dropped (with
+        `close_at_loop_shutdown`, they were closed as their loop shut down, and one of
+        a loop that is not running is closed by that loop when it runs again). In a
+        forked child, the parent's clients are left alone."""
         if self._generation != _fork_generation:
             self._after_fork()
         with self._lock:
@@ -214,19 +224,32 @@ class OpenedClients(Generic[C]):
             self._loops.clear()
         current = asyncio.get_running_loop()
         for loop, entry in entries:
-            lifetime, entry.lifetime = entry.lifetime, None
-            if lifetime is None or entry.opened is None:
+            opened, lifetime, entry.lifetime = entry.opened, entry.lifetime, None
+            if opened is None:
                 continue
+            closing = self._close_client(opened.client) if lifetime is None else _closed(lifetime)
             if loop is current:
                 with contextlib.suppress(Exception):
-                    await lifetime.aclose()
+                    await closing
             elif loop.is_running() and not loop.is_closed():
-                future = asyncio.run_coroutine_threadsafe(_closed(lifetime), loop)
+                future = asyncio.run_coroutine_threadsafe(_awaited(closing), loop)
                 with contextlib.suppress(Exception, concurrent.futures.TimeoutError):
                     await asyncio.wait_for(asyncio.wrap_future(future), timeout=5)
-            # else: dropped; the loop's finalizer hook schedules its closing in that
-            # loop (a loop that is closed already has closed it at shutdown)
+            else:
+                # dropped; with a lifetime, the loop's finalizer hook schedules its
+                # closing in that loop (a closed loop closed it as it shut down)
+                _discard(closing)
 
 
 async def _closed(lifetime: AsyncGenerator[Any, None]) -> None:
     await lifetime.aclose()
+
+
+async def _awaited(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
+def _discard(awaitable: Awaitable[None]) -> None:
+    close = getattr(awaitable, "close", None)  # a coroutine never awaited: no warning
+    if close is not None:
+        close()

@@ -164,7 +164,11 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
         self.max_attempts = settings.max_attempts
         client, self._session = dynamodb_client.given(settings)
         self._clients: PassedClient[Any] | OpenedClients[Any] = (
-            OpenedClients(self._open_client, dynamodb_client.close_client)
+            OpenedClients(
+                self._open_client,
+                dynamodb_client.close_client,
+                close_at_loop_shutdown=True,  # async-only
+            )
             if client is None
             else PassedClient(client, refusal=dynamodb_client.in_child(settings), pid=settings.pid)
         )

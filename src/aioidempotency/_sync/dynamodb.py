@@ -160,7 +160,10 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
         self.max_attempts = settings.max_attempts
         client, self._session = dynamodb_client.given(settings)
         self._clients: PassedClient[Any] | OpenedClients[Any] = (
-            OpenedClients(self._open_client, dynamodb_client.close_client)
+            OpenedClients(
+                self._open_client,
+                dynamodb_client.close_client,
+            )
             if client is None
             else PassedClient(client, refusal=dynamodb_client.in_child(settings), pid=settings.pid)
         )
