@@ -23,29 +23,12 @@ import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
+from aioidempotency._forks import fork_generation
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 
-__all__ = ["Opened", "OpenedClients", "PassedClient", "fork_generation"]
+__all__ = ["Opened", "OpenedClients", "PassedClient"]
 
 C = TypeVar("C")
-
-# How many forks this process descends from (bumped in each child): a holder compares
-# it with the value it saw when it took its clients, to tell it runs in a forked child.
-_fork_generation = 0
-
-
-def _forked() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forked)
-
-
-def fork_generation() -> int:
-    """How many forks this process descends from (0 in the process that started)."""
-    return _fork_generation
 
 
 @dataclasses.dataclass
@@ -69,7 +52,7 @@ class PassedClient(Generic[C]):
         self._opened: Opened[C] = Opened(client, contextlib.nullcontext())
         self._refusal = refusal
         self._pid = os.getpid() if pid is None else pid
-        self._generation = _fork_generation if self._pid == os.getpid() else -1
+        self._generation = fork_generation() if self._pid == os.getpid() else -1
 
     @property
     def client(self) -> C:
@@ -78,7 +61,7 @@ class PassedClient(Generic[C]):
 
     def ready(self) -> Opened[C] | None:
         """The client; raises in a forked child."""
-        if self._generation != _fork_generation:
+        if self._generation != fork_generation():
             raise IdempotencyPersistenceConfigError(
                 f"this client was created in process {self._pid}, before os.fork(): "
                 + self._refusal
@@ -145,25 +128,25 @@ class OpenedClients(Generic[C]):
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
-        self._generation = _fork_generation
+        self._generation = fork_generation()
         self._forsaken: list[Any] = []
 
     def _after_fork(self) -> None:
         self._forsaken.extend(self._loops.items())
         self._loops = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # the parent's may have been held at fork
-        self._generation = _fork_generation
+        self._generation = fork_generation()
 
     def ready(self) -> Opened[C] | None:
         """The running loop's client if it is open already (no await), else None."""
-        if self._generation != _fork_generation:
+        if self._generation != fork_generation():
             self._after_fork()
         entry = self._loops.get(asyncio.get_running_loop())
         return None if entry is None else entry.opened
 
     async def open(self) -> Opened[C]:
         """The running loop's client, opened if needed (once, whoever asks first)."""
-        if self._generation != _fork_generation:
+        if self._generation != fork_generation():
             self._after_fork()
         loop = asyncio.get_running_loop()
         with self._lock:
@@ -217,7 +200,7 @@ class OpenedClients(Generic[C]):
         `close_at_loop_shutdown`, they were closed as their loop shut down, and one of
         a loop that is not running is closed by that loop when it runs again). In a
         forked child, the parent's clients are left alone."""
-        if self._generation != _fork_generation:
+        if self._generation != fork_generation():
             self._after_fork()
         with self._lock:
             entries = list(self._loops.items())

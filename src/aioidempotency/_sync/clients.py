@@ -17,28 +17,12 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from aioidempotency._forks import fork_generation
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 
-__all__ = ["Opened", "OpenedClients", "PassedClient", "fork_generation"]
+__all__ = ["Opened", "OpenedClients", "PassedClient"]
 
 C = TypeVar("C")
-
-# How many forks this process descends from (bumped in each child).
-_fork_generation = 0
-
-
-def _forked() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forked)
-
-
-def fork_generation() -> int:
-    """How many forks this process descends from (0 in the process that started)."""
-    return _fork_generation
 
 
 @dataclasses.dataclass
@@ -62,7 +46,7 @@ class PassedClient(Generic[C]):
         self._opened: Opened[C] = Opened(client, contextlib.nullcontext())
         self._refusal = refusal
         self._pid = os.getpid() if pid is None else pid
-        self._generation = _fork_generation if self._pid == os.getpid() else -1
+        self._generation = fork_generation() if self._pid == os.getpid() else -1
 
     @property
     def client(self) -> C:
@@ -71,7 +55,7 @@ class PassedClient(Generic[C]):
 
     def ready(self) -> Opened[C] | None:
         """The client; raises in a forked child."""
-        if self._generation != _fork_generation:
+        if self._generation != fork_generation():
             raise IdempotencyPersistenceConfigError(
                 f"this client was created in process {self._pid}, before os.fork(): "
                 + self._refusal
@@ -114,24 +98,24 @@ class OpenedClients(Generic[C]):
         self.max_concurrency = max_concurrency
         self._opened: Opened[C] | None = None
         self._lock = threading.Lock()
-        self._generation = _fork_generation
+        self._generation = fork_generation()
         self._forsaken: list[Any] = []
 
     def _after_fork(self) -> None:
         self._forsaken.append(self._opened)
         self._opened = None
         self._lock = threading.Lock()  # the parent's may have been held at fork
-        self._generation = _fork_generation
+        self._generation = fork_generation()
 
     def ready(self) -> Opened[C] | None:
         """This process's client if it is open already, else None."""
-        if self._generation != _fork_generation:
+        if self._generation != fork_generation():
             self._after_fork()
         return self._opened
 
     def open(self) -> Opened[C]:
         """This process's client, opened if needed."""
-        if self._generation != _fork_generation:
+        if self._generation != fork_generation():
             self._after_fork()
         with self._lock:
             if self._opened is None:
@@ -151,7 +135,7 @@ class OpenedClients(Generic[C]):
     def close(self) -> None:
         """Close the client opened so far (in a forked child, the parent's is left
         alone); a later call opens a new one."""
-        if self._generation != _fork_generation:
+        if self._generation != fork_generation():
             self._after_fork()
         with self._lock:
             opened, self._opened = self._opened, None
