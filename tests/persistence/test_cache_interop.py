@@ -102,6 +102,7 @@ async def test_a_result_we_stored_is_replayed_by_powertools(
     assert replayed == first
     assert EXECUTIONS.count(order["id"]) == 1
     with server.admin() as admin:
-        keys = [k.decode() for k in admin.keys("test-func.tests.test_cache_interop.charge#*")]
+        pattern = f"test-func.{__name__}.charge#*"
+        keys = [k.decode() for k in admin.keys(pattern)]
         stored = [json.loads(admin.get(k)) for k in keys]
     assert any(record.get("data") == json.dumps(first, sort_keys=True) for record in stored)

@@ -576,7 +576,7 @@ async def test_a_user_object_satisfying_cache_client_gets_the_protocol_path(
 
 
 async def test_clients_that_cannot_serve_are_refused() -> None:
-    # A sync client serves @idempotent (tests/test_sync_cache_store.py); async use is
+    # A sync client serves @idempotent (tests/sync/persistence/test_cache_store.py); async use is
     # refused, saying why.
     with pytest.raises(IdempotencyPersistenceConfigError, match="block the event loop"):
         await CachePersistenceLayer(redis.Redis()).get("k")

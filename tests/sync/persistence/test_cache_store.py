@@ -45,8 +45,8 @@ from aioidempotency.exceptions import (
     IdempotencyInvalidStatusError,
     IdempotencyPersistenceConfigError,
 )
+from tests.persistence.test_cache_store import completed, in_progress, new_key, renewed, tok
 from tests.servers.redis import Server, ServerPool
-from tests.test_cache_store import completed, in_progress, new_key, renewed, tok
 
 WAIT = 30.0
 

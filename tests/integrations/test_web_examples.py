@@ -19,7 +19,7 @@ from aioidempotency.integrations._http import REPLAYED_HEADER
 from aioidempotency.persistence import InMemoryPersistenceLayer
 from tests.web_apps import run_aiohttp, run_uvicorn
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 
 def load(name: str) -> ModuleType:

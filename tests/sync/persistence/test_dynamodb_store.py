@@ -58,8 +58,8 @@ from tests.backends.dynamodb import (
 )
 from tests.faults.proxy import FaultProxy
 from tests.faults_dynamodb import frozen_server
+from tests.persistence.test_dynamodb_store import claim_record, completed_record, key_of, renewed
 from tests.servers.moto import MotoServer, free_port
-from tests.test_dynamodb_store import claim_record, completed_record, key_of, renewed
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Couldn't determine the remaining time left:UserWarning"  # Powertools, no context
