@@ -120,13 +120,8 @@ _URL_OPTIONS = frozenset(
         "key_attr",
         "static_pk_value",
         "sort_key_attr",
-        "expiry_attr",
-        "in_progress_expiry_attr",
-        "status_attr",
-        "data_attr",
-        "validation_key_attr",
-        "owner_attr",
         "endpoint_url",
+        *(field.name for field in dataclasses.fields(RecordAttributes)),
     }
 )
 _URL_NUMBERS = {"connect_timeout": float, "read_timeout": float, "max_attempts": int}
@@ -240,12 +235,7 @@ def settings(
     key_attr: str,
     static_pk_value: str | None,
     sort_key_attr: str | None,
-    expiry_attr: str,
-    in_progress_expiry_attr: str,
-    status_attr: str,
-    data_attr: str,
-    validation_key_attr: str,
-    owner_attr: str,
+    attributes: RecordAttributes,
     client: Any,
     session: Any,
     boto3_client: Any,
@@ -266,16 +256,7 @@ def settings(
         raise IdempotencyPersistenceConfigError(
             f"key_attr and sort_key_attr cannot be the same attribute: {key_attr!r}"
         )
-    names = [
-        key_attr,
-        *([sort_key_attr] if sort_key_attr else []),
-        expiry_attr,
-        in_progress_expiry_attr,
-        status_attr,
-        data_attr,
-        validation_key_attr,
-        owner_attr,
-    ]
+    names = [key_attr, *([sort_key_attr] if sort_key_attr else []), *attributes.names()]
     if len(set(names)) != len(names) or not all(names):
         raise IdempotencyPersistenceConfigError(
             f"attribute names must be distinct and not empty: {names}"
@@ -300,14 +281,7 @@ def settings(
             if static_pk_value is not None
             else f"idempotency#{os.environ.get('AWS_LAMBDA_FUNCTION_NAME', '')}"
         ),
-        attributes=RecordAttributes(
-            status_attr=status_attr,
-            expiry_attr=expiry_attr,
-            in_progress_expiry_attr=in_progress_expiry_attr,
-            data_attr=data_attr,
-            validation_key_attr=validation_key_attr,
-            owner_attr=owner_attr,
-        ),
+        attributes=attributes,
         region_name=region_name,
         endpoint_url=endpoint_url,
         boto_config=boto_config,

@@ -12,7 +12,10 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from aioidempotency.exceptions import IdempotencyInvalidStatusError
+from aioidempotency.exceptions import (
+    IdempotencyInvalidStatusError,
+    IdempotencyPersistenceConfigError,
+)
 
 __all__ = ["DataRecord", "RecordAttributes", "RecordStatus", "new_owner_token"]
 
@@ -102,6 +105,7 @@ def _as_int(value: Any, name: str, key: str) -> int:
 class RecordAttributes:
     """Attribute names of a stored record; the defaults are the reference's.
 
+    Give one to a store as ``attributes=`` instead of its ``*_attr`` keywords.
     `owner_attr` is ours: the reference ignores attributes it does not know, so a
     record carrying an owner token stays readable by Powertools.
     """
@@ -112,6 +116,33 @@ class RecordAttributes:
     data_attr: str = "data"
     validation_key_attr: str = "validation"
     owner_attr: str = "owner_token"
+
+    @staticmethod
+    def either(attributes: RecordAttributes | None, keywords: RecordAttributes) -> RecordAttributes:
+        """A store's names: `attributes` when given, else `keywords` (those built from its
+        ``*_attr`` keywords). Both is an `IdempotencyPersistenceConfigError` unless every
+        keyword kept its default."""
+        if attributes is None:
+            return keywords
+        if not isinstance(attributes, RecordAttributes):
+            raise IdempotencyPersistenceConfigError(
+                f"attributes= takes a RecordAttributes, not {type(attributes).__name__}"
+            )
+        changed = [
+            f"{field.name}={getattr(keywords, field.name)!r}"
+            for field in dataclasses.fields(keywords)
+            if getattr(keywords, field.name) != field.default
+        ]
+        if changed:
+            raise IdempotencyPersistenceConfigError(
+                f"attribute names given twice, as attributes= and as {', '.join(changed)}: "
+                "pass them either in the RecordAttributes or as keywords"
+            )
+        return attributes
+
+    def names(self) -> tuple[str, ...]:
+        """The six names, in field order."""
+        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
 
     def to_mapping(self, record: DataRecord) -> dict[str, Any]:
         """The record's attributes in the reference's order (key not included)."""

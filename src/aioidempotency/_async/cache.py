@@ -119,7 +119,8 @@ class CachePersistenceLayer(PersistenceLayer):
     Every operation is safe to repeat, so a transient failure (unreachable, timed out,
     redirected, failing over) is retried: at most `retry_attempts` attempts, and one
     only starts if it can end within `retry_budget_seconds` at the pace of the last
-    attempt. Attribute names default to the reference's; `owner_attr` is ours.
+    attempt. Attribute names default to the reference's (`owner_attr` is ours); give them
+    as the ``*_attr`` keywords or as one `RecordAttributes` (`attributes`), not both.
 
     `wait_replicas=N` makes claims and completions durable against a failover: each is
     followed by ``WAIT N`` (at most `wait_timeout` seconds, default 1) on its own
@@ -149,6 +150,7 @@ class CachePersistenceLayer(PersistenceLayer):
         data_attr: str = "data",
         validation_key_attr: str = "validation",
         owner_attr: str = "owner_token",
+        attributes: RecordAttributes | None = None,
         max_result_bytes: int | None = None,
         max_concurrency: int | None = None,
         retry_attempts: int = 3,
@@ -158,6 +160,17 @@ class CachePersistenceLayer(PersistenceLayer):
     ) -> None:
         if isinstance(client, str) and not url:  # Powertools' first argument is the URL
             client, url = None, client
+        self.attributes = RecordAttributes.either(
+            attributes,
+            RecordAttributes(
+                status_attr=status_attr,
+                expiry_attr=expiry_attr,
+                in_progress_expiry_attr=in_progress_expiry_attr,
+                data_attr=data_attr,
+                validation_key_attr=validation_key_attr,
+                owner_attr=owner_attr,
+            ),
+        )
         # What a layer of the other world needs to open its own client: the arguments
         # less the client.
         self._settings: dict[str, Any] = {
@@ -170,12 +183,7 @@ class CachePersistenceLayer(PersistenceLayer):
             "mode": mode,
             "ssl": ssl,
             "atomic": atomic,
-            "status_attr": status_attr,
-            "expiry_attr": expiry_attr,
-            "in_progress_expiry_attr": in_progress_expiry_attr,
-            "data_attr": data_attr,
-            "validation_key_attr": validation_key_attr,
-            "owner_attr": owner_attr,
+            "attributes": self.attributes,
             "max_result_bytes": max_result_bytes,
             "max_concurrency": max_concurrency,
             "retry_attempts": retry_attempts,
@@ -199,14 +207,6 @@ class CachePersistenceLayer(PersistenceLayer):
             raise IdempotencyPersistenceConfigError(
                 "pass exactly one of client, client_factory, url or host"
             )
-        self.attributes = RecordAttributes(
-            status_attr=status_attr,
-            expiry_attr=expiry_attr,
-            in_progress_expiry_attr=in_progress_expiry_attr,
-            data_attr=data_attr,
-            validation_key_attr=validation_key_attr,
-            owner_attr=owner_attr,
-        )
         self.max_result_bytes = max_result_bytes
         self.max_concurrency: int = (
             from_url.get("max_concurrency", 64) if max_concurrency is None else max_concurrency

@@ -51,7 +51,7 @@ from aioidempotency._dynamodb_items import (
     raise_mapped,
     settings,
 )
-from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._records import DataRecord, RecordAttributes, RecordStatus
 from aioidempotency._sync import dynamodb_client
 from aioidempotency._sync.clients import OpenedClients, PassedClient
 from aioidempotency._sync.store import ClaimResult, SyncPersistenceLayer
@@ -79,7 +79,8 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
     has a composite key: the partition key holds `static_pk_value` (default
     ``idempotency#{AWS_LAMBDA_FUNCTION_NAME}``) and the sort key holds the idempotency
     key, so many functions can share a table. Attribute names default to the
-    reference's; `owner_attr` names the owner token that in-progress items carry.
+    reference's; `owner_attr` names the owner token that in-progress items carry. Give
+    them as the ``*_attr`` keywords or as one `RecordAttributes` (`attributes`), not both.
 
     Without a client, the layer opens its own lazily (from `session`, `region_name`,
     `endpoint_url` and `boto_config`; the region otherwise comes from the environment)
@@ -109,6 +110,7 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
         data_attr: str = "data",
         validation_key_attr: str = "validation",
         owner_attr: str = "owner_token",
+        attributes: RecordAttributes | None = None,
         client: Any = None,
         session: Any = None,
         boto3_client: Any = None,
@@ -126,12 +128,17 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
                 key_attr=key_attr,
                 static_pk_value=static_pk_value,
                 sort_key_attr=sort_key_attr,
-                expiry_attr=expiry_attr,
-                in_progress_expiry_attr=in_progress_expiry_attr,
-                status_attr=status_attr,
-                data_attr=data_attr,
-                validation_key_attr=validation_key_attr,
-                owner_attr=owner_attr,
+                attributes=RecordAttributes.either(
+                    attributes,
+                    RecordAttributes(
+                        status_attr=status_attr,
+                        expiry_attr=expiry_attr,
+                        in_progress_expiry_attr=in_progress_expiry_attr,
+                        data_attr=data_attr,
+                        validation_key_attr=validation_key_attr,
+                        owner_attr=owner_attr,
+                    ),
+                ),
                 client=client,
                 session=session,
                 boto3_client=boto3_client,

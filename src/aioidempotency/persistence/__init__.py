@@ -5,7 +5,8 @@ Valkey through redis-py, valkey-glide or any `CacheClient`; `RedisCachePersisten
 is its Powertools name), `DynamoDBPersistenceLayer`,
 or `store_from_url`; each serves async and sync code alike. Store writers subclass
 `PersistenceLayer` (async) or `SyncPersistenceLayer` (sync) and return `ClaimResult`s
-holding `DataRecord`s.
+holding `DataRecord`s; `RecordAttributes` names a record's stored attributes (and
+reads and writes them), for the stores above as for one's own.
 
 Everything imports without the optional extras; a store whose client library is
 missing says what to install when it is built.
@@ -19,7 +20,7 @@ from aioidempotency._async.cache import (
 from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer, create_idempotency_table
 from aioidempotency._async.memory import InMemoryPersistenceLayer
 from aioidempotency._async.store import ClaimResult, PersistenceLayer
-from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._records import DataRecord, RecordAttributes, RecordStatus
 from aioidempotency._sync.cache import SyncCachePersistenceLayer
 from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
 from aioidempotency._sync.memory import SyncInMemoryPersistenceLayer
@@ -41,6 +42,7 @@ __all__ = [
     "ClaimResult",
     "DataRecord",
     "PersistenceLayer",
+    "RecordAttributes",
     "RecordStatus",
     "SyncPersistenceLayer",
     # operating a table
