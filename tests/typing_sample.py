@@ -16,8 +16,10 @@ from typing import Any
 from typing_extensions import reveal_type
 
 from aioidempotency import (
+    CachePersistenceLayer,
     IdempotencyEngine,
     InMemoryPersistenceLayer,
+    SyncInMemoryPersistenceLayer,
     idempotent,
     idempotent_async,
     idempotent_function,
@@ -94,6 +96,13 @@ async def callers() -> None:
     reveal_type(await engine.run({"id": 5}, process, {"id": "r"}, 2))  # R: str
     await engine.run({"id": 5}, process, {"id": "r"})  # E: arg-type
     await engine.run({"id": 5}, process, {"id": "r"}, "2")  # E: arg-type
+
+
+async def stores() -> None:
+    async with CachePersistenceLayer(url="redis://localhost") as cache:
+        reveal_type(cache)  # R: aioidempotency._async.cache.CachePersistenceLayer
+    with SyncInMemoryPersistenceLayer() as memory:
+        reveal_type(memory)  # R: aioidempotency._sync.memory.SyncInMemoryPersistenceLayer
 
 
 def sync_callers() -> None:

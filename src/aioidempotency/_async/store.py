@@ -11,6 +11,8 @@ import abc
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from typing_extensions import Self
+
 from aioidempotency._contract import ClaimResult, check_result_size
 from aioidempotency._records import DataRecord
 
@@ -101,7 +103,7 @@ class PersistenceLayer(abc.ABC):
 
     # end async-only
 
-    async def __aenter__(self) -> PersistenceLayer:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

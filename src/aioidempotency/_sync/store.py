@@ -11,6 +11,8 @@ from __future__ import annotations
 import abc
 from types import TracebackType
 
+from typing_extensions import Self
+
 from aioidempotency._contract import ClaimResult, check_result_size
 from aioidempotency._records import DataRecord
 
@@ -81,7 +83,7 @@ class SyncPersistenceLayer(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Close the clients this layer opened itself (clients given to it stay open)."""
 
-    def __enter__(self) -> SyncPersistenceLayer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
