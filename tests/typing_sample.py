@@ -69,6 +69,14 @@ reveal_type(handler)
 reveal_type(charge)
 # R: aioidempotency._sync.decorators.IdempotentFunction[[event: dict[str, Any], context: Context | None], list[str]]
 reveal_type(sync_handler)
+# R: def (order: dict[str, Any], *, customer: str) -> Coroutine[Any, Any, Receipt]
+reveal_type(place.__wrapped__)
+# R: def (event: dict[str, Any], context: Context) -> Coroutine[Any, Any, dict[str, int]]
+reveal_type(handler.__wrapped__)
+# R: def (amount: decimal.Decimal, order: Receipt, retries: int =) -> Receipt
+reveal_type(charge.__wrapped__)
+# R: def (event: dict[str, Any], context: Context | None) -> list[str]
+reveal_type(sync_handler.__wrapped__)
 reveal_type(place.engine)  # R: aioidempotency._async.engine.IdempotencyEngine
 reveal_type(charge.engine)  # R: aioidempotency._sync.engine.SyncIdempotencyEngine
 

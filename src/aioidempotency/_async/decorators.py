@@ -39,6 +39,11 @@ class IdempotentFunction(Protocol[P, R_co]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
 
+    @property
+    def __wrapped__(self) -> Callable[P, R_co]:
+        """The function it wraps (set by `functools.wraps`), called without the engine."""
+        ...
+
 
 def engine_for(
     function: Callable[..., Any],
