@@ -1,8 +1,15 @@
-"""The async decorators: payload selection, Lambda context, signatures, per-call state."""
+"""The decorators `@idempotent_async` and `@idempotent_function_async`: payload selection,
+Lambda context, signatures, refusals, per-call state.
+
+tools/unasync.py generates the sync decorators' twin of this module,
+tests/sync/test_decorators.py: calls run concurrently through ``.concurrency`` (tasks
+here, threads there). What only the sync decorators meet (many threads, the bridge to an
+async-only store) is in tests/sync/test_decorators_threads.py and
+tests/sync/test_decorators_bridged.py.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import time
@@ -16,15 +23,22 @@ from aioidempotency import (
     IdempotencyEngine,
     InMemoryPersistenceLayer,
     RecordStatus,
-    idempotent,
     idempotent_async,
-    idempotent_function,
     idempotent_function_async,
 )
+from aioidempotency._config import registered_lambda_context
 from aioidempotency._records import DataRecord
 from tests.helpers import FakeLambdaContext
 
-WAIT = 5.0  # bound on every wait for another task
+from .concurrency import Event, gather, spawn, wait_set
+
+WAIT = 10.0  # bound on every wait for another call
+
+# The decorators a function of the other kind needs, as the refusals name them.
+OTHER_HANDLER_DECORATOR = r"@idempotent\b"  # async-only
+# sync-only: OTHER_HANDLER_DECORATOR = r"@idempotent_async\b"
+OTHER_FUNCTION_DECORATOR = r"@idempotent_function\b"  # async-only
+# sync-only: OTHER_FUNCTION_DECORATOR = r"@idempotent_function_async\b"
 
 
 def now_ms() -> int:
@@ -45,12 +59,12 @@ class InFlight:
     """Lets a test look at the store while a decorated function is running."""
 
     def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
+        self.started = Event()
+        self.release = Event()
 
     async def hold(self) -> None:
         self.started.set()
-        await asyncio.wait_for(self.release.wait(), WAIT)
+        await wait_set(self.release, WAIT)
 
 
 async def claim_while_running(
@@ -66,20 +80,20 @@ async def claim_while_running(
     record was read: the claim was made between the two.
     """
     before = now_ms()
-    task = asyncio.ensure_future(call())
+    running = spawn(call)
     try:
-        await asyncio.wait_for(flight.started.wait(), WAIT)
+        await wait_set(flight.started, WAIT)
         record = await store.get(key_of(wrapper, payload))
         after = now_ms()
     finally:
         flight.release.set()
-        await asyncio.wait_for(task, WAIT)
+        await running.result(WAIT)
     assert record is not None
     assert record.status is RecordStatus.INPROGRESS
     return record, before, after
 
 
-# -- @idempotent_async -------------------------------------------------------------------------
+# -- handlers: the payload is the event --------------------------------------------------------
 
 
 async def test_handler_payload_is_the_event() -> None:
@@ -94,7 +108,7 @@ async def test_handler_payload_is_the_event() -> None:
     event = {"order": 17, "amount": 990}
     first = await handler(event, FakeLambdaContext())
     second = await handler(dict(event), FakeLambdaContext(remaining_ms=1))
-    third = await handler(event=dict(event), context=FakeLambdaContext())
+    third = await handler(event=dict(event), context=None)
     assert first == second == third == {"status": "paid", "order": 17}
     assert events == [event]
     other = await handler({"order": 18, "amount": 990}, FakeLambdaContext())
@@ -171,7 +185,7 @@ async def test_handler_without_a_lambda_context_uses_the_lease() -> None:
     assert before + 777_000 <= record.in_progress_expiry_timestamp <= after + 777_000
 
 
-# -- @idempotent_function_async --------------------------------------------------------------------
+# -- functions: the payload is one argument ----------------------------------------------------
 
 
 async def test_payload_argument_by_keyword_and_by_position() -> None:
@@ -189,7 +203,9 @@ async def test_payload_argument_by_keyword_and_by_position() -> None:
     assert await place(customer="ada", order=dict(order), note="again") == first
     assert await place("bob", dict(order)) == first  # keyed on `order` only
     assert runs == [("ada", order)]
-    assert await store.get(key_of(place, order)) is not None
+    record = await store.get(key_of(place, order))
+    assert record is not None
+    assert record.status is RecordStatus.COMPLETED
     await place("ada", {"id": 6, "total": 10})
     assert len(runs) == 2
 
@@ -218,19 +234,34 @@ async def test_payload_argument_with_a_default_and_kwargs() -> None:
     assert len(runs) == 2
 
 
-@pytest.mark.parametrize("decorator", [idempotent_function_async, idempotent_function])
-def test_unknown_payload_argument_fails_at_decoration_time(decorator: Any) -> None:
-    async def async_place(customer: str, order: dict[str, Any]) -> None:
+def test_unknown_payload_argument_fails_at_decoration_time() -> None:
+    async def place(customer: str, order: dict[str, Any]) -> None:
         return None
 
-    def sync_place(customer: str, order: dict[str, Any]) -> None:
-        return None
-
-    function = async_place if decorator is idempotent_function_async else sync_place
+    decorate = idempotent_function_async(
+        data_keyword_argument="orders", persistence_store=InMemoryPersistenceLayer()
+    )
     with pytest.raises(TypeError, match=r"no parameter 'orders'.*data_keyword_argument"):
-        decorator(data_keyword_argument="orders", persistence_store=InMemoryPersistenceLayer())(
-            function
-        )
+        decorate(place)
+
+
+async def test_a_failure_releases_the_key() -> None:
+    store = InMemoryPersistenceLayer()
+    attempts: list[int] = []
+
+    @idempotent_function_async(data_keyword_argument="order", persistence_store=store)
+    async def place(order: dict[str, Any]) -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ValueError("card declined")
+        return "placed"
+
+    with pytest.raises(ValueError, match="card declined"):
+        await place(order={"id": 1})
+    assert await store.get(key_of(place, {"id": 1})) is None
+    assert await place(order={"id": 1}) == "placed"
+    assert await place(order={"id": 1}) == "placed"
+    assert len(attempts) == 2
 
 
 # -- wrapping ----------------------------------------------------------------------------------
@@ -241,17 +272,7 @@ async def _documented(order: dict[str, Any], *, customer: str = "ada") -> list[i
     return [1]
 
 
-def _documented_sync(order: dict[str, Any], *, customer: str = "ada") -> list[int]:
-    """Places an order."""
-    return [1]
-
-
 async def _handler(event: dict[str, Any], context: Any) -> int:
-    """Handles an event."""
-    return 1
-
-
-def _handler_sync(event: dict[str, Any], context: Any) -> int:
     """Handles an event."""
     return 1
 
@@ -260,11 +281,9 @@ def _handler_sync(event: dict[str, Any], context: Any) -> int:
     ("decorator", "function"),
     [
         (functools.partial(idempotent_function_async, data_keyword_argument="order"), _documented),
-        (functools.partial(idempotent_function, data_keyword_argument="order"), _documented_sync),
         (idempotent_async, _handler),
-        (idempotent, _handler_sync),
     ],
-    ids=["idempotent_function_async", "idempotent_function", "idempotent_async", "idempotent"],
+    ids=["idempotent_function_async", "idempotent_async"],
 )
 def test_wraps_keeps_the_original(decorator: Any, function: Any) -> None:
     wrapper = decorator(persistence_store=InMemoryPersistenceLayer())(function)
@@ -274,47 +293,30 @@ def test_wraps_keeps_the_original(decorator: Any, function: Any) -> None:
     assert wrapper.__doc__ == function.__doc__
     assert wrapper.__module__ == function.__module__
     assert inspect.signature(wrapper) == inspect.signature(function)
-    assert inspect.iscoroutinefunction(wrapper) == inspect.iscoroutinefunction(function)
+    assert inspect.iscoroutinefunction(wrapper)  # async-only
+    # sync-only: assert not inspect.iscoroutinefunction(wrapper)
 
 
 @pytest.mark.parametrize(
     ("decorator", "hint"),
     [
-        (idempotent_async, r"@idempotent\b"),
+        (idempotent_async, OTHER_HANDLER_DECORATOR),
         (
             functools.partial(idempotent_function_async, data_keyword_argument="order"),
-            r"@idempotent_function\b",
+            OTHER_FUNCTION_DECORATOR,
         ),
     ],
     ids=["idempotent_async", "idempotent_function_async"],
 )
-def test_async_decorator_on_a_plain_function_points_to_the_shim(decorator: Any, hint: str) -> None:
-    def plain(event: Any, context: Any = None, order: Any = None) -> None:
-        return None
-
-    with pytest.raises(TypeError, match=hint):
-        decorator(persistence_store=InMemoryPersistenceLayer())(plain)
-
-
-@pytest.mark.parametrize(
-    ("decorator", "hint"),
-    [
-        (idempotent, r"@idempotent_async\b"),
-        (
-            functools.partial(idempotent_function, data_keyword_argument="order"),
-            r"@idempotent_function_async\b",
-        ),
-    ],
-    ids=["idempotent", "idempotent_function"],
-)
-def test_sync_shim_on_an_async_function_points_to_the_async_decorator(
+def test_a_function_of_the_other_kind_is_refused_naming_its_decorator(
     decorator: Any, hint: str
 ) -> None:
-    async def coroutine_function(event: Any, context: Any = None, order: Any = None) -> None:
+    def other_kind(event: Any, order: Any = None) -> None:  # async-only
+        # sync-only: async def other_kind(event: Any, order: Any = None) -> None:
         return None
 
     with pytest.raises(TypeError, match=hint):
-        decorator(persistence_store=InMemoryPersistenceLayer())(coroutine_function)
+        decorator(persistence_store=InMemoryPersistenceLayer())(other_kind)
 
 
 # -- per-call state ---------------------------------------------------------------------------
@@ -349,59 +351,69 @@ async def test_two_functions_on_one_store_never_replay_each_other() -> None:
     assert key_of(charge, order).split("#")[1] == key_of(ship, order).split("#")[1]
 
     # interleaved, concurrently
-    results = await asyncio.gather(
-        *(f(order={"id": n}) for n in range(2, 12) for f in (charge, ship))
-    )
-    assert results == ["charged", "shipped"] * 10
+    calls = [spawn(f, order={"id": n}) for n in range(2, 12) for f in (charge, ship)]
+    assert await gather(*calls, timeout=WAIT) == ["charged", "shipped"] * 10
     assert runs.count("charge") == runs.count("ship") == 11
 
 
-async def test_registered_lambda_context_is_per_task() -> None:
+async def test_registered_lambda_context_belongs_to_its_caller() -> None:
     store = InMemoryPersistenceLayer()
     config = IdempotencyConfig(in_progress_lease_seconds=600.0)
-    claimed = {name: asyncio.Event() for name in ("a", "b", "none")}
-    finish = asyncio.Event()
+    names = ("a", "b", "none", "handler")
+    claimed = {name: Event() for name in names}
+    registered = {name: Event() for name in names}
+    all_registered = Event()
+    finish = Event()
 
     @idempotent_function_async(
         data_keyword_argument="order", persistence_store=store, config=config
     )
     async def place(order: dict[str, Any]) -> str:
         claimed[order["task"]].set()
-        await asyncio.wait_for(finish.wait(), WAIT)
-        task: str = order["task"]
-        return task
+        await wait_set(finish, WAIT)
+        return str(order["task"])
 
-    registered = {name: asyncio.Event() for name in claimed}
-    all_registered = asyncio.Event()
+    @idempotent_async(persistence_store=store, config=config)
+    async def handler(event: dict[str, Any], context: Any) -> str:
+        claimed[event["task"]].set()
+        await wait_set(finish, WAIT)
+        return str(event["task"])
 
-    async def task(name: str, context: FakeLambdaContext | None) -> str:
+    async def caller(name: str, context: FakeLambdaContext | None) -> str:
         if context is not None:
             config.register_lambda_context(context)
         registered[name].set()
-        # every task registers before any calls: a context kept on the shared config
+        # every caller registers before any calls: a context kept on the shared config
         # would be the last one registered for all of them
-        await asyncio.wait_for(all_registered.wait(), WAIT)
+        await wait_set(all_registered, WAIT)
+        if name == "handler":  # no context argument: the caller's registered one applies
+            return await handler({"task": name}, None)
         return await place(order={"task": name})
 
+    contexts = {
+        "a": FakeLambdaContext(remaining_ms=111_111),
+        "b": FakeLambdaContext(remaining_ms=222_222),
+        "none": None,
+        "handler": FakeLambdaContext(remaining_ms=333_333),
+    }
     before = now_ms()
-    tasks = [
-        asyncio.ensure_future(task("a", FakeLambdaContext(remaining_ms=111_111))),
-        asyncio.ensure_future(task("b", FakeLambdaContext(remaining_ms=222_222))),
-        asyncio.ensure_future(task("none", None)),
-    ]
+    calls = [spawn(caller, name, contexts[name]) for name in names]
     try:
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in registered.values())), WAIT)
+        for event in registered.values():
+            await wait_set(event, WAIT)
         all_registered.set()
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in claimed.values())), WAIT)
+        for event in claimed.values():
+            await wait_set(event, WAIT)
         records = {
             name: await store.get(key_of(place, {"task": name})) for name in ("a", "b", "none")
         }
+        records["handler"] = await store.get(key_of(handler, {"task": "handler"}))
         after = now_ms()
     finally:
         finish.set()
-        results = await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
-    assert results == ["a", "b", "none"]
-    expected_ms = {"a": 111_111, "b": 222_222, "none": 600_000}
+        results = await gather(*calls, timeout=WAIT)
+    assert results == list(names)
+    expected_ms = {"a": 111_111, "b": 222_222, "none": 600_000, "handler": 333_333}
     for name, record in records.items():
         assert record is not None
         assert record.status is RecordStatus.INPROGRESS
@@ -411,37 +423,36 @@ async def test_registered_lambda_context_is_per_task() -> None:
             <= record.in_progress_expiry_timestamp
             <= after + expected_ms[name]
         ), name
-    # nothing leaked into this (the test's) task or onto the shared config
-    from aioidempotency._config import registered_lambda_context
-
+    # nothing leaked into the test's own context or onto the shared config
     assert registered_lambda_context() is None
     assert not any(isinstance(value, FakeLambdaContext) for value in vars(config).values())
 
 
 async def test_concurrent_handler_calls_keep_their_own_context() -> None:
     store = InMemoryPersistenceLayer()
-    started = {1: asyncio.Event(), 2: asyncio.Event()}
-    finish = asyncio.Event()
+    started = {1: Event(), 2: Event()}
+    finish = Event()
 
     @idempotent_async(persistence_store=store)
     async def handler(event: dict[str, Any], context: Any) -> int:
         started[event["n"]].set()
-        await asyncio.wait_for(finish.wait(), WAIT)
+        await wait_set(finish, WAIT)
         return int(event["n"])
 
     before = now_ms()
     calls = [
-        asyncio.ensure_future(handler({"n": 1}, FakeLambdaContext(remaining_ms=50_000))),
-        asyncio.ensure_future(handler({"n": 2}, FakeLambdaContext(remaining_ms=90_000))),
+        spawn(handler, {"n": 1}, FakeLambdaContext(remaining_ms=50_000)),
+        spawn(handler, {"n": 2}, FakeLambdaContext(remaining_ms=90_000)),
     ]
     try:
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), WAIT)
+        for event in started.values():
+            await wait_set(event, WAIT)
         first = await store.get(key_of(handler, {"n": 1}))
         second = await store.get(key_of(handler, {"n": 2}))
         after = now_ms()
     finally:
         finish.set()
-        assert await asyncio.wait_for(asyncio.gather(*calls), WAIT) == [1, 2]
+        assert await gather(*calls, timeout=WAIT) == [1, 2]
     assert first is not None
     assert second is not None
     assert first.in_progress_expiry_timestamp is not None

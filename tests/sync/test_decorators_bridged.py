@@ -310,7 +310,7 @@ def test_the_background_loop_closes_its_stores_clients_at_exit(
     moto_server: Any, exit_kind: str
 ) -> None:
     """No "Unclosed client session" at exit: the DynamoDB layer's own client, opened on
-    the shims' loop, is closed there before the interpreter ends."""
+    the bridge's loop, is closed there before the interpreter ends."""
     import json
     import os
     import subprocess

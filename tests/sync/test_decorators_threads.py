@@ -1,16 +1,17 @@
-"""The sync decorators called from threads: each call runs in its caller's thread, many
-threads with one payload run it once, a registered Lambda context belongs to its thread;
-and what only plain functions meet (base exceptions, a call from a running event loop, a
-durable replay while the first invocation's thread still runs).
+"""The sync decorators called from threads: each call runs in its caller's thread, and
+many threads with one payload run it once; and what only plain functions meet: base
+exceptions, a call from a running event loop, a durable replay while the first
+invocation's thread still runs.
 
-Every wait across threads is bounded by `WAIT`.
+What both decorator kinds do is tested once, in tests/test_decorators.py, whose generated
+twin (tests/sync/test_decorators.py) runs it on the sync decorators. Every wait across
+threads is bounded by `WAIT`.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,6 @@ from aioidempotency import (
     IdempotencyAlreadyInProgressError,
     IdempotencyConfig,
     InMemoryPersistenceLayer,
-    RecordStatus,
     idempotent,
     idempotent_function,
 )
@@ -47,65 +47,7 @@ def run_threads(targets: list[Callable[[], None]]) -> None:
     assert not any(thread.is_alive() for thread in threads), "a thread hung"
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# -- the basics --------------------------------------------------------------------------------
-
-
-def test_handler_shim_runs_once_and_replays() -> None:
-    store = InMemoryPersistenceLayer()
-    events: list[Any] = []
-
-    @idempotent(persistence_store=store)
-    def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-        events.append(event)
-        return {"paid": event["order"]}
-
-    assert handler({"order": 1}, FakeLambdaContext()) == {"paid": 1}
-    assert handler({"order": 1}, FakeLambdaContext()) == {"paid": 1}
-    assert handler(event={"order": 1}, context=None) == {"paid": 1}
-    assert events == [{"order": 1}]
-    assert handler({"order": 2}, FakeLambdaContext()) == {"paid": 2}
-    assert len(events) == 2
-
-
-def test_function_shim_runs_once_and_replays() -> None:
-    store = InMemoryPersistenceLayer()
-    runs: list[Any] = []
-
-    @idempotent_function(data_keyword_argument="order", persistence_store=store)
-    def place(customer: str, order: dict[str, Any]) -> list[Any]:
-        runs.append(order)
-        return [customer, order["id"]]
-
-    assert place("ada", {"id": 1}) == ["ada", 1]
-    assert place("ada", order={"id": 1}) == ["ada", 1]
-    assert place(customer="bob", order={"id": 1}) == ["ada", 1]
-    assert runs == [{"id": 1}]
-    record = read_record(store, place, {"id": 1})
-    assert record is not None
-    assert record.status is RecordStatus.COMPLETED
-
-
-def test_failure_releases_the_key() -> None:
-    store = InMemoryPersistenceLayer()
-    attempts: list[int] = []
-
-    @idempotent_function(data_keyword_argument="order", persistence_store=store)
-    def place(order: dict[str, Any]) -> str:
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise ValueError("card declined")
-        return "placed"
-
-    with pytest.raises(ValueError, match="card declined"):
-        place(order={"id": 1})
-    assert read_record(store, place, {"id": 1}) is None
-    assert place(order={"id": 1}) == "placed"
-    assert place(order={"id": 1}) == "placed"
-    assert len(attempts) == 2
+# -- base exceptions ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -258,103 +200,6 @@ def test_sixteen_threads_with_distinct_payloads_each_run_once() -> None:
     assert results == {n: n * 10 for n in range(THREADS)}
     assert store.counts["complete"] == THREADS
     assert len({id(call.loop) for call in store.calls}) == 1
-
-
-# -- Lambda contexts ---------------------------------------------------------------------------
-
-
-def test_registered_lambda_context_is_per_thread() -> None:
-    store = InMemoryPersistenceLayer()
-    config = IdempotencyConfig(in_progress_lease_seconds=600.0)
-    names = ("a", "b", "none", "handler")
-    claimed = {name: threading.Event() for name in names}
-    finish = threading.Event()
-    registered = threading.Barrier(len(names), timeout=WAIT)
-
-    @idempotent_function(data_keyword_argument="order", persistence_store=store, config=config)
-    def place(order: dict[str, Any]) -> str:
-        claimed[order["task"]].set()
-        assert finish.wait(timeout=WAIT)
-        return str(order["task"])
-
-    @idempotent(persistence_store=store, config=config)
-    def handler(event: dict[str, Any], context: Any) -> str:
-        claimed[event["task"]].set()
-        assert finish.wait(timeout=WAIT)
-        return str(event["task"])
-
-    results: dict[str, str] = {}
-
-    def caller(name: str, context: FakeLambdaContext | None) -> None:
-        if context is not None:
-            config.register_lambda_context(context)
-        registered.wait()  # all registered before any call
-        if name == "handler":  # no context argument: the thread's registered one applies
-            results[name] = handler({"task": name}, None)
-        else:
-            results[name] = place(order={"task": name})
-
-    contexts = {
-        "a": FakeLambdaContext(remaining_ms=111_111),
-        "b": FakeLambdaContext(remaining_ms=222_222),
-        "none": None,
-        "handler": FakeLambdaContext(remaining_ms=333_333),
-    }
-    threads = [
-        threading.Thread(target=caller, args=(name, contexts[name]), daemon=True) for name in names
-    ]
-    before = now_ms()
-    for thread in threads:
-        thread.start()
-    try:
-        for event in claimed.values():
-            assert event.wait(timeout=WAIT)
-        records = {name: read_record(store, place, {"task": name}) for name in ("a", "b", "none")}
-        records["handler"] = read_record(store, handler, {"task": "handler"})
-        after = now_ms()
-    finally:
-        finish.set()
-        for thread in threads:
-            thread.join(timeout=WAIT)
-    assert results == {name: name for name in names}
-    expected = {"a": 111_111, "b": 222_222, "none": 600_000, "handler": 333_333}
-    for name, record in records.items():
-        assert record is not None
-        assert record.in_progress_expiry_timestamp is not None
-        assert (
-            before + expected[name] <= record.in_progress_expiry_timestamp <= after + expected[name]
-        ), name
-
-
-def test_handler_shim_claim_uses_the_context_argument() -> None:
-    store = InMemoryPersistenceLayer()
-    claimed = threading.Event()
-    finish = threading.Event()
-
-    @idempotent(persistence_store=store)
-    def handler(event: dict[str, Any], context: Any) -> str:
-        claimed.set()
-        assert finish.wait(timeout=WAIT)
-        return "ok"
-
-    results: list[str] = []
-    thread = threading.Thread(
-        target=lambda: results.append(handler({"id": 1}, FakeLambdaContext(remaining_ms=0))),
-        daemon=True,
-    )
-    before = now_ms()
-    thread.start()
-    try:
-        assert claimed.wait(timeout=WAIT)
-        record = read_record(store, handler, {"id": 1})
-        after = now_ms()
-    finally:
-        finish.set()
-        thread.join(timeout=WAIT)
-    assert results == ["ok"]
-    assert record is not None
-    assert record.in_progress_expiry_timestamp is not None
-    assert before <= record.in_progress_expiry_timestamp <= after
 
 
 # -- a running event loop, durable replays -----------------------------------------------------
