@@ -85,7 +85,12 @@ UNWRAP = {"Awaitable": 0, "Coroutine": 2}
 
 TEST_SOURCE = ROOT / "tests"
 TEST_TARGET = ROOT / "tests" / "sync"
-GENERATED_TESTS = ["test_engine.py", "test_engine_recovery.py", "test_decorators.py"]
+GENERATED_TESTS = [
+    "test_engine.py",
+    "test_engine_recovery.py",
+    "test_decorators.py",
+    "persistence/test_contract.py",
+]
 """The async test modules that have a generated twin, relative to `TEST_SOURCE`."""
 
 PAIRS = [(SOURCE, TARGET, GENERATED), (TEST_SOURCE, TEST_TARGET, GENERATED_TESTS)]
