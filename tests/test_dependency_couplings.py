@@ -33,6 +33,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.asyncio.connection
+import redis.connection
 import redis.exceptions
 from aiobotocore.config import AioConfig
 from aiohttp import streams
@@ -61,6 +62,24 @@ _DIGESTS: dict[str, set[str]] = {
     "redis.asyncio.connection:AbstractConnection.send_packed_command": {
         # redis 8.1.0
         "baaeabd916209157db40455f034a0bac6fb3e2db902271313e0702bcbc678321",
+    },
+    # The sync redis-py adapter sends its scripts on a connection it borrows from a
+    # standalone client's pool, as `Redis._execute_command` does, without that method's
+    # per-command retry and metrics. Re-check: `get_connection` still hands out a
+    # connected connection owned by the caller until `release`, and `release` still
+    # takes back one the caller disconnected; and whether `_execute_command` now does
+    # something a command needs besides retry and metrics (then the adapter must do it).
+    "redis.connection:ConnectionPool.get_connection": {
+        # redis 8.1.0
+        "1616e950b3403e0d500bdeab712e7063ef3b41995bdeb6a79c6c0bed3ad29e42",
+    },
+    "redis.connection:ConnectionPool.release": {
+        # redis 8.1.0
+        "3c283de9f43e6a507b9f3326b909d94940e3833fda538100e0ced5618e1f34cf",
+    },
+    "redis.client:Redis._execute_command": {
+        # redis 8.1.0
+        "b57968fedf39db9448298c280b978953a312521b083629d6c6afeedb4a8bbe4e",
     },
     # `CachePersistenceLayer` with a glide client runs each script call in a task of its
     # own (shielded), because here the key and argument buffers live only in the frame
@@ -231,6 +250,36 @@ async def test_redis_pool_capacity() -> None:
         await cluster.aclose()
         await standalone.aclose()
         await blocking.aclose()
+
+
+def test_redis_sync_pool_connections() -> None:
+    """The sync redis-py adapter sends its scripts on a pooled connection directly: a
+    standalone client's ``connection`` is None (set only with
+    ``single_connection_client``), its pool lends connections (`get_connection`, with a
+    ``command_name`` that is optional from redis-py 5.3) and takes them back
+    (`release`); a connection sends a command (`send_command`), reads one reply
+    (`read_response`, raising `NoScriptError` for an unknown script), and `disconnect`s.
+    `should_reconnect` is optional (redis-py 7 and later). A single-connection client's
+    ``connection`` is checked on a real server in
+    tests/sync/persistence/test_redis_pool_path.py."""
+    client = redis.Redis()
+    try:
+        assert client.connection is None
+        pool = client.connection_pool
+        parameters = inspect.signature(pool.get_connection).parameters
+        assert set(parameters) <= {"command_name", "keys", "options"}
+        for name in ("get_connection", "release"):
+            assert callable(getattr(pool, name))
+        for name in ("send_command", "read_response", "disconnect"):
+            assert callable(getattr(redis.connection.Connection, name))
+    finally:
+        client.close()
+    for target in (
+        "redis.connection:ConnectionPool.get_connection",
+        "redis.connection:ConnectionPool.release",
+        "redis.client:Redis._execute_command",
+    ):
+        _check_digest(target)
 
 
 def test_redis_client_modules() -> None:

@@ -10,6 +10,7 @@ clients are thread-safe (a pool of connections), so one serves every thread.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,26 @@ def is_redis_client(client: object) -> bool:
     )
 
 
+def _plain_pool(client: Any) -> Any:
+    """The connection pool of a standalone client that takes commands on any pooled
+    connection, or None (a cluster client, a single-connection client, a client
+    without a pool): those run scripts through their own ``execute_command``."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or getattr(client, "connection", None) is not None:
+        return None
+    if hasattr(client, "nodes_manager") or not hasattr(pool, "get_connection"):
+        return None
+    return pool
+
+
+def _takes_no_name(pool: Any) -> bool:
+    """Whether `pool.get_connection` can be called without a command name."""
+    if pool is None:
+        return True
+    parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+    return parameter is None or parameter.default is not inspect.Parameter.empty
+
+
 class SyncRedisPyCacheClient:
     """A redis-py (or valkey-py) sync client, standalone or cluster, with scripts.
 
@@ -48,11 +69,16 @@ class SyncRedisPyCacheClient:
         self.client = client
         self.owned = owned
         root = type(client).__module__.split(".")[0]
-        self._no_script: type[BaseException] = sys.modules[f"{root}.exceptions"].NoScriptError
+        errors = sys.modules[f"{root}.exceptions"]
+        self._no_script: type[BaseException] = errors.NoScriptError
+        self._response_error: type[BaseException] = errors.ResponseError
         self.max_in_flight = pool_capacity(client)
         self._limit: contextlib.AbstractContextManager[Any] = (
             contextlib.nullcontext() if self.max_in_flight is None else Slots(self.max_in_flight)
         )
+        self._pool = _plain_pool(client)
+        # redis-py < 5.3 wants the command name (unused since); later versions warn on it.
+        self._pool_args: tuple[str, ...] = () if _takes_no_name(self._pool) else ("EVALSHA",)
 
     @classmethod
     def from_connection(cls, connection: CacheConnection) -> SyncRedisPyCacheClient:
@@ -99,10 +125,41 @@ class SyncRedisPyCacheClient:
 
     def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """EVALSHA `script` on `key`'s node; EVAL when the server does not know it yet."""
+        if self._pool is not None:
+            return self._script_on_pool(self._pool, script, key, args)
         try:
             return self._call("evalsha", script.sha, 1, key, *args)
         except self._no_script:
             return self._call("eval", script.code, 1, key, *args)
+
+    def _script_on_pool(
+        self, pool: Any, script: LuaScript, key: str, args: Sequence[str | int]
+    ) -> Any:
+        """The script on a connection of a standalone client's pool, sent and read
+        directly. This skips ``execute_command``'s per-command retry and metrics, which
+        cost more client CPU than the send and read themselves (docs/performance.md);
+        the store retries transient failures itself, and its scripts are safe to
+        resend. A connection that failed is disconnected before it goes back to the
+        pool, as the client does."""
+        with self._limit:
+            connection = pool.get_connection(*self._pool_args)
+            try:
+                try:
+                    connection.send_command("EVALSHA", script.sha, 1, key, *args)
+                    return connection.read_response()
+                except self._no_script:
+                    connection.send_command("EVAL", script.code, 1, key, *args)
+                    return connection.read_response()
+            except self._response_error:
+                raise  # the server answered: the connection is in step
+            except BaseException:
+                connection.disconnect()  # a reply may be on its way: never reuse it
+                raise
+            finally:
+                reconnect = getattr(connection, "should_reconnect", None)
+                if reconnect is not None and reconnect():  # the server announced maintenance
+                    connection.disconnect()
+                pool.release(connection)
 
     def run_script_durably(
         self,

@@ -1,0 +1,227 @@
+"""The sync redis-py adapter's scripts sent on a pooled connection directly
+(`SyncRedisPyCacheClient._script_on_pool`), under faults: a connection whose reply may
+still be on its way never goes back to the pool in use, a lost reply is recognised as
+the caller's own on the resend, a flushed script cache falls back to EVAL, a frozen
+server gives a typed error, and clients that are not a plain standalone pool keep the
+client's own ``execute_command``.
+
+Faults come from `tests.faults.proxy.FaultProxy` in front of a real Redis server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from aioidempotency import (
+    CachePersistenceLayer,
+    IdempotencyConfig,
+    IdempotencyPersistenceConnectionError,
+    SyncCachePersistenceLayer,
+    idempotent_function,
+)
+from aioidempotency._records import RecordStatus
+from aioidempotency._sync.redis import SyncRedisPyCacheClient
+from aioidempotency._twins import as_sync_store
+from tests.faults.proxy import FaultProxy
+from tests.persistence.test_cache_store import completed, in_progress, tok
+from tests.servers.redis import Server, ServerPool
+
+#: The client's socket timeout behind the proxy (seconds): short, so faults show fast.
+TIMEOUT = 0.3
+
+
+@pytest.fixture
+def server(cache_servers: ServerPool) -> Server:
+    return cache_servers.standalone("redis")
+
+
+@pytest.fixture
+def proxy(server: Server) -> Iterator[FaultProxy]:
+    with FaultProxy(server.host, server.port) as running:
+        yield running
+
+
+@pytest.fixture
+def layer(proxy: FaultProxy) -> Iterator[SyncCachePersistenceLayer]:
+    """A sync store on a redis-py client through the proxy, with short timeouts and
+    the default retries (3 attempts)."""
+    client = redis.Redis(
+        proxy.host, proxy.port, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
+    )
+    store = as_sync_store(CachePersistenceLayer(client))
+    assert isinstance(store, SyncCachePersistenceLayer)
+    try:
+        yield store
+    finally:
+        client.close()
+
+
+def key() -> str:
+    return f"test-pool-path#{uuid.uuid4().hex}"
+
+
+def adapter_of(layer: SyncCachePersistenceLayer) -> SyncRedisPyCacheClient:
+    layer.get(key())  # opens the layer's client
+    assert layer._clients is not None
+    opened = layer._clients.ready()
+    assert opened is not None
+    assert isinstance(opened.client, SyncRedisPyCacheClient)
+    return opened.client
+
+
+def test_a_plain_standalone_client_runs_scripts_on_its_pool(
+    layer: SyncCachePersistenceLayer,
+) -> None:
+    adapter = adapter_of(layer)
+    assert adapter._pool is adapter.client.connection_pool
+    k = key()
+    assert layer.claim(in_progress(k, tok("a")), now=0).claimed
+    record = layer.get(k)
+    assert record is not None
+    assert record.owner == tok("a")
+
+
+def test_clients_without_a_shared_pool_keep_their_own_path(
+    server: Server, cache_servers: ServerPool
+) -> None:
+    single = redis.Redis(server.host, server.port, single_connection_client=True)
+    nodes = cache_servers.cluster("redis")
+    cluster = redis.RedisCluster(nodes[0].host, nodes[0].port)
+    try:
+        assert SyncRedisPyCacheClient(single)._pool is None
+        assert SyncRedisPyCacheClient(cluster)._pool is None
+        for client in (single, cluster):  # and their scripts still run
+            store = as_sync_store(CachePersistenceLayer(client))
+            k = f"{{pool}}{key()}"
+            assert store.claim(in_progress(k, tok("b")), now=0).claimed
+            store.complete(completed(k, {"ok": 1}), owner=tok("b"))
+            done = store.get(k)
+            assert done is not None
+            assert done.status is RecordStatus.COMPLETED
+    finally:
+        single.close()
+        cluster.close()
+
+
+def test_a_lost_claim_reply_is_recognised_as_the_callers_own_on_the_resend(
+    layer: SyncCachePersistenceLayer, proxy: FaultProxy
+) -> None:
+    k = key()
+    before = proxy.stats().resets
+    proxy.reset_next(k.encode(), deliver=True)  # the claim lands, its reply is lost
+    result = layer.claim(in_progress(k, tok("c")), now=0)
+    assert proxy.stats().resets == before + 1
+    # The resend found a record: the caller's own claim (the engine compares tokens).
+    assert not result.claimed
+    assert result.existing is not None
+    assert result.existing.owner == tok("c")
+
+
+def test_a_reply_held_past_the_timeout_is_never_read_by_the_next_call(
+    layer: SyncCachePersistenceLayer, proxy: FaultProxy, server: Server
+) -> None:
+    first, second = key(), key()
+    proxy.hold_replies()
+    with pytest.raises(IdempotencyPersistenceConnectionError):
+        layer.claim(in_progress(first, tok("d")), now=0)
+    proxy.pass_through()  # the held replies flow now, to connections given up on
+    # A connection left with a late reply in it would answer this claim with the
+    # first claim's reply; each connection that timed out was disconnected instead.
+    assert layer.claim(in_progress(second, tok("e")), now=0).claimed
+    stored = server.admin().get(second)
+    assert stored is not None
+    assert tok("e").encode() in stored
+
+
+def test_an_interrupted_read_disconnects_the_connection(
+    layer: SyncCachePersistenceLayer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = adapter_of(layer)
+    pool = adapter.client.connection_pool
+    connection = pool.get_connection()
+    pool.release(connection)  # the next call takes this one
+    original = connection.read_response
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(connection, "read_response", original)
+        raise KeyboardInterrupt  # as Ctrl-C between sending and reading
+
+    monkeypatch.setattr(connection, "read_response", interrupted)
+    k = key()
+    with pytest.raises(KeyboardInterrupt):
+        layer.claim(in_progress(k, tok("f")), now=0)
+    assert connection._sock is None  # disconnected: its unread reply is dropped
+    other = key()
+    assert layer.claim(in_progress(other, tok("g")), now=0).claimed
+    mine = layer.get(k)  # the interrupted claim did land; a resend would see it as own
+    assert mine is not None
+    assert mine.owner == tok("f")
+
+
+def evals(admin: redis.Redis) -> int:
+    stats: dict[str, Any] = admin.info("commandstats")
+    return int(stats.get("cmdstat_eval", {}).get("calls", 0))
+
+
+def test_a_flushed_script_cache_falls_back_to_eval(
+    layer: SyncCachePersistenceLayer, server: Server
+) -> None:
+    adapter_of(layer)
+    admin = server.admin()
+    for attempt in range(2):  # first with the scripts cached, then flushed
+        if attempt:
+            admin.script_flush()
+        before = evals(admin)
+        k = key()
+        assert layer.claim(in_progress(k, tok("h")), now=0).claimed
+        layer.complete(completed(k, {"n": attempt}), owner=tok("h"))
+        done = layer.get(k)
+        assert done is not None
+        assert done.response_data == json.dumps({"n": attempt})
+        if attempt:  # each script fell back once, and is cached again
+            assert evals(admin) == before + 2
+
+
+def test_a_frozen_server_gives_a_typed_error_and_the_store_recovers(
+    layer: SyncCachePersistenceLayer, proxy: FaultProxy
+) -> None:
+    adapter_of(layer)
+    proxy.stall()
+    with pytest.raises(IdempotencyPersistenceConnectionError):
+        layer.claim(in_progress(key(), tok("i")), now=0)
+    proxy.pass_through()
+    k = key()
+    assert layer.claim(in_progress(k, tok("j")), now=0).claimed
+
+
+@pytest.mark.parametrize("target", [b"INPROGRESS", b"COMPLETED"], ids=["claim", "complete"])
+def test_a_call_whose_reply_is_lost_runs_once_and_completes(
+    proxy: FaultProxy, target: bytes
+) -> None:
+    client = redis.Redis(
+        proxy.host, proxy.port, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
+    )
+    store = CachePersistenceLayer(client)
+    runs: list[str] = []
+
+    @idempotent_function(
+        data_keyword_argument="order", persistence_store=store, config=IdempotencyConfig()
+    )
+    def charge(order: dict[str, str]) -> dict[str, str]:
+        runs.append(order["id"])
+        return {"charged": order["id"]}
+
+    with contextlib.closing(client):
+        order = {"id": uuid.uuid4().hex}
+        proxy.reset_next(target, deliver=True)
+        assert charge(order=order) == {"charged": order["id"]}
+        assert proxy.stats().resets >= 1
+        assert charge(order=order) == {"charged": order["id"]}  # a replay
+        assert runs == [order["id"]]
