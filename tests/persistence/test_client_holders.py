@@ -17,6 +17,7 @@ import pytest
 
 from aioidempotency._async import clients as async_clients
 from aioidempotency._sync import clients as sync_clients
+from aioidempotency._sync.concurrency import Slots
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 
 
@@ -255,7 +256,7 @@ def test_the_sync_holder_opens_one_client_for_every_thread_and_bounds_it_or_not(
     assert holder.current() is None
     bounded = sync_clients.OpenedClients(open_client, closed.append, max_concurrency=1)
     limit = bounded.open().limit
-    assert isinstance(limit, threading.BoundedSemaphore)
+    assert isinstance(limit, Slots)
 
 
 # -- a client passed in -------------------------------------------------------------------------

@@ -203,6 +203,10 @@ class SyncCachePersistenceLayer(SyncPersistenceLayer):
         self.wait_timeout: float = (
             from_url.get("wait_timeout", 1.0) if wait_timeout is None else wait_timeout
         )
+        if self.max_concurrency < 1:  # 0 would hold every call forever
+            raise IdempotencyPersistenceConfigError(
+                f"max_concurrency must be at least 1: {self.max_concurrency!r}"
+            )
         if self.wait_replicas < 0 or self.wait_timeout <= 0:
             raise IdempotencyPersistenceConfigError(
                 "wait_replicas must be >= 0 and wait_timeout > 0 seconds"

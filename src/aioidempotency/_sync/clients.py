@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from aioidempotency._forks import fork_generation
+from aioidempotency._sync.concurrency import Slots
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 
 __all__ = ["Opened", "OpenedClients", "PassedClient"]
@@ -79,7 +80,8 @@ class PassedClient(Generic[C]):
 class OpenedClients(Generic[C]):
     """One client per process, opened on demand by `open_client` (once, whichever
     thread asks first) and closed by `close()` with `close_client`; at most
-    `max_concurrency` calls in flight on it (None: no bound).
+    `max_concurrency` calls in flight on it (None: no bound), counted by a `Slots` of
+    this process's client (a forked child counts afresh with its new client).
 
     In a forked child the parent's client is forgotten, not closed (its sockets are the
     parent's; it stays referenced so that no finalizer closes it), and a new one is
@@ -122,7 +124,7 @@ class OpenedClients(Generic[C]):
                 limit: contextlib.AbstractContextManager[Any] = (
                     contextlib.nullcontext()
                     if self.max_concurrency is None
-                    else threading.BoundedSemaphore(self.max_concurrency)
+                    else Slots(self.max_concurrency)
                 )
                 self._opened = Opened(self._open_client(), limit)
             return self._opened

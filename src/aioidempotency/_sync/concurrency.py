@@ -92,6 +92,8 @@ class Slots:
     __slots__ = ("_tokens",)
 
     def __init__(self, size: int) -> None:
+        if size < 0:
+            raise ValueError(f"Slots size must be >= 0, not {size}")
         self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(size):
             self._tokens.put(None)
