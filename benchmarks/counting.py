@@ -65,15 +65,30 @@ def count_redis_async(client: Any, counter: RequestCounter) -> Any:
     return client
 
 
+#: Commands a redis-py connection sends for itself when it connects (not requests).
+_HANDSHAKE = frozenset({"HELLO", "AUTH", "CLIENT", "SELECT", "READONLY"})
+
+
 def count_redis_sync(client: Any, counter: RequestCounter) -> Any:
-    """Count every command of a synchronous `redis.Redis` client."""
-    original = client.execute_command
+    """Count every command a synchronous `redis.Redis` client's connections send (the
+    sync store sends its scripts on pooled connections, not through
+    ``execute_command``), less each connection's handshake."""
+    pool = client.connection_pool
+    make = pool.make_connection
 
-    def execute_command(*args: Any, **options: Any) -> Any:
-        counter.add()
-        return original(*args, **options)
+    def make_connection() -> Any:
+        connection = make()
+        send = connection.send_command
 
-    client.execute_command = execute_command
+        def send_command(*args: Any, **options: Any) -> Any:
+            if str(args[0]).upper() not in _HANDSHAKE:
+                counter.add()
+            return send(*args, **options)
+
+        connection.send_command = send_command
+        return connection
+
+    pool.make_connection = make_connection
     return client
 
 
