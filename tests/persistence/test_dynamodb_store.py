@@ -155,31 +155,6 @@ async def test_refused_claim_returns_the_stored_record_with_int_numbers(
     assert type(refused.existing.in_progress_expiry_timestamp) is int
 
 
-async def test_an_expired_record_is_claimed_over(ddb: DynamoDBPersistenceLayer) -> None:
-    old = claim_record(expiry=int(NOW) + 5)
-    await ddb.claim(old, now=NOW)
-    assert old.owner is not None
-    await ddb.complete(completed_record(old), owner=old.owner)
-    later = NOW + 60
-    new = claim_record(old.idempotency_key, expiry=int(later) + 3600)
-    assert (await ddb.claim(new, now=later)).claimed
-    assert (await raw_item(ddb, new.idempotency_key) or {})[ddb.attributes.owner_attr] == {
-        "S": new.owner
-    }
-
-
-async def test_a_live_claim_refuses_and_an_orphaned_one_is_taken_over(
-    ddb: DynamoDBPersistenceLayer,
-) -> None:
-    lease_ms = int(NOW * 1000) + 1_000
-    first = claim_record(in_progress_ms=lease_ms)
-    await ddb.claim(first, now=NOW)
-    before_lease_end = claim_record(first.idempotency_key)
-    assert not (await ddb.claim(before_lease_end, now=NOW + 0.5)).claimed
-    after_lease_end = claim_record(first.idempotency_key, in_progress_ms=lease_ms + 60_000)
-    assert (await ddb.claim(after_lease_end, now=NOW + 2)).claimed
-
-
 async def test_late_completion_after_a_takeover_is_refused_and_changes_nothing(
     ddb: DynamoDBPersistenceLayer,
 ) -> None:
@@ -215,47 +190,6 @@ async def test_completion_of_a_vanished_record_creates_no_partial_item(
     with pytest.raises(IdempotencyClaimLostError, match="is gone"):
         await ddb.renew(renewed(claim))
     assert await raw_item(ddb, claim.idempotency_key) is None
-
-
-async def test_release_deletes_only_the_owners_claim(ddb: DynamoDBPersistenceLayer) -> None:
-    claim = claim_record()
-    await ddb.claim(claim, now=NOW)
-    await ddb.release(claim.idempotency_key, owner="someone-else")
-    assert await ddb.get(claim.idempotency_key) == claim
-    assert claim.owner is not None
-    await ddb.release(claim.idempotency_key, owner=claim.owner)
-    assert await raw_item(ddb, claim.idempotency_key) is None
-    await ddb.release(claim.idempotency_key, owner=claim.owner)  # already gone: no error
-
-
-async def test_release_never_deletes_a_completed_record(ddb: DynamoDBPersistenceLayer) -> None:
-    claim = claim_record()
-    await ddb.claim(claim, now=NOW)
-    assert claim.owner is not None
-    await ddb.complete(completed_record(claim), owner=claim.owner)
-    await ddb.release(claim.idempotency_key, owner=claim.owner)
-    stored = await ddb.get(claim.idempotency_key)
-    assert stored is not None
-    assert stored.status is RecordStatus.COMPLETED
-
-
-async def test_renew_moves_only_the_in_progress_expiry(ddb: DynamoDBPersistenceLayer) -> None:
-    claim = claim_record(in_progress_ms=int(NOW * 1000) + 1_000, payload_hash="p")
-    await ddb.claim(claim, now=NOW)
-    assert claim.owner is not None
-    until = int(NOW * 1000) + 90_000
-    await ddb.renew(renewed(claim, until))
-    stored = await ddb.get(claim.idempotency_key)
-    assert stored == DataRecord(
-        idempotency_key=claim.idempotency_key,
-        status=RecordStatus.INPROGRESS,
-        expiry_timestamp=claim.expiry_timestamp,
-        in_progress_expiry_timestamp=until,
-        payload_hash="p",
-        owner=claim.owner,
-    )
-    with pytest.raises(IdempotencyClaimLostError):
-        await ddb.renew(renewed(claim, owner="someone-else"))
 
 
 async def test_get_and_delete(ddb: DynamoDBPersistenceLayer) -> None:

@@ -1,6 +1,7 @@
 """The in-memory stores at their bound and around a claim's owner: eviction order, a
-full table of live claims, release and renewal by the owner only, deletion; the async
-store and its sync twin share one table."""
+full table of live claims, repeated completions, renewal by the owner only, deletion;
+the async store and its sync twin share one table. The contract every store keeps is
+tests/persistence/test_contract.py."""
 
 from __future__ import annotations
 
@@ -80,27 +81,6 @@ async def test_a_record_read_after_its_expiry_is_gone() -> None:
     assert await store.get("k") is not None
     assert await store.get("k", now=NOW + 6) is None
     assert len(store) == 0
-
-
-async def test_only_the_owner_releases_its_claim() -> None:
-    store = InMemoryPersistenceLayer()
-    await store.claim(claim_of("k", "owner"), now=NOW)
-    await store.release("k", owner="someone else")
-    assert await store.get("k", now=NOW) is not None
-    await store.release("missing", owner="owner")
-    await store.release("k", owner="owner")
-    assert await store.get("k", now=NOW) is None
-
-
-async def test_a_completed_record_is_not_released() -> None:
-    store = InMemoryPersistenceLayer()
-    record = claim_of("k", "owner")
-    await store.claim(record, now=NOW)
-    await store.complete(completed(record), owner="owner")
-    await store.release("k", owner="owner")
-    kept = await store.get("k", now=NOW)
-    assert kept is not None
-    assert kept.response_json() == "done"
 
 
 async def test_a_completion_sent_twice_is_stored_once() -> None:
