@@ -5,7 +5,6 @@ Same names as ``_async/concurrency.py``: see there for what each one is for.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -13,6 +12,8 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from typing_extensions import TypeVarTuple, Unpack
+
+from aioidempotency._forks import fork_generation
 
 __all__ = ["Background", "Cancelled", "Outcome", "Slots", "scope", "shielded", "sleep"]
 
@@ -25,23 +26,11 @@ Cancelled = KeyboardInterrupt
 sleep = time.sleep
 
 
-class _Process:
-    """Calls of one process share results; a forked child starts with its own scope."""
-
-    current: object = object()
-
-    @classmethod
-    def after_fork(cls) -> None:
-        cls.current = object()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_Process.after_fork)
-
-
-def scope() -> object:
-    """What in-process calls can share a result within: the process (all threads)."""
-    return _Process.current
+scope: Callable[[], object] = fork_generation
+"""What in-process calls can share a result within: the process (all threads), until a
+fork. Within a process it returns one object every time (the counter `_forks` holds),
+and a forked child a new one, so flights compare scopes with ``is`` as the async
+engine's compare event loops."""
 
 
 def shielded(operation: Callable[[], T]) -> T:
@@ -112,7 +101,7 @@ class Background:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
-        self._pid = os.getpid()
+        self._generation = fork_generation()
 
     def spawn(self, work: Callable[[Unpack[Ts]], None], *args: Unpack[Ts]) -> None:
         """Run ``work(*args)`` in a daemon thread."""
@@ -125,14 +114,23 @@ class Background:
                     self._threads.discard(thread)
 
         thread = threading.Thread(target=run, name="aioidempotency-background", daemon=True)
+        if self._generation != fork_generation():
+            self._after_fork()
         with self._lock:
-            if self._pid != os.getpid():  # a forked child: the parent's threads are gone
-                self._threads, self._pid = set(), os.getpid()
             self._threads.add(thread)
         thread.start()
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's threads stay behind, and the lock is new (one
+        of them may have held it at the fork)."""
+        self._lock = threading.Lock()
+        self._threads = set()
+        self._generation = fork_generation()
+
     def drain(self, timeout: float) -> bool:
         """Wait for the work started so far; True if it all finished within `timeout`."""
+        if self._generation != fork_generation():
+            self._after_fork()
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:

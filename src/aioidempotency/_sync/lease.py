@@ -18,8 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from aioidempotency._forks import fork_generation
 from aioidempotency._records import DataRecord
-from aioidempotency._sync.concurrency import scope
 from aioidempotency._sync.store import SyncPersistenceLayer
 from aioidempotency.exceptions import IdempotencyClaimLostError
 
@@ -83,32 +83,41 @@ class Leases:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._thread: threading.Thread | None = None
-        self._scope = scope()
+        self._generation = fork_generation()
 
     def keep(self, claim: DataRecord) -> Lease:
         """Start renewing `claim` (an in-progress record with an owner token)."""
         assert claim.owner is not None
         lease = Lease(self, claim, self._clock() + self._interval)
+        if self._generation != fork_generation():
+            self._after_fork()
         with self._lock:
-            if self._scope is not scope():  # a forked child: the parent's thread is gone
-                self._leases, self._thread, self._scope = {}, None, scope()
             self._leases[claim.owner] = lease
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._serve,
-                    args=(self._scope,),
+                    args=(self._generation,),
                     name="aioidempotency-leases",
                     daemon=True,
                 )
                 self._thread.start()
         return lease
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's keeper thread and claims stay behind, and the
+        lock is new (a thread of the parent may have held it at the fork)."""
+        self._lock = threading.Lock()
+        self._leases, self._thread = {}, None
+        self._generation = fork_generation()
+
     def _forget(self, lease: Lease) -> None:
+        if self._generation != fork_generation():
+            self._after_fork()
         with self._lock:
             self._leases.pop(lease.claim.owner or "", None)
 
-    def _serve(self, process: object) -> None:
-        while scope() is process:
+    def _serve(self, generation: int) -> None:
+        while fork_generation() == generation:
             with self._lock:
                 now = self._clock()
                 due = [
