@@ -1,8 +1,8 @@
 """The cache store's Lua scripts and the pure helpers that go with them.
 
 Shared by the async store and its sync twin. The scripts never parse a record:
-`RecordAttributes.from_json` is the one classifier (semantics D: every reader must
-classify a record the same way). A script only moves bytes, compares them and looks
+`RecordAttributes.from_json` is the one classifier (every reader must classify a
+record the same way). A script only moves bytes, compares them and looks
 for an owner token, so it costs the same whatever the record's shape and (past a
 bounded prefix and suffix) whatever its size. They do not depend on attribute names:
 one set serves every layer. Every script touches one key (cluster-safe), and writes

@@ -1,6 +1,6 @@
 """`CachePersistenceLayer`: idempotency records in Redis or Valkey, standalone or cluster.
 
-Records use the reference's layout (semantics A3): the key is the idempotency key
+Records use Powertools' Redis layout: the key is the idempotency key
 itself and the value the record's JSON text, written to expire at the record's
 `expiration` (``EXAT``). `RecordAttributes.from_json` is the one reader of records: a
 value it refuses raises `IdempotencyInvalidStatusError` and is never overwritten. How

@@ -7,8 +7,8 @@
   (``aioidempotency._lua``) never parse a record: a takeover replaces a value only if
   it still has the fingerprint of the one Python classified, and the owner checks look
   for the caller's owner token.
-- `ProtocolPath`, for any `SyncCacheClient` (get/set/delete): the reference algorithm
-  (semantics A5) with its orphan lock key ``"{key}:lock"``; completion, release and
+- `ProtocolPath`, for any `SyncCacheClient` (get/set/delete): Powertools' own algorithm,
+  with its orphan lock key ``"{key}:lock"``; completion, release and
   renewal read the record first and write only over the caller's own claim, but a
   takeover landing between that read and the write is not seen (docs/redis-valkey.md
   says what this path guarantees).
