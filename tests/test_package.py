@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import aioidempotency
 
@@ -84,3 +86,29 @@ def test_star_imports_work_without_any_extra() -> None:
 def test_every_public_name_is_importable() -> None:
     for name in aioidempotency.__all__:
         assert getattr(aioidempotency, name) is not None, name
+
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Labels of documents that are not in this repository, and machine paths.
+FOREIGN = re.compile(r"\bsemantics [A-Z]\d*\b|\([A-Z]\d\)|/work/|/home/\w|/root/|/tmp/\w")
+
+
+def test_committed_text_cites_only_this_repository() -> None:
+    """Docstrings, comments and docs cite what is in this repository, never a section
+    label of an outside document ("semantics A3", "(C1)") nor a path of one machine."""
+    files = subprocess.run(
+        ["git", "ls-files", "src", "docs", "README.md", "CONTRIBUTING.md", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert files
+    found = [
+        f"{name}:{number}: {line.strip()}"
+        for name in files
+        if name.endswith((".py", ".md", ".toml"))
+        for number, line in enumerate((ROOT / name).read_text().splitlines(), 1)
+        if FOREIGN.search(line)
+    ]
+    assert found == []
