@@ -1,8 +1,9 @@
 """What a Redis/Valkey client's error means, shared by the cache store of both worlds.
 
 `classify` sorts a client's exception (redis-py, valkey-py, valkey-glide async or
-sync) into transient, access denied, wrong type or other; `store_error` turns it into
-this package's error, which the caller raises ``from`` the client's exception.
+sync) into transient, access denied, misconfigured, wrong type or other; `store_error`
+turns it into this package's error, which the caller raises ``from`` the client's
+exception.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import sys
 
 from aioidempotency.exceptions import (
     IdempotencyInvalidStatusError,
+    IdempotencyPersistenceAccessDeniedError,
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
+    IdempotencyPersistenceMisconfiguredError,
 )
 
 __all__ = [
     "DENIED",
+    "MISCONFIGURED",
     "OTHER",
     "TRANSIENT",
     "WRONG_TYPE",
@@ -30,10 +34,11 @@ __all__ = [
 ]
 
 
-class CacheAccessDeniedError(IdempotencyPersistenceLayerError):
+class CacheAccessDeniedError(IdempotencyPersistenceAccessDeniedError):
     """The server refused the credentials or a command (``WRONGPASS``, ``NOAUTH``,
     ``NOPERM``): a configuration problem, so not transient (a retry fails the same way).
-    Fix the user's password or ACL (see docs/redis-valkey.md, Permissions)."""
+    Fix the user's password or ACL (see docs/redis-valkey.md, Permissions); ``await
+    store.check()`` names the commands refused."""
 
 
 class NotReplicated(ConnectionError):
@@ -49,6 +54,22 @@ _RETRY_REPLY = re.compile(
 )
 _DENIED_REPLY = re.compile(
     r"\b(WRONGPASS|NOAUTH|NOPERM)\b|PermissionDenied|no permissions|invalid username-password"
+    # a command refused inside a script: Redis 7 ("The user executing the script can't run
+    # this command or subcommand"), Valkey ("ACL failure in script")
+    r"|can't run this command|ACL failure"
+)
+_DENIED_ERRORS = frozenset(
+    {
+        "AuthenticationError",
+        "AuthenticationWrongNumberOfArgsError",
+        "AuthorizationError",
+        "NoPermissionError",
+    }
+)
+#: Replies that say the layer's cluster mode is not the server's: redis-py's cluster
+#: client on a standalone server, a cluster command sent to a standalone server.
+_CLUSTER_OFF_REPLY = re.compile(
+    r"cluster mode is not enabled|cluster support disabled", re.IGNORECASE
 )
 #: Client-side texts for the same: valkey-glide reports a failed (lazy) connection and a
 #: redirection it gave up on as a plain RequestError ("Standalone connect failed - IoError:
@@ -70,6 +91,7 @@ _RETRY_ERRORS = frozenset(
     }
 )
 TRANSIENT, DENIED, WRONG_TYPE, OTHER = "transient", "denied", "wrongtype", "other"
+MISCONFIGURED = "misconfigured"
 
 
 def _connection_error_types() -> tuple[type[BaseException], ...]:
@@ -96,17 +118,18 @@ def _raised_inside(exc: BaseException, roots: tuple[str, ...]) -> bool:
 def classify(exc: BaseException) -> str:
     """What a client error means for the caller: `TRANSIENT` (unreachable, timed out,
     redirected or failing over: worth a retry), `DENIED` (credentials or ACL),
-    `WRONG_TYPE` (the key holds another Redis type) or `OTHER`. An error our own
-    adapters raised is judged by its cause."""
+    `MISCONFIGURED` (a cluster client on a standalone server), `WRONG_TYPE` (the key
+    holds another Redis type) or `OTHER`. An error our own adapters raised is judged by
+    its cause."""
     if isinstance(exc, IdempotencyPersistenceLayerError) and isinstance(exc.__cause__, Exception):
         exc = exc.__cause__
     text = str(exc)
-    if _DENIED_REPLY.search(text) or type(exc).__name__ in {
-        "AuthenticationError",
-        "AuthorizationError",
-        "NoPermissionError",
-    }:
+    if _DENIED_REPLY.search(text) or any(
+        cls.__name__ in _DENIED_ERRORS for cls in type(exc).__mro__
+    ):
         return DENIED
+    if _CLUSTER_OFF_REPLY.search(text):
+        return MISCONFIGURED
     if "WRONGTYPE" in text:
         return WRONG_TYPE
     if (
@@ -122,11 +145,28 @@ def classify(exc: BaseException) -> str:
     return OTHER
 
 
-def store_error(action: str, key: str, exc: Exception) -> IdempotencyPersistenceLayerError:
+_MOVED = re.compile(r"\bMOVED\b|\bmoved:", re.IGNORECASE)
+
+
+def store_error(
+    action: str, key: str, exc: Exception, *, standalone: bool = False
+) -> IdempotencyPersistenceLayerError:
     """A client error as ours: unreachable, timed out or failing over -> connection error
-    (transient); refused credentials or ACL -> `CacheAccessDeniedError`; others -> layer
+    (transient); refused credentials or ACL -> `CacheAccessDeniedError`; a cluster mode
+    that is not the server's -> `IdempotencyPersistenceMisconfiguredError` (a redirection
+    reaching a `standalone` client too: the server is a cluster node); others -> layer
     error. The client's exception is chained by the caller (``raise ... from exc``)."""
     kind = classify(exc)
+    cause = exc.__cause__ if isinstance(exc, IdempotencyPersistenceLayerError) else exc
+    if kind == MISCONFIGURED or (
+        standalone and (type(cause).__name__ == "MovedError" or _MOVED.search(str(cause)))
+    ):
+        return IdempotencyPersistenceMisconfiguredError(
+            f"cache store refused {action} of {key!r}: the layer's cluster mode is not the "
+            "server's (cluster=true in the URL, or mode=, must match the server; "
+            "`python -m aioidempotency check --store URL` tells which)",
+            exc,
+        )
     if kind == TRANSIENT:
         return IdempotencyPersistenceConnectionError(
             f"cache store unreachable or failing over during {action} of {key!r}", exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Mapping
 from decimal import Decimal
@@ -22,6 +23,7 @@ try:
         BotoCoreError,
         ClientError,
         HTTPClientError,
+        NoCredentialsError,
         NoRegionError,
         ReadTimeoutError,
     )
@@ -38,16 +40,18 @@ except ImportError:  # pragma: no cover - depends on the installed extras
         """Stands in for botocore's exceptions, which nothing can raise here."""
 
     BotoCoreError = ClientError = HTTPClientError = _NotInstalled
-    NoRegionError = ReadTimeoutError = BotoConnectionError = _NotInstalled
+    NoRegionError = ReadTimeoutError = BotoConnectionError = NoCredentialsError = _NotInstalled
 else:
     MISSING_EXTRA = None
 
 from aioidempotency._records import RecordAttributes, RecordStatus
 from aioidempotency.exceptions import (
     IdempotencyClaimLostError,
+    IdempotencyPersistenceAccessDeniedError,
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
+    IdempotencyPersistenceMisconfiguredError,
 )
 
 __all__ = [
@@ -126,6 +130,26 @@ _URL_OPTIONS = frozenset(
 )
 _URL_NUMBERS = {"connect_timeout": float, "read_timeout": float, "max_attempts": int}
 _TRANSIENT_CODES = frozenset({"InternalServerError", "ServiceUnavailable"})
+#: Codes of requests refused for their credentials or signature, not their permissions.
+_CREDENTIAL_CODES = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "ExpiredTokenException",
+        "ExpiredToken",
+        "InvalidClientTokenId",
+        "MissingAuthenticationTokenException",
+        "IncompleteSignature",
+    }
+)
+_CHECK_HINT = "; `python -m aioidempotency check --store URL` (or `await store.check()`) says more"
+
+#: DynamoDB's messages for a key that is not the table's ("The provided key element does
+#: not match the schema", "One or more parameter values were invalid: Missing the key pk
+#: in the item", "... Type mismatch for key ...").
+_KEY_SCHEMA = re.compile(r"key element does not match the schema|Missing the key|mismatch for key")
+
+_XML_CODE = re.compile(r"<Code>(\w+)</Code>")
 
 AttributeValue = dict[str, Any]
 Item = dict[str, AttributeValue]
@@ -437,8 +461,16 @@ def lost(key: str, old: Mapping[str, AttributeValue] | None) -> IdempotencyClaim
 
 
 def error_code(exc: ClientError) -> str:
-    """The service's error code of a `ClientError`."""
-    return str(exc.response.get("Error", {}).get("Code", ""))
+    """The service's error code of a `ClientError` (also when the reply was an XML error
+    document botocore could not parse, whose code is then the HTTP status: moto's
+    replies to refused credentials)."""
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    if code.isdigit():
+        found = _XML_CODE.search(str(error.get("Message", "")))
+        if found is not None:
+            return found.group(1)
+    return code
 
 
 def raise_mapped(exc: BaseException, action: str, table: str) -> NoReturn:
@@ -447,10 +479,31 @@ def raise_mapped(exc: BaseException, action: str, table: str) -> NoReturn:
     if isinstance(exc, ClientError):
         code = error_code(exc)
         if code == "ResourceNotFoundException":
-            reason = "the table does not exist (create it first, see create_table())"
-        elif code in {"AccessDeniedException", "UnrecognizedClientException"}:
-            reason = "access denied (check the credentials and the IAM policy)"
-        elif code in {
+            raise IdempotencyPersistenceMisconfiguredError(
+                f"{where}: the table does not exist (create it first: docs/dynamodb.md, "
+                f"Table setup; or fix the table name, region or endpoint){_CHECK_HINT} [{code}]",
+                exc,
+            ) from exc
+        if code in _CREDENTIAL_CODES:
+            raise IdempotencyPersistenceAccessDeniedError(
+                f"{where}: AWS refused the credentials (invalid, expired, or for another "
+                f"account){_CHECK_HINT} [{code}]",
+                exc,
+            ) from exc
+        if code in {"AccessDeniedException", "AccessDenied"}:
+            raise IdempotencyPersistenceAccessDeniedError(
+                f"{where}: access denied (the IAM policy lacks a permission: "
+                f"docs/dynamodb.md, IAM){_CHECK_HINT} [{code}]",
+                exc,
+            ) from exc
+        message = str(exc.response.get("Error", {}).get("Message", ""))
+        if code == "ValidationException" and _KEY_SCHEMA.search(message):
+            raise IdempotencyPersistenceMisconfiguredError(
+                f"{where}: the table's key is not the layer's key_attr/sort_key_attr"
+                f"{_CHECK_HINT} [{code}]",
+                exc,
+            ) from exc
+        if code in {
             "ProvisionedThroughputExceededException",
             "ThrottlingException",
             "RequestLimitExceeded",
@@ -464,6 +517,12 @@ def raise_mapped(exc: BaseException, action: str, table: str) -> NoReturn:
         else:
             reason = "failed"
         raise IdempotencyPersistenceLayerError(f"{where}: {reason} [{code}]", exc) from exc
+    if isinstance(exc, NoCredentialsError):
+        raise IdempotencyPersistenceAccessDeniedError(
+            f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with a role)",
+            exc,
+        ) from exc
     if isinstance(exc, NoRegionError):
         raise IdempotencyPersistenceConfigError(
             f"{where}: no AWS region; set AWS_DEFAULT_REGION or pass region_name", exc

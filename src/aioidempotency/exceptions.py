@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from aioidempotency._check import StoreCheckReport
     from aioidempotency._records import DataRecord
 
 __all__ = [
@@ -26,12 +27,15 @@ __all__ = [
     "IdempotencyModelTypeError",
     "IdempotencyNoSerializationModelError",
     "IdempotencyPayloadError",
+    "IdempotencyPersistenceAccessDeniedError",
     "IdempotencyPersistenceConfigError",
     "IdempotencyPersistenceConnectionError",
     "IdempotencyPersistenceConsistencyError",
     "IdempotencyPersistenceLayerError",
+    "IdempotencyPersistenceMisconfiguredError",
     "IdempotencyResultTooLargeError",
     "IdempotencySerializationError",
+    "IdempotencyStoreCheckError",
     "IdempotencyValidationError",
 ]
 
@@ -109,7 +113,11 @@ class IdempotencyNoSerializationModelError(IdempotencyError):
 
 
 class IdempotencyPersistenceConfigError(IdempotencyError):
-    """A persistence layer was configured in a way that cannot work."""
+    """A persistence layer was configured in a way that cannot work.
+
+    Raised when a store is built with arguments that cannot work, and (as its
+    subclasses) when a store refuses a call for a reason only an operator can fix.
+    """
 
 
 class IdempotencyPersistenceConnectionError(IdempotencyPersistenceLayerError):
@@ -117,6 +125,38 @@ class IdempotencyPersistenceConnectionError(IdempotencyPersistenceLayerError):
     over); a retry later can succeed (`transient` is True)."""
 
     transient = True
+
+
+class IdempotencyPersistenceMisconfiguredError(
+    IdempotencyPersistenceConfigError, IdempotencyPersistenceLayerError
+):
+    """The store answered, but the call cannot work as the store or the layer is set up.
+
+    A missing table, a table whose key schema does not match the layer's attribute
+    names, a Redis cluster reached as a standalone server (or the other way round).
+    Both a configuration error and a store failure: `transient` is False, since a
+    retry fails the same way until an operator fixes it. ``await store.check()`` (or
+    ``python -m aioidempotency check --store URL``) lists every such problem with its
+    fix; docs/troubleshooting.md has one entry per error.
+    """
+
+
+class IdempotencyPersistenceAccessDeniedError(IdempotencyPersistenceMisconfiguredError):
+    """The store refused the credentials or a command: a wrong or missing password, an
+    ACL user without the store's commands (``WRONGPASS``, ``NOAUTH``, ``NOPERM``), AWS
+    credentials that are invalid, expired or lack an IAM permission.
+
+    Not transient: fix the credentials or the permissions (see `store.check()`).
+    """
+
+
+class IdempotencyStoreCheckError(IdempotencyPersistenceConfigError):
+    """`store.check()` found problems (raised by `StoreCheckReport.raise_for_problems()`
+    or ``check(raise_on_problem=True)``); `report` holds them, each with its fix."""
+
+    def __init__(self, *args: object, report: StoreCheckReport | None = None) -> None:
+        super().__init__(*args)
+        self.report = report
 
 
 class IdempotencyInvalidRecordError(IdempotencyPersistenceLayerError):

@@ -18,6 +18,7 @@ from aioidempotency.exceptions import (
     IdempotencyError,
     IdempotencyInvalidRecordError,
     IdempotencyInvalidStatusError,
+    IdempotencyPersistenceAccessDeniedError,
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
@@ -579,10 +580,11 @@ class _FailingStore(InMemoryPersistenceLayer):
             "stored-record-invalid",
         ),
         (IdempotencyPersistenceLayerError("NOAUTH authentication required"), 500, "store-error"),
-        (IdempotencyPersistenceConfigError("no such table"), 500, "store-error"),
+        (IdempotencyPersistenceConfigError("no such table"), 500, "store-misconfigured"),
+        (IdempotencyPersistenceAccessDeniedError("WRONGPASS"), 500, "store-misconfigured"),
         (IdempotencyPersistenceConnectionError("timed out"), 503, "store-unavailable"),
     ],
-    ids=["invalid-record", "invalid-status", "auth", "config", "unreachable"],
+    ids=["invalid-record", "invalid-status", "other", "config", "access-denied", "unreachable"],
 )
 async def test_store_errors_are_503_only_when_transient(
     error: Exception, status: int, kind: str, caplog: pytest.LogCaptureFixture

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio  # async-only
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,26 @@ from aioidempotency._async.concurrency import sleep
 from aioidempotency._async.glide import GlideCacheClient
 from aioidempotency._async.redis import RedisPyCacheClient
 from aioidempotency._async.store import ClaimResult, PersistenceLayer, check_result_size
-from aioidempotency._cache_errors import TRANSIENT, CacheAccessDeniedError, classify, store_error
+from aioidempotency._cache_errors import (
+    DENIED,
+    TRANSIENT,
+    CacheAccessDeniedError,
+    classify,
+    store_error,
+)
+from aioidempotency._check import (
+    CHECK_SCRIPT,
+    StoreCheckReport,
+    StoreProblem,
+    cache_problem,
+    cluster_problem,
+    parse_info,
+    probe_records,
+    script_problems,
+    server_mode,
+    server_name,
+    version_problem,
+)
 from aioidempotency._client_worlds import client_world
 from aioidempotency._lua import LuaScript, fingerprint, raise_if_lost
 from aioidempotency._records import DataRecord, RecordAttributes
@@ -92,6 +112,10 @@ async def _close(client: CacheClient) -> None:
     close = getattr(client, "aclose", None)
     if close is not None:
         await close()
+
+
+def _check_script(client: CacheClient, key: str, expiry: int) -> Awaitable[Any]:
+    return cast(ScriptingCacheClient, client).run_script(CHECK_SCRIPT, key, (expiry,))
 
 
 class CachePersistenceLayer(PersistenceLayer):
@@ -287,6 +311,7 @@ class CachePersistenceLayer(PersistenceLayer):
 
     async def _open_client(self) -> CacheClient:
         """A new client for this loop (or process): from the factory or the connection."""
+        opened: Any
         if self._factory is not None:
             opened = await self._factory()
         else:
@@ -367,7 +392,7 @@ class CachePersistenceLayer(PersistenceLayer):
                 or attempt >= self.retry_attempts
                 or (now - started) + (now - last) > self.retry_budget_seconds
             ):
-                error = store_error(action, key, failure)
+                error = store_error(action, key, failure, standalone=self._standalone())
                 if error.transient:
                     error = await self._diagnosed(error)
                 raise error from failure
@@ -386,6 +411,13 @@ class CachePersistenceLayer(PersistenceLayer):
             raise asyncio.CancelledError(f"{action} of {key!r} was cancelled")
         # end async-only
         return result
+
+    def _standalone(self) -> bool:
+        """True when this layer talks to a standalone server (not a cluster's nodes)."""
+        if self.connection is not None:
+            return not self.connection.cluster
+        client = None if self._clients is None else self._clients.current()
+        return getattr(client, "cluster", None) is False
 
     async def _diagnosed(
         self, error: IdempotencyPersistenceLayerError
@@ -428,6 +460,150 @@ class CachePersistenceLayer(PersistenceLayer):
             await self._clients.aclose()
         if self._twin is not None and self._foreign is None:  # async-only
             await asyncio.to_thread(self._twin.close)  # async-only
+
+    # --- checking the setup ------------------------------------------------------------
+    async def check(
+        self, *, raise_on_problem: bool = False, probe: bool = True
+    ) -> StoreCheckReport:
+        """Check that this layer can work with its server, before a call needs it.
+
+        Connects (a layer built from a URL first logs in to the seed node on a
+        connection of its own), reads ``INFO server`` (the server's version, at least
+        6.2, and whether it runs in cluster mode as the layer expects), then, with
+        `probe`, runs the commands the store's scripts need and every operation of the
+        store on a probe key (``aioidempotency-check#...``, deleted at the end, expiring
+        within a minute in any case), which shows a password, an ACL or a server that
+        refuses scripts. Returns a `StoreCheckReport` listing each problem with its
+        fix; `raise_on_problem` raises them instead (`IdempotencyStoreCheckError`).
+        """
+        # begin async-only
+        if self._foreign is not None:  # a sync client: the sync twin that serves it checks
+            assert self._twin is not None
+            twin = self._twin
+            return await asyncio.to_thread(
+                lambda: twin.check(raise_on_problem=raise_on_problem, probe=probe)
+            )
+        # end async-only
+        problems: list[StoreProblem] = []
+        facts: list[tuple[str, str]] = []
+        await self._check_into(problems, facts, probe)
+        report = StoreCheckReport(self._description(), tuple(problems), tuple(facts))
+        if raise_on_problem:
+            report.raise_for_problems()
+        return report
+
+    def _description(self) -> str:
+        path = "atomic path" if self.atomic else "protocol path"
+        connection = self.connection
+        if connection is None:
+            what = "client_factory" if self._factory is not None else "a client given"
+            return f"Redis/Valkey through {what} ({path})"
+        user = f"{connection.username}@" if connection.username else ""
+        scheme = "rediss" if connection.tls else "redis"
+        client = "valkey-glide" if connection.client == "glide" else "redis-py"
+        mode = "cluster" if connection.cluster else "standalone"
+        db = "" if connection.cluster else f"/{connection.db}"
+        return (
+            f"{scheme}://{user}{connection.host}:{connection.port}{db} ({client}, {mode}, {path})"
+        )
+
+    async def _check_into(
+        self, problems: list[StoreProblem], facts: list[tuple[str, str]], probe: bool
+    ) -> None:
+        connection = self.connection
+        cluster: bool | None = None if connection is None else connection.cluster
+        where = "the server" if connection is None else f"{connection.host}:{connection.port}"
+        user = "default" if connection is None else connection.username or "default"
+        glide = connection is not None and connection.client == "glide"
+
+        def judge(exc: BaseException, step: str = "") -> StoreProblem:
+            return cache_problem(
+                exc,
+                where=where,
+                user=user if connection is not None else None,
+                atomic=self.atomic,
+                glide=glide,
+                cluster=cluster,
+                wait=bool(self.wait_replicas),
+                step=step,
+            )
+
+        info: Any = None
+        if connection is not None:
+            try:
+                info = await self._seed_info(connection)
+            except Exception as exc:
+                problems.append(judge(exc, "the login"))
+                return
+        try:
+            opened = self._clients.ready() if self._clients is not None else None
+            if opened is None:
+                assert self._clients is not None
+                opened = await self._clients.open()
+            client = opened.client
+        except Exception as exc:
+            problems.append(judge(exc, "opening a client"))
+            return
+        glide = glide or isinstance(client, GlideCacheClient)
+        if cluster is None:
+            cluster = getattr(client, "cluster", None)
+        if info is None and getattr(client, "info", None) is not None:
+            try:
+                info = await client.info()  # type: ignore[attr-defined]
+            except Exception as exc:
+                if classify(exc) != DENIED:
+                    problems.append(judge(exc, "INFO"))
+                    return
+                facts.append(("server", "not checked (INFO refused, and not needed)"))
+        if info is not None:
+            fields = parse_info(info)
+            mode = server_mode(fields)
+            server_cluster = mode == "cluster"
+            facts.append(("server", f"{server_name(fields)} ({mode})"))
+            if cluster is not None and server_cluster != cluster:
+                problems.append(cluster_problem(where, server_cluster=server_cluster))
+            found = version_problem(fields, where)
+            if found is not None:
+                problems.append(found)
+        if problems or not probe:
+            return
+        claim, renewed, done = probe_records()
+        if self.atomic:
+            try:
+                reply = await self._run(
+                    "check",
+                    claim.idempotency_key,
+                    _check_script,
+                    claim.idempotency_key,
+                    claim.expiry_timestamp,
+                )
+            except Exception as exc:
+                problems.append(judge(exc, "a script"))
+                return
+            problems += script_problems(
+                reply, where=where, user=user, glide=glide, wait=bool(self.wait_replicas)
+            )
+            if problems:
+                return
+        failed = await self._probe(claim, renewed, done)
+        if failed is not None:
+            problems.append(judge(failed[1], failed[0]))
+            return
+        facts.append(("probe", "claim, get, renew, release, complete, delete: ok"))
+
+    async def _seed_info(self, connection: CacheConnection) -> Any:
+        """``INFO server`` through a standalone client of its own to the URL's node."""
+        seed = dataclasses.replace(connection, cluster=False, db=0)
+        client: RedisPyCacheClient | GlideCacheClient
+        if connection.client == "glide":
+            client = await GlideCacheClient.from_connection(seed)
+        else:
+            client = await RedisPyCacheClient.from_connection(seed)
+        try:
+            return await client.info()
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
     # --- the contract -------------------------------------------------------------------
     async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:

@@ -111,6 +111,10 @@ class GlideCacheClient:
             )
         self.client = client
         self.owned = owned
+        #: Whether the client is a `GlideClusterClient`.
+        self.cluster: bool = any(
+            cls.__name__ == "GlideClusterClient" for cls in type(client).__mro__
+        )
         self._loop = _client_loop(client)
         self._config: Any = None  # set by `connect`: lets `diagnose` open a fresh client
 
@@ -214,6 +218,19 @@ class GlideCacheClient:
             )
 
     # Each method maps glide's errors itself (no wrapper coroutine: these are per call).
+    async def info(self) -> bytes:
+        """``INFO server`` of the server (of one node of a cluster), as text."""
+        self._check_loop()
+        command = ["INFO", "server"]
+        try:
+            if self.cluster:
+                reply = await self.client.custom_command(command, route=_glide().RandomNode())
+            else:
+                reply = await self.client.custom_command(command)
+        except Exception as exc:
+            raise _map_error(exc) from exc
+        return reply if isinstance(reply, bytes) else str(reply).encode()
+
     async def get(self, name: str) -> bytes | None:
         """GET `name`."""
         self._check_loop()

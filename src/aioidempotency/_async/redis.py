@@ -63,6 +63,8 @@ class RedisPyCacheClient:
     def __init__(self, client: Any, *, owned: bool = False) -> None:
         self.client = client
         self.owned = owned
+        #: Whether the client is a cluster client (`RedisCluster`).
+        self.cluster: bool = hasattr(client, "nodes_manager")
         root = type(client).__module__.split(".")[0]
         self._no_script: type[BaseException] = sys.modules[f"{root}.exceptions"].NoScriptError
         # A cluster client discovers its nodes on first use; concurrent first commands
@@ -117,6 +119,16 @@ class RedisPyCacheClient:
             return await getattr(self.client, method)(*args, **kwargs)
         async with limit:
             return await getattr(self.client, method)(*args, **kwargs)
+
+    async def info(self) -> Any:
+        """``INFO server`` of the server (of one node of a cluster): redis-py's parsed
+        mapping (see `aioidempotency._check.parse_info`)."""
+        if self.cluster:
+            if not self._ready:
+                await self._initialize()
+            node = self.client.get_default_node()
+            return await self.client.execute_command("INFO", "server", target_nodes=node)
+        return await self.client.execute_command("INFO", "server")
 
     async def get(self, name: str) -> bytes | str | None:
         """GET `name`."""

@@ -27,6 +27,15 @@ from typing import Any
 
 from typing_extensions import Self
 
+from aioidempotency._check import (
+    StoreCheckReport,
+    StoreProblem,
+    dynamodb_problem,
+    key_schema_problem,
+    probe_records,
+    table_status_problem,
+    ttl_problem,
+)
 from aioidempotency._dynamodb_items import (
     CLAIM_CONDITION,
     CONDITION_FAILED,
@@ -419,6 +428,115 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
         """An unconditional DeleteItem; True when an item was deleted."""
         response = self._call("delete_item", "delete", Key=self._key(key), ReturnValues="ALL_OLD")
         return bool(response.get("Attributes"))
+
+    # -- checking the setup ------------------------------------------------------------
+
+    def check(self, *, raise_on_problem: bool = False, probe: bool = True) -> StoreCheckReport:
+        """Check that this layer can work with its table, before a call needs it.
+
+        Reads the table (``DescribeTable``: it exists, is active, and its key is the
+        layer's `key_attr` and `sort_key_attr`, strings) and its TTL
+        (``DescribeTimeToLive``: enabled on the layer's expiry attribute); then, with
+        `probe`, runs every operation of the store on a probe item (key
+        ``aioidempotency-check#...``, deleted at the end, expiring within a minute in
+        any case), which shows credentials or IAM permissions that are missing. A
+        refused ``Describe*`` is reported as not checked, not as a problem: the store
+        itself does not need those permissions. Returns a `StoreCheckReport` listing
+        each problem with its fix; `raise_on_problem` raises them instead
+        (`IdempotencyStoreCheckError`).
+        """
+        problems: list[StoreProblem] = []
+        facts: list[tuple[str, str]] = []
+        region = self._check_into(problems, facts, probe)
+        report = StoreCheckReport(self._description(region), tuple(problems), tuple(facts))
+        if raise_on_problem:
+            report.raise_for_problems()
+        return report
+
+    def _description(self, region: str | None = None) -> str:
+        return f"DynamoDB table {self.table_name!r} in {self._where(region)}"
+
+    def _where(self, region: str | None = None) -> str:
+        region = region or self.region_name
+        where = f"region {region}" if region else "the default region"
+        return f"{where} at {self.endpoint_url}" if self.endpoint_url else where
+
+    def _check_into(
+        self, problems: list[StoreProblem], facts: list[tuple[str, str]], probe: bool
+    ) -> str | None:
+        """Append what `check` finds; the client's region (None if no client opened)."""
+        table = self.table_name
+        where = self._where()
+
+        def judge(exc: BaseException, step: str = "") -> StoreProblem:
+            return dynamodb_problem(exc, table=table, where=where, step=step)
+
+        try:
+            client = self.client()
+        except Exception as exc:
+            problems.append(judge(exc, "opening a client"))
+            return None
+        region: str | None = getattr(getattr(client, "meta", None), "region_name", None)
+        where = self._where(region)
+        described = self._describe("describe_table", "DescribeTable", client)
+        if isinstance(described, BaseException):
+            found = judge(described, "DescribeTable")
+            if found.kind != "permission":
+                problems.append(found)
+                return region
+            facts.append(("table", "not checked (DescribeTable refused, and not needed)"))
+        else:
+            description = described.get("Table", {})
+            key = ", ".join(
+                f"{part.get('AttributeName')} ({part.get('KeyType')})"
+                for part in description.get("KeySchema", [])
+            )
+            facts.append(("table", f"{description.get('TableStatus')}, key {key}"))
+            for problem in (
+                table_status_problem(description, table=table),
+                key_schema_problem(
+                    description,
+                    table=table,
+                    key_attr=self.key_attr,
+                    sort_key_attr=self.sort_key_attr,
+                ),
+            ):
+                if problem is not None:
+                    problems.append(problem)
+        ttl = self._describe("describe_time_to_live", "DescribeTimeToLive", client)
+        if isinstance(ttl, BaseException):
+            found = judge(ttl, "DescribeTimeToLive")
+            if found.kind != "permission":
+                problems.append(found)
+                return region
+            facts.append(("ttl", "not checked (DescribeTimeToLive refused)"))
+        else:
+            description = ttl.get("TimeToLiveDescription", {})
+            status = description.get("TimeToLiveStatus", "DISABLED")
+            facts.append(("ttl", f"{status} on {description.get('AttributeName')!r}"))
+            problem = ttl_problem(description, table=table, expiry_attr=self.attributes.expiry_attr)
+            if problem is not None:
+                problems.append(problem)
+        if not probe or any(p.kind in {"key-schema", "table-status"} for p in problems):
+            return region
+        failed = self._probe(*probe_records())
+        if failed is not None:
+            problems.append(judge(failed[1], failed[0]))
+            return region
+        facts.append(("probe", "claim, get, renew, release, complete, delete: ok"))
+        return region
+
+    def _describe(self, operation: str, action: str, client: Any) -> Any:
+        """The reply of a ``Describe*`` request on the table, or the error it raised
+        (mapped, with the botocore error as its cause)."""
+        try:
+            try:
+                response: dict[str, Any] = getattr(client, operation)(TableName=self.table_name)
+            except (ClientError, *TRANSPORT_ERRORS) as exc:
+                raise_mapped(exc, action, self.table_name)
+        except IdempotencyError as exc:
+            return exc
+        return response
 
     def create_table(self, *, exist_ok: bool = True) -> bool:
         """Create this layer's table (key schema, on-demand, TTL on the expiry attribute).

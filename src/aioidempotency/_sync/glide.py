@@ -82,6 +82,10 @@ class SyncGlideCacheClient:
             )
         self.client = client
         self.owned = owned
+        #: Whether the client is a `GlideClusterClient`.
+        self.cluster: bool = any(
+            cls.__name__ == "GlideClusterClient" for cls in type(client).__mro__
+        )
         self._config: Any = None  # set by `connect`: lets `diagnose` open a fresh client
 
     @classmethod
@@ -164,6 +168,18 @@ class SyncGlideCacheClient:
             error = _map_error(exc)
             return error if isinstance(error, CacheAccessDeniedError) else None
         return None
+
+    def info(self) -> bytes:
+        """``INFO server`` of the server (of one node of a cluster), as text."""
+        command = ["INFO", "server"]
+        try:
+            if self.cluster:
+                reply = self.client.custom_command(command, route=_glide().RandomNode())
+            else:
+                reply = self.client.custom_command(command)
+        except Exception as exc:
+            raise _map_error(exc) from exc
+        return reply if isinstance(reply, bytes) else str(reply).encode()
 
     def get(self, name: str) -> bytes | None:
         """GET `name`."""

@@ -68,6 +68,8 @@ class SyncRedisPyCacheClient:
     def __init__(self, client: Any, *, owned: bool = False) -> None:
         self.client = client
         self.owned = owned
+        #: Whether the client is a cluster client (`RedisCluster`).
+        self.cluster: bool = hasattr(client, "nodes_manager")
         root = type(client).__module__.split(".")[0]
         errors = sys.modules[f"{root}.exceptions"]
         self._no_script: type[BaseException] = errors.NoScriptError
@@ -100,6 +102,14 @@ class SyncRedisPyCacheClient:
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         with self._limit:
             return getattr(self.client, method)(*args, **kwargs)
+
+    def info(self) -> Any:
+        """``INFO server`` of the server (of one node of a cluster): redis-py's parsed
+        mapping (see `aioidempotency._check.parse_info`)."""
+        if self.cluster:
+            node = self.client.get_default_node()
+            return self.client.execute_command("INFO", "server", target_nodes=node)
+        return self.client.execute_command("INFO", "server")
 
     def get(self, name: str) -> bytes | str | None:
         """GET `name`."""

@@ -9,14 +9,23 @@ The engine (`aioidempotency._sync.engine`) owns all the logic.
 from __future__ import annotations
 
 import abc
+import contextlib
+import time
 from types import TracebackType
 
 from typing_extensions import Self
 
+from aioidempotency._check import (
+    ProbeFailed,
+    StoreCheckReport,
+    StoreProblem,
+    probe_records,
+    store_problem,
+)
 from aioidempotency._contract import ClaimResult, check_result_size
-from aioidempotency._records import DataRecord
+from aioidempotency._records import DataRecord, RecordStatus
 
-__all__ = ["ClaimResult", "SyncPersistenceLayer", "check_result_size"]
+__all__ = ["ClaimResult", "StoreCheckReport", "SyncPersistenceLayer", "check_result_size"]
 
 
 class SyncPersistenceLayer(abc.ABC):
@@ -79,6 +88,71 @@ class SyncPersistenceLayer(abc.ABC):
 
         Returns True when a record was deleted.
         """
+
+    def check(self, *, raise_on_problem: bool = False, probe: bool = True) -> StoreCheckReport:
+        """Check that this store works, before a call needs it: with `probe` (the
+        default), every operation of the contract on a probe key
+        (``aioidempotency-check#...``, deleted at the end, expiring within a minute in
+        any case); without, one read. Returns a `StoreCheckReport` listing each problem
+        with its fix; `raise_on_problem` raises them instead
+        (`IdempotencyStoreCheckError`). The stores of this package check more (their
+        server's version and mode, a table's key schema and TTL); a store of one's own
+        may override this."""
+        problems: list[StoreProblem] = []
+        facts: list[tuple[str, str]] = []
+        if probe:
+            failed = self._probe(*probe_records())
+            if failed is not None:
+                problems.append(store_problem(failed[1], failed[0]))
+            else:
+                facts.append(("probe", "claim, get, renew, release, complete, delete: ok"))
+        else:
+            try:
+                self.get(probe_records()[0].idempotency_key)
+            except Exception as exc:
+                problems.append(store_problem(exc, "get"))
+        report = StoreCheckReport(type(self).__name__, tuple(problems), tuple(facts))
+        if raise_on_problem:
+            report.raise_for_problems()
+        return report
+
+    def _probe(
+        self, claim: DataRecord, renewed: DataRecord, done: DataRecord
+    ) -> tuple[str, Exception] | None:
+        """Run every operation of the contract on the probe key of `claim` (see
+        `aioidempotency._check.probe_records`): the step that failed and its error, or
+        None. The probe key is deleted at the end, and on a failure too if it can be."""
+        key, owner = claim.idempotency_key, claim.owner or ""
+        step = "claim"
+        try:
+            if not (self.claim(claim, now=time.time())).claimed:
+                raise ProbeFailed(step, "a claim of a new key was refused")
+            step = "get"
+            found = self.get(key)
+            if found is None or found.owner != owner:
+                raise ProbeFailed(step, f"the claim just written reads back as {found!r}")
+            step = "renew"
+            self.renew(renewed)
+            step = "release"
+            self.release(key, owner=owner)
+            step = "claim"
+            if not (self.claim(claim, now=time.time())).claimed:
+                raise ProbeFailed(step, "a claim of a released key was refused")
+            step = "complete"
+            self.complete(done, owner=owner)
+            step = "get"
+            found = self.get(key)
+            if found is None or found.status is not RecordStatus.COMPLETED:
+                raise ProbeFailed(step, f"the completed record reads back as {found!r}")
+            step = "delete"
+            self.delete(key)
+        except Exception as exc:
+            if step != "delete":
+                # The probe key expires within a minute anyway.
+                with contextlib.suppress(Exception):
+                    self.delete(key)
+            return step, exc
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Close the clients this layer opened itself (clients given to it stay open)."""

@@ -33,6 +33,7 @@ from aioidempotency.exceptions import (
     IdempotencyInconsistentStateError,
     IdempotencyInvalidRecordError,
     IdempotencyInvalidStatusError,
+    IdempotencyPersistenceConfigError,
     IdempotencyPersistenceLayerError,
     IdempotencyResultTooLargeError,
     IdempotencyValidationError,
@@ -591,8 +592,9 @@ class HttpIdempotency:
         The first call's `Reply` is stored (unless released: see the options) and
         returned as it is; a duplicate gets the stored reply plus `REPLAYED_HEADER`;
         a busy key is a 409, another body under the key a 422, a store that cannot be
-        reached a 503, and other store failures and unusable stored data a 500 (see
-        `Outcome.error`). Exceptions of `call_app` release the key and propagate.
+        reached (or timed out) a 503, a store refusing the credentials or set up wrongly
+        a 500 ``store-misconfigured``, and other store failures and unusable stored data
+        a 500 (see `Outcome.error`). Exceptions of `call_app` release the key and propagate.
         """
         opts = self.options
         produced: list[Reply | PassThrough] = []
@@ -727,6 +729,19 @@ class HttpIdempotency:
                 "The idempotency store holds a record under this key that cannot be used, "
                 "so the request was not processed. Retrying will not help until an "
                 "operator removes the record (its storage key is in the server's log).",
+                key=key,
+                reason=exc,
+            )
+        if isinstance(exc, IdempotencyPersistenceConfigError):
+            # Credentials, permissions, a missing table, a cluster mode that is not the
+            # server's: no retry will clear it, so no 503 and no Retry-After.
+            return self._answer(
+                500,
+                "store-misconfigured",
+                "Idempotency store misconfigured",
+                "The request was not processed because the idempotency store is not set up "
+                "as this service expects (credentials, permissions or the store itself). "
+                "Retrying will not help until an operator fixes it (see the server's log).",
                 key=key,
                 reason=exc,
             )

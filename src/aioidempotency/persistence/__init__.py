@@ -6,7 +6,8 @@ is its Powertools name), `DynamoDBPersistenceLayer`,
 or `store_from_url`; each serves async and sync code alike. Store writers subclass
 `PersistenceLayer` (async) or `SyncPersistenceLayer` (sync) and return `ClaimResult`s
 holding `DataRecord`s; `RecordAttributes` names a record's stored attributes (and
-reads and writes them), for the stores above as for one's own.
+reads and writes them), for the stores above as for one's own. Every store has
+``check()``, which returns a `StoreCheckReport` of the `StoreProblem`s it finds.
 
 Everything imports without the optional extras; a store whose client library is
 missing says what to install when it is built.
@@ -20,6 +21,7 @@ from aioidempotency._async.cache import (
 from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer, create_idempotency_table
 from aioidempotency._async.memory import InMemoryPersistenceLayer
 from aioidempotency._async.store import ClaimResult, PersistenceLayer
+from aioidempotency._check import StoreCheckReport, StoreProblem
 from aioidempotency._records import DataRecord, RecordAttributes, RecordStatus
 from aioidempotency._sync.cache import SyncCachePersistenceLayer
 from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
@@ -37,6 +39,9 @@ __all__ = [
     "SyncDynamoDBPersistenceLayer",
     "SyncInMemoryPersistenceLayer",
     "store_from_url",
+    # checking a store (`await store.check()`)
+    "StoreCheckReport",
+    "StoreProblem",
     # writing a store
     "CacheClient",
     "ClaimResult",
