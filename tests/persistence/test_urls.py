@@ -96,11 +96,11 @@ def test_the_last_copy_of_a_store_option_wins() -> None:
     [
         ("http://localhost:6379", "not a Redis/Valkey URL"),
         ("redis://localhost?client=jedis", "unknown client 'jedis'"),
-        ("redis://localhost/zero", "bad number"),
-        ("redis://localhost?timeout=soon", "bad number"),
-        ("redis://localhost?max_concurrency=1.5", "bad number"),
-        ("redis://localhost?wait_replicas=all", "bad number"),
-        ("redis://localhost?wait_timeout=", "bad number"),
+        ("redis://localhost/zero", "database .*'zero' is not a whole number"),
+        ("redis://localhost?timeout=soon", "timeout='soon' is not a number"),
+        ("redis://localhost?max_concurrency=1.5", "max_concurrency='1.5' is not a whole number"),
+        ("redis://localhost?wait_replicas=all", "wait_replicas='all' is not a whole number"),
+        ("redis://localhost?wait_timeout=", "wait_timeout='' is not a number"),
     ],
 )
 def test_a_wrong_cache_url_is_a_config_error(url: str, message: str) -> None:

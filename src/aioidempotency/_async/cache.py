@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio  # async-only
 import contextlib
 import dataclasses
+import inspect
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -79,6 +80,8 @@ _T = TypeVar("_T")
 _WORLD = "async"  # async-only
 # sync-only: _WORLD = "sync"
 
+_CLIENT_LIBRARIES = frozenset({"redis", "valkey", "glide", "glide_sync"})
+
 #: Pause before the 2nd and 3rd attempt of an operation after a transient failure
 #: (seconds, with jitter).
 _RETRY_DELAYS = (0.05, 0.2)
@@ -116,6 +119,36 @@ async def _close(client: CacheClient) -> None:
 
 def _check_script(client: CacheClient, key: str, expiry: int) -> Awaitable[Any]:
     return cast(ScriptingCacheClient, client).run_script(CHECK_SCRIPT, key, (expiry,))
+
+
+def _checked_factory(factory: Any) -> ClientFactory | None:
+    """`factory` if it can open clients; a coroutine object (``client_factory=make()``),
+    a client or anything else that is not a function is refused, saying what to pass."""
+    if factory is None:
+        return None
+    if inspect.iscoroutine(factory):
+        code = getattr(factory, "cr_code", None)
+        name = getattr(factory, "__qualname__", None) or getattr(code, "co_name", "make")
+        close = getattr(factory, "close", None)
+        if close is not None:
+            close()  # never awaited: closed, so Python does not warn about it
+        raise IdempotencyPersistenceConfigError(
+            f"client_factory= got a coroutine object, the result of calling {name}(); "
+            f"pass the function itself: client_factory={name}"
+        )
+    if not callable(factory):
+        raise IdempotencyPersistenceConfigError(
+            f"client_factory= takes a function that opens a client, not a "
+            f"{type(factory).__name__}; pass a client as client= instead"
+        )
+    # sync-only: if inspect.iscoroutinefunction(factory):
+    # sync-only:     raise IdempotencyPersistenceConfigError(
+    # sync-only:         f"{getattr(factory, '__qualname__', 'client_factory')} is an async "
+    # sync-only:         "function: SyncCachePersistenceLayer needs one that returns a sync client "
+    # sync-only:         "(redis.Redis, redis.RedisCluster, a glide_sync client); for async code "
+    # sync-only:         "use CachePersistenceLayer, which serves sync code too"
+    # sync-only:     )
+    return cast(ClientFactory, factory)
 
 
 class CachePersistenceLayer(PersistenceLayer):
@@ -251,7 +284,7 @@ class CachePersistenceLayer(PersistenceLayer):
             raise IdempotencyPersistenceConfigError(
                 "wait_replicas must be >= 0 and wait_timeout > 0 seconds"
             )
-        self._factory = client_factory
+        self._factory = _checked_factory(client_factory)
         self._foreign: Any = None
         self._twin: SyncCachePersistenceLayer | None = None  # async-only
         self._clients: PassedClient[CacheClient] | OpenedClients[CacheClient] | None = None
@@ -313,7 +346,17 @@ class CachePersistenceLayer(PersistenceLayer):
         """A new client for this loop (or process): from the factory or the connection."""
         opened: Any
         if self._factory is not None:
-            opened = await self._factory()
+            opened = self._factory()
+            if inspect.isawaitable(opened):  # async-only
+                opened = await opened  # async-only
+            if type(opened).__module__.split(".")[0] in _CLIENT_LIBRARIES and client_world(
+                opened
+            ) not in (None, _WORLD):
+                raise IdempotencyPersistenceConfigError(
+                    f"client_factory returned {type(opened).__name__}, a client of the "
+                    "other world: this layer needs "
+                    + ("an asyncio client" if _WORLD == "async" else "a sync client")
+                )
         else:
             assert self.connection is not None
             if self.connection.client == "glide":
