@@ -101,8 +101,12 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
     process for sync code; a new one in a forked child); `aclose()` closes them.
     Such clients fail fast: `connect_timeout` and `read_timeout` (seconds) and
     `max_attempts` (per request, "standard" retries) default to the ``DEFAULT_*``
-    constants; what `boto_config` sets explicitly wins. A client given is used as it
-    is (its own timeouts and retries), never closed, and refused in a forked child.
+    constants; what `boto_config` sets explicitly wins. At most `max_pool_connections`
+    requests (of `boto_config`; botocore's default 10) are in flight on each such
+    client, and more wait for one to end: aiobotocore's connection pool waits so, and
+    sync code's threads wait for a slot, where urllib3 would open a connection for
+    each and discard it. A client given is used as it is (its own timeouts, retries
+    and pool), never closed, and refused in a forked child.
 
     `client` and `session` take either kind (aiobotocore/aioboto3 or boto3/botocore);
     `boto3_client` and `boto3_session` (the reference's names) take boto3's. One layer
@@ -184,6 +188,7 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
                 self._open_client,
                 dynamodb_client.close_client,
                 close_at_loop_shutdown=True,  # async-only
+                # sync-only: max_concurrency=dynamodb_client.pool_size(settings),
             )
             if client is None
             else PassedClient(client, refusal=dynamodb_client.in_child(settings), pid=settings.pid)
@@ -273,9 +278,12 @@ class DynamoDBPersistenceLayer(PersistenceLayer):
     async def _call(self, operation: str, action: str, **params: Any) -> dict[str, Any]:
         """One request; `ConditionFailed` on a refused condition, typed errors otherwise."""
         try:
-            client = await self.client()
-            method = getattr(client, operation)
-            response: dict[str, Any] = await method(TableName=self.table_name, **params)
+            opened = self._clients.ready()
+            if opened is None:
+                opened = await self._clients.open()
+            method = getattr(opened.client, operation)
+            async with opened.limit:
+                response: dict[str, Any] = await method(TableName=self.table_name, **params)
         except ClientError as exc:
             if error_code(exc) == CONDITION_FAILED:
                 raise ConditionFailed(exc.response.get("Item")) from exc

@@ -97,8 +97,12 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
     process for sync code; a new one in a forked child); `close()` closes them.
     Such clients fail fast: `connect_timeout` and `read_timeout` (seconds) and
     `max_attempts` (per request, "standard" retries) default to the ``DEFAULT_*``
-    constants; what `boto_config` sets explicitly wins. A client given is used as it
-    is (its own timeouts and retries), never closed, and refused in a forked child.
+    constants; what `boto_config` sets explicitly wins. At most `max_pool_connections`
+    requests (of `boto_config`; botocore's default 10) are in flight on each such
+    client, and more wait for one to end: aiobotocore's connection pool waits so, and
+    sync code's threads wait for a slot, where urllib3 would open a connection for
+    each and discard it. A client given is used as it is (its own timeouts, retries
+    and pool), never closed, and refused in a forked child.
 
     `client` and `session` take either kind (aiobotocore/aioboto3 or boto3/botocore);
     `boto3_client` and `boto3_session` (the reference's names) take boto3's. One layer
@@ -179,6 +183,7 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
             OpenedClients(
                 self._open_client,
                 dynamodb_client.close_client,
+                max_concurrency=dynamodb_client.pool_size(settings),
             )
             if client is None
             else PassedClient(client, refusal=dynamodb_client.in_child(settings), pid=settings.pid)
@@ -239,9 +244,12 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
     def _call(self, operation: str, action: str, **params: Any) -> dict[str, Any]:
         """One request; `ConditionFailed` on a refused condition, typed errors otherwise."""
         try:
-            client = self.client()
-            method = getattr(client, operation)
-            response: dict[str, Any] = method(TableName=self.table_name, **params)
+            opened = self._clients.ready()
+            if opened is None:
+                opened = self._clients.open()
+            method = getattr(opened.client, operation)
+            with opened.limit:
+                response: dict[str, Any] = method(TableName=self.table_name, **params)
         except ClientError as exc:
             if error_code(exc) == CONDITION_FAILED:
                 raise ConditionFailed(exc.response.get("Item")) from exc

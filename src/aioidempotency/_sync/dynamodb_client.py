@@ -16,7 +16,16 @@ from typing import Any
 
 from aioidempotency._dynamodb_items import DynamoDBSettings, config_options, passed_in_child
 
-__all__ = ["close_client", "config", "given", "in_child", "new_session", "open_client", "refusal"]
+__all__ = [
+    "close_client",
+    "config",
+    "given",
+    "in_child",
+    "new_session",
+    "open_client",
+    "pool_size",
+    "refusal",
+]
 
 _OPENING = threading.Lock()
 """Held while a client is created: boto3 sessions are not thread-safe, and one session
@@ -56,6 +65,16 @@ def config(settings: DynamoDBSettings, session: Any = None) -> Any:
     if aio is not None and isinstance(user, aio.AioConfig):
         user = Config(**given)  # its aiohttp options mean nothing to botocore
     return user.merge(Config(**defaults))
+
+
+def pool_size(settings: DynamoDBSettings) -> int:
+    """How many requests may be in flight on a client the layer opens: its connection
+    pool's size (`max_pool_connections`). urllib3 opens a connection for a request
+    beyond it and discards that connection after, with a warning each time, and a
+    server then gets a connection per thread; the layer makes the other threads wait,
+    as aiobotocore's pool makes the async layer's calls wait."""
+    size: int = config(settings).max_pool_connections
+    return size
 
 
 def refusal(settings: DynamoDBSettings) -> str | None:

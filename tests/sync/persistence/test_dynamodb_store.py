@@ -3,13 +3,15 @@
 The persistence contract on `SyncDynamoDBPersistenceLayer`; one `DynamoDBPersistenceLayer`
 serving `@idempotent` (natively, through boto3) and `@idempotent_async` with the same
 requests per call; Powertools' constructor arguments; clients and sessions of either
-kind; forks; bounded timeouts; records shared with the async store and with Powertools.
+kind; forks; bounded timeouts and connections; records shared with the async store
+and with Powertools.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -34,6 +36,7 @@ from aioidempotency import (
 from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency._sync.bridge import BridgedStore
+from aioidempotency._sync.clients import OpenedClients
 from aioidempotency._sync.dynamodb import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
@@ -840,3 +843,54 @@ def test_sixteen_threads_share_one_client_and_run_each_payload_once(
         assert sorted(runs) == [0, 1, 2, 3]
         assert sorted(r["paid"] for r in results) == sorted(n % 4 for n in range(16))
         assert twin._clients.current() is not None  # one client, opened once for all threads
+
+
+def test_requests_in_flight_stay_within_the_clients_connection_pool(
+    moto_server: MotoServer, boto3_session: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Threads beyond `max_pool_connections` wait for a request to end, as the async
+    layer's calls wait for aiobotocore's pool; urllib3 would open a connection for each
+    of them, discard it after and warn ("Connection pool is full")."""
+    caplog.set_level(logging.WARNING, logger="urllib3.connectionpool")
+    small_pool = Config(max_pool_connections=2)
+    with sync_store(moto_server, session=boto3_session, boto_config=small_pool) as store:
+        client = store.client()
+        lock = threading.Lock()
+        counts = {"in flight": 0, "peak": 0, "sent": 0}
+
+        def sending(**_: Any) -> None:
+            with lock:
+                counts["in flight"] += 1
+                counts["sent"] += 1
+                counts["peak"] = max(counts["peak"], counts["in flight"])
+
+        def received(**_: Any) -> None:
+            with lock:
+                counts["in flight"] -= 1
+
+        client.meta.events.register("before-send.dynamodb", sending)
+        client.meta.events.register("response-received.dynamodb", received)
+        started = threading.Barrier(16)
+        errors: list[BaseException] = []
+
+        def call(n: int) -> None:
+            try:
+                started.wait(BOUND)
+                for i in range(5):
+                    assert store.get(f"fn#{n}-{i}") is None
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(BOUND)
+        assert not any(thread.is_alive() for thread in threads), "a thread hung"
+        assert errors == []
+        assert counts["sent"] == 16 * 5
+        assert counts["peak"] <= 2
+        assert [r.getMessage() for r in caplog.records if "pool is full" in r.getMessage()] == []
+    default = SyncDynamoDBPersistenceLayer("t", endpoint_url=moto_server.endpoint_url)
+    assert isinstance(default._clients, OpenedClients)
+    assert default._clients.max_concurrency == default.client_config().max_pool_connections == 10
