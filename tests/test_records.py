@@ -15,7 +15,7 @@ import select
 import signal
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any, cast
 
@@ -531,51 +531,49 @@ def test_owner_tokens_do_not_repeat() -> None:
     assert len(tokens) == draws
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_does_not_repeat_its_parents_tokens() -> None:
-    """The generator is reseeded in the child: without it, the child would draw the very
-    tokens the parent draws next, and two calls would share an owner token."""
+def in_child(body: Callable[[], bytes]) -> bytes:
+    """Fork, run `body` in the child and return what it returned, read through a pipe:
+    its end of file says the child is exiting (no polling), within WAIT or it is killed."""
     reader, writer = os.pipe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # threads of the test process
         pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
         try:
             os.close(reader)
-            os.write(writer, "".join(new_owner_token() for _ in range(4)).encode())
+            os.write(writer, body())
+            code = 0
         finally:
-            os._exit(0)
+            os._exit(code)
     os.close(writer)
+    received = b""
     try:
-        parent = [new_owner_token() for _ in range(4)]
-        received = b""
         deadline = time.monotonic() + WAIT
-        while len(received) < 4 * 32:
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([reader], [], [], max(left, 0))
-            assert ready, f"child {pid} sent {len(received)} bytes within {WAIT} s"
+        while True:
+            ready, _, _ = select.select([reader], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"child {pid} did not exit within {WAIT} s")
             chunk = os.read(reader, 4096)
-            assert chunk, f"child {pid} closed the pipe after {len(received)} bytes"
+            if not chunk:
+                break
             received += chunk
     finally:
         os.close(reader)
-        _reap(pid)
+        _, status = os.waitpid(pid, 0)  # exiting (end of file) or killed
+    assert os.waitstatus_to_exitcode(status) == 0
+    return received
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_repeat_its_parents_tokens() -> None:
+    """The generator is reseeded in the child: without it, the child would draw the very
+    tokens the parent draws next, and two calls would share an owner token."""
+    received = in_child(lambda: "".join(new_owner_token() for _ in range(4)).encode())
+    parent = [new_owner_token() for _ in range(4)]
     child = [received[i : i + 32].decode() for i in range(0, len(received), 32)]
-    assert len(child) == 4
+    assert len(received) == 4 * 32
     assert all(len(token) == 32 for token in child)
-    assert not set(child) & set(parent), (child, parent)
     assert len(set(child)) == 4
-
-
-def _reap(pid: int) -> None:
-    deadline = time.monotonic() + WAIT
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"child {pid} did not exit within {WAIT} s")
-        time.sleep(0.01)  # between polls of the child's exit status
+    assert not set(child) & set(parent), (child, parent)
