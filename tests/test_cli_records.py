@@ -45,7 +45,7 @@ async def test_get_shows_every_field_of_a_claim(
     async with store_from_url(redis_url) as store:
         assert (await store.claim(record, now=now)).claimed
         capsys.readouterr()
-        assert await run_cli("get", "--store", redis_url, key) == 0
+        assert await run_cli("get", "--json", "--store", redis_url, key) == 0
         shown = json.loads(capsys.readouterr().out)
         assert shown == {
             "key": key,
@@ -70,13 +70,13 @@ async def test_get_shows_every_field_of_a_claim(
             ),
             owner="owner-7-0123456789abcdef",
         )
-        assert await run_cli("get", "--store", redis_url, key) == 0
+        assert await run_cli("get", "--json", "--store", redis_url, key) == 0
         shown = json.loads(capsys.readouterr().out)
         assert shown["status"] == "COMPLETED"
         assert json.loads(shown["data"]) == {"paid": 12}
         assert "in_progress_expiration" not in shown
 
-        assert await run_cli("delete", "--store", redis_url, key) == 0
+        assert await run_cli("delete", "--yes", "--store", redis_url, key) == 0
         assert capsys.readouterr().out.strip() == f"deleted {key!r}"
         assert await store.get(key) is None
 

@@ -42,7 +42,7 @@ async def test_get_and_delete_a_record(
         assert (await store.claim(record, now=time.time())).claimed
         url = store_url(store, key_attr="pk", sort_key_attr="sk")
         capsys.readouterr()
-        assert await run_cli("get", "--store", url, "fn#abc") == 0
+        assert await run_cli("get", "--json", "--store", url, "fn#abc") == 0
         shown = json.loads(capsys.readouterr().out)
         assert shown["status"] == "INPROGRESS"
         assert shown["owner_token"] == "owner-1"
