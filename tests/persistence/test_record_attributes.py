@@ -38,8 +38,13 @@ OWNER = "a" * 32  # as long as the engine's tokens: the atomic path refuses shor
 BOUND = 30.0  # seconds: a sync twin's calls run in a thread
 
 
+#: One base time for every record of the module, so that records written in different
+#: seconds still compare equal (stores compare expiries with the `now` they are given).
+NOW = int(time.time())
+
+
 def claim_of(key: str) -> DataRecord:
-    now = int(time.time())
+    now = NOW
     return DataRecord(
         key,
         RecordStatus.INPROGRESS,
