@@ -1,6 +1,9 @@
 """DynamoDB backends on moto's server: simple key, composite key, custom attribute names.
 
 Each test gets a table of its own (moto creates one in milliseconds), dropped after.
+`store_dynamodb_*` are async layers on an aiobotocore session; `sync_store_dynamodb_*`
+are, for the sync suites (tests/sync/conftest.py), what sync code gets from a layer
+given boto3's session or client: the native `SyncDynamoDBPersistenceLayer`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 import pytest
 
 from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
+from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
+from aioidempotency._twins import as_sync_store
 from tests.servers.moto import DUMMY_AWS_ENV, MotoServer, running_moto_server
 
 BACKENDS = ["dynamodb_simple", "dynamodb_composite", "dynamodb_custom_attrs"]
@@ -53,6 +58,14 @@ def aws_session(moto_server: MotoServer) -> Any:
     from aiobotocore.session import AioSession
 
     return AioSession()
+
+
+@pytest.fixture(scope="session")
+def boto3_session(moto_server: MotoServer) -> Any:
+    """One boto3 session for the suite: it caches the service model (~100 ms a session)."""
+    import boto3
+
+    return boto3.session.Session()
 
 
 @pytest.fixture
@@ -103,6 +116,54 @@ async def store_dynamodb_custom_attrs(
     moto_server: MotoServer, aws_session: Any
 ) -> AsyncIterator[DynamoDBPersistenceLayer]:
     async with fresh_store(moto_server, session=aws_session, **CUSTOM_ATTRS) as store:
+        yield store
+
+
+@contextlib.contextmanager
+def fresh_sync_store(server: MotoServer, **options: Any) -> Iterator[SyncDynamoDBPersistenceLayer]:
+    """What sync code gets from a `DynamoDBPersistenceLayer` on a new table of its own,
+    built with `options` (boto3's session or client): its sync twin, which must be the
+    native store. The table is created and deleted, and the twin closed, through boto3."""
+    options.setdefault("endpoint_url", server.endpoint_url)
+    store = as_sync_store(DynamoDBPersistenceLayer(new_table_name(), **options))
+    assert type(store) is SyncDynamoDBPersistenceLayer, store
+    assert store.create_table(exist_ok=False)
+    try:
+        yield store
+    finally:
+        store.client().delete_table(TableName=store.table_name)
+        store.close()
+
+
+@pytest.fixture
+def sync_store_dynamodb_simple(
+    moto_server: MotoServer, boto3_session: Any
+) -> Iterator[SyncDynamoDBPersistenceLayer]:
+    """The sync twin of a layer given a boto3 session (`boto3_session=`)."""
+    with fresh_sync_store(moto_server, boto3_session=boto3_session) as store:
+        yield store
+
+
+@pytest.fixture
+def sync_store_dynamodb_composite(
+    moto_server: MotoServer, boto3_session: Any
+) -> Iterator[SyncDynamoDBPersistenceLayer]:
+    """The sync twin of a layer given a boto3 client (`boto3_client=`), which the
+    layer never closes: the fixture does, after."""
+    client = boto3_session.client("dynamodb", endpoint_url=moto_server.endpoint_url)
+    try:
+        with fresh_sync_store(moto_server, boto3_client=client, **COMPOSITE) as store:
+            yield store
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def sync_store_dynamodb_custom_attrs(
+    moto_server: MotoServer, boto3_session: Any
+) -> Iterator[SyncDynamoDBPersistenceLayer]:
+    """The sync twin of a layer given a boto3 session as `session=` (sorted by kind)."""
+    with fresh_sync_store(moto_server, session=boto3_session, **CUSTOM_ATTRS) as store:
         yield store
 
 

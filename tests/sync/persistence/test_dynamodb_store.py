@@ -1,6 +1,7 @@
 """The native sync DynamoDB store (boto3) on moto's server.
 
-The persistence contract on `SyncDynamoDBPersistenceLayer`; one `DynamoDBPersistenceLayer`
+What `SyncDynamoDBPersistenceLayer` writes and sends beyond the persistence contract
+(tests/sync/persistence/test_contract.py runs that on it); one `DynamoDBPersistenceLayer`
 serving `@idempotent` (natively, through boto3) and `@idempotent_async` with the same
 requests per call; Powertools' constructor arguments; clients and sessions of either
 kind; forks; bounded timeouts and connections; records shared with the async store
@@ -75,12 +76,6 @@ BOUND = 20.0
 OPTIONS: dict[str, dict[str, Any]] = {"simple": {}, "composite": COMPOSITE, "custom": CUSTOM_ATTRS}
 
 
-@pytest.fixture(scope="session")
-def boto3_session(moto_server: MotoServer) -> Any:
-    """One boto3 session for this module: it caches the service model."""
-    return boto3.session.Session()
-
-
 @contextlib.contextmanager
 def sync_store(server: MotoServer, **options: Any) -> Iterator[SyncDynamoDBPersistenceLayer]:
     """A sync layer on a new table of its own; the table is deleted and the layer closed after."""
@@ -127,7 +122,7 @@ class Calls:
         return self.result
 
 
-# -- the persistence contract ------------------------------------------------------------------
+# -- items and requests --------------------------------------------------------------------------
 
 
 def test_claim_writes_the_reference_item_plus_the_owner(ddb: SyncDynamoDBPersistenceLayer) -> None:
@@ -155,23 +150,6 @@ def test_a_refused_claim_returns_the_stored_record_in_one_request(
     assert not refused.claimed
     assert refused.existing == first
     assert type(refused.existing.expiry_timestamp) is int
-
-
-def test_expired_and_orphaned_records_are_taken_over_live_ones_refused(
-    ddb: SyncDynamoDBPersistenceLayer,
-) -> None:
-    old = claim_record(expiry=int(NOW) + 5)
-    assert ddb.claim(old, now=NOW).claimed
-    assert old.owner is not None
-    ddb.complete(completed_record(old), owner=old.owner)
-    assert not ddb.claim(claim_record(old.idempotency_key), now=NOW).claimed
-    later = claim_record(old.idempotency_key, expiry=int(NOW) + 3600)
-    assert ddb.claim(later, now=NOW + 60).claimed
-    lease_ms = int(NOW * 1000) + 1_000
-    live = claim_record("fn#live", in_progress_ms=lease_ms)
-    assert ddb.claim(live, now=NOW).claimed
-    assert not ddb.claim(claim_record(live.idempotency_key), now=NOW + 0.5).claimed
-    assert ddb.claim(claim_record(live.idempotency_key), now=NOW + 2).claimed
 
 
 def test_a_late_owner_can_neither_complete_renew_nor_release(
@@ -210,33 +188,6 @@ def test_completion_is_safe_to_repeat_and_never_creates_a_partial_item(
     with pytest.raises(IdempotencyClaimLostError, match="is gone"):
         ddb.complete(completed_record(gone), owner=gone.owner)
     assert raw_item(ddb, gone.idempotency_key) is None
-
-
-def test_release_deletes_only_the_owners_claim(ddb: SyncDynamoDBPersistenceLayer) -> None:
-    claim = claim_record()
-    ddb.claim(claim, now=NOW)
-    assert claim.owner is not None
-    ddb.release(claim.idempotency_key, owner="someone-else")
-    assert ddb.get(claim.idempotency_key) == claim
-    ddb.release(claim.idempotency_key, owner=claim.owner)
-    assert raw_item(ddb, claim.idempotency_key) is None
-    ddb.release(claim.idempotency_key, owner=claim.owner)  # already gone: no error
-    done = claim_record()
-    ddb.claim(done, now=NOW)
-    assert done.owner is not None
-    ddb.complete(completed_record(done), owner=done.owner)
-    ddb.release(done.idempotency_key, owner=done.owner)  # never a completed record
-    assert raw_item(ddb, done.idempotency_key) is not None
-
-
-def test_renew_moves_only_the_in_progress_expiry(ddb: SyncDynamoDBPersistenceLayer) -> None:
-    claim = claim_record(in_progress_ms=int(NOW * 1000) + 1_000, payload_hash="p")
-    ddb.claim(claim, now=NOW)
-    until = int(NOW * 1000) + 90_000
-    ddb.renew(renewed(claim, until))
-    assert ddb.get(claim.idempotency_key) == renewed(claim, until)
-    with pytest.raises(IdempotencyClaimLostError):
-        ddb.renew(renewed(claim, owner="someone-else"))
 
 
 def test_get_and_delete(ddb: SyncDynamoDBPersistenceLayer) -> None:
