@@ -130,7 +130,8 @@ class IdempotencyMiddleware:
 
 
 def _replaying(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that hands out `body` once, then defers to the original (so the app reads the body the middleware read)."""
+    """A ``receive`` that hands out `body` once, then defers to the original: the app
+    reads the body the middleware read."""
     body_sent = False
 
     async def replay_receive() -> Message:
