@@ -88,6 +88,7 @@ TEST_TARGET = ROOT / "tests" / "sync"
 GENERATED_TESTS = [
     "test_engine.py",
     "test_engine_recovery.py",
+    "test_events.py",
     "test_decorators.py",
     "persistence/test_contract.py",
 ]

@@ -14,6 +14,13 @@ from aioidempotency._sync.decorators import idempotent, idempotent_function
 from aioidempotency._sync.engine import SyncIdempotencyEngine
 from aioidempotency.aws_lambda import lambda_handler
 from aioidempotency.batch import process_batch, process_batch_sync
+from aioidempotency.events import (
+    CallOutcome,
+    EventKind,
+    EventListener,
+    IdempotencyEvent,
+    listen,
+)
 from aioidempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyClaimLostError,
@@ -99,6 +106,12 @@ __all__ = [
     "PersistenceLayer",
     "RecordStatus",
     "SyncPersistenceLayer",
+    # seeing what happened (see also aioidempotency.events)
+    "CallOutcome",
+    "EventKind",
+    "EventListener",
+    "IdempotencyEvent",
+    "listen",
     # results that are not plain JSON
     "BaseIdempotencyModelSerializer",
     "BaseIdempotencySerializer",

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aioidempotency._config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
+from aioidempotency._events import Watch
 from aioidempotency._keys import (
     default_key_prefix,
     hash_data,
@@ -72,13 +73,15 @@ class PreparedCall:
     """A call's idempotency key, validation hash and Lambda context.
 
     `durable_replay`: the call replays a durable execution that already claimed the
-    key (see `is_durable_replay`); it adopts its own in-progress claim.
+    key (see `is_durable_replay`); it adopts its own in-progress claim. `watch`: what
+    the call's events share (its start and round trips), None when nobody sees them.
     """
 
     key: str
     payload_hash: str | None
     lambda_context: LambdaContextLike | None
     durable_replay: bool = False
+    watch: Watch | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def key_prefix_of(key_prefix: str | None, key_source: Callable[..., Any] | None) -> str:
@@ -106,6 +109,7 @@ def prepare_call(
     lambda_context: LambdaContextLike | None = None,
     durable_replay: bool = False,
     stacklevel: int = 2,
+    watch: Watch | None = None,
 ) -> PreparedCall | None:
     """Derive the key and validation hash of a call.
 
@@ -131,9 +135,6 @@ def prepare_call(
     if config.payload_validation_enabled:
         payload_hash = hash_data(select_validation_data(data, config), config.hash_function)
     context = lambda_context if lambda_context is not None else registered_lambda_context()
-    return PreparedCall(
-        key=f"{prefix}#{hash_data(key_data, config.hash_function)}",
-        payload_hash=payload_hash,
-        lambda_context=context,
-        durable_replay=durable_replay,
-    )
+    key = f"{prefix}#{hash_data(key_data, config.hash_function)}"
+    # Positional arguments: a frozen dataclass is built faster from them than by keyword.
+    return PreparedCall(key, payload_hash, context, durable_replay, watch)

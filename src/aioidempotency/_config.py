@@ -14,6 +14,7 @@ import jmespath.parser
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 
 if TYPE_CHECKING:
+    from aioidempotency._events import EventListener
     from aioidempotency._records import DataRecord
 
 __all__ = ["IdempotencyConfig", "LambdaContextLike", "ResponseHook"]
@@ -51,6 +52,9 @@ class IdempotencyConfig:
       behaviour.
     - `wait_poll_interval_seconds`: first pause between two reads of the store while
       waiting; it doubles up to 1 s. Duplicates in one process do not poll at all.
+    - `on_event` (keyword-only): called with an `aioidempotency.events.IdempotencyEvent`
+      for every decision about a call (see docs/observability.md); it must be quick,
+      and an exception it raises is logged, never raised to the call.
     """
 
     event_key_jmespath: str = ""
@@ -65,6 +69,7 @@ class IdempotencyConfig:
     in_progress_lease_seconds: float | None = 60.0
     wait_for_in_progress_seconds: float = 0.0
     wait_poll_interval_seconds: float = 0.05
+    on_event: EventListener | None = dataclasses.field(default=None, kw_only=True)
 
     _event_key: jmespath.parser.ParsedResult | None = dataclasses.field(
         init=False, repr=False, compare=False, default=None
@@ -92,6 +97,10 @@ class IdempotencyConfig:
             raise IdempotencyPersistenceConfigError("wait_for_in_progress_seconds must be >= 0")
         if self.wait_poll_interval_seconds <= 0:
             raise IdempotencyPersistenceConfigError("wait_poll_interval_seconds must be positive")
+        if self.on_event is not None and not callable(self.on_event):
+            raise IdempotencyPersistenceConfigError(
+                f"on_event must be callable, not {type(self.on_event).__name__}"
+            )
         try:
             if self.event_key_jmespath:
                 object.__setattr__(self, "_event_key", jmespath.compile(self.event_key_jmespath))

@@ -34,7 +34,14 @@ from aioidempotency._calls import (
 from aioidempotency._config import IdempotencyConfig, LambdaContextLike
 from aioidempotency._contract import ClaimResult
 from aioidempotency._encoding import dumps_result
-from aioidempotency._errors import invalid_record, is_own, is_transient, store_errors
+from aioidempotency._errors import (
+    invalid_record,
+    is_own,
+    is_transient,
+    store_error,
+    store_errors,
+)
+from aioidempotency._events import CallOutcome, EventKind, Reporter, Watch, describe
 from aioidempotency._local_cache import LocalCache
 from aioidempotency._records import DataRecord, RecordStatus, new_owner_token
 from aioidempotency._twins import StoreForAsync, as_async_store
@@ -44,6 +51,7 @@ from aioidempotency.exceptions import (
     IdempotencyCompletionError,
     IdempotencyInconsistentStateError,
     IdempotencyInvalidStatusError,
+    IdempotencyKeyError,
     IdempotencyPersistenceLayerError,
     IdempotencySerializationError,
     IdempotencyValidationError,
@@ -63,7 +71,9 @@ __all__ = [
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-logger = logging.getLogger("aioidempotency")
+logger = logging.getLogger("aioidempotency.engine")
+"""One line per decision (see `aioidempotency.events`): DEBUG, WARNING for a claim
+lost, a takeover of an orphaned claim and a store error."""
 
 _MAX_CLAIM_ATTEMPTS = 3
 _MAX_POLL_INTERVAL = 1.0
@@ -75,6 +85,11 @@ _CONFIRM_RELEASE_DELAY = 1.0
 """After a claim whose outcome is unknown (it failed or timed out on the client, and
 may still land on the server), the release is sent once more after this delay."""
 
+# The kinds a replay passes on every call, watched or not, read once: on CPython 3.11 an
+# enum member read from its class costs about as much as the rest of a cache hit's
+# bookkeeping for events.
+_CACHE_HIT, _REPLAYED, _WAITED = EventKind.CACHE_HIT, EventKind.REPLAYED, EventKind.WAITED
+
 
 class IdempotencyEngine:
     """Runs functions at most once per payload within the expiry window.
@@ -84,7 +99,9 @@ class IdempotencyEngine:
     function (``{AWS_LAMBDA_FUNCTION_NAME}.{module}.{qualname}``). ``output_serializer``
     turns results into JSON-able data and back; ``clock`` (epoch seconds) is the only
     time the engine and its stores compare against. One engine may serve many
-    concurrent calls; it keeps no per-call state.
+    concurrent calls; it keeps no per-call state. Each decision is reported as an
+    `aioidempotency.events.IdempotencyEvent` (``config.on_event``, `events.listen`) and
+    logged on ``aioidempotency.engine``.
     """
 
     def __init__(
@@ -108,9 +125,12 @@ class IdempotencyEngine:
         )
         self._flights = Flights()
         self._background = Background()
+        self._reporter = Reporter(logger, self.persistence_store, clock, self.config.on_event)
         lease = self.config.in_progress_lease_seconds
         self._leases = (
-            None if lease is None else Leases(self.persistence_store, lease=lease, clock=clock)
+            None
+            if lease is None
+            else Leases(self.persistence_store, lease=lease, clock=clock, reporter=self._reporter)
         )
 
     # -- public API -----------------------------------------------------------------
@@ -176,14 +196,27 @@ class IdempotencyEngine:
         function then runs unprotected. Entry points run `replay_from_cache` and then
         `run_prepared` on what it returns.
         """
-        return prepare_call(
-            payload,
-            self.config,
-            prefix=key_prefix_of(self.key_prefix, key_source),
-            lambda_context=lambda_context,
-            durable_replay=durable_replay,
-            stacklevel=4,
-        )
+        prefix = key_prefix_of(self.key_prefix, key_source)
+        watch = self._reporter.watch(prefix)  # None unless someone sees the events
+        try:
+            call = prepare_call(
+                payload,
+                self.config,
+                prefix=prefix,
+                lambda_context=lambda_context,
+                durable_replay=durable_replay,
+                stacklevel=4,
+                watch=watch,
+            )
+        except IdempotencyKeyError as exc:
+            self._reporter.emit(
+                EventKind.NO_KEY, None, watch, outcome=CallOutcome.REFUSED, error=exc
+            )
+            raise
+        if call is None and watch is not None:
+            kind = EventKind.DISABLED if is_disabled() else EventKind.NO_KEY
+            self._reporter.emit(kind, None, watch, outcome=CallOutcome.UNPROTECTED)
+        return call
 
     def replay_from_cache(self, call: PreparedCall) -> tuple[bool, Any]:
         """``(True, result)`` when the local cache holds the call's result, without I/O."""
@@ -191,48 +224,79 @@ class IdempotencyEngine:
         if cached is None:
             return False, None
         self._validate(call, cached.payload_hash)
-        return True, self._replay(cached)
+        return True, self._replay(call, cached, _CACHE_HIT)
 
     async def run_prepared(self, call: PreparedCall, fn: Callable[[], Awaitable[T]]) -> T:
         """Claim, run and complete a call prepared by `prepare_call` (or replay it)."""
         wait = self.config.wait_for_in_progress_seconds
         deadline = self._clock() + wait if wait > 0 else None
         inconsistent = 0
-        while True:
-            # A durable replay does not join the suspended invocation it replays.
-            flight = None if call.durable_replay else self._flights.find(call.key)
-            if flight is not None:
-                record = await self._join(call, flight, deadline)
-                if record is not None:
-                    return cast(T, self._replay(record))
-                continue  # the owner released the key: try to claim it
-            in_progress = self._new_claim(call)
-            result = await self._claim(in_progress)
-            if result.claimed:
-                return await self._execute(call, in_progress, fn)
-            existing = result.existing
-            if existing is not None:
-                self._validate(call, existing.payload_hash)
-                if existing.is_claimable(self._clock()):
-                    existing = None  # it changed between the claim and the read
-                elif existing.status is RecordStatus.COMPLETED:
-                    self._cache.put(existing)
-                    return cast(T, self._replay(existing))
-                elif call.durable_replay and existing.owner is not None:
-                    # A durable execution replayed after a suspension finds the claim
-                    # its first invocation took (as Powertools 3.37 does): run under it
-                    # and complete it, instead of refusing it as in progress.
-                    return await self._execute(call, existing, fn)
-            if existing is not None or result.busy:  # in progress elsewhere
-                record = await self._wait(call, deadline)
-                if record is not None:
-                    return cast(T, self._replay(record))
-                continue
-            inconsistent += 1
-            if inconsistent >= _MAX_CLAIM_ATTEMPTS:
-                raise IdempotencyInconsistentStateError(
-                    "save_inprogress and get_record return inconsistent results."
+        watch = call.watch
+        seen: DataRecord | None = None  # the record last seen free, for TAKEN_OVER
+        try:
+            while True:
+                # A durable replay does not join the suspended invocation it replays.
+                flight = None if call.durable_replay else self._flights.find(call.key)
+                if flight is not None:
+                    record = await self._join(call, flight, deadline)
+                    if record is not None:
+                        return cast(T, self._replay(call, record, _WAITED))
+                    if watch is not None:
+                        self._reporter.emit(
+                            EventKind.WAITED, call.key, watch, detail="the running call released it"
+                        )
+                    continue  # the owner released the key: try to claim it
+                in_progress = self._new_claim(call)
+                result = await self._claim(call, in_progress)
+                if result.claimed:
+                    if seen is not None:
+                        self._taken_over(call, seen)
+                    elif watch is not None:
+                        self._reporter.emit(EventKind.CLAIMED, call.key, watch)
+                    return await self._execute(call, in_progress, fn)
+                existing = result.existing
+                if existing is not None:
+                    self._validate(call, existing.payload_hash)
+                    if existing.is_claimable(self._clock()):
+                        seen, existing = existing, None  # it changed between the claim and the read
+                    elif existing.status is RecordStatus.COMPLETED:
+                        self._cache.put(existing)
+                        return cast(T, self._replay(call, existing, _REPLAYED))
+                    elif call.durable_replay and existing.owner is not None:
+                        # A durable execution replayed after a suspension finds the claim
+                        # its first invocation took (as Powertools 3.37 does): run under it
+                        # and complete it, instead of refusing it as in progress.
+                        if watch is not None:
+                            self._reporter.emit(EventKind.RESUMED, call.key, watch)
+                        return await self._execute(call, existing, fn)
+                if existing is not None or result.busy:  # in progress elsewhere
+                    record, free = await self._wait(call, deadline)
+                    if record is not None:
+                        return cast(T, self._replay(call, record, _WAITED))
+                    seen = free
+                    if watch is not None:
+                        self._reporter.emit(EventKind.WAITED, call.key, watch, detail=_freed(free))
+                    continue
+                inconsistent += 1
+                if inconsistent >= _MAX_CLAIM_ATTEMPTS:
+                    error = IdempotencyInconsistentStateError(
+                        "save_inprogress and get_record return inconsistent results."
+                    )
+                    self._reporter.emit(
+                        EventKind.STORE_ERROR,
+                        call.key,
+                        watch,
+                        outcome=CallOutcome.ERROR,
+                        error=error,
+                        detail=f"the claim was refused {inconsistent} times with no record",
+                    )
+                    raise error
+        except Cancelled as exc:
+            if watch is not None:  # a call cancelled while it ran was reported already
+                self._reporter.emit(
+                    EventKind.CANCELLED, call.key, watch, outcome=CallOutcome.CANCELLED, error=exc
                 )
+            raise
 
     def idempotency_key(self, payload: Any, key_source: Callable[..., Any] | None = None) -> str:
         """The key a call with ``payload`` would use (for debugging and tools)."""
@@ -267,7 +331,7 @@ class IdempotencyEngine:
             owner=new_owner_token(),
         )
 
-    async def _claim(self, record: DataRecord) -> ClaimResult:
+    async def _claim(self, call: PreparedCall, record: DataRecord) -> ClaimResult:
         """One claim round trip whose outcome is never lost.
 
         A claim interrupted by a cancellation, or failed on the client (a timeout, a
@@ -276,45 +340,110 @@ class IdempotencyEngine:
         later for a claim that lands late. A claim answered with our own record (a
         client resent it after losing the first reply) is a win.
         """
-        key, owner = record.idempotency_key, record.owner
+        key, owner, watch = record.idempotency_key, record.owner, call.watch
         assert owner is not None
-        with store_errors("Failed to save in progress record to idempotency store", key):
-            try:
-                result = await self.persistence_store.claim(record, now=self._clock())
-            except Cancelled:
-                self._background.spawn(self._release_later, key, owner, True)
+        message = "Failed to save in progress record to idempotency store"
+        if watch is not None:
+            watch.round_trips += 1
+        # Each failure is reported before the release is spawned: the event counts the
+        # round trips of the call so far, and the release is one more.
+        try:
+            result = await self.persistence_store.claim(record, now=self._clock())
+        except Cancelled as exc:
+            self._reporter.emit(
+                EventKind.CANCELLED, key, watch, outcome=CallOutcome.CANCELLED, error=exc
+            )
+            self._background.spawn(self._release_later, key, owner, True, watch)
+            raise
+        except Exception as exc:
+            error = store_error(message, key, exc)
+            self._store_error(call, error, "the claim failed", CallOutcome.ERROR)
+            if not isinstance(exc, IdempotencyInvalidStatusError):  # else it did not land
+                self._background.spawn(self._release_later, key, owner, True, watch)
+            if error is exc:
                 raise
-            except Exception as exc:
-                if not isinstance(exc, IdempotencyInvalidStatusError):  # else it did not land
-                    self._background.spawn(self._release_later, key, owner, True)
-                raise
+            raise error from exc
         if is_own(result, owner):
             return ClaimResult(claimed=True)
         return result
 
     def _validate(self, call: PreparedCall, stored_hash: str | None) -> None:
         if call.payload_hash is not None and stored_hash != call.payload_hash:
-            raise IdempotencyValidationError(
+            error = IdempotencyValidationError(
                 "Payload does not match stored record for this event key"
             )
+            self._reporter.emit(
+                EventKind.PAYLOAD_MISMATCH,
+                call.key,
+                call.watch,
+                outcome=CallOutcome.REFUSED,
+                error=error,
+            )
+            raise error
 
-    def _in_progress_error(self, key: str) -> IdempotencyAlreadyInProgressError:
+    def _in_progress(self, call: PreparedCall, detail: str) -> IdempotencyAlreadyInProgressError:
+        """The error refusing `call` as in progress, reported with `detail`."""
+        self._reporter.emit(
+            EventKind.IN_PROGRESS, call.key, call.watch, outcome=CallOutcome.REFUSED, detail=detail
+        )
         return IdempotencyAlreadyInProgressError(
             "Execution already in progress with idempotency key: "
-            f"{self.config.event_key_jmespath}={key}"
+            f"{self.config.event_key_jmespath}={call.key}"
         )
 
-    def _replay(self, record: DataRecord) -> Any:
+    def _taken_over(self, call: PreparedCall, seen: DataRecord) -> None:
+        """Report a claim over `seen`, a record the call saw orphaned or expired: at
+        WARNING for an orphaned claim (its owner stopped renewing it, and may still run)."""
+        orphaned = seen.status is RecordStatus.INPROGRESS and not seen.is_expired(self._clock())
+        self._reporter.emit(
+            EventKind.TAKEN_OVER,
+            call.key,
+            call.watch,
+            level=logging.WARNING if orphaned else logging.DEBUG,
+            detail="the claim was orphaned" if orphaned else "the record had expired",
+        )
+
+    def _store_error(
+        self,
+        call: PreparedCall,
+        error: BaseException,
+        what: str,
+        outcome: CallOutcome | None,
+        *,
+        exc_info: bool = False,
+    ) -> None:
+        self._reporter.emit(
+            EventKind.STORE_ERROR,
+            call.key,
+            call.watch,
+            outcome=outcome,
+            error=error,
+            detail=f"{what}: {describe(error)}",
+            exc_info=exc_info,
+        )
+
+    def _replay(self, call: PreparedCall, record: DataRecord, kind: EventKind) -> Any:
+        """The stored result of `record`, through the serializer and the hook; `kind`
+        (a replay from the store, the local cache or a waited-for call) reported."""
         try:
             stored = record.response_json()
         except (ValueError, RecursionError) as exc:
             key = record.idempotency_key
-            raise invalid_record(
-                key, IdempotencyInvalidStatusError("its data is not JSON")
-            ) from exc
-        response = None if stored is None else self.output_serializer.from_dict(stored)
-        if self.config.response_hook is not None:
-            return self.config.response_hook(response, record)
+            error = invalid_record(key, IdempotencyInvalidStatusError("its data is not JSON"))
+            self._store_error(call, error, "the stored record is unusable", CallOutcome.ERROR)
+            raise error from exc
+        try:
+            response = None if stored is None else self.output_serializer.from_dict(stored)
+            if self.config.response_hook is not None:
+                response = self.config.response_hook(response, record)
+        except Exception as exc:  # the serializer's or the hook's
+            if call.watch is not None:
+                self._reporter.emit(
+                    kind, call.key, call.watch, outcome=CallOutcome.ERROR, error=exc
+                )
+            raise
+        if call.watch is not None:
+            self._reporter.emit(kind, call.key, call.watch, outcome=CallOutcome.REPLAYED)
         return response
 
     # -- running the function -----------------------------------------------------------
@@ -330,14 +459,17 @@ class IdempotencyEngine:
             try:
                 result = await fn()
             except BaseException as error:
+                ended = CallOutcome.FAILED
+                if isinstance(error, Cancelled):
+                    ended = CallOutcome.CANCELLED
                 try:
-                    await self._release(call.key, owner, lease=lease)
+                    await self._release(call, owner, error, ended, lease=lease)
                 except IdempotencyPersistenceLayerError:
                     if isinstance(error, Exception):
                         raise
-                    # A cancellation or interrupt stays what it is; the release is
-                    # retried in the background, and the lease frees the key at worst.
-                    logger.exception("could not release %s after %r", call.key, error)
+                    # A cancellation or interrupt stays what it is (the release failure
+                    # was logged with its traceback); the release is retried in the
+                    # background, and the lease frees the key at worst.
                 raise
             completed = await self._complete(call, owner, result, lease)
             self._cache.put(completed)
@@ -360,13 +492,14 @@ class IdempotencyEngine:
             data = None if result is None else self.output_serializer.to_dict(result)
             response_data = dumps_result(data)
         except Exception as exc:
-            await self._release(call.key, owner, lease=lease)
-            raise IdempotencySerializationError(
+            unusable = IdempotencySerializationError(
                 f"the result of type {type(result).__name__} cannot be stored as JSON; "
                 "the key was released (return JSON-able data or pass an output_serializer)",
                 exc,
                 result=result,
-            ) from exc
+            )
+            await self._release(call, owner, unusable, CallOutcome.NOT_STORED, lease=lease)
+            raise unusable from exc
         completed = DataRecord(
             idempotency_key=call.key,
             status=RecordStatus.COMPLETED,
@@ -374,6 +507,7 @@ class IdempotencyEngine:
             response_data=response_data,
             payload_hash=call.payload_hash,
         )
+        watch = call.watch
         try:
             if lease is not None:
                 await lease.stop()  # no renewal may land after the completion
@@ -383,19 +517,37 @@ class IdempotencyEngine:
                         "its result was not stored (the result is attached)",
                         key=call.key,
                     )
+            if watch is not None:
+                watch.round_trips += 1
             await self.persistence_store.complete(completed, owner=owner)
-        except Cancelled:
-            self._background.spawn(self._complete_later, completed, owner)
+        except Cancelled as exc:
+            self._reporter.emit(
+                EventKind.CANCELLED,
+                call.key,
+                watch,
+                outcome=CallOutcome.CANCELLED,
+                error=exc,
+                detail="the result is stored in the background",
+            )
+            self._background.spawn(self._complete_later, completed, owner, watch)
             raise
         except IdempotencyClaimLostError as exc:
             exc.result = result
+            self._reporter.emit(
+                EventKind.CLAIM_LOST,
+                call.key,
+                watch,
+                outcome=CallOutcome.NOT_STORED,
+                error=exc,
+                detail="another call took the claim over while the function ran; "
+                "its result was not stored",
+            )
             raise
         except IdempotencyCompletionError as exc:  # the store cannot hold this result
             exc.result = result
-            await self._release(call.key, owner)
+            await self._release(call, owner, exc, CallOutcome.NOT_STORED)
             raise
         except Exception as exc:
-            self._background.spawn(self._complete_later, completed, owner)
             error = IdempotencyCompletionError(
                 "Failed to update record state to success in idempotency store; "
                 "the function ran and its result is attached. Storing it is retried in "
@@ -404,65 +556,113 @@ class IdempotencyEngine:
                 result=result,
             )
             error.transient = is_transient(exc)  # a retry later replays the result
+            self._store_error(
+                call,
+                error,
+                "the completion failed (retried in the background)",
+                CallOutcome.NOT_STORED,
+            )
+            self._background.spawn(self._complete_later, completed, owner, watch)
             raise error from exc
+        if watch is not None:
+            self._reporter.emit(EventKind.COMPLETED, call.key, watch, outcome=CallOutcome.EXECUTED)
         return completed
 
-    async def _release(self, key: str, owner: str, *, lease: Lease | None = None) -> None:
-        """Stop renewing, then delete our claim; survives the caller's cancellation.
+    async def _release(
+        self,
+        call: PreparedCall,
+        owner: str,
+        error: BaseException,
+        outcome: CallOutcome,
+        *,
+        lease: Lease | None = None,
+    ) -> None:
+        """Stop renewing, then delete our claim because of `error`; survives the
+        caller's cancellation.
 
-        A release that fails is retried in the background, and the error raised.
+        The release ends the call with `outcome` (reported as `RELEASED`); a release
+        that fails is reported as a store error, retried in the background, and raised.
         """
+        key, watch = call.key, call.watch
+        message = "Failed to delete record from idempotency store"
 
         async def release() -> None:
             if lease is not None:
                 await lease.stop()
+            if watch is not None:
+                watch.round_trips += 1
             try:
                 await self.persistence_store.release(key, owner=owner)
-            except Exception:
-                self._background.spawn(self._release_later, key, owner, False)
+            except Exception as exc:
+                # A cancellation or interrupt is raised instead of this error: then the
+                # log line carries its traceback.
+                self._store_error(
+                    call,
+                    store_error(message, key, exc),
+                    f"the claim could not be released after {type(error).__name__}",
+                    outcome,
+                    exc_info=not isinstance(error, Exception),
+                )
+                self._background.spawn(self._release_later, key, owner, False, watch)
                 raise
+            if watch is not None:
+                self._reporter.emit(EventKind.RELEASED, key, watch, outcome=outcome, error=error)
 
         self._cache.discard(key)
-        with store_errors("Failed to delete record from idempotency store", key):
+        with store_errors(message, key):
             await shielded(release)
 
     # -- work left to the background ------------------------------------------------------
 
-    async def _release_later(self, key: str, owner: str, confirm: bool) -> None:
+    async def _release_later(
+        self, key: str, owner: str, confirm: bool, watch: Watch | None
+    ) -> None:
         """Release `owner`'s claim, retrying failures with backoff (bounded).
 
         With `confirm`, release once more after `_CONFIRM_RELEASE_DELAY`: the claim
         this follows may have been in flight on another connection and land late.
         """
         release = self.persistence_store.release
-        released = await self._retry(f"release of {key}", release, key, owner=owner)
+        released = await self._retry("release", key, watch, release, key, owner=owner)
         if released and confirm:
             await sleep(_CONFIRM_RELEASE_DELAY)
-            await self._retry(f"release of {key}", release, key, owner=owner)
+            await self._retry("release", key, watch, release, key, owner=owner)
 
-    async def _complete_later(self, record: DataRecord, owner: str) -> None:
+    async def _complete_later(self, record: DataRecord, owner: str, watch: Watch | None) -> None:
         """Store a result whose completion was interrupted (retried, bounded)."""
+        key = record.idempotency_key
         try:
             if await self._retry(
-                f"completion of {record.idempotency_key}",
-                self.persistence_store.complete,
-                record,
-                owner=owner,
+                "completion", key, watch, self.persistence_store.complete, record, owner=owner
             ):
                 self._cache.put(record)
-        except IdempotencyClaimLostError:
-            logger.warning(
-                "the claim on %s was taken over; its result was not stored",
-                record.idempotency_key,
+                if watch is not None:
+                    self._reporter.emit(
+                        EventKind.COMPLETED, key, watch, detail="stored in the background"
+                    )
+        except IdempotencyClaimLostError as exc:
+            self._reporter.emit(
+                EventKind.CLAIM_LOST,
+                key,
+                watch,
+                error=exc,
+                detail="the claim was taken over; its result was not stored",
             )
         except IdempotencyCompletionError:
-            await self._release_later(record.idempotency_key, owner, False)
+            await self._release_later(key, owner, False, watch)
 
     async def _retry(
-        self, what: str, operation: Callable[..., Awaitable[Any]], *args: Any, **kw: Any
+        self,
+        what: str,
+        key: str,
+        watch: Watch | None,
+        operation: Callable[..., Awaitable[Any]],
+        *args: Any,
+        **kw: Any,
     ) -> bool:
         """Await `operation(*args, **kw)` until it succeeds, at most `_CLEANUP_ATTEMPTS`
-        times; a claim lost or a result too large is raised at once.
+        times; a claim lost or a result too large is raised at once. Each failure is
+        reported as a store error of the call `watch` watches.
 
         Every other failure is retried, even one that does not look transient: a
         client still connecting, or a node changing role in a failover, fails in ways
@@ -472,15 +672,26 @@ class IdempotencyEngine:
         """
         delay = _CLEANUP_FIRST_DELAY
         for attempt in range(1, _CLEANUP_ATTEMPTS + 1):
+            if watch is not None:
+                watch.round_trips += 1
             try:
                 await operation(*args, **kw)
             except (IdempotencyClaimLostError, IdempotencyCompletionError):
                 raise
-            except Exception:
-                if attempt == _CLEANUP_ATTEMPTS:
-                    logger.warning("gave up the %s after %d attempts", what, attempt, exc_info=True)
+            except Exception as exc:
+                last = attempt == _CLEANUP_ATTEMPTS
+                self._reporter.emit(
+                    EventKind.STORE_ERROR,
+                    key,
+                    watch,
+                    error=exc,
+                    detail=f"gave up the background {what} after {attempt} attempts"
+                    if last
+                    else f"the background {what} failed; retrying in {delay:.2g}s",
+                    exc_info=True,
+                )
+                if last:
                     return False
-                logger.warning("the %s failed; retrying in %.2gs", what, delay, exc_info=True)
                 await sleep(delay)
                 delay *= 2
             else:
@@ -492,7 +703,7 @@ class IdempotencyEngine:
     def _start_lease(self, call: PreparedCall, claim: DataRecord) -> Lease | None:
         if call.lambda_context is not None or self._leases is None:
             return None
-        return self._leases.keep(claim)
+        return self._leases.keep(claim, call.watch)
 
     # -- waiting for a duplicate's result -------------------------------------------------
 
@@ -502,38 +713,60 @@ class IdempotencyEngine:
         """Share the result of a call of this process that holds the key."""
         self._validate(call, flight.payload_hash)
         if deadline is None:
-            raise self._in_progress_error(call.key)
+            raise self._in_progress(call, "a call of this process holds the key")
         left = deadline - self._clock()
         if left <= 0:
-            raise self._in_progress_error(call.key)
+            raise self._in_progress(call, "a call of this process still holds the key")
         try:
             return await self._flights.join(flight, left)
         except TimeoutError:
-            raise self._in_progress_error(call.key) from None
+            raise self._in_progress(
+                call, "a call of this process held the key past the wait"
+            ) from None
 
-    async def _wait(self, call: PreparedCall, deadline: float | None) -> DataRecord | None:
+    async def _wait(
+        self, call: PreparedCall, deadline: float | None
+    ) -> tuple[DataRecord | None, DataRecord | None]:
         """Poll for the result of a call that holds the key elsewhere.
 
-        Returns the completed record, or None when the key became free (released,
-        expired, or orphaned) so the caller should claim it.
+        Returns ``(completed, None)`` with the completed record, or ``(None, seen)``
+        when the key became free so the caller should claim it: `seen` is the record
+        found orphaned or expired, None when it was released.
         """
         if deadline is None:
-            raise self._in_progress_error(call.key)
+            raise self._in_progress(call, "another call holds the key")
         interval = self.config.wait_poll_interval_seconds
         while True:
             flight = self._flights.find(call.key)
             if flight is not None:
-                return await self._join(call, flight, deadline)
+                return await self._join(call, flight, deadline), None
             left = deadline - self._clock()
             if left <= 0:
-                raise self._in_progress_error(call.key)
+                raise self._in_progress(call, "another call held the key past the wait")
             await sleep(min(interval, left))
             interval = min(interval * 2, _MAX_POLL_INTERVAL)
-            with store_errors("Failed to get record from idempotency store", call.key):
-                record = await self.persistence_store.get(call.key, now=self._clock())
-            if record is None or record.is_claimable(self._clock()):
-                return None
+            if call.watch is not None:
+                call.watch.round_trips += 1
+            try:
+                with store_errors("Failed to get record from idempotency store", call.key):
+                    record = await self.persistence_store.get(call.key, now=self._clock())
+            except Exception as exc:
+                self._store_error(call, exc, "reading the record failed", CallOutcome.ERROR)
+                raise
+            if record is None:
+                return None, None
+            if record.is_claimable(self._clock()):
+                return None, record
             self._validate(call, record.payload_hash)
             if record.status is RecordStatus.COMPLETED:
                 self._cache.put(record)
-                return record
+                return record, None
+
+
+def _freed(seen: DataRecord | None) -> str:
+    """How a key a duplicate waited for became free."""
+    if seen is None:
+        return "the key was released"
+    if seen.status is RecordStatus.INPROGRESS:
+        return "the claim was orphaned"
+    return "the record expired"

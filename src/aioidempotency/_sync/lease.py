@@ -7,7 +7,8 @@ engine then refuses to store the late result. The keeper thread starts with the
 first claim, sleeps while there is none, and a forked child starts its own. Each
 renewal runs in a daemon thread of its own (at most one in flight per claim), as the
 async keeper runs each in a task: a renewal that hangs (a request that never answers)
-holds up its own claim only, never the other claims' renewals.
+holds up its own claim only, never the other claims' renewals. Renewals, failed
+renewals and lost leases are the call's events, logged on ``aioidempotency.lease``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from aioidempotency._events import EventKind, Reporter, Watch
 from aioidempotency._forks import fork_generation
 from aioidempotency._records import DataRecord
 from aioidempotency._sync.store import SyncPersistenceLayer
@@ -25,7 +27,7 @@ from aioidempotency.exceptions import IdempotencyClaimLostError
 
 __all__ = ["Lease", "Leases"]
 
-logger = logging.getLogger("aioidempotency")
+logger = logging.getLogger("aioidempotency.lease")
 
 STOP_TIMEOUT = 5.0
 """How long stopping waits for a renewal in flight."""
@@ -35,16 +37,21 @@ RETRY_DELAY = 0.05
 
 
 class Lease:
-    """One claim kept alive by `Leases`; `lost` once the store proved it gone."""
+    """One claim kept alive by `Leases`; `lost` once the store proved it gone.
 
-    __slots__ = ("claim", "delay", "due", "keeper", "lost", "renewing")
+    `watch` is the call's (its events count the renewals), None when nobody watches."""
 
-    def __init__(self, keeper: Leases, claim: DataRecord, due: float) -> None:
+    __slots__ = ("claim", "delay", "due", "keeper", "lost", "renewing", "watch")
+
+    def __init__(
+        self, keeper: Leases, claim: DataRecord, due: float, watch: Watch | None = None
+    ) -> None:
         self.keeper = keeper
         self.claim = claim
         self.due = due
         self.delay = RETRY_DELAY
         self.lost = False
+        self.watch = watch
         # Held while a renewal is in flight: taken by the keeper, released by the
         # renewal's thread (a bare lock, not an Event: most claims never renew).
         self.renewing = threading.Lock()
@@ -74,21 +81,28 @@ class Leases:
     """
 
     def __init__(
-        self, store: SyncPersistenceLayer, *, lease: float, clock: Callable[[], float]
+        self,
+        store: SyncPersistenceLayer,
+        *,
+        lease: float,
+        clock: Callable[[], float],
+        reporter: Reporter | None = None,
     ) -> None:
         self._store = store
         self._lease = lease
         self._interval = lease / 3
         self._clock = clock
+        self._reporter = reporter or Reporter(logger, store, clock, None)
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._thread: threading.Thread | None = None
         self._generation = fork_generation()
 
-    def keep(self, claim: DataRecord) -> Lease:
-        """Start renewing `claim` (an in-progress record with an owner token)."""
+    def keep(self, claim: DataRecord, watch: Watch | None = None) -> Lease:
+        """Start renewing `claim` (an in-progress record with an owner token; `watch`:
+        the call's, if watched)."""
         assert claim.owner is not None
-        lease = Lease(self, claim, self._clock() + self._interval)
+        lease = Lease(self, claim, self._clock() + self._interval, watch)
         if self._generation != fork_generation():
             self._after_fork()
         with self._lock:
@@ -149,20 +163,33 @@ class Leases:
             return
         until_ms = int((self._clock() + self._lease) * 1000)
         renewed = dataclasses.replace(lease.claim, in_progress_expiry_timestamp=until_ms)
+        watch = lease.watch
+        if watch is not None:
+            # The call's own thread is in its function meanwhile (it stops the lease, waiting
+            # for a renewal in flight, before it completes): no other thread counts now.
+            watch.round_trips += 1
         try:
             self._store.renew(renewed)
-        except IdempotencyClaimLostError:
-            logger.warning(
-                "lease on %s lost to another call; its result will not be stored", lease.key
-            )
+        except IdempotencyClaimLostError as exc:
             lease.lost = True
             self._forget(lease)
-            return
-        except Exception:
-            logger.warning(
-                "renewing the lease on %s failed; retrying in %.2gs",
+            self._reporter.emit(
+                EventKind.LEASE_LOST,
                 lease.key,
-                lease.delay,
+                watch,
+                error=exc,
+                log=logger,
+                detail="another call holds the key; its result will not be stored",
+            )
+            return
+        except Exception as exc:
+            self._reporter.emit(
+                EventKind.STORE_ERROR,
+                lease.key,
+                watch,
+                error=exc,
+                log=logger,
+                detail=f"renewing the lease failed; retrying in {lease.delay:.2g}s",
                 exc_info=True,
             )
             lease.due = self._clock() + lease.delay
@@ -172,3 +199,5 @@ class Leases:
         lease.delay = RETRY_DELAY
         # Due one interval after the deadline was computed (see _async/lease.py).
         lease.due = until_ms / 1000 - self._lease + self._interval
+        if watch is not None:
+            self._reporter.emit(EventKind.LEASE_RENEWED, lease.key, watch, log=logger)
