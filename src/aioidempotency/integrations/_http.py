@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import string
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -107,7 +108,8 @@ _STORED_VERSION = 1
 
 logger = logging.getLogger("aioidempotency.web")
 """Every problem the middleware answers is logged here: 4xx at INFO, 5xx at WARNING,
-with its kind and, once known, the storage key (never bodies or credentials)."""
+with its kind, the reason and, once known, the storage key (never bodies or
+credentials); the fields are also the record's ``extra`` attributes (`_log_fields`)."""
 
 
 def is_server_error(status: int) -> bool:
@@ -597,6 +599,7 @@ class HttpIdempotency:
         a 500 (see `Outcome.error`). Exceptions of `call_app` release the key and propagate.
         """
         opts = self.options
+        started = time.monotonic()
         produced: list[Reply | PassThrough] = []
 
         async def fn() -> dict[str, Any]:
@@ -630,22 +633,24 @@ class HttpIdempotency:
         except _NotStored as exc:
             return Outcome(_mark_not_stored(exc.response, exc.reason))
         except IdempotencyAlreadyInProgressError as exc:
-            return Outcome(self._in_progress(self._key_of(payload)), error=exc)
+            return Outcome(self._in_progress(self._key_of(payload), started), error=exc)
         except IdempotencyValidationError as exc:
-            return Outcome(self._mismatch(self._key_of(payload)), error=exc)
+            return Outcome(self._mismatch(self._key_of(payload), started), error=exc)
         except IdempotencyError as exc:
             if not produced:
-                return Outcome(self._failure(exc, self._key_of(payload)), error=exc)
+                return Outcome(self._failure(exc, self._key_of(payload), started), error=exc)
             reason = (
                 "too-large" if isinstance(exc, IdempotencyResultTooLargeError) else "store-error"
             )
             if isinstance(exc, IdempotencyClaimLostError):
                 reason = "store-error"
+            key = self._key_of(payload)
             logger.warning(
                 "response not stored (%s) for %s: %s",
                 reason,
-                self._key_of(payload),
+                key,
                 _describe(exc),
+                extra=self._log_fields(f"not-stored:{reason}", key, started, exc),
             )
             return Outcome(_mark_not_stored(produced[0], reason), error=exc)
         if produced:
@@ -656,7 +661,7 @@ class HttpIdempotency:
             replay = Reply.from_stored(stored)
         except IdempotencyStoredReplyError as exc:
             exc.key = self._key_of(payload)
-            return Outcome(self._stored_reply_invalid(exc), error=exc)
+            return Outcome(self._stored_reply_invalid(exc, started), error=exc)
         return Outcome(replay.with_header(REPLAYED_HEADER, "true"), replayed=True)
 
     # -- helpers --------------------------------------------------------------------------
@@ -677,20 +682,28 @@ class HttpIdempotency:
         *,
         retry: bool = False,
         key: str | None = None,
-        reason: BaseException | None = None,
+        reason: BaseException | str | None = None,
+        started: float | None = None,
         headers: Sequence[tuple[str, str]] = (),
     ) -> Reply:
-        """A problem reply, logged with its kind, the storage key and the reason."""
+        """A problem reply, logged with its kind, the storage key and the reason (an
+        exception, described by its type and message, or a sentence)."""
         level = logging.WARNING if status >= 500 else logging.INFO
         if logger.isEnabledFor(level):
+            error = reason if isinstance(reason, BaseException) else None
+            why = reason if error is None else _describe(error)
+            fields = self._log_fields(kind, key, started, error)
+            fields["http_status"] = status
+            fields["idempotency_reason"] = why
             logger.log(
                 level,
                 "answered %d %s for %s%s",
                 status,
                 kind,
                 key or "a request with no storage key yet",
-                "" if reason is None else f": {_describe(reason)}",
-                exc_info=reason if kind == "store-error" else None,
+                "" if why is None else f": {why}",
+                exc_info=error if kind == "store-error" else None,
+                extra=fields,
             )
         if retry:
             headers = (*headers, ("retry-after", str(self.options.retry_after_seconds)))
@@ -698,7 +711,22 @@ class HttpIdempotency:
             status, kind, title, detail, type_base=self.options.problem_type_base, headers=headers
         )
 
-    def _in_progress(self, key: str) -> Reply:
+    def _log_fields(
+        self, decision: str, key: str | None, started: float | None, error: BaseException | None
+    ) -> dict[str, Any]:
+        """The ``extra`` attributes of a log record: those of the engine's decisions
+        (`aioidempotency.events.LOG_FIELDS`) that the middleware knows."""
+        return {
+            "idempotency_decision": decision,
+            "idempotency_key": key,
+            "idempotency_prefix": self.engine.key_prefix,
+            "duration_ms": (
+                None if started is None else round((time.monotonic() - started) * 1000, 3)
+            ),
+            "idempotency_error": None if error is None else type(error).__name__,
+        }
+
+    def _in_progress(self, key: str, started: float | None = None) -> Reply:
         name = self.options.header_name
         return self._answer(
             409,
@@ -707,9 +735,11 @@ class HttpIdempotency:
             f"Another request with the same {name} has not finished yet; retry later.",
             retry=True,
             key=key,
+            reason="another request with this key has not finished",
+            started=started,
         )
 
-    def _mismatch(self, key: str) -> Reply:
+    def _mismatch(self, key: str, started: float | None = None) -> Reply:
         name = self.options.header_name
         return self._answer(
             422,
@@ -717,9 +747,11 @@ class HttpIdempotency:
             f"{name} reused with another request",
             f"This {name} was already used with a different request body or parameters.",
             key=key,
+            reason="the key was used with a different request body or parameters",
+            started=started,
         )
 
-    def _failure(self, exc: IdempotencyError, key: str) -> Reply:
+    def _failure(self, exc: IdempotencyError, key: str, started: float | None = None) -> Reply:
         """The answer when the store failed or holds something unusable (nothing ran)."""
         if isinstance(exc, (IdempotencyInvalidRecordError, IdempotencyInvalidStatusError)):
             return self._answer(
@@ -731,6 +763,7 @@ class HttpIdempotency:
                 "operator removes the record (its storage key is in the server's log).",
                 key=key,
                 reason=exc,
+                started=started,
             )
         if isinstance(exc, IdempotencyPersistenceConfigError):
             # Credentials, permissions, a missing table, a cluster mode that is not the
@@ -744,6 +777,7 @@ class HttpIdempotency:
                 "Retrying will not help until an operator fixes it (see the server's log).",
                 key=key,
                 reason=exc,
+                started=started,
             )
         transient = isinstance(exc, IdempotencyInconsistentStateError) or (
             isinstance(exc, IdempotencyPersistenceLayerError) and exc.transient
@@ -757,6 +791,7 @@ class HttpIdempotency:
                 retry=True,
                 key=key,
                 reason=exc,
+                started=started,
             )
         return self._answer(
             500,
@@ -766,9 +801,12 @@ class HttpIdempotency:
             "that a retry is not expected to fix (see the server's log).",
             key=key,
             reason=exc,
+            started=started,
         )
 
-    def _stored_reply_invalid(self, exc: IdempotencyStoredReplyError) -> Reply:
+    def _stored_reply_invalid(
+        self, exc: IdempotencyStoredReplyError, started: float | None = None
+    ) -> Reply:
         return self._answer(
             500,
             "stored-reply-invalid",
@@ -778,6 +816,7 @@ class HttpIdempotency:
             "help until an operator removes it (its storage key is in the server's log).",
             key=exc.key,
             reason=exc,
+            started=started,
         )
 
 
