@@ -3,7 +3,9 @@
 Groups:
 
 - ``in-memory``: no server; the library's own CPU per call (aioidempotency's
-  `InMemoryPersistenceLayer` against Powertools on an equivalent dict layer).
+  `InMemoryPersistenceLayer` against Powertools on an equivalent dict layer), and what
+  the engine's events cost (`EVENTS`: no listener, a no-op listener, DEBUG logging to a
+  `NullHandler`).
 - ``valkey``: one Valkey server; the floor (raw redis-py and glide), Powertools
   (sync redis-py) and aioidempotency (async and sync shim; redis-py and glide; atomic
   and protocol paths).
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
+import logging
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -58,7 +62,17 @@ from benchmarks.targets import (
     powertools,
 )
 
-__all__ = ["BATCH", "REPLICA", "WAIT", "Bench", "Budget", "Spec", "case_list", "needs_fresh_loop"]
+__all__ = [
+    "BATCH",
+    "EVENTS",
+    "REPLICA",
+    "WAIT",
+    "Bench",
+    "Budget",
+    "Spec",
+    "case_list",
+    "needs_fresh_loop",
+]
 
 SIZES = (100, 10_000, 200_000)
 CONCURRENCY = (1, 10, 100, 1000)
@@ -70,6 +84,10 @@ REPLICA = "valkey-replica"
 BATCH = "batch"
 WAIT = "wait_replicas=1"  # the variant of a valkey-replica case that waits for the replica
 BATCH_WORK_MS = (0, 1, 5)
+EVENTS = ("events-off", "events-noop", "events-debug")
+"""Variants of the in-memory first call: no event listener and DEBUG off (the default
+config, measured back to back with the others), a listener that does nothing, and the
+``aioidempotency`` loggers at DEBUG into a `logging.NullHandler`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +225,11 @@ def _memory_cases() -> Iterator[Spec]:
             if payload == SIZES[0]:
                 yield Spec(m, "aioidempotency", "in-memory", "", "sync", 1, scenario, payload)
     yield Spec(m, "aioidempotency", "in-memory", "", "async", 1, "first", variant="no-lease")
+    for variant in EVENTS:  # measured in every round, back to back: compare them
+        yield Spec(
+            m, "aioidempotency", "in-memory", "", "async", 1, "first", variant=variant,
+            headline=True,
+        )  # fmt: skip
 
 
 def _dynamodb_cases() -> Iterator[Spec]:
@@ -313,7 +336,33 @@ def _config(spec: Spec) -> IdempotencyConfig:
     return IdempotencyConfig(
         use_local_cache=spec.scenario == "cache-hit",
         in_progress_lease_seconds=None if spec.variant == "no-lease" else 60.0,
+        on_event=_ignore if spec.variant == "events-noop" else None,
     )
+
+
+def _ignore(event: object) -> None:
+    """The no-op event listener of the ``events-noop`` variant."""
+
+
+@contextlib.contextmanager
+def _logging_of(spec: Spec) -> Iterator[None]:
+    """For the ``events-debug`` variant: the ``aioidempotency`` loggers at DEBUG into a
+    `logging.NullHandler` (not propagated), as they were afterwards."""
+    if spec.variant != "events-debug":
+        yield
+        return
+    log = logging.getLogger("aioidempotency")
+    handler = logging.NullHandler()
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 class Bench:
@@ -622,12 +671,13 @@ class Bench:
             "server_cpu": self._server_cpu(spec),
         }
         stats: RunStats
-        if target.is_async:
-            stats = self.loop.run_until_complete(
-                run_async(target.call, stream, concurrency=spec.concurrency, **options)
-            )
-        else:
-            stats = run_threads(target.call, stream, threads=spec.concurrency, **options)
+        with _logging_of(spec):
+            if target.is_async:
+                stats = self.loop.run_until_complete(
+                    run_async(target.call, stream, concurrency=spec.concurrency, **options)
+                )
+            else:
+                stats = run_threads(target.call, stream, threads=spec.concurrency, **options)
         if spec.group in ("valkey", BATCH, REPLICA):
             self._flush(spec)
         return _figures(spec, stats)
