@@ -306,6 +306,7 @@ def test_a_duplicate_in_process_is_refused_without_a_round_trip(
     gate.release.set()
     first.result()
     refused = recorder.one(EventKind.IN_PROGRESS)
+    assert refused.key == engine.idempotency_key(PAYMENT)
     assert refused.round_trips == 0
     assert refused.outcome is CallOutcome.REFUSED
     assert recorder.kinds() == [EventKind.CLAIMED, EventKind.IN_PROGRESS, EventKind.COMPLETED]
@@ -452,6 +453,25 @@ def test_a_claim_over_a_record_seen_free_is_a_takeover(
     ]
     assert_logged(logged, taken, level=level)
     assert detail in logged.getMessage()
+
+
+def test_a_durable_replay_resumes_its_own_claim(
+    store: SyncPersistenceLayer, caplog_debug: pytest.LogCaptureFixture
+) -> None:
+    clock, recorder = Clock(), Recorder()
+    engine = engine_for(store, clock, recorder)
+    key = engine.idempotency_key(PAYMENT)
+    plant(store, key, clock, status=RecordStatus.INPROGRESS, lasts=60)  # its first run
+    fn = Calls(clock)
+    assert engine.run_for(PAYMENT, fn, key_source=fn, durable_replay=True) == RESULT
+    assert recorder.kinds() == [EventKind.RESUMED, EventKind.COMPLETED]
+    resumed = recorder.events[0]
+    assert resumed.key == key
+    assert resumed.round_trips == 1
+    assert resumed.outcome is None
+    logged = decisions(caplog_debug, key)
+    assert [field(r, "idempotency_decision") for r in logged] == ["resumed", "completed"]
+    assert_logged(logged[0], resumed)
 
 
 # -- failures ----------------------------------------------------------------------------
@@ -658,7 +678,9 @@ def test_a_payload_without_a_key_runs_unprotected(
 
 
 def test_disabled_idempotency_is_reported(
-    store: SyncPersistenceLayer, monkeypatch: pytest.MonkeyPatch
+    store: SyncPersistenceLayer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog_debug: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setenv("POWERTOOLS_IDEMPOTENCY_DISABLED", "1")
     clock, recorder = Clock(), Recorder()
@@ -668,6 +690,11 @@ def test_disabled_idempotency_is_reported(
     assert disabled.kind is EventKind.DISABLED
     assert disabled.outcome is CallOutcome.UNPROTECTED
     assert disabled.key is None
+    assert disabled.round_trips == 0
+    [logged] = decisions(caplog_debug)
+    assert logged.levelno == logging.DEBUG
+    assert logged.getMessage().startswith(f"disabled {PREFIX} (no key)")
+    assert field(logged, "idempotency_outcome") == "unprotected"
 
 
 # -- listeners ---------------------------------------------------------------------------
