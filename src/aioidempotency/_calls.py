@@ -134,7 +134,7 @@ def prepare_call(
     payload_hash = None
     if config.payload_validation_enabled:
         payload_hash = hash_data(select_validation_data(data, config), config.hash_function)
-    context = lambda_context if lambda_context is not None else registered_lambda_context()
+    context = lambda_context if lambda_context is not None else registered_lambda_context(config)
     key = f"{prefix}#{hash_data(key_data, config.hash_function)}"
     # Positional arguments: a frozen dataclass is built faster from them than by keyword.
     return PreparedCall(key, payload_hash, context, durable_replay, watch)

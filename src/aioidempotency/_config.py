@@ -52,6 +52,10 @@ class IdempotencyConfig:
       behaviour.
     - `wait_poll_interval_seconds`: first pause between two reads of the store while
       waiting; it doubles up to 1 s. Duplicates in one process do not poll at all.
+    - `lambda_context` (keyword-only, as in Powertools): the invocation's context. A
+      call given no context of its own and with none registered in its task or thread
+      (`register_lambda_context`) bounds its claim by this context's remaining time.
+      Not compared, not in the repr.
     - `on_event` (keyword-only): called with an `aioidempotency.events.IdempotencyEvent`
       for every decision about a call (see docs/observability.md); it must be quick,
       and an exception it raises is logged, never raised to the call.
@@ -70,6 +74,9 @@ class IdempotencyConfig:
     wait_for_in_progress_seconds: float = 0.0
     wait_poll_interval_seconds: float = 0.05
     on_event: EventListener | None = dataclasses.field(default=None, kw_only=True)
+    lambda_context: LambdaContextLike | None = dataclasses.field(
+        default=None, kw_only=True, repr=False, compare=False
+    )
 
     _event_key: jmespath.parser.ParsedResult | None = dataclasses.field(
         init=False, repr=False, compare=False, default=None
@@ -97,6 +104,13 @@ class IdempotencyConfig:
             raise IdempotencyPersistenceConfigError("wait_for_in_progress_seconds must be >= 0")
         if self.wait_poll_interval_seconds <= 0:
             raise IdempotencyPersistenceConfigError("wait_poll_interval_seconds must be positive")
+        if self.lambda_context is not None and not callable(
+            getattr(self.lambda_context, "get_remaining_time_in_millis", None)
+        ):
+            raise IdempotencyPersistenceConfigError(
+                "lambda_context must have a get_remaining_time_in_millis() method; "
+                f"got a {type(self.lambda_context).__name__}"
+            )
         if self.on_event is not None and not callable(self.on_event):
             raise IdempotencyPersistenceConfigError(
                 f"on_event must be callable, not {type(self.on_event).__name__}"
@@ -120,11 +134,19 @@ class IdempotencyConfig:
         """Make `lambda_context` known to idempotent calls in the current task or thread.
 
         Kept for code migrating from Powertools. The context is held in a
-        `contextvars.ContextVar`, never on this (shared) config.
+        `contextvars.ContextVar`, never on this (shared, immutable) config; it takes
+        precedence over the config's own `lambda_context`, as the registered one
+        replaces it in Powertools.
         """
         _registered_context.set(lambda_context)
 
 
-def registered_lambda_context() -> LambdaContextLike | None:
-    """The Lambda context registered in the current task or thread, if any."""
-    return _registered_context.get()
+def registered_lambda_context(
+    config: IdempotencyConfig | None = None,
+) -> LambdaContextLike | None:
+    """The Lambda context registered in the current task or thread, else `config`'s
+    own ``lambda_context`` (when a config is given), else None."""
+    context = _registered_context.get()
+    if context is None and config is not None:
+        return config.lambda_context
+    return context
