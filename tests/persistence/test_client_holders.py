@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import threading
 import time
+import warnings
 from typing import Any
 
 import pytest
@@ -275,3 +277,73 @@ def test_a_client_passed_in_from_another_process_is_refused_from_the_start(side:
         f"this client was created in process {parent}, before os.fork(): pass a URL instead"
     )
     assert elsewhere.current() is client  # held (never closed), but not used
+
+
+async def test_open_hands_out_the_open_client_without_opening_another() -> None:
+    opener = Opener()
+    holder = opener.holder(at_shutdown=False)
+    first = await holder.open()
+    assert await holder.open() is first
+    assert len(opener.opened) == 1
+    await holder.aclose()
+
+
+# -- a forked child ------------------------------------------------------------------------------
+
+
+def _exit_code_of(pid: int, timeout: float = 30) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child {pid} did not finish within {timeout} s")
+        time.sleep(0.02)  # polling interval, not a synchronisation stand-in
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+async def test_a_forked_child_leaves_the_parents_clients_alone_whatever_it_calls_first() -> None:
+    """In a forked child the parent's clients are forgotten, never closed (their sockets
+    are the parent's), whether the child first closes a holder or opens from it."""
+    closing, opening = Opener(), Opener()
+    closed_first, opened_first = closing.holder(at_shutdown=False), opening.holder()
+    await closed_first.open()
+    parents = (await opened_first.open()).client
+    sync_closed: list[object] = []
+    sync_holder = sync_clients.OpenedClients(object, sync_closed.append)
+    sync_parents = sync_holder.open().client
+
+    async def in_child() -> int:  # pragma: no cover - runs in the child
+        await closed_first.aclose()  # the child's first call on this holder
+        if closing.closed_in or closing.opened[0].closed:
+            return 2
+        fresh = (await opened_first.open()).client  # and on this one
+        if fresh is parents or len(opening.opened) != 2 or parents.closed:
+            return 3
+        sync_holder.close()
+        if sync_closed:
+            return 4
+        return 0 if sync_holder.open().client is not sync_parents else 5
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # threads of the test process
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            code = asyncio.run(in_child())
+        finally:
+            os._exit(code)
+    assert await asyncio.to_thread(_exit_code_of, pid) == 0
+    # The parent's clients are still open and still handed out here.
+    assert not parents.closed
+    assert closing.closed_in == []
+    assert (await opened_first.open()).client is parents
+    assert sync_holder.open().client is sync_parents
+    await closed_first.aclose()
+    await opened_first.aclose()
+    sync_holder.close()
+    assert sync_closed == [sync_parents]
