@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import hashlib
 import json
 import random
 import re
@@ -41,11 +42,13 @@ from aioidempotency import (
     IdempotencyKeyError,
     IdempotencyPayloadError,
     IdempotencyPersistenceConfigError,
+    IdempotencyValidationError,
     InMemoryPersistenceLayer,
     RecordStatus,
     idempotent_function_async,
 )
-from aioidempotency._encoding import dumps_result
+from aioidempotency._cli import usable_hash_functions
+from aioidempotency._encoding import dumps_key_data, dumps_result
 from aioidempotency._keys import (
     PowertoolsFunctions,
     hash_data,
@@ -438,6 +441,38 @@ def test_vector_keys_through_the_engine(monkeypatch: pytest.MonkeyPatch) -> None
     engine = IdempotencyEngine(InMemoryPersistenceLayer())
     key = engine.idempotency_key({"b": 2, "a": 1}, key_source=process_order)
     assert key == ("test-func.tests.test_keys.process_order#8aacdb17187e6acf2b175d4aa08d7213")
+
+
+#: hashlib's algorithms that OpenSSL provides beyond the guaranteed ones (no `hashlib`
+#: attribute of their own: `hashlib.new(name)` makes them).
+OPENSSL_ONLY = sorted(
+    name
+    for name in hashlib.algorithms_available - hashlib.algorithms_guaranteed
+    if getattr(hashlib, name, None) is None and name in usable_hash_functions()
+)
+
+
+@pytest.mark.parametrize("name", OPENSSL_ONLY or ["none-in-this-python"])
+async def test_a_hash_function_only_openssl_provides_keys_and_validates_calls(name: str) -> None:
+    if name not in hashlib.algorithms_available:
+        pytest.skip("this Python's OpenSSL provides no hash beyond the guaranteed ones")
+    config = IdempotencyConfig(
+        event_key_jmespath="id", payload_validation_jmespath="amount", hash_function=name
+    )
+    engine = IdempotencyEngine(InMemoryPersistenceLayer(), config, key_prefix="orders")
+    digest = hashlib.new(name, dumps_key_data(7).encode()).hexdigest()
+    assert engine.idempotency_key({"id": 7, "amount": 1}) == f"orders#{digest}"
+    calls: list[int] = []
+
+    async def charge() -> str:
+        calls.append(1)
+        return "charged"
+
+    assert await engine.run({"id": 7, "amount": 1}, charge) == "charged"
+    assert await engine.run({"id": 7, "amount": 1}, charge) == "charged"  # replayed
+    with pytest.raises(IdempotencyValidationError):
+        await engine.run({"id": 7, "amount": 2}, charge)
+    assert calls == [1]
 
 
 # -- generated payloads vs Powertools ------------------------------------------------------
