@@ -6,6 +6,7 @@ table of their own, and each test asserts the same observable behaviour of both.
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,13 +20,26 @@ from aws_lambda_powertools.utilities.idempotency import (
     IdempotencyConfig as PowertoolsConfig,
 )
 from aws_lambda_powertools.utilities.idempotency import idempotent_function as pt_idempotent
+from aws_lambda_powertools.utilities.idempotency.persistence.datarecord import (
+    DataRecord as PowertoolsRecord,
+)
 
-from aioidempotency import IdempotencyConfig, idempotent_function
+from aioidempotency import (
+    DataRecord,
+    IdempotencyConfig,
+    IdempotentHookFunction,
+    RecordStatus,
+    idempotent_function,
+)
 from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 from tests.backends.dynamodb import fresh_sync_store
 from tests.helpers import FakeLambdaContext
 from tests.servers.moto import MotoServer
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Couldn't determine the remaining time left:UserWarning"  # Powertools, no context
+)
 
 ORDER = {"order_id": "o-1", "amount": 42}
 KEY_OPTIONS: dict[str, dict[str, Any]] = {
@@ -96,12 +110,20 @@ def run_one(
     return result, inside[0]
 
 
-def in_progress_expiry_ms(items: list[dict[str, Any]], store: SyncDynamoDBPersistenceLayer) -> int:
-    """The in-progress expiry (epoch ms) of the one in-progress item among `items`."""
+def in_progress_item(
+    items: list[dict[str, Any]], store: SyncDynamoDBPersistenceLayer
+) -> dict[str, Any]:
+    """The one in-progress item among `items`."""
     status = store.attributes.status_attr
     in_progress = [item for item in items if item[status]["S"] == "INPROGRESS"]
     assert len(in_progress) == 1, items
-    return int(in_progress[0][store.attributes.in_progress_expiry_attr]["N"])
+    return in_progress[0]
+
+
+def in_progress_expiry_ms(items: list[dict[str, Any]], store: SyncDynamoDBPersistenceLayer) -> int:
+    """The in-progress expiry (epoch ms) of the one in-progress item among `items`."""
+    item = in_progress_item(items, store)
+    return int(item[store.attributes.in_progress_expiry_attr]["N"])
 
 
 # -- IdempotencyConfig(lambda_context=...) ---------------------------------------------
@@ -153,3 +175,84 @@ def test_config_lambda_context_is_keyword_only_and_kept_out_of_equality() -> Non
 def test_config_refuses_a_lambda_context_without_remaining_time() -> None:
     with pytest.raises(IdempotencyPersistenceConfigError, match="get_remaining_time_in_millis"):
         IdempotencyConfig(lambda_context=object())  # type: ignore[arg-type]
+
+
+# -- DataRecord in response hooks --------------------------------------------------------
+
+
+def test_response_hook_sees_the_same_record_on_both_sides(
+    table: SyncDynamoDBPersistenceLayer,
+) -> None:
+    seen: dict[str, dict[str, Any]] = {}
+
+    def hook_for(side: str) -> IdempotentHookFunction:
+        def hook(response: Any, idempotent_data: Any) -> Any:
+            seen[side] = {
+                "status": idempotent_data.status,
+                "sort_key": idempotent_data.sort_key,
+                "expires": idempotent_data.get_expiration_datetime(),
+                "as_dict": idempotent_data.response_json_as_dict(),
+            }
+            return {**response, "replayed": True}
+
+        return hook
+
+    before = datetime.datetime.fromtimestamp(int(time.time()) + 3600)
+    results = run_both(
+        table,
+        lambda config: config(
+            response_hook=hook_for("powertools" if config is PowertoolsConfig else "ours")
+        ),
+        lambda charge: (charge(order=ORDER), charge(order=ORDER)),
+    )
+    after = datetime.datetime.fromtimestamp(int(time.time()) + 3600)
+    for side in ("powertools", "ours"):
+        (first, replayed), items = results[side]
+        assert first == {"charged": 42}, side
+        assert replayed == {"charged": 42, "replayed": True}, side
+        record = seen[side]
+        assert record["status"] == "COMPLETED", side
+        assert record["as_dict"] == {"charged": 42}, side
+        assert before <= record["expires"] <= after, side
+        assert record["expires"].tzinfo is None, side
+        if table.sort_key_attr is None:
+            assert record["sort_key"] is None, side
+        else:
+            stored_key = in_progress_item(items, table)[table.sort_key_attr]["S"]
+            assert record["sort_key"] == stored_key, side
+
+
+@pytest.mark.parametrize(
+    ("response_data", "expected"),
+    [('{"a": [1, 2]}', {"a": [1, 2]}), ("", None), (None, None)],
+)
+def test_response_json_as_dict_as_powertools(response_data: str | None, expected: Any) -> None:
+    ours = DataRecord("k", RecordStatus.COMPLETED, 1_700_000_000, response_data=response_data)
+    theirs = PowertoolsRecord("k", "COMPLETED", 1_700_000_000, response_data=response_data or "")
+    assert ours.response_json_as_dict() == theirs.response_json_as_dict() == expected
+
+
+@pytest.mark.parametrize("expiry", [0, 1, 1_700_000_000, 4_102_444_800])
+def test_get_expiration_datetime_as_powertools(expiry: int) -> None:
+    ours = DataRecord("k", RecordStatus.COMPLETED, expiry)
+    theirs = PowertoolsRecord("k", "COMPLETED", expiry)
+    assert ours.get_expiration_datetime() == theirs.get_expiration_datetime()
+    assert (ours.get_expiration_datetime() is None) == (expiry == 0)
+
+
+def test_sort_key_is_not_part_of_a_records_equality() -> None:
+    record = DataRecord("k", RecordStatus.COMPLETED, 1)
+    assert record.sort_key is None
+    assert record == DataRecord("k", RecordStatus.COMPLETED, 1, sort_key="k")
+
+
+def test_a_hook_typed_for_powertools_is_an_idempotent_hook_function() -> None:
+    def powertools_style(response: Any, idempotent_data: DataRecord) -> Any:
+        return response
+
+    def other_names(result: Any, record: DataRecord) -> Any:
+        return result
+
+    hooks: list[IdempotentHookFunction] = [powertools_style, other_names]
+    config = IdempotencyConfig(response_hook=hooks[0])
+    assert config.response_hook is powertools_style

@@ -8,7 +8,7 @@ back without running. Keys, records and knobs are those of Powertools for AWS La
 
 from aioidempotency._async.decorators import idempotent_async, idempotent_function_async
 from aioidempotency._async.engine import IdempotencyDisabledWarning, IdempotencyEngine
-from aioidempotency._config import IdempotencyConfig
+from aioidempotency._config import IdempotencyConfig, IdempotentHookFunction
 from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency._sync.decorators import idempotent, idempotent_function
 from aioidempotency._sync.engine import SyncIdempotencyEngine
@@ -79,6 +79,7 @@ __all__ = [
     # making calls idempotent
     "IdempotencyConfig",
     "IdempotencyEngine",
+    "IdempotentHookFunction",
     "SyncIdempotencyEngine",
     "idempotent",
     "idempotent_async",

@@ -17,13 +17,24 @@ if TYPE_CHECKING:
     from aioidempotency._events import EventListener
     from aioidempotency._records import DataRecord
 
-__all__ = ["IdempotencyConfig", "LambdaContextLike", "ResponseHook"]
+__all__ = ["IdempotencyConfig", "IdempotentHookFunction", "LambdaContextLike", "ResponseHook"]
 
 
 class LambdaContextLike(Protocol):
     """The part of a Lambda context the engine uses."""
 
     def get_remaining_time_in_millis(self) -> int: ...
+
+
+class IdempotentHookFunction(Protocol):
+    """A response hook, under Powertools' name: called as ``hook(response, record)``
+    on every replay, and what it returns is returned to the caller.
+
+    Powertools' parameter names; positional-only here, since the engine passes both
+    positionally, so a hook may name them as it likes.
+    """
+
+    def __call__(self, response: Any, idempotent_data: DataRecord, /) -> Any: ...
 
 
 ResponseHook = Callable[[Any, "DataRecord"], Any]

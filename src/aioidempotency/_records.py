@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import json
 import math
@@ -47,6 +48,13 @@ class DataRecord:
     `expiry_timestamp` is in epoch seconds, `in_progress_expiry_timestamp` in epoch
     milliseconds (as in the reference). `response_data` is the JSON text of the result
     (COMPLETED only). `owner` is the token of the call that claimed the record.
+    `sort_key`: as in Powertools, the idempotency key when the record was read from a
+    DynamoDB table with a composite key (``sort_key_attr``), else None; where the record
+    was read from, not part of it, so left out of equality.
+
+    For response hooks written for Powertools: `get_expiration_datetime()`,
+    `response_json_as_dict()` and `sort_key` behave as Powertools' (3.x). `is_expired`
+    and `status` do not: see docs/getting-started.md, "Differences from Powertools".
     """
 
     idempotency_key: str
@@ -56,6 +64,7 @@ class DataRecord:
     response_data: str | None = None
     payload_hash: str | None = None
     owner: str | None = None
+    sort_key: str | None = dataclasses.field(default=None, compare=False)
 
     def is_expired(self, now: float) -> bool:
         """True when the record's expiry window has passed at `now` (epoch seconds)."""
@@ -80,6 +89,18 @@ class DataRecord:
     def response_json(self) -> Any:
         """The stored result decoded from JSON (`None` when nothing was stored)."""
         return None if self.response_data is None else json.loads(self.response_data)
+
+    def response_json_as_dict(self) -> Any:
+        """Powertools' name for the stored result decoded from JSON: None when no
+        result (or an empty text) was stored."""
+        return json.loads(self.response_data) if self.response_data else None
+
+    def get_expiration_datetime(self) -> datetime.datetime | None:
+        """The expiry as Powertools gives it: a naive datetime in the local time zone
+        (UTC on Lambda), None for a zero timestamp."""
+        if self.expiry_timestamp:
+            return datetime.datetime.fromtimestamp(int(self.expiry_timestamp))
+        return None
 
 
 def _as_int(value: Any, name: str, key: str) -> int:
@@ -159,8 +180,11 @@ class RecordAttributes:
             item[self.owner_attr] = record.owner
         return item
 
-    def from_mapping(self, key: str, item: Mapping[str, Any]) -> DataRecord:
+    def from_mapping(
+        self, key: str, item: Mapping[str, Any], *, sort_key: str | None = None
+    ) -> DataRecord:
         """Build a record from stored attributes; unknown attributes are ignored.
+        `sort_key` is set on the record as it is.
 
         Raises `IdempotencyInvalidStatusError` when a required attribute is missing or
         malformed.
@@ -198,6 +222,7 @@ class RecordAttributes:
             response_data=data,
             payload_hash=None if validation is None else str(validation),
             owner=None if owner is None else str(owner),
+            sort_key=sort_key,
         )
 
     def to_json(self, record: DataRecord) -> str:

@@ -277,7 +277,9 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
 
     def _record(self, key: str, item: Mapping[str, AttributeValue]) -> DataRecord:
         return self.attributes.from_mapping(
-            key, {name: plain(value) for name, value in item.items()}
+            key,
+            {name: plain(value) for name, value in item.items()},
+            sort_key=None if self.sort_key_attr is None else key,
         )
 
     def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
