@@ -7,6 +7,9 @@ table of their own, and each test asserts the same observable behaviour of both.
 from __future__ import annotations
 
 import datetime
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,10 +26,12 @@ from aws_lambda_powertools.utilities.idempotency import idempotent_function as p
 from aws_lambda_powertools.utilities.idempotency.persistence.datarecord import (
     DataRecord as PowertoolsRecord,
 )
+from aws_lambda_powertools.warnings import PowertoolsUserWarning
 
 from aioidempotency import (
     DataRecord,
     IdempotencyConfig,
+    IdempotencyDisabledWarning,
     IdempotentHookFunction,
     RecordStatus,
     idempotent_function,
@@ -78,9 +83,9 @@ def run_both(
     build: Callable[[type[Any]], Any],
     call: Callable[[Callable[..., Any]], Any],
 ) -> dict[str, tuple[Any, list[dict[str, Any]]]]:
-    """Decorate one function with Powertools' and with our `idempotent_function`
-    (config built by `build(ConfigClass)`), run `call` on each, and return, for each
-    side, its result and the items of the table seen from inside the function."""
+    """Decorate one function with Powertools' and with our `idempotent_function`, in that
+    order (config built by `build(ConfigClass)`), run `call` on each, and return, for
+    each side, its result and the items of the table seen from inside the function."""
     return {
         "powertools": run_one(
             store, pt_idempotent, build(PowertoolsConfig), powertools_twin(store), call
@@ -256,3 +261,61 @@ def test_a_hook_typed_for_powertools_is_an_idempotent_hook_function() -> None:
     hooks: list[IdempotentHookFunction] = [powertools_style, other_names]
     config = IdempotencyConfig(response_hook=hooks[0])
     assert config.response_hook is powertools_style
+
+
+# -- the disabled-idempotency warning ------------------------------------------------
+
+
+def test_disabled_warning_is_caught_as_powertools_users_catch_theirs(
+    table: SyncDynamoDBPersistenceLayer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POWERTOOLS_IDEMPOTENCY_DISABLED", "true")
+    caught: list[list[type[Warning]]] = []
+
+    def call(charge: Callable[..., Any]) -> Any:
+        with pytest.warns(PowertoolsUserWarning, match="development environments only") as got:
+            result = charge(order=ORDER)
+        caught.append([warning.category for warning in got])
+        return result
+
+    seen = run_both(table, lambda config: config(), call)
+    assert {side: result for side, (result, _) in seen.items()} == {
+        "powertools": {"charged": 42},
+        "ours": {"charged": 42},
+    }
+    assert caught == [[PowertoolsUserWarning], [IdempotencyDisabledWarning]]  # in run order
+    assert stored_items(table) == []  # neither side touched the table
+
+
+def test_disabled_warning_is_a_plain_user_warning_without_powertools() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["aws_lambda_powertools"] = None  # as if not installed
+        from aioidempotency import IdempotencyDisabledWarning
+        print([cls.__name__ for cls in IdempotencyDisabledWarning.__mro__])
+        print(any(name.startswith("aws_lambda_powertools") and module is not None
+                  for name, module in sys.modules.items()))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    mro, imported = done.stdout.splitlines()
+    assert mro == str(
+        [
+            "IdempotencyDisabledWarning",
+            "UserWarning",
+            "Warning",
+            "Exception",
+            "BaseException",
+            "object",
+        ]
+    )
+    assert imported == "False"
+
+
+def test_disabled_warning_is_powertools_class_when_installed() -> None:
+    assert issubclass(IdempotencyDisabledWarning, PowertoolsUserWarning)
+    assert issubclass(IdempotencyDisabledWarning, UserWarning)
