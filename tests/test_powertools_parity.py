@@ -23,6 +23,9 @@ from aws_lambda_powertools.utilities.idempotency import (
     IdempotencyConfig as PowertoolsConfig,
 )
 from aws_lambda_powertools.utilities.idempotency import idempotent_function as pt_idempotent
+from aws_lambda_powertools.utilities.idempotency.exceptions import (
+    IdempotencyPersistenceLayerError as PowertoolsPersistenceLayerError,
+)
 from aws_lambda_powertools.utilities.idempotency.persistence.datarecord import (
     DataRecord as PowertoolsRecord,
 )
@@ -36,6 +39,8 @@ from aioidempotency import (
     RecordStatus,
     idempotent_function,
 )
+from aioidempotency._cli import usable_hash_functions as cli_hash_functions
+from aioidempotency._config import usable_hash_functions
 from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 from tests.backends.dynamodb import fresh_sync_store
@@ -319,3 +324,45 @@ def test_disabled_warning_is_a_plain_user_warning_without_powertools() -> None:
 def test_disabled_warning_is_powertools_class_when_installed() -> None:
     assert issubclass(IdempotencyDisabledWarning, PowertoolsUserWarning)
     assert issubclass(IdempotencyDisabledWarning, UserWarning)
+
+
+# -- hash_function ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["shake_128", "shake_256"])
+def test_a_hash_needing_a_length_fails_powertools_at_the_call_and_us_at_construction(
+    table: SyncDynamoDBPersistenceLayer, name: str
+) -> None:
+    powertools = pt_idempotent(
+        data_keyword_argument="order",
+        persistence_store=powertools_twin(table),
+        config=PowertoolsConfig(hash_function=name),  # accepted
+    )(lambda order: order)
+    with pytest.raises(PowertoolsPersistenceLayerError, match=r"hexdigest\(\) missing"):
+        powertools(order=ORDER)  # only at the call: hexdigest() needs a length
+    with pytest.raises(IdempotencyPersistenceConfigError) as caught:
+        IdempotencyConfig(hash_function=name)
+    message = str(caught.value)
+    assert f"hash_function {name!r} cannot be used: its digest needs a length" in message
+    assert str(usable_hash_functions()) in message
+    assert stored_items(table) == []
+
+
+@pytest.mark.parametrize("name", ["crc32", "SHA256 ", ""])
+def test_a_name_hashlib_does_not_offer_is_refused_with_the_usable_ones(name: str) -> None:
+    with pytest.raises(IdempotencyPersistenceConfigError) as caught:
+        IdempotencyConfig(hash_function=name)
+    assert str(caught.value) == (
+        f"unknown hash_function {name!r}; choose one of {usable_hash_functions()}"
+    )
+
+
+def test_config_and_cli_share_one_list_of_usable_hash_functions() -> None:
+    usable = usable_hash_functions()
+    assert cli_hash_functions is usable_hash_functions
+    assert {"md5", "sha256"} <= set(usable)
+    assert not any(name.startswith("shake_") for name in usable)
+    for name in usable:
+        assert IdempotencyConfig(hash_function=name).hash_function == name
+    usable.append("mutated")  # each call returns a new list
+    assert "mutated" not in usable_hash_functions()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import hashlib
 import json
 import sys
 import time
@@ -21,7 +20,7 @@ import jmespath
 import jmespath.exceptions
 
 from aioidempotency._calls import idempotency_key
-from aioidempotency._config import IdempotencyConfig
+from aioidempotency._config import IdempotencyConfig, usable_hash_functions
 from aioidempotency._demo import run_demo
 from aioidempotency._encoding import dumps_key_data
 from aioidempotency._keys import (
@@ -45,18 +44,6 @@ __all__ = ["main", "usable_hash_functions"]
 
 class UsageError(Exception):
     """A mistake in what the user asked for: printed as ``error: ...``, exit status 2."""
-
-
-def usable_hash_functions() -> list[str]:
-    """hashlib's algorithms that give a hex digest without a length (not ``shake_*``)."""
-    usable = []
-    for name in sorted(hashlib.algorithms_available):
-        try:
-            hashlib.new(name, b"").hexdigest()
-        except (TypeError, ValueError):  # shake_128/256 need a length; some are disabled
-            continue
-        usable.append(name)
-    return usable
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:

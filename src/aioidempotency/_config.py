@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -17,7 +18,13 @@ if TYPE_CHECKING:
     from aioidempotency._events import EventListener
     from aioidempotency._records import DataRecord
 
-__all__ = ["IdempotencyConfig", "IdempotentHookFunction", "LambdaContextLike", "ResponseHook"]
+__all__ = [
+    "IdempotencyConfig",
+    "IdempotentHookFunction",
+    "LambdaContextLike",
+    "ResponseHook",
+    "usable_hash_functions",
+]
 
 
 class LambdaContextLike(Protocol):
@@ -39,6 +46,25 @@ class IdempotentHookFunction(Protocol):
 
 ResponseHook = Callable[[Any, "DataRecord"], Any]
 """Called as ``hook(response, record)`` on every replay; its return value is returned."""
+
+
+@functools.cache
+def _usable_hash_functions() -> tuple[str, ...]:
+    usable = []
+    for name in sorted(hashlib.algorithms_available):
+        try:
+            hashlib.new(name, b"", usedforsecurity=False).hexdigest()
+        except (TypeError, ValueError):  # shake_128/256 need a length; some are disabled
+            continue
+        usable.append(name)
+    return tuple(usable)
+
+
+def usable_hash_functions() -> list[str]:
+    """hashlib's algorithms that give a hex digest without a length (not ``shake_*``):
+    the values `IdempotencyConfig.hash_function` accepts, sorted."""
+    return list(_usable_hash_functions())
+
 
 _registered_context: contextvars.ContextVar[LambdaContextLike | None] = contextvars.ContextVar(
     "aioidempotency_lambda_context", default=None
@@ -97,11 +123,15 @@ class IdempotencyConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.hash_function not in hashlib.algorithms_available:
-            raise IdempotencyPersistenceConfigError(
-                f"unknown hash_function {self.hash_function!r}; "
-                f"choose one of hashlib's: {sorted(hashlib.algorithms_guaranteed)}"
+        usable = _usable_hash_functions()
+        if self.hash_function not in usable:
+            problem = (
+                f"hash_function {self.hash_function!r} cannot be used: its digest needs a "
+                "length, or this Python refuses it"
+                if self.hash_function in hashlib.algorithms_available
+                else f"unknown hash_function {self.hash_function!r}"
             )
+            raise IdempotencyPersistenceConfigError(f"{problem}; choose one of {list(usable)}")
         if self.expires_after_seconds <= 0:
             raise IdempotencyPersistenceConfigError("expires_after_seconds must be positive")
         if self.local_cache_max_items < 1:
