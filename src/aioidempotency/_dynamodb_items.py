@@ -367,8 +367,11 @@ def config_options(
     """The options `boto_config` sets explicitly, and the bounded defaults under them.
 
     The defaults: the layer's timeouts, `max_attempts` (else the AWS configuration's
-    of `session`, else `DEFAULT_MAX_ATTEMPTS`) and the "standard" retry mode unless the
-    AWS configuration sets one. Each side builds its client's config from the two.
+    of `session`, else `DEFAULT_MAX_ATTEMPTS`), the "standard" retry mode unless the
+    AWS configuration sets one, and no client-side parameter validation: the layer's
+    requests have fixed shapes, tested against DynamoDB's API, and validating them
+    costs more client CPU than building them (a malformed one would still be refused
+    by the server). Each side builds its client's config from the two.
     """
     given: dict[str, Any] = dict(getattr(settings.boto_config, "_user_provided_options", {}))
     defaults: dict[str, Any] = {}
@@ -376,6 +379,8 @@ def config_options(
         defaults["connect_timeout"] = settings.connect_timeout
     if "read_timeout" not in given:
         defaults["read_timeout"] = settings.read_timeout
+    if "parameter_validation" not in given:
+        defaults["parameter_validation"] = False
     retries = dict(given.get("retries") or {})
     if not retries.keys() & {"max_attempts", "total_max_attempts"}:
         if settings.max_attempts is not None:

@@ -18,6 +18,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer
 from aioidempotency._records import DataRecord, RecordStatus
+from aioidempotency._twins import as_sync_store
 from aioidempotency.exceptions import (
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
@@ -263,3 +264,29 @@ async def test_a_forked_child_opens_its_own_client(moto_server: MotoServer) -> N
         assert child.exitcode == 0
         assert await store.client() is parent_client  # the parent's client is untouched
         assert not any(session.closed for session in http_sessions(parent_client))
+
+
+@pytest.mark.parametrize("validation", [None, True], ids=["default", "boto_config"])
+async def test_own_clients_leave_parameter_validation_to_the_server_unless_asked(
+    moto_server: MotoServer, validation: bool | None
+) -> None:
+    """The layer's requests have fixed shapes: its own clients skip botocore's
+    client-side validation (CPU per request), both worlds alike; a `boto_config` that
+    asks for it gets it. An unknown parameter shows whether the validator looked."""
+    from botocore.exceptions import ParamValidationError
+
+    user = None if validation is None else AioConfig(parameter_validation=validation)
+    layer = DynamoDBPersistenceLayer("t", endpoint_url=moto_server.endpoint_url, boto_config=user)
+    sync_client = as_sync_store(layer).client()  # type: ignore[attr-defined]
+    try:
+        client = await layer.client()
+        # Unvalidated, the serializer stumbles on the name (KeyError): no request either.
+        with pytest.raises((ParamValidationError, KeyError)) as in_async:
+            await client.describe_table(TableName="t", Unknown=1)
+        with pytest.raises((ParamValidationError, KeyError)) as in_sync:
+            await asyncio.to_thread(sync_client.describe_table, TableName="t", Unknown=1)
+        for raised in (in_async.value, in_sync.value):
+            assert isinstance(raised, ParamValidationError) is bool(validation)
+    finally:
+        await layer.aclose()
+        as_sync_store(layer).close()
