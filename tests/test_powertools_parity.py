@@ -35,14 +35,20 @@ from aioidempotency import (
     DataRecord,
     IdempotencyConfig,
     IdempotencyDisabledWarning,
+    IdempotencyEngine,
     IdempotentHookFunction,
+    InMemoryPersistenceLayer,
     RecordStatus,
     idempotent_function,
 )
 from aioidempotency._cli import usable_hash_functions as cli_hash_functions
 from aioidempotency._config import usable_hash_functions
 from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
-from aioidempotency.exceptions import IdempotencyPersistenceConfigError
+from aioidempotency.exceptions import (
+    IdempotencyCompletionError,
+    IdempotencyPersistenceConfigError,
+    IdempotencyPersistenceLayerError,
+)
 from tests.backends.dynamodb import fresh_sync_store
 from tests.helpers import FakeLambdaContext
 from tests.servers.moto import MotoServer
@@ -366,3 +372,57 @@ def test_config_and_cli_share_one_list_of_usable_hash_functions() -> None:
         assert IdempotencyConfig(hash_function=name).hash_function == name
     usable.append("mutated")  # each call returns a new list
     assert "mutated" not in usable_hash_functions()
+
+
+# -- error messages --------------------------------------------------------------------
+
+
+class FailingCompletion(InMemoryPersistenceLayer):
+    """Fault injection: the first completion fails as a dropped connection would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 1
+
+    async def complete(self, record: DataRecord, *, owner: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("connection reset by peer")
+        await super().complete(record, owner=owner)
+
+
+async def test_a_failed_completion_has_powertools_message_and_our_details(
+    table: SyncDynamoDBPersistenceLayer,
+) -> None:
+    class PowertoolsFailingCompletion(PowertoolsDynamoDB):
+        def _update_record(self, data_record: PowertoolsRecord) -> None:
+            raise ConnectionError("connection reset by peer")
+
+    layer = PowertoolsFailingCompletion(
+        table_name=table.table_name,
+        boto3_client=boto3.client("dynamodb", endpoint_url=table.endpoint_url),
+        **KEY_OPTIONS["composite" if table.sort_key_attr else "simple"],
+    )
+    powertools = pt_idempotent(
+        data_keyword_argument="order", persistence_store=layer, config=PowertoolsConfig()
+    )(lambda order: {"charged": order["amount"]})
+    with pytest.raises(PowertoolsPersistenceLayerError) as theirs:
+        powertools(order=ORDER)
+
+    engine = IdempotencyEngine(FailingCompletion(), key_prefix="orders")
+
+    async def charge() -> dict[str, int]:
+        return {"charged": 42}
+
+    with pytest.raises(IdempotencyCompletionError) as ours:
+        await engine.run(ORDER, charge)
+    assert await engine.drain(10)  # the background completion lands
+
+    expected = "Failed to update record state to success in idempotency store"
+    assert ours.value.args[0] == theirs.value.args[0] == expected
+    assert str(ours.value) == str(theirs.value) == f"{expected} - (connection reset by peer)"
+    assert isinstance(ours.value, IdempotencyPersistenceLayerError)
+    assert isinstance(ours.value.__cause__, ConnectionError)
+    assert isinstance(theirs.value.__cause__, ConnectionError)
+    assert ours.value.result == {"charged": 42}  # our detail: the function's result
+    assert await engine.run(ORDER, charge) == {"charged": 42}  # stored in the background

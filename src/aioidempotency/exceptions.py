@@ -200,6 +200,10 @@ class IdempotencyCompletionError(IdempotencyPersistenceLayerError):
     lease runs out). The subclasses for results that cannot be stored at all
     (`IdempotencySerializationError`, `IdempotencyResultTooLargeError`) release the
     key instead, so a retry runs the function again.
+
+    When the store failed, ``args[0]`` is Powertools' message for the same failure
+    ("Failed to update record state to success in idempotency store") and the store's
+    exception is the second argument and the ``__cause__``.
     """
 
     def __init__(self, *args: object, result: Any = None) -> None:

@@ -548,10 +548,8 @@ class IdempotencyEngine:
             await self._release(call, owner, exc, CallOutcome.NOT_STORED)
             raise
         except Exception as exc:
-            error = IdempotencyCompletionError(
-                "Failed to update record state to success in idempotency store; "
-                "the function ran and its result is attached. Storing it is retried in "
-                "the background: until then the key is in progress",
+            error = IdempotencyCompletionError(  # Powertools' message; ours in the docstring
+                "Failed to update record state to success in idempotency store",
                 exc,
                 result=result,
             )
