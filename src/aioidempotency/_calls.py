@@ -7,12 +7,10 @@ the web layer use it.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import os
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aioidempotency._config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
 from aioidempotency._events import Watch
@@ -46,38 +44,18 @@ DISABLED_MESSAGE = (
 )
 
 
-def _powertools_user_warning() -> type[UserWarning]:
-    """Powertools' `PowertoolsUserWarning` when Powertools is installed, else UserWarning.
-
-    Looked up once, at import: `find_spec` answers without importing when Powertools is
-    absent; when present, importing ``aws_lambda_powertools.warnings`` runs Powertools'
-    package ``__init__`` (tens of milliseconds).
-    """
-    try:
-        if importlib.util.find_spec("aws_lambda_powertools") is None:
-            return UserWarning
-        module = importlib.import_module("aws_lambda_powertools.warnings")
-    except Exception:  # a broken installation must not break ours: plain UserWarning
-        return UserWarning
-    base = getattr(module, "PowertoolsUserWarning", None)
-    if isinstance(base, type) and issubclass(base, UserWarning):
-        return base
-    return UserWarning
-
-
-if TYPE_CHECKING:
-    _DisabledWarningBase = UserWarning
-else:
-    _DisabledWarningBase = _powertools_user_warning()
-
-
-class IdempotencyDisabledWarning(_DisabledWarningBase):
+class IdempotencyDisabledWarning(UserWarning):
     """Idempotency is switched off by `POWERTOOLS_IDEMPOTENCY_DISABLED`.
 
-    Always a `UserWarning`. When Powertools for AWS Lambda is installed it is also a
-    subclass of Powertools' ``aws_lambda_powertools.warnings.PowertoolsUserWarning``
-    (the class Powertools 3.x warns with for the same setting), so filters and
-    ``pytest.warns`` written for Powertools catch ours too.
+    A `UserWarning` with Powertools' message, so a filter on that category and message
+    catches Powertools' warning and ours alike::
+
+        warnings.filterwarnings("ignore", "Disabling idempotency", UserWarning)
+
+    It is not a subclass of Powertools' ``PowertoolsUserWarning``: that would import
+    Powertools with this package, which costs Lambda cold starts tens of milliseconds
+    and runs Powertools' package setup (its boto3 user-agent hook, its log handler) in
+    programs that never asked for it.
     """
 
 
