@@ -6,13 +6,14 @@ looks at its claims from its thread every half interval of real time; a test nev
 sleeps to let it run, it waits (bounded) for what `RenewalsSeen` records. Each renewal
 runs in a thread of its own: the store records it, and a test joins it to know the
 renewal is over. `Keeper.sweep` proves a pass of the keeper at the clock's time with a
-witness claim due then. Unlike the asyncio keeper, this one schedules the retry of a
-failed renewal on its clock, so the test's clock sets the pace of the backoff too.
+witness claim due then. As in the asyncio keeper, a failed renewal is retried from its
+own thread after a pause in real time, which `Lease.stop` cuts short.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import select
 import signal
@@ -52,11 +53,12 @@ class Clock:
 @dataclasses.dataclass
 class Renewal:
     """One renewal that reached the store: the record sent, the thread that sent it,
-    and how it ended ("in flight" until it does)."""
+    when (monotonic seconds), and how it ended ("in flight" until it does)."""
 
     record: DataRecord
     thread: threading.Thread
     outcome: str = "in flight"
+    at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class RenewalsSeen(SyncInMemoryPersistenceLayer):
@@ -252,46 +254,60 @@ def test_a_failed_renewal_is_retried_with_backoff_and_the_claim_kept() -> None:
     # A longer lease, so the pause doubles twice before it reaches its cap (a third).
     keeper = Keeper(lease=0.6)
     interval = keeper.lease / 3
-    first = lease_module.RETRY_DELAY
     try:
         claim, lease = keeper.keep()
         down = IdempotencyPersistenceConnectionError("the store is down")
         keeper.store.faults[claim.idempotency_key] = [down] * 4
-        now = T0 + interval + EPSILON
-        keeper.clock.now = now
-        assert keeper.ended(claim, 1).outcome == "failed"
-        # Each retry waits twice as long as the one before, at most a third of the lease;
-        # the outage outlasts the lease (T0 + 0.6) and the renewals go on all the same.
-        for count, pause in enumerate([first, 2 * first, interval, interval], start=2):
-            keeper.clock.now = now + pause - EPSILON
-            keeper.sweep()
-            assert len(keeper.renewals(claim)) == count - 1, (count, pause)
-            now += pause + EPSILON
-            keeper.clock.now = now
-            keeper.ended(claim, count)
-        assert 8 * first > interval  # the last pause was capped
+        due = T0 + interval + EPSILON
+        keeper.clock.now = due
+        keeper.settled(claim, 2)
+        # The outage outlasts the lease: the renewal goes on all the same, from its own
+        # thread, pausing in real time (the test's clock does not move meanwhile).
+        late = T0 + 5 * keeper.lease
+        keeper.clock.now = late
+        last = keeper.ended(claim, 5)
         renewals = keeper.renewals(claim)
         assert [r.outcome for r in renewals] == ["failed"] * 4 + ["renewed"]
+        assert len({r.thread for r in renewals}) == 1  # one renewal, retried in its thread
         assert all(r.record.owner == claim.owner for r in renewals)
-        assert now > T0 + keeper.lease
-        assert renewals[-1].record.in_progress_expiry_timestamp == int((now + 0.6) * 1000)
-        assert keeper.store.get(claim.idempotency_key, now=now) == renewals[-1].record
+        assert renewals[0].record.in_progress_expiry_timestamp == int((due + 0.6) * 1000)
+        assert last.record.in_progress_expiry_timestamp == int((late + 0.6) * 1000)
+        pauses = [b.at - a.at for a, b in itertools.pairwise(renewals)]
+        first = lease_module.RETRY_DELAY
+        expected = [first, 2 * first, min(4 * first, interval), min(8 * first, interval)]
+        assert expected[2] > expected[1]  # the pause grew twice before its cap
+        for pause, floor in zip(pauses, expected, strict=True):
+            assert pause >= 0.9 * floor, (pauses, expected)
         assert not lease.lost
+        assert keeper.store.get(claim.idempotency_key, now=late) == last.record
 
-        # Kept: the next renewal comes an interval later; a failure then is retried after
-        # the first pause again.
-        keeper.store.faults[claim.idempotency_key] = [down]
-        now += interval + EPSILON
-        keeper.clock.now = now
-        assert keeper.ended(claim, 6).outcome == "failed"
-        keeper.clock.now = now + first - EPSILON
-        keeper.sweep()
-        assert len(keeper.renewals(claim)) == 6
-        keeper.clock.now = now + first + EPSILON
-        assert keeper.ended(claim, 7).outcome == "renewed"
-        assert not lease.lost
+        # Kept: the next renewal comes an interval later, and succeeds at once.
+        keeper.clock.now = late + interval + EPSILON
+        assert keeper.ended(claim, 6).outcome == "renewed"
     finally:
         keeper.close()
+
+
+def test_stop_ends_a_pause_between_failed_renewals(
+    keeper: Keeper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lease_module, "RETRY_DELAY", 3600.0)  # far past any bound here
+    claim, lease = keeper.keep()
+    down = IdempotencyPersistenceConnectionError("the store is down")
+    keeper.store.faults[claim.idempotency_key] = [down]
+    keeper.clock.now = T0 + INTERVAL + EPSILON
+    assert keeper.settled(claim, 1).outcome == "failed"
+    deadline = time.monotonic() + WAIT
+    while lease.wakeup is None:  # the renewal's thread is in its pause (bounded wait)
+        assert time.monotonic() < deadline, "the failed renewal never paused"
+        time.sleep(0.001)
+    # It would pause for an hour; stop() ends the pause at once.
+    started = time.monotonic()
+    lease.stop()
+    assert time.monotonic() - started < lease_module.STOP_TIMEOUT
+    keeper.ended(claim, 1)  # its thread is over
+    assert len(keeper.renewals(claim)) == 1  # and it did not try again
+    assert not lease.lost
 
 
 @pytest.mark.parametrize("loss", ["taken_over", "deleted"])

@@ -41,7 +41,7 @@ class Lease:
 
     `watch` is the call's (its events count the renewals), None when nobody watches."""
 
-    __slots__ = ("claim", "delay", "due", "keeper", "lost", "renewing", "watch")
+    __slots__ = ("claim", "due", "keeper", "lost", "renewing", "wakeup", "watch")
 
     def __init__(
         self, keeper: Leases, claim: DataRecord, due: float, watch: Watch | None = None
@@ -49,12 +49,14 @@ class Lease:
         self.keeper = keeper
         self.claim = claim
         self.due = due
-        self.delay = RETRY_DELAY
         self.lost = False
         self.watch = watch
         # Held while a renewal is in flight: taken by the keeper, released by the
         # renewal's thread (a bare lock, not an Event: most claims never renew).
         self.renewing = threading.Lock()
+        # Set by `stop()` to end a renewal's pause between failed attempts; made by the
+        # renewal's thread on its first failure only.
+        self.wakeup: threading.Event | None = None
 
     @property
     def key(self) -> str:
@@ -129,6 +131,8 @@ class Leases:
             self._after_fork()
         with self._lock:
             self._leases.pop(lease.claim.owner or "", None)
+            if lease.wakeup is not None:
+                lease.wakeup.set()  # a renewal pausing between attempts ends now
 
     def _serve(self, generation: int) -> None:
         while fork_generation() == generation:
@@ -159,45 +163,60 @@ class Leases:
             lease.renewing.release()
 
     def _renew(self, lease: Lease) -> None:
-        if lease.claim.owner not in self._leases:
-            return
-        until_ms = int((self._clock() + self._lease) * 1000)
-        renewed = dataclasses.replace(lease.claim, in_progress_expiry_timestamp=until_ms)
+        # Retried in this thread, pausing in real time between attempts (as the async
+        # keeper does in its task) until the claim is renewed, proven lost or stopped.
+        delay = RETRY_DELAY
         watch = lease.watch
-        if watch is not None:
-            # The call's own thread is in its function meanwhile (it stops the lease, waiting
-            # for a renewal in flight, before it completes): no other thread counts now.
-            watch.round_trips += 1
-        try:
-            self._store.renew(renewed)
-        except IdempotencyClaimLostError as exc:
-            lease.lost = True
-            self._forget(lease)
-            self._reporter.emit(
-                EventKind.LEASE_LOST,
-                lease.key,
-                watch,
-                error=exc,
-                log=logger,
-                detail="another call holds the key; its result will not be stored",
-            )
+        while lease.claim.owner in self._leases:
+            until_ms = int((self._clock() + self._lease) * 1000)
+            renewed = dataclasses.replace(lease.claim, in_progress_expiry_timestamp=until_ms)
+            if watch is not None:
+                # The call's own thread is in its function meanwhile (it stops the lease,
+                # waiting for a renewal in flight, before it completes): no other thread
+                # counts now.
+                watch.round_trips += 1
+            try:
+                self._store.renew(renewed)
+            except IdempotencyClaimLostError as exc:
+                lease.lost = True
+                self._forget(lease)
+                self._reporter.emit(
+                    EventKind.LEASE_LOST,
+                    lease.key,
+                    watch,
+                    error=exc,
+                    log=logger,
+                    detail="another call holds the key; its result will not be stored",
+                )
+                return
+            except Exception as exc:
+                self._reporter.emit(
+                    EventKind.STORE_ERROR,
+                    lease.key,
+                    watch,
+                    error=exc,
+                    log=logger,
+                    detail=f"renewing the lease failed; retrying in {delay:.2g}s",
+                    exc_info=True,
+                )
+                if not self._pause(lease, delay):
+                    return
+                delay = min(delay * 2, self._interval)
+                continue
+            lease.claim = renewed
+            # Due one interval after the deadline was computed (see _async/lease.py).
+            lease.due = until_ms / 1000 - self._lease + self._interval
+            if watch is not None:
+                self._reporter.emit(EventKind.LEASE_RENEWED, lease.key, watch, log=logger)
             return
-        except Exception as exc:
-            self._reporter.emit(
-                EventKind.STORE_ERROR,
-                lease.key,
-                watch,
-                error=exc,
-                log=logger,
-                detail=f"renewing the lease failed; retrying in {lease.delay:.2g}s",
-                exc_info=True,
-            )
-            lease.due = self._clock() + lease.delay
-            lease.delay = min(lease.delay * 2, self._interval)
-            return
-        lease.claim = renewed
-        lease.delay = RETRY_DELAY
-        # Due one interval after the deadline was computed (see _async/lease.py).
-        lease.due = until_ms / 1000 - self._lease + self._interval
-        if watch is not None:
-            self._reporter.emit(EventKind.LEASE_RENEWED, lease.key, watch, log=logger)
+
+    def _pause(self, lease: Lease, delay: float) -> bool:
+        """Wait `delay` seconds before the next attempt; False if the lease was stopped
+        (before or during the pause)."""
+        with self._lock:
+            if lease.claim.owner not in self._leases:
+                return False
+            if lease.wakeup is None:
+                lease.wakeup = threading.Event()
+            wakeup = lease.wakeup
+        return not wakeup.wait(delay)
