@@ -71,12 +71,15 @@ _DENIED_ERRORS = frozenset(
 _CLUSTER_OFF_REPLY = re.compile(
     r"cluster mode is not enabled|cluster support disabled", re.IGNORECASE
 )
-#: Client-side texts for the same: valkey-glide reports a failed (lazy) connection and a
-#: redirection it gave up on as a plain RequestError ("Standalone connect failed - IoError:
-#: ... timed out", "Moved: 38 host:port"); redis-py's cluster client gives up on a
-#: migrating slot with ClusterError("TTL exhausted.").
+#: Client-side texts for the same: valkey-glide reports a failed (lazy) connection, a
+#: node connection it is re-establishing (its cluster client after a failover or a
+#: password rotation: "Connection in recovery") and a redirection it gave up on as a
+#: plain RequestError ("Standalone connect failed - IoError: ... timed out", "Moved: 38
+#: host:port"); redis-py's cluster client gives up on a migrating slot with
+#: ClusterError("TTL exhausted.").
 _RETRY_TEXT = re.compile(
-    r"connect failed|IoError|timed out|connection refused|broken pipe|TTL exhausted|\bmoved:",
+    r"connect failed|IoError|timed out|connection refused|broken pipe|TTL exhausted|"
+    r"\bmoved:|connection in recovery",
     re.IGNORECASE,
 )
 #: redis-py's names for those replies (its MovedError's text omits the word MOVED).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 from collections.abc import Iterator
 
 import pytest
@@ -112,5 +113,18 @@ def test_wait_refused_by_a_demoted_primary_is_transient(server: Server, client: 
     assert "replica" in str(error)
     assert classify(error) == TRANSIENT
     mapped = store_error("claim", "k", error)
+    assert isinstance(mapped, IdempotencyPersistenceConnectionError)
+    assert mapped.transient
+
+
+@pytest.mark.parametrize("module", ["glide", "glide_sync"])
+def test_a_glide_connection_in_recovery_is_transient(module: str) -> None:
+    """glide's cluster client fails requests on a node connection it is re-establishing
+    (after a failover, or a password rotation) with a plain RequestError; a retry may
+    succeed, and a layer diagnoses its cause (a refused login) only for transient errors."""
+    glide = importlib.import_module(module)  # both are test dependencies
+    error = glide.RequestError("Connection in recovery- ClientError")
+    assert classify(error) == TRANSIENT
+    mapped = store_error("claim", "fn#k", error)
     assert isinstance(mapped, IdempotencyPersistenceConnectionError)
     assert mapped.transient
