@@ -370,7 +370,7 @@ class CachePersistenceLayer(PersistenceLayer):
             with contextlib.suppress(Exception):
                 await _close(client)  # opened for us, and of no use
             raise IdempotencyPersistenceConfigError(
-                f"{type(client).__name__} cannot run scripts; use atomic=False"
+                f"{type(opened).__name__} cannot run scripts; use atomic=False"
             )
         return client
 

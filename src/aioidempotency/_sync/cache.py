@@ -343,7 +343,7 @@ class SyncCachePersistenceLayer(SyncPersistenceLayer):
             with contextlib.suppress(Exception):
                 _close(client)  # opened for us, and of no use
             raise IdempotencyPersistenceConfigError(
-                f"{type(client).__name__} cannot run scripts; use atomic=False"
+                f"{type(opened).__name__} cannot run scripts; use atomic=False"
             )
         return client
 

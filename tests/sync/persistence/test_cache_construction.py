@@ -149,7 +149,7 @@ def test_a_factory_client_that_cannot_run_scripts_is_refused_and_closed(node: Se
         pytest.raises(IdempotencyPersistenceConfigError) as raised,
     ):
         layer.get("k")
-    assert str(raised.value) == "SyncTtlCacheClient cannot run scripts; use atomic=False"
+    assert str(raised.value) == "ClosableClient cannot run scripts; use atomic=False"  # its class
     assert [client.closed for client in opened] == [True]  # opened for the layer, of no use
     for client in opened:
         client.inner.close()
