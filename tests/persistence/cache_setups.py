@@ -15,14 +15,19 @@ CONNECT_TIMEOUT = 30.0
 
 def primary_with_replica(pool: ServerPool) -> tuple[Server, Server]:
     """A Valkey primary and one replica of it (not shared with other tests), once the
-    replica is connected."""
+    replica acknowledges writes: connected is not enough, a replica still in its first
+    full sync is counted as connected but acknowledges nothing (WAIT gets 0)."""
     primary = pool._start("valkey")
     replica = pool._start("valkey", "--replicaof", primary.host, str(primary.port))
     deadline = time.monotonic() + CONNECT_TIMEOUT
+    probe = f"replication-probe-{uuid.uuid4().hex}"
     with primary.admin() as admin:
-        while admin.info("replication").get("connected_slaves", 0) < 1:
-            assert time.monotonic() < deadline, "the replica did not connect"
-            time.sleep(0.05)  # polling interval, not a synchronisation stand-in
+        while True:
+            admin.set(probe, "1")
+            if int(admin.execute_command("WAIT", 1, 100)) >= 1:
+                break
+            assert time.monotonic() < deadline, "the replica never acknowledged a write"
+        admin.delete(probe)
     return primary, replica
 
 

@@ -45,6 +45,7 @@ from aioidempotency.exceptions import (
     IdempotencyInvalidStatusError,
     IdempotencyPersistenceConfigError,
 )
+from tests.persistence import cache_setups
 from tests.persistence.test_cache_store import completed, in_progress, new_key, renewed, tok
 from tests.servers.redis import Server, ServerPool
 
@@ -483,15 +484,9 @@ def test_host_username_password_and_db_index_reach_the_server(cache_servers: Ser
 
 @pytest.fixture(scope="module")
 def primary_with_replica(cache_servers: ServerPool) -> tuple[Server, Server]:
-    """A Valkey primary with one replica of its own (not shared with other tests)."""
-    primary = cache_servers._start("valkey")
-    replica = cache_servers._start("valkey", "--replicaof", primary.host, str(primary.port))
-    deadline = time.monotonic() + WAIT
-    with primary.admin() as admin:
-        while admin.info("replication").get("connected_slaves", 0) < 1:
-            assert time.monotonic() < deadline, "the replica did not connect"
-            time.sleep(0.05)
-    return primary, replica
+    """A Valkey primary with one replica of its own (not shared with other tests), once
+    the replica acknowledges writes."""
+    return cache_setups.primary_with_replica(cache_servers)
 
 
 @pytest.mark.parametrize("client", ["redis", "glide", "url_redis", "url_glide"])
