@@ -39,10 +39,8 @@ def _plain_pool(client: Any) -> Any:
     """The connection pool of a standalone client that takes commands on any pooled
     connection, or None (a cluster client, a single-connection client, a client
     without a pool): those run scripts through their own ``execute_command``."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is None or getattr(client, "connection", None) is not None:
-        return None
-    if hasattr(client, "nodes_manager") or not hasattr(pool, "get_connection"):
+    pool = getattr(client, "connection_pool", None)  # a RedisCluster has none
+    if getattr(client, "connection", None) is not None or not hasattr(pool, "get_connection"):
         return None
     return pool
 
