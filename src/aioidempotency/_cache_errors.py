@@ -24,6 +24,7 @@ __all__ = [
     "DENIED",
     "MISCONFIGURED",
     "OTHER",
+    "SYNTAX",
     "TRANSIENT",
     "WRONG_TYPE",
     "CacheAccessDeniedError",
@@ -94,7 +95,7 @@ _RETRY_ERRORS = frozenset(
     }
 )
 TRANSIENT, DENIED, WRONG_TYPE, OTHER = "transient", "denied", "wrongtype", "other"
-MISCONFIGURED = "misconfigured"
+MISCONFIGURED, SYNTAX = "misconfigured", "syntax"
 
 
 def _connection_error_types() -> tuple[type[BaseException], ...]:
@@ -122,8 +123,8 @@ def classify(exc: BaseException) -> str:
     """What a client error means for the caller: `TRANSIENT` (unreachable, timed out,
     redirected or failing over: worth a retry), `DENIED` (credentials or ACL),
     `MISCONFIGURED` (a cluster client on a standalone server), `WRONG_TYPE` (the key
-    holds another Redis type) or `OTHER`. An error our own adapters raised is judged by
-    its cause."""
+    holds another Redis type), `SYNTAX` (the server does not know a command's form: an
+    older version) or `OTHER`. An error our own adapters raised is judged by its cause."""
     if isinstance(exc, IdempotencyPersistenceLayerError) and isinstance(exc.__cause__, Exception):
         exc = exc.__cause__
     text = str(exc)
@@ -135,6 +136,8 @@ def classify(exc: BaseException) -> str:
         return MISCONFIGURED
     if "WRONGTYPE" in text:
         return WRONG_TYPE
+    if "syntax error" in text:
+        return SYNTAX
     if (
         isinstance(exc, _connection_error_types())
         or _RETRY_REPLY.search(text)

@@ -8,6 +8,7 @@ client and which clients the layer closes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import subprocess
@@ -283,6 +284,30 @@ async def test_a_script_whose_caller_is_cancelled_still_runs_whole(
     with node.admin() as admin:
         await wait_until(lambda: admin.exists(key) == 1, "the script to run")
         assert admin.get(key) == value.encode()
+
+
+async def test_a_plain_claim_whose_caller_is_cancelled_writes_its_value_whole(
+    cache_servers: ServerPool, raw_clients: list[Any]
+) -> None:
+    """The claim's ``SET NX GET``, cancelled one loop step after it was sent, lands whole
+    or not at all (a script call's arguments can be freed under it, see above)."""
+    node = cache_servers.standalone("valkey")
+    adapter = GlideCacheClient(await open_raw(raw_clients, node))
+    landed = 0
+    for step in range(40):
+        key, value = new_key(), uuid.uuid4().hex * 2048  # 64 KiB
+        caller = asyncio.create_task(adapter.set_nx_get(key, value, ex=600))
+        for _ in range(step % 4):
+            await asyncio.sleep(0)  # the call is sent and in flight
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        assert await adapter.get(key) in (None, value.encode())
+        landed += await adapter.get(key) is not None
+        # glide answers a client's requests in order: once this one is back, so is the
+        # cancelled one, which is now either stored whole or never sent.
+        assert await adapter.set_nx_get(key, "later", ex=600) in (None, value.encode())
+    assert landed > 0  # some calls were cancelled after they reached the server
 
 
 async def test_a_failed_script_whose_caller_is_cancelled_logs_no_unretrieved_error(

@@ -2,7 +2,10 @@
 
 - `AtomicPath`, for clients that run Lua scripts (redis-py, valkey-py, valkey-glide):
   claim-or-return-existing, orphan takeover, completion, release and renewal each
-  conditional on the server, in one round trip (a takeover in two). The scripts
+  conditional on the server, in one round trip (a takeover in two). A claim is the
+  plain command ``SET key value NX GET EX ttl`` where the client offers it and the
+  server knows it (Redis/Valkey >= 7.0; the server runs it several times faster than
+  a script), the claim script otherwise and for takeovers. The scripts
   (``aioidempotency._lua``) never parse a record: a takeover replaces a value only if
   it still has the fingerprint of the one Python classified, and the owner checks look
   for the caller's owner token.
@@ -26,7 +29,13 @@ from typing import Any, cast
 
 from aioidempotency._async.cache_clients import CacheClient, ScriptingCacheClient
 from aioidempotency._async.store import ClaimResult
-from aioidempotency._cache_errors import WRONG_TYPE, NotReplicated, classify, wrong_type
+from aioidempotency._cache_errors import (
+    SYNTAX,
+    WRONG_TYPE,
+    NotReplicated,
+    classify,
+    wrong_type,
+)
 from aioidempotency._lua import (
     CLAIM,
     CLAIM_FREE,
@@ -98,6 +107,9 @@ class AtomicPath:
         self.attributes = attributes
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
+        #: Whether a claim starts with ``SET NX GET`` (on a client that offers
+        #: `set_nx_get`); cleared when the server refuses that form.
+        self.plain_claims = True
 
     async def _durably(
         self, client: CacheClient, script: LuaScript, key: str, args: Sequence[str | int]
@@ -118,6 +130,26 @@ class AtomicPath:
         )
         return reply, int(acked)
 
+    async def _plain_claim(
+        self, client: CacheClient, key: str, text: str, expiry: int, now: float
+    ) -> tuple[bool, bytes | str | None]:
+        """``SET NX GET``: (True, None) when it claimed `key`, (True, value) when `key`
+        holds `value`, (False, None) when the server does not know the command's form
+        (then the layer claims with the script from now on)."""
+        try:
+            # The record's lifetime by the engine's clock, as the scripts' EXAT floor
+            # makes it: at least a second.
+            raw = await cast(Any, client).set_nx_get(key, text, ex=max(1, expiry - int(now)))
+        except Exception as exc:
+            kind = classify(exc)
+            if kind == WRONG_TYPE:
+                raise wrong_type(key) from exc
+            if kind != SYNTAX:
+                raise
+            self.plain_claims = False  # a server before 7.0: NX and GET do not combine
+            return False, None
+        return True, raw
+
     async def claim(
         self, client: CacheClient, key: str, text: str, expiry: int, now: float, owner: str
     ) -> ClaimResult:
@@ -125,7 +157,19 @@ class AtomicPath:
         # 1 round trip for a free key or a live record; an expired or orphaned one is
         # classified here, then replaced only if it is still the same value (2 in all).
         expected = ""
+        plain = self.plain_claims and not self.wait_replicas and hasattr(client, "set_nx_get")
         while True:
+            if plain:
+                plain = False
+                answered, raw = await self._plain_claim(client, key, text, expiry, now)
+                if answered:
+                    if raw is None:
+                        return ClaimResult(claimed=True)
+                    existing = self.attributes.from_json(key, raw)
+                    if not existing.is_claimable(now):
+                        return ClaimResult(claimed=False, existing=existing)
+                    expected = fingerprint(raw)
+                continue
             args = (text, expiry, expected)
             if self.wait_replicas:
                 reply, acked = await self._durably(client, CLAIM, key, args)

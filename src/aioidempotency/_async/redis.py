@@ -147,6 +147,12 @@ class RedisPyCacheClient:
         """SET `name` with EX (seconds) or EXAT (epoch seconds) and NX."""
         return await self._call("set", name, value, ex=ex, exat=exat, nx=nx)
 
+    async def set_nx_get(self, name: str, value: str, *, ex: int) -> bytes | str | None:
+        """``SET name value NX GET EX ex`` (Redis/Valkey >= 7.0): None when `name` was
+        free and now holds `value`, else what it holds (left as it was)."""
+        old: bytes | str | None = await self._call("set", name, value, ex=ex, nx=True, get=True)
+        return old
+
     async def delete(self, *names: str) -> int:
         """DEL `names`."""
         count: int = await self._call("delete", *names)

@@ -210,6 +210,22 @@ class SyncGlideCacheClient:
             raise _map_error(exc) from exc
         return result is not None
 
+    def set_nx_get(self, name: str, value: str, *, ex: int) -> bytes | None:
+        """``SET name value NX GET EX ex`` (Redis/Valkey >= 7.0): None when `name` was
+        free and now holds `value`, else what it holds (left as it was)."""
+        glide = _glide()
+        try:
+            old: bytes | None = self.client.set(
+                name,
+                value,
+                conditional_set=glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST,
+                expiry=glide.ExpirySet(glide.ExpiryType.SEC, ex),
+                return_old_value=True,
+            )
+        except Exception as exc:
+            raise _map_error(exc) from exc
+        return old
+
     def delete(self, *names: str) -> int:
         """DEL `names`; the number of keys removed."""
         try:

@@ -131,32 +131,50 @@ class SyncRedisPyCacheClient:
         count: int = self._call("delete", *names)
         return count
 
+    def set_nx_get(self, name: str, value: str, *, ex: int) -> bytes | str | None:
+        """``SET name value NX GET EX ex`` (Redis/Valkey >= 7.0): None when `name` was
+        free and now holds `value`, else what it holds (left as it was)."""
+        if self._pool is not None:
+            old: bytes | str | None = self._on_pool(
+                self._pool, ("SET", name, value, "NX", "GET", "EX", ex)
+            )
+        else:
+            old = self._call("set", name, value, ex=ex, nx=True, get=True)
+        return old
+
     def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """EVALSHA `script` on `key`'s node; EVAL when the server does not know it yet."""
         if self._pool is not None:
-            return self._script_on_pool(self._pool, script, key, args)
+            return self._on_pool(
+                self._pool,
+                ("EVALSHA", script.sha, 1, key, *args),
+                ("EVAL", script.code, 1, key, *args),
+            )
         try:
             return self._call("evalsha", script.sha, 1, key, *args)
         except self._no_script:
             return self._call("eval", script.code, 1, key, *args)
 
-    def _script_on_pool(
-        self, pool: Any, script: LuaScript, key: str, args: Sequence[str | int]
+    def _on_pool(
+        self, pool: Any, command: tuple[Any, ...], unknown_script: tuple[Any, ...] = ()
     ) -> Any:
-        """The script on a connection of a standalone client's pool, sent and read
-        directly. This skips ``execute_command``'s per-command retry and metrics, which
-        cost more client CPU than the send and read themselves (docs/performance.md);
-        the store retries transient failures itself, and its scripts are safe to
-        resend. A connection that failed is disconnected before it goes back to the
-        pool, as the client does."""
+        """`command` on a connection of a standalone client's pool, sent and read
+        directly (`unknown_script` instead when the server does not know the script of
+        an EVALSHA). This skips ``execute_command``'s per-command retry and metrics,
+        which cost more client CPU than the send and read themselves
+        (docs/performance.md); the store retries transient failures itself, and its
+        commands are safe to resend. A connection that failed is disconnected before it
+        goes back to the pool, as the client does."""
         with self._limit:
             connection = pool.get_connection(*self._pool_args)
             try:
                 try:
-                    connection.send_command("EVALSHA", script.sha, 1, key, *args)
+                    connection.send_command(*command)
                     return connection.read_response()
                 except self._no_script:
-                    connection.send_command("EVAL", script.code, 1, key, *args)
+                    if not unknown_script:
+                        raise
+                    connection.send_command(*unknown_script)
                     return connection.read_response()
             except self._response_error:
                 raise  # the server answered: the connection is in step

@@ -1,5 +1,5 @@
 """The sync redis-py adapter's scripts sent on a pooled connection directly
-(`SyncRedisPyCacheClient._script_on_pool`), under faults: a connection whose reply may
+(`SyncRedisPyCacheClient._on_pool`), under faults: a connection whose reply may
 still be on its way never goes back to the pool in use, a lost reply is recognised as
 the caller's own on the resend, a flushed script cache falls back to EVAL, a frozen
 server gives a typed error, and clients that are not a plain standalone pool keep the
@@ -180,8 +180,10 @@ def test_a_flushed_script_cache_falls_back_to_eval(
             admin.script_flush()
         before = evals(admin)
         k = key()
+        assert layer.claim(in_progress(k, tok("h")), now=0).claimed  # SET NX GET
+        layer.release(k, owner=tok("h"))  # a script
         assert layer.claim(in_progress(k, tok("h")), now=0).claimed
-        layer.complete(completed(k, {"n": attempt}), owner=tok("h"))
+        layer.complete(completed(k, {"n": attempt}), owner=tok("h"))  # another
         done = layer.get(k)
         assert done is not None
         assert done.response_data == json.dumps({"n": attempt})
