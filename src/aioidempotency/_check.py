@@ -246,7 +246,7 @@ return refused
 
 _ATOMIC_COMMANDS = (
     "+evalsha +eval +get +set +del +strlen +getrange +exists +type +time",
-    "the atomic path: EVALSHA/EVAL, and inside its scripts GET, SET, DEL, STRLEN, "
+    "the atomic path: SET (its claim), EVALSHA/EVAL, and inside its scripts GET, SET, DEL, STRLEN, "
     "GETRANGE, EXISTS, TYPE and TIME",
 )
 _PROTOCOL_COMMANDS = ("+get +set +del", "the protocol path: GET, SET and DEL")
