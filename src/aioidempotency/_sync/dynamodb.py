@@ -344,13 +344,16 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
             )
         names = {"#owner": attrs.owner_attr, "#status": attrs.status_attr}
         values = owner_values(owner)
-        key_names = {self.key_attr, self.sort_key_attr}
+        # The key and the owner token stay as they are (the condition proves the token):
+        # every name and value less is less for botocore to validate and serialise.
+        unchanged = {self.key_attr, self.sort_key_attr, attrs.owner_attr, attrs.status_attr}
         sets: list[str] = []
-        for index, name in enumerate(n for n in final if n not in key_names):
+        for index, name in enumerate(n for n in final if n not in unchanged):
             names[f"#a{index}"] = name
             values[f":a{index}"] = final[name]
             sets.append(f"#a{index} = :a{index}")
-        update = f"SET {', '.join(sets)}"
+        values[":status"] = final[attrs.status_attr]
+        update = f"SET {', '.join(sets)}, #status = :status"
         if attrs.in_progress_expiry_attr not in final:
             names["#in_progress_expiry"] = attrs.in_progress_expiry_attr
             update += " REMOVE #in_progress_expiry"
