@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +194,49 @@ def test_the_default_clock_is_refused_when_a_constructor_takes_no_clock(
     with pytest.raises(RuntimeError, match="takes no keyword-only clock"):
         clock_module.install_default_clock()
     assert repr(clock_module.DefaultClock()) == "<aioidempotency test clock: real time>"
+
+
+def test_a_session_inside_another_leaves_the_default_clock_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def takes_a_clock(*, clock: Callable[[], float] = time.time) -> None: ...
+
+    monkeypatch.setattr(clock_module, "_replaced", [])
+    monkeypatch.setattr(clock_module, "_installs", 0)
+    monkeypatch.setattr(clock_module, "_clock_takers", lambda: [takes_a_clock])
+    defaults = takes_a_clock.__kwdefaults__
+    assert defaults is not None
+    clock_module.install_default_clock()  # the outer session
+    clock_module.install_default_clock()  # a pytester run in the same process
+    assert defaults["clock"] is clock_module.default_clock
+    clock_module.uninstall_default_clock()
+    assert defaults["clock"] is clock_module.default_clock
+    clock_module.uninstall_default_clock()
+    assert defaults["clock"] is time.time
+
+
+def test_a_clock_that_cannot_be_installed_fails_only_the_tests_that_take_it(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(
+        """
+        from aioidempotency import IdempotencyEngine
+
+        IdempotencyEngine.__init__.__kwdefaults__["clock"] = lambda: 0.0
+        """
+    )
+    pytester.makepyfile(
+        test_refused="""
+        def test_clock(idempotency_clock):
+            pass
+
+        def test_events(idempotency_events):
+            pass
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*IdempotencyEngine.__init__ takes no keyword-only clock*"])
 
 
 # -- EventLog --------------------------------------------------------------------------------

@@ -105,31 +105,40 @@ def _clock_takers() -> list[Callable[..., Any]]:
 
 
 _replaced: list[tuple[dict[str, Any], Any]] = []
+_installs = 0
+"""How many pytest sessions of the process installed the default clock (a session run
+inside another one, as pytester's in-process runs are, must not uninstall it)."""
 
 
 def install_default_clock() -> None:
     """Make `default_clock` the default ``clock`` of engines and in-memory stores built
-    from now on (until `uninstall_default_clock`). It reads the real time until a test
-    sets its `fake`. Raises `RuntimeError` when a constructor no longer takes a
-    keyword-only ``clock`` defaulting to ``time.time``."""
-    if _replaced:
-        return
-    for constructor in _clock_takers():
-        defaults = constructor.__kwdefaults__
-        if defaults is None or defaults.get("clock") is not time.time:
-            raise RuntimeError(
-                f"{constructor.__qualname__} takes no keyword-only clock=time.time; "
-                "aioidempotency.testing cannot fake its time"
-            )
-    for constructor in _clock_takers():
-        defaults = constructor.__kwdefaults__
-        assert defaults is not None
-        _replaced.append((defaults, defaults["clock"]))
-        defaults["clock"] = default_clock
+    from now on (until as many `uninstall_default_clock` calls). It reads the real time
+    until a test sets its `fake`. Raises `RuntimeError` when a constructor no longer
+    takes a keyword-only ``clock`` defaulting to ``time.time``."""
+    global _installs
+    if not _replaced:
+        for constructor in _clock_takers():
+            defaults = constructor.__kwdefaults__
+            if defaults is None or defaults.get("clock") is not time.time:
+                raise RuntimeError(
+                    f"{constructor.__qualname__} takes no keyword-only clock=time.time; "
+                    "aioidempotency.testing cannot fake its time"
+                )
+        for constructor in _clock_takers():
+            defaults = constructor.__kwdefaults__
+            assert defaults is not None
+            _replaced.append((defaults, defaults["clock"]))
+            defaults["clock"] = default_clock
+    _installs += 1
 
 
 def uninstall_default_clock() -> None:
-    """Give engines and in-memory stores their real-time default back."""
+    """Undo one `install_default_clock`; the last one gives engines and in-memory stores
+    their real-time default back."""
+    global _installs
+    _installs = max(0, _installs - 1)
+    if _installs:
+        return
     while _replaced:
         defaults, original = _replaced.pop()
         defaults["clock"] = original

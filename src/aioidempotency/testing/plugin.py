@@ -59,18 +59,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+_CLOCK_REFUSED = pytest.StashKey[str]()
+"""Why the default clock could not be installed (the fixture then fails with it)."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    install_default_clock()
+    try:
+        install_default_clock()
+    except RuntimeError as exc:  # only the tests that take the clock fail
+        config.stash[_CLOCK_REFUSED] = str(exc)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    uninstall_default_clock()
+    if _CLOCK_REFUSED not in config.stash:
+        uninstall_default_clock()
 
 
 @pytest.fixture
-def idempotency_clock() -> Iterator[FakeClock]:
+def idempotency_clock(pytestconfig: pytest.Config) -> Iterator[FakeClock]:
     """A `FakeClock` at the real time that engines and in-memory stores read during
     the test (unless built with a ``clock=`` of their own)."""
+    refused = pytestconfig.stash.get(_CLOCK_REFUSED, None)
+    if refused is not None:
+        pytest.fail(refused, pytrace=False)
     clock = FakeClock()
     default_clock.fake = clock
     try:
