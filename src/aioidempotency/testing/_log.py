@@ -119,8 +119,8 @@ class EventLog:
         calls: dict[object, list[IdempotencyEvent]] = {}
         for index, event in enumerate(self.select(key, prefix=prefix)):
             # An event outside a watched call (no call id) is a call of its own.
-            calls.setdefault(event.call_id if event.call_id is not None else ("x", index), [])
-            calls[event.call_id if event.call_id is not None else ("x", index)].append(event)
+            call = event.call_id if event.call_id is not None else ("unwatched", index)
+            calls.setdefault(call, []).append(event)
         return list(calls.values())
 
     def outcomes(self, key: str | None = None, *, prefix: str | None = None) -> list[CallOutcome]:
