@@ -1,421 +1,98 @@
-"""The persistence contract (`PersistenceLayer` in aioidempotency._async.store), clause by
-clause, on every store backend of the suite (`store`, tests/conftest.py).
-
-Time is the caller's: each test passes `now` explicitly and never sleeps. Expiries lie
-ahead of the real clock, since Redis and Valkey expire records by their own.
+"""The persistence contract on every store backend of the suite (`store`,
+tests/conftest.py), through the public conformance kit that store authors run
+(`aioidempotency.testing.contract`, docs/testing.md).
 
 tools/unasync.py generates the sync twin of this module,
-tests/sync/persistence/test_contract.py, where `store` is the sync twin of each
-backend's store (tests/sync/conftest.py).
+tests/sync/persistence/test_contract.py: it subclasses the sync kit, and `store` is the
+sync twin of each backend's store (tests/sync/conftest.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import time
-import uuid
+from typing import Any
 
 import pytest
+import redis
 
-from aioidempotency import IdempotencyClaimLostError
-from aioidempotency._records import DataRecord, RecordStatus, new_owner_token
+from aioidempotency._dynamodb_items import MAX_ITEM_BYTES
 from aioidempotency.persistence import PersistenceLayer
+from aioidempotency.testing.contract import AsyncStoreContract, UnusableRecordWriter
+from tests.backends import cache
 
-TTL = 3600
-"""Seconds a record lives (`expiry_timestamp` is its claim's `now` plus this)."""
-LEASE_MS = 60_000
-"""Milliseconds an in-progress claim is held before it is orphaned."""
-RESULT = '{"paid": 1}'
-
-
-def start() -> float:
-    """The test's first `now`: the real time in whole seconds, so that the boundaries
-    below are exact and every record expires after the test on the server's clock."""
-    return float(int(time.time()))
+UNUSABLE_STATUS = "DONE"
+"""The status of the unusable records written below: not one of the contract's."""
 
 
-def new_key() -> str:
-    return f"test-contract#{uuid.uuid4().hex}"
+def _backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.node.callspec.params["store"]
+    return name
 
 
-def claim_of(key: str, now: float, *, lease_ms: int | None = LEASE_MS) -> DataRecord:
-    """A new in-progress claim on `key` made at `now`, as the engine builds it."""
-    return DataRecord(
-        idempotency_key=key,
-        status=RecordStatus.INPROGRESS,
-        expiry_timestamp=int(now) + TTL,
-        in_progress_expiry_timestamp=None if lease_ms is None else int(now * 1000) + lease_ms,
-        payload_hash="hash-1",
-        owner=new_owner_token(),
-    )
-
-
-def completion_of(claim: DataRecord, result: str = RESULT) -> DataRecord:
-    """The completed record of `claim`, as the engine sends it (no owner, no lease)."""
-    return DataRecord(
-        idempotency_key=claim.idempotency_key,
-        status=RecordStatus.COMPLETED,
-        expiry_timestamp=claim.expiry_timestamp,
-        response_data=result,
-        payload_hash=claim.payload_hash,
-    )
-
-
-def renewal_of(claim: DataRecord, until_ms: int) -> DataRecord:
-    """`claim` renewed until `until_ms`, as the lease keeper sends it."""
-    return dataclasses.replace(claim, in_progress_expiry_timestamp=until_ms)
-
-
-def owner_of(record: DataRecord) -> str:
-    assert record.owner is not None
-    return record.owner
-
-
-def without_owner(record: DataRecord | None) -> DataRecord | None:
-    """`record` without its owner token: a completed record may keep it or not."""
-    return None if record is None else dataclasses.replace(record, owner=None)
-
-
-async def claimed(store: PersistenceLayer, record: DataRecord, now: float) -> DataRecord:
-    """Claim a free key with `record`; the claim must win."""
-    result = await store.claim(record, now=now)
-    assert result.claimed, result
-    return record
-
-
-async def completed(store: PersistenceLayer, now: float) -> tuple[DataRecord, DataRecord]:
-    """A key claimed and completed at `now`: the claim and the completed record."""
-    claim = await claimed(store, claim_of(new_key(), now), now)
-    done = completion_of(claim)
-    await store.complete(done, owner=owner_of(claim))
-    return claim, done
-
-
-async def taken_over(store: PersistenceLayer) -> tuple[DataRecord, DataRecord, float]:
-    """A claim orphaned and taken over by another call: the late claim, the new one,
-    and the `now` of the takeover."""
-    now = start()
-    late = await claimed(store, claim_of(new_key(), now), now)
-    later = now + LEASE_MS / 1000 + 1
-    new = await claimed(store, claim_of(late.idempotency_key, later), later)
-    return late, new, later
-
-
-# -- claim ---------------------------------------------------------------------------------
-
-
-async def test_claim_of_a_free_key_writes_the_record(store: PersistenceLayer) -> None:
-    now = start()
-    record = claim_of(new_key(), now)
-    result = await store.claim(record, now=now)
-    assert (result.claimed, result.existing, result.busy) == (True, None, False)
-    assert await store.get(record.idempotency_key, now=now) == record
-
-
-async def test_a_live_claim_refuses_another_and_returns_itself(store: PersistenceLayer) -> None:
-    now = start()
-    first = await claimed(store, claim_of(new_key(), now), now)
-    refused = await store.claim(claim_of(first.idempotency_key, now), now=now)
-    assert not refused.claimed
-    assert refused.existing == first
-    assert await store.get(first.idempotency_key, now=now) == first
-
-
-async def test_a_completed_record_refuses_a_claim_and_returns_itself(
-    store: PersistenceLayer,
-) -> None:
-    now = start()
-    claim, done = await completed(store, now)
-    refused = await store.claim(claim_of(claim.idempotency_key, now + 1), now=now + 1)
-    assert not refused.claimed
-    assert without_owner(refused.existing) == done
-    assert refused.existing is not None
-    assert refused.existing.response_json() == {"paid": 1}
-
-
-@pytest.mark.parametrize("status", [RecordStatus.INPROGRESS, RecordStatus.COMPLETED])
-async def test_a_record_expired_at_now_is_taken_over(
-    store: PersistenceLayer, status: RecordStatus
-) -> None:
-    now = start()
-    old = await claimed(store, claim_of(new_key(), now, lease_ms=None), now)
-    if status is RecordStatus.COMPLETED:
-        await store.complete(completion_of(old), owner=owner_of(old))
-    key, expiry = old.idempotency_key, old.expiry_timestamp
-    # At `expiry` itself (any fraction of that second) the record is still live.
-    last_moment = expiry + 0.999
-    refused = await store.claim(claim_of(key, last_moment), now=last_moment)
-    assert not refused.claimed
-    assert refused.existing is not None
-    assert refused.existing.status is status
-    expired = float(expiry + 1)
-    assert refused.existing.is_claimable(expired)
-    new = claim_of(key, expired)
-    assert (await store.claim(new, now=expired)).claimed
-    assert await store.get(key, now=expired) == new
-
-
-async def test_a_record_orphaned_at_now_is_taken_over(store: PersistenceLayer) -> None:
-    now = start()
-    old = await claimed(store, claim_of(new_key(), now), now)
-    key, lease_end_ms = old.idempotency_key, old.in_progress_expiry_timestamp
-    assert lease_end_ms is not None
-    # At the lease's last millisecond the claim still holds; one millisecond later it is
-    # orphaned (its record lives on: it expires in `TTL`).
-    lease_end = lease_end_ms / 1000
-    refused = await store.claim(claim_of(key, lease_end), now=lease_end)
-    assert not refused.claimed
-    assert refused.existing == old
-    orphaned = lease_end + 0.002
-    assert old.is_orphaned(orphaned)
-    assert not old.is_expired(orphaned)
-    new = claim_of(key, orphaned)
-    assert (await store.claim(new, now=orphaned)).claimed
-    assert await store.get(key, now=orphaned) == new
-
-
-async def test_a_claim_sent_twice_returns_the_callers_own_record(
-    store: PersistenceLayer,
-) -> None:
-    now = start()
-    record = await claimed(store, claim_of(new_key(), now), now)
-    again = await store.claim(record, now=now)
-    assert not again.claimed
-    assert again.existing == record
-    assert again.existing.owner == record.owner
-    assert await store.get(record.idempotency_key, now=now) == record
-
-
-# -- get -----------------------------------------------------------------------------------
-
-
-async def test_get_of_a_missing_key_is_none(store: PersistenceLayer) -> None:
-    assert await store.get(new_key(), now=start()) is None
-
-
-@pytest.mark.parametrize("status", [RecordStatus.INPROGRESS, RecordStatus.COMPLETED])
-async def test_get_of_a_record_expired_at_now_is_none(
-    store: PersistenceLayer, status: RecordStatus
-) -> None:
-    now = start()
-    claim = await claimed(store, claim_of(new_key(), now), now)
-    record = claim
-    if status is RecordStatus.COMPLETED:
-        record = completion_of(claim)
-        await store.complete(record, owner=owner_of(claim))
-    key, expiry = record.idempotency_key, record.expiry_timestamp
-    assert without_owner(await store.get(key, now=expiry + 0.999)) == without_owner(record)
-    assert await store.get(key, now=expiry + 1) is None
-
-
-# -- complete ------------------------------------------------------------------------------
-
-
-async def test_complete_by_the_owner_replaces_the_claim(store: PersistenceLayer) -> None:
-    now = start()
-    claim = await claimed(store, claim_of(new_key(), now), now)
-    done = completion_of(claim)
-    await store.complete(done, owner=owner_of(claim))
-    stored = await store.get(claim.idempotency_key, now=now)
-    assert without_owner(stored) == done
-    assert stored is not None
-    assert stored.owner in (None, claim.owner)
-
-
-async def test_complete_after_a_takeover_raises_claim_lost(store: PersistenceLayer) -> None:
-    late, new, now = await taken_over(store)
-    with pytest.raises(IdempotencyClaimLostError) as lost:
-        await store.complete(completion_of(late), owner=owner_of(late))
-    assert lost.value.key == late.idempotency_key
-    assert await store.get(new.idempotency_key, now=now) == new
-
-
-GONE = ["deleted", "released", "never claimed"]
-
-
-async def gone_claim(store: PersistenceLayer, how: str, now: float) -> DataRecord:
-    """An in-progress claim that no longer exists (`how`: one of `GONE`)."""
-    claim = claim_of(new_key(), now)
-    if how == "never claimed":
-        return claim
-    await claimed(store, claim, now)
-    if how == "deleted":
-        assert await store.delete(claim.idempotency_key)
+def _unusable_cache_record(request: pytest.FixtureRequest, name: str, key: str) -> None:
+    """Write an unusable record under `key` on the server of the cache backend `name`,
+    with a client of its own."""
+    backend = cache.CACHE_BACKENDS[name]
+    pool = request.getfixturevalue("cache_servers")
+    value = json.dumps({"status": UNUSABLE_STATUS, "expiration": int(time.time()) + 600})
+    if backend.cluster:
+        node = pool.cluster(backend.kind)[0]
+        with redis.RedisCluster(node.host, node.port, socket_timeout=5) as client:
+            client.set(key, value, ex=600)
     else:
-        await store.release(claim.idempotency_key, owner=owner_of(claim))
-    return claim
+        with pool.standalone(backend.kind).admin() as admin:
+            admin.set(key, value, ex=600)
 
 
-@pytest.mark.parametrize("how", GONE)
-async def test_complete_of_a_claim_that_is_gone_raises_claim_lost(
-    store: PersistenceLayer, how: str
-) -> None:
-    now = start()
-    claim = await gone_claim(store, how, now)
-    with pytest.raises(IdempotencyClaimLostError) as lost:
-        await store.complete(completion_of(claim), owner=owner_of(claim))
-    assert lost.value.key == claim.idempotency_key
-    assert await store.get(claim.idempotency_key, now=now) is None  # nothing partial
+def _unusable_dynamodb_item(store: Any, key: str) -> None:
+    """Write an unusable item under `key` in the table of the DynamoDB layer `store`
+    (async or sync: both name their table and attributes alike), through boto3."""
+    import boto3
+
+    layer = getattr(store, "inner", store)  # the async layer behind a bridged store
+    item: dict[str, Any] = {
+        layer.attributes.status_attr: {"S": UNUSABLE_STATUS},
+        layer.attributes.expiry_attr: {"N": str(int(time.time()) + 600)},
+    }
+    if layer.sort_key_attr is None:
+        item[layer.key_attr] = {"S": key}
+    else:
+        item[layer.key_attr] = {"S": layer.static_pk_value}
+        item[layer.sort_key_attr] = {"S": key}
+    client = boto3.client("dynamodb", endpoint_url=layer.endpoint_url)
+    try:
+        client.put_item(TableName=layer.table_name, Item=item)
+    finally:
+        client.close()
 
 
-async def test_a_completion_sent_twice_succeeds(store: PersistenceLayer) -> None:
-    now = start()
-    claim = await claimed(store, claim_of(new_key(), now), now)
-    done = completion_of(claim)
-    await store.complete(done, owner=owner_of(claim))
-    await store.complete(done, owner=owner_of(claim))
-    assert without_owner(await store.get(claim.idempotency_key, now=now)) == done
+class TestContract(AsyncStoreContract):
+    """The kit on each backend (the suite's `store` fixture, parametrised)."""
 
+    @pytest.fixture
+    def store(self, store: PersistenceLayer) -> PersistenceLayer:
+        return store
 
-# -- release -------------------------------------------------------------------------------
+    @pytest.fixture
+    def write_unusable_record(
+        self, request: pytest.FixtureRequest, store: PersistenceLayer
+    ) -> UnusableRecordWriter | None:
+        name = _backend(request)
+        if name in cache.CACHE_BACKENDS:
 
+            async def write_to_cache(key: str) -> None:
+                _unusable_cache_record(request, name, key)
 
-async def test_release_by_the_owner_deletes_the_claim(store: PersistenceLayer) -> None:
-    now = start()
-    claim = await claimed(store, claim_of(new_key(), now), now)
-    await store.release(claim.idempotency_key, owner=owner_of(claim))
-    assert await store.get(claim.idempotency_key, now=now) is None
-    await claimed(store, claim_of(claim.idempotency_key, now), now)  # the key is free
+            return write_to_cache
+        if name.startswith("dynamodb"):
 
+            async def write_to_table(key: str) -> None:
+                _unusable_dynamodb_item(store, key)
 
-async def test_release_by_another_owner_does_nothing(store: PersistenceLayer) -> None:
-    now = start()
-    claim = await claimed(store, claim_of(new_key(), now), now)
-    await store.release(claim.idempotency_key, owner=new_owner_token())
-    assert await store.get(claim.idempotency_key, now=now) == claim
+            return write_to_table
+        return None  # the in-memory store holds records, never stored bytes
 
-
-async def test_release_after_a_takeover_does_nothing(store: PersistenceLayer) -> None:
-    late, new, now = await taken_over(store)
-    await store.release(late.idempotency_key, owner=owner_of(late))
-    assert await store.get(new.idempotency_key, now=now) == new
-
-
-async def test_release_never_deletes_a_completed_record(store: PersistenceLayer) -> None:
-    now = start()
-    claim, done = await completed(store, now)
-    await store.release(claim.idempotency_key, owner=owner_of(claim))
-    await store.release(claim.idempotency_key, owner=new_owner_token())
-    assert without_owner(await store.get(claim.idempotency_key, now=now)) == done
-
-
-async def test_release_is_safe_to_repeat(store: PersistenceLayer) -> None:
-    now = start()
-    claim = await claimed(store, claim_of(new_key(), now), now)
-    for _ in range(2):
-        await store.release(claim.idempotency_key, owner=owner_of(claim))
-        assert await store.get(claim.idempotency_key, now=now) is None
-    await store.release(new_key(), owner=owner_of(claim))  # never claimed
-    assert await store.get(claim.idempotency_key, now=now) is None
-
-
-# -- renew ---------------------------------------------------------------------------------
-
-
-async def test_renew_by_the_owner_moves_the_lease(store: PersistenceLayer) -> None:
-    now = start()
-    claim = await claimed(store, claim_of(new_key(), now), now)
-    assert claim.in_progress_expiry_timestamp is not None
-    renewal = renewal_of(claim, claim.in_progress_expiry_timestamp + LEASE_MS)
-    await store.renew(renewal)
-    assert await store.get(claim.idempotency_key, now=now) == renewal
-    # Past the first lease the renewed claim still holds.
-    after_first_lease = now + LEASE_MS / 1000 + 1
-    refused = await store.claim(
-        claim_of(claim.idempotency_key, after_first_lease), now=after_first_lease
-    )
-    assert not refused.claimed
-    assert refused.existing == renewal
-
-
-async def test_renew_after_a_takeover_raises_claim_lost(store: PersistenceLayer) -> None:
-    late, new, now = await taken_over(store)
-    with pytest.raises(IdempotencyClaimLostError) as lost:
-        await store.renew(renewal_of(late, int(now * 1000) + LEASE_MS))
-    assert lost.value.key == late.idempotency_key
-    assert await store.get(new.idempotency_key, now=now) == new
-
-
-@pytest.mark.parametrize("how", GONE)
-async def test_renew_of_a_claim_that_is_gone_raises_claim_lost(
-    store: PersistenceLayer, how: str
-) -> None:
-    now = start()
-    claim = await gone_claim(store, how, now)
-    with pytest.raises(IdempotencyClaimLostError) as lost:
-        await store.renew(renewal_of(claim, int(now * 1000) + 2 * LEASE_MS))
-    assert lost.value.key == claim.idempotency_key
-    assert await store.get(claim.idempotency_key, now=now) is None  # nothing partial
-
-
-async def test_renew_after_the_completion_raises_claim_lost(store: PersistenceLayer) -> None:
-    """A renewal landing after the owner completed never turns the result back into a
-    claim: the owner holds no claim any more."""
-    now = start()
-    claim, done = await completed(store, now)
-    with pytest.raises(IdempotencyClaimLostError) as lost:
-        await store.renew(renewal_of(claim, int(now * 1000) + 2 * LEASE_MS))
-    assert lost.value.key == claim.idempotency_key
-    assert without_owner(await store.get(claim.idempotency_key, now=now)) == done
-
-
-async def test_a_renewal_sent_twice_succeeds(store: PersistenceLayer) -> None:
-    now = start()
-    claim = await claimed(store, claim_of(new_key(), now), now)
-    renewal = renewal_of(claim, int(now * 1000) + 2 * LEASE_MS)
-    await store.renew(renewal)
-    await store.renew(renewal)
-    assert await store.get(claim.idempotency_key, now=now) == renewal
-
-
-# -- delete --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("status", [RecordStatus.INPROGRESS, RecordStatus.COMPLETED])
-async def test_delete_removes_any_record_and_says_so(
-    store: PersistenceLayer, status: RecordStatus
-) -> None:
-    now = start()
-    claim = await claimed(store, claim_of(new_key(), now), now)
-    if status is RecordStatus.COMPLETED:
-        await store.complete(completion_of(claim), owner=owner_of(claim))
-    assert await store.delete(claim.idempotency_key) is True
-    assert await store.get(claim.idempotency_key, now=now) is None
-    assert await store.delete(claim.idempotency_key) is False
-
-
-async def test_delete_of_a_missing_key_is_false(store: PersistenceLayer) -> None:
-    assert await store.delete(new_key()) is False
-
-
-# -- closing -------------------------------------------------------------------------------
-
-
-async def test_the_store_closes_at_the_end_of_its_with_block(
-    store: PersistenceLayer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    closes: list[str] = []
-    original = store.aclose
-
-    async def aclose() -> None:
-        closes.append("aclose")
-        await original()
-
-    monkeypatch.setattr(store, "aclose", aclose)
-    now = start()
-    claim = claim_of(new_key(), now)
-    async with store as entered:
-        assert entered is store
-        result = await entered.claim(claim, now=now)
-        assert result.claimed
-    assert closes == ["aclose"]
-
-    async def fail_inside() -> None:
-        async with store:
-            raise RuntimeError("raised inside the block")
-
-    with pytest.raises(RuntimeError, match="inside the block"):
-        await fail_inside()
-    assert closes == ["aclose", "aclose"]
-    # Closing loses no record; the next call opens what it needs again.
-    assert await store.get(claim.idempotency_key, now=now) == claim
+    @pytest.fixture
+    def result_limit_bytes(self, request: pytest.FixtureRequest) -> int | None:
+        return MAX_ITEM_BYTES if _backend(request).startswith("dynamodb") else None

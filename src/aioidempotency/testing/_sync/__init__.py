@@ -1,0 +1,1 @@
+"""The sync conformance kit: `contract.py` is generated from ``../_async``."""
