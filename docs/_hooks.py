@@ -31,6 +31,8 @@ REPO = "repo"
 #: An inline link or image target: ``](target#anchor)`` or ``](target "title")``.
 LINK = re.compile(r"\]\((?P<target>[^)\s#]+)(?P<rest>[^)]*)\)")
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+#: Fenced code blocks and inline code, where ``](`` is code, not a link.
+CODE = re.compile(r"^(?P<fence>```|~~~).*?^(?P=fence)|`[^`\n]+`", re.MULTILINE | re.DOTALL)
 
 #: The repository path each site page was made from.
 _origins: dict[str, str] = {}
@@ -45,10 +47,13 @@ def _site_path(repo_path: str) -> str:
 
 def _targets(markdown: str, origin: str) -> list[tuple[re.Match[str], str]]:
     """The relative links of a page made from `origin`, with their repository paths."""
+    code = [span.span() for span in CODE.finditer(markdown)]
     found = []
     for match in LINK.finditer(markdown):
         target = match["target"]
         if SCHEME.match(target) or target.startswith("/"):
+            continue
+        if any(start <= match.start() < end for start, end in code):
             continue
         repo_path = posixpath.normpath(posixpath.join(posixpath.dirname(origin), target))
         found.append((match, repo_path))
