@@ -16,7 +16,8 @@ Options after the mode: ``continue`` runs the block in the namespace of the page
 previous run block (for typecheck: appends it to the previous block's module);
 ``redis`` sets ``IDEMPOTENCY_STORE_URL`` to a Valkey server of the suite; ``dynamodb``
 points DynamoDB clients at moto (``AWS_ENDPOINT_URL_DYNAMODB``) with the tables
-``idempotency`` and ``IdempotencyTable``. A block without a comment fails the suite.
+``idempotency`` and ``IdempotencyTable``; without it, AWS clients get a closed local
+port, so no example ever reaches AWS. A block without a comment fails the suite.
 """
 
 from __future__ import annotations
