@@ -11,6 +11,9 @@ that says what the suite does with it:
 - ``<!-- docs-example: typecheck -->`` is for what needs AWS or a service that is not
   here: the block (after its hidden setup, which declares the stubs' types) is
   type-checked by mypy, all such blocks in one run.
+- ``<!-- docs-example: pytest -->`` marks a test module of docs/testing.md (its first
+  line names it, ``# test_....py``), which tests/test_testing_plugin.py runs as written
+  under pytest with the plugin.
 
 Options after the mode: ``continue`` runs the block in the namespace of the page's
 previous run block (for typecheck: appends it to the previous block's module);
@@ -40,7 +43,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 MARKER = "docs-example:"
-MODES = ("run", "typecheck")
+MODES = ("run", "typecheck", "pytest")
 OPTIONS = frozenset({"continue", "redis", "dynamodb"})
 TABLES = ("idempotency", "IdempotencyTable")
 
@@ -153,6 +156,11 @@ def test_every_block_is_run_or_type_checked() -> None:
     assert unmarked == [], "blocks without a <!-- docs-example: run|typecheck --> comment"
     unknown = [(b.where, sorted(b.options - OPTIONS)) for b in BLOCKS if b.options - OPTIONS]
     assert unknown == []
+    modules = [b for b in BLOCKS if b.mode == "pytest"]
+    assert modules
+    for block in modules:  # run by tests/test_testing_plugin.py, which finds them so
+        assert block.page == ROOT / "docs" / "testing.md", block.where
+        assert re.match(r"# test_\w+\.py\n", block.code), block.where
     for block in BLOCKS:
         compile(_source(block), block.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
 
@@ -176,6 +184,9 @@ def docs_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """What the examples of a page expect around them: AWS settings, store URLs."""
     blocks = RUN_GROUPS[request.node.callspec.params["page"]]
     options = frozenset().union(*(b.options for b in blocks))
+    # The session's moto server sets the suite's AWS settings when it starts: start it
+    # before they are patched here, or undoing the patch would remove them.
+    moto = request.getfixturevalue("moto_server") if "dynamodb" in options else None
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "testing")
@@ -195,7 +206,8 @@ def docs_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     if "dynamodb" in options:
         import boto3
 
-        endpoint = request.getfixturevalue("moto_server").endpoint_url
+        assert moto is not None
+        endpoint = moto.endpoint_url
         monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", endpoint)
         client = boto3.client("dynamodb", endpoint_url=endpoint)
         existing = client.list_tables()["TableNames"]

@@ -35,6 +35,8 @@ EXAMPLES = {
     "test_aiohttp_refunds.py": 2,
 }
 """The runnable examples of docs/testing.md and how many tests each holds."""
+STORE_EXAMPLE = "test_my_store.py"
+"""The store author's example of docs/testing.md: the contract kit on a store."""
 INI = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
 
 
@@ -64,7 +66,18 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 
 
 def test_the_docs_hold_every_example() -> None:
+    named = re.findall(r"```python\n# (test_\w+\.py)\n", DOCS.read_text())
+    assert sorted(named) == sorted([*EXAMPLES, STORE_EXAMPLE])
     assert sorted(examples()) == sorted(EXAMPLES)
+
+
+def test_the_store_authors_example_runs_the_contract(pytester: pytest.Pytester) -> None:
+    code = re.search(rf"```python\n(# {STORE_EXAMPLE}\n.*?)```", DOCS.read_text(), re.DOTALL)
+    assert code is not None
+    pytester.makepyfile(**{STORE_EXAMPLE.removesuffix(".py"): code[1]})
+    outcomes = run(pytester).parseoutcomes()
+    assert outcomes.get("failed", 0) == outcomes.get("errors", 0) == 0, outcomes
+    assert outcomes["passed"] >= 30, outcomes  # the in-memory store skips a few
 
 
 def test_the_examples_pass_on_the_in_memory_store(pytester: pytest.Pytester) -> None:
