@@ -56,6 +56,8 @@ from aioidempotency.exceptions import (
     IdempotencyCompletionError,
     IdempotencyInvalidRecordError,
     IdempotencyInvalidStatusError,
+    IdempotencyKeyError,
+    IdempotencyPayloadError,
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
@@ -664,3 +666,40 @@ def test_an_unknown_stored_status_fails_as_in_powertools(
     assert ours.value.fix is not None
     assert ours.value.fix in str(ours.value)
     assert len(stored_items(table)) == 1  # neither side overwrote it
+
+
+# -- JMESPath evaluation errors ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["event_key_jmespath", "payload_validation_jmespath"])
+def test_a_jmespath_error_is_a_store_error_in_powertools_and_a_payload_error_here(
+    table: SyncDynamoDBPersistenceLayer, option: str
+) -> None:
+    order = {"body": "not JSON", "order_id": "o-1"}
+    options = {option: "powertools_json(body).order_id"}
+
+    def charge(order: dict[str, Any]) -> int:
+        return 1
+
+    powertools = pt_idempotent(
+        data_keyword_argument="order",
+        persistence_store=powertools_twin(table),
+        config=PowertoolsConfig(**options),
+    )(charge)
+    with pytest.raises(PowertoolsPersistenceLayerError) as theirs:
+        powertools(order=order)
+    ours_fn = idempotent_function(
+        data_keyword_argument="order", persistence_store=table, config=IdempotencyConfig(**options)
+    )(charge)
+    with pytest.raises(IdempotencyPayloadError) as ours:
+        ours_fn(order=order)
+
+    # Powertools evaluates the expression inside its claim, so the failure reads as the
+    # store's; ours fails before any I/O, as a payload error (docs/getting-started.md).
+    assert theirs.value.args[0] == "Failed to save in progress record to idempotency store"
+    assert isinstance(theirs.value.__cause__, ValueError)  # json.JSONDecodeError
+    assert isinstance(ours.value, IdempotencyKeyError)
+    assert not isinstance(ours.value, IdempotencyPersistenceLayerError)
+    assert isinstance(ours.value.__cause__, ValueError)
+    assert f"{option}='powertools_json(body).order_id'" in str(ours.value)
+    assert stored_items(table) == []  # neither side wrote a record
