@@ -48,6 +48,7 @@ from aioidempotency import (
     InMemoryPersistenceLayer,
     RecordStatus,
     idempotent_function,
+    idempotent_function_async,
 )
 from aioidempotency._cli import usable_hash_functions as cli_hash_functions
 from aioidempotency._config import usable_hash_functions
@@ -62,7 +63,7 @@ from aioidempotency.exceptions import (
     IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
 )
-from aioidempotency.persistence import ClaimResult
+from aioidempotency.persistence import ClaimResult, PowertoolsStoreAdapter
 from tests.backends.dynamodb import fresh_sync_store
 from tests.helpers import FakeLambdaContext
 from tests.servers.moto import MotoServer
@@ -325,6 +326,7 @@ def test_importing_the_package_does_not_import_powertools() -> None:
         """
         import sys
         import aioidempotency
+        from aioidempotency.persistence import PowertoolsStoreAdapter
         print(aioidempotency.IdempotencyDisabledWarning.__mro__[1].__name__)
         print(sorted(name for name in sys.modules if name.startswith("aws_lambda_powertools")))
         """
@@ -676,7 +678,7 @@ def test_a_jmespath_error_is_a_store_error_in_powertools_and_a_payload_error_her
     table: SyncDynamoDBPersistenceLayer, option: str
 ) -> None:
     order = {"body": "not JSON", "order_id": "o-1"}
-    options = {option: "powertools_json(body).order_id"}
+    options: dict[str, Any] = {option: "powertools_json(body).order_id"}
 
     def charge(order: dict[str, Any]) -> int:
         return 1
@@ -703,3 +705,41 @@ def test_a_jmespath_error_is_a_store_error_in_powertools_and_a_payload_error_her
     assert isinstance(ours.value.__cause__, ValueError)
     assert f"{option}='powertools_json(body).order_id'" in str(ours.value)
     assert stored_items(table) == []  # neither side wrote a record
+
+
+# -- layers written for Powertools -----------------------------------------------------
+
+
+async def test_one_powertools_layer_serves_powertools_and_our_engines_alike(
+    table: SyncDynamoDBPersistenceLayer,
+) -> None:
+    """Powertools' decorator and our engines (through `PowertoolsStoreAdapter`) on one
+    Powertools layer instance: each replays what the other stored."""
+    layer = powertools_twin(table)
+    adapter = PowertoolsStoreAdapter(layer)
+    runs: list[str] = []
+
+    def charge(order: dict[str, Any]) -> dict[str, Any]:
+        runs.append(order["order_id"])
+        return {"charged": order["amount"]}
+
+    async def charge_async(order: dict[str, Any]) -> dict[str, Any]:
+        return charge(order)
+
+    options: dict[str, Any] = {"data_keyword_argument": "order", "key_prefix": "orders"}
+    theirs = pt_idempotent(persistence_store=layer, config=PowertoolsConfig(), **options)(charge)
+    config = IdempotencyConfig(in_progress_lease_seconds=None)
+    ours_sync = idempotent_function(persistence_store=adapter, config=config, **options)(charge)
+    ours_async = idempotent_function_async(persistence_store=adapter, config=config, **options)(
+        charge_async
+    )
+
+    assert theirs(order=ORDER) == {"charged": 42}
+    assert ours_sync(order=ORDER) == {"charged": 42}
+    assert await ours_async(order=ORDER) == {"charged": 42}
+    other = {"order_id": "o-2", "amount": 7}
+    assert await ours_async(order=other) == {"charged": 7}
+    assert theirs(order=other) == {"charged": 7}
+    assert ours_sync(order=other) == {"charged": 7}
+    assert runs == ["o-1", "o-2"]
+    assert len(stored_items(table)) == 2
