@@ -52,6 +52,7 @@ from aioidempotency import (
 )
 from aioidempotency._cli import usable_hash_functions as cli_hash_functions
 from aioidempotency._config import usable_hash_functions
+from aioidempotency._errors import store_error
 from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
 from aioidempotency.exceptions import (
     IdempotencyCompletionError,
@@ -743,3 +744,12 @@ async def test_one_powertools_layer_serves_powertools_and_our_engines_alike(
     assert ours_sync(order=other) == {"charged": 7}
     assert runs == ["o-1", "o-2"]
     assert len(stored_items(table)) == 2
+
+
+def test_a_store_error_is_wrapped_once_and_an_unkeyed_invalid_record_names_no_fix() -> None:
+    message = "Failed to get record from idempotency store"
+    said = IdempotencyPersistenceConnectionError(message, ConnectionError("reset"))
+    assert store_error(message, "k", said) is said  # already Powertools' text
+    unkeyed = IdempotencyInvalidRecordError(message, "bad")
+    assert unkeyed.fix is None
+    assert str(unkeyed) == f"{message} - (bad)"
