@@ -746,6 +746,23 @@ async def test_one_powertools_layer_serves_powertools_and_our_engines_alike(
     assert len(stored_items(table)) == 2
 
 
+def test_a_store_errors_own_class_is_kept_whatever_its_constructor_takes() -> None:
+    class Down(IdempotencyPersistenceConnectionError):
+        def __init__(self, host: str, port: int) -> None:
+            super().__init__(f"{host}:{port} is down")
+            self.host = host
+
+    down = Down("db", 5432)
+    mapped = store_error("Failed to save in progress record to idempotency store", "k", down)
+    assert type(mapped) is Down
+    assert mapped.args == ("Failed to save in progress record to idempotency store", down)
+    assert mapped.host == "db"
+    assert mapped.transient is True
+    assert (
+        str(mapped) == "Failed to save in progress record to idempotency store - (db:5432 is down)"
+    )
+
+
 def test_a_store_error_is_wrapped_once_and_an_unkeyed_invalid_record_names_no_fix() -> None:
     message = "Failed to get record from idempotency store"
     said = IdempotencyPersistenceConnectionError(message, ConnectionError("reset"))

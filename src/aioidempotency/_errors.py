@@ -10,7 +10,6 @@ are marked transient so callers can tell a retry from a bug.
 from __future__ import annotations
 
 import asyncio
-import copy
 from types import TracebackType
 from typing import Any, Literal
 
@@ -83,7 +82,10 @@ def store_error(message: str, key: str, exc: BaseException) -> IdempotencyError:
     if isinstance(exc, IdempotencyPersistenceLayerError):
         if exc.args[:1] == (message,):
             return exc  # already says it
-        error = copy.copy(exc)  # same class and attributes; args, message and details anew
+        # Same class and attributes, without calling its __init__ (a store's own
+        # subclass may take other arguments); args, message and details anew.
+        error = type(exc).__new__(type(exc))
+        error.__dict__.update(exc.__dict__)
         error.args = (message, exc)
         error.message = message
         error.details = str(exc)
