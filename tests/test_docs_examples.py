@@ -99,7 +99,7 @@ def _parse_comment(first: int, comment: list[str]) -> tuple[list[str], tuple[int
     if not head.strip().startswith(MARKER):
         return [], None
     words = head.strip().removeprefix(MARKER).split()
-    return words, ((first + 2, body) if body.strip() else None)
+    return words, ((first + 2, textwrap.dedent(body)) if body.strip() else None)
 
 
 def extract(page: Path) -> list[Block]:
@@ -114,7 +114,7 @@ def extract(page: Path) -> list[Block]:
         close = index + 1
         while lines[close].strip() != "```":
             close += 1
-        code = "\n".join(lines[index + 1 : close])
+        code = textwrap.dedent("\n".join(lines[index + 1 : close]))  # in a list item too
         mode: str | None = None
         options: frozenset[str] = frozenset()
         setup = then = None

@@ -344,7 +344,11 @@ async def test_a_store_error_keeps_the_clients_error_as_its_cause() -> None:
     engine = engine_for(UnreachableClaimStore(InMemoryPersistenceLayer()))
     with pytest.raises(IdempotencyPersistenceConnectionError) as raised:
         await engine.run(PAYMENT, Counted())
-    assert isinstance(raised.value.__cause__, ConnectionResetError)
+    # Powertools' text first; the store's error (its own message) is the cause, and the
+    # client's error is the store error's cause.
+    assert raised.value.args[0] == "Failed to save in progress record to idempotency store"
+    assert isinstance(raised.value.__cause__, IdempotencyPersistenceConnectionError)
+    assert isinstance(raised.value.__cause__.__cause__, ConnectionResetError)
     assert raised.value.transient is True
     assert await engine.drain(timeout=10)
 

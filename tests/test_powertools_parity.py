@@ -6,6 +6,7 @@ table of their own, and each test asserts the same observable behaviour of both.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import subprocess
 import sys
@@ -25,6 +26,12 @@ from aws_lambda_powertools.utilities.idempotency import (
 )
 from aws_lambda_powertools.utilities.idempotency import idempotent_function as pt_idempotent
 from aws_lambda_powertools.utilities.idempotency.exceptions import (
+    IdempotencyInvalidStatusError as PowertoolsInvalidStatusError,
+)
+from aws_lambda_powertools.utilities.idempotency.exceptions import (
+    IdempotencyItemAlreadyExistsError as PowertoolsItemAlreadyExistsError,
+)
+from aws_lambda_powertools.utilities.idempotency.exceptions import (
     IdempotencyPersistenceLayerError as PowertoolsPersistenceLayerError,
 )
 from aws_lambda_powertools.utilities.idempotency.persistence.datarecord import (
@@ -41,15 +48,23 @@ from aioidempotency import (
     InMemoryPersistenceLayer,
     RecordStatus,
     idempotent_function,
+    idempotent_function_async,
 )
 from aioidempotency._cli import usable_hash_functions as cli_hash_functions
 from aioidempotency._config import usable_hash_functions
+from aioidempotency._errors import store_error
 from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
 from aioidempotency.exceptions import (
     IdempotencyCompletionError,
+    IdempotencyInvalidRecordError,
+    IdempotencyInvalidStatusError,
+    IdempotencyKeyError,
+    IdempotencyPayloadError,
     IdempotencyPersistenceConfigError,
+    IdempotencyPersistenceConnectionError,
     IdempotencyPersistenceLayerError,
 )
+from aioidempotency.persistence import ClaimResult, PowertoolsStoreAdapter
 from tests.backends.dynamodb import fresh_sync_store
 from tests.helpers import FakeLambdaContext
 from tests.servers.moto import MotoServer
@@ -312,6 +327,7 @@ def test_importing_the_package_does_not_import_powertools() -> None:
         """
         import sys
         import aioidempotency
+        from aioidempotency.persistence import PowertoolsStoreAdapter
         print(aioidempotency.IdempotencyDisabledWarning.__mro__[1].__name__)
         print(sorted(name for name in sys.modules if name.startswith("aws_lambda_powertools")))
         """
@@ -417,3 +433,340 @@ async def test_a_failed_completion_has_powertools_message_and_our_details(
     assert isinstance(theirs.value.__cause__, ConnectionError)
     assert ours.value.result == {"charged": 42}  # our detail: the function's result
     assert await engine.run(ORDER, charge) == {"charged": 42}  # stored in the background
+
+
+class FailingStore(InMemoryPersistenceLayer):
+    """Fault injection: the named operations fail once as a dropped connection would; a
+    claim can also be refused by an in-progress record, so the engine reads the key."""
+
+    def __init__(self, *failing: str, refuse_claim: bool = False) -> None:
+        super().__init__()
+        self.failing = set(failing)
+        self.refuse_claim = refuse_claim
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        self.fail_once("claim")
+        if self.refuse_claim:
+            return ClaimResult(claimed=False, existing=dataclasses.replace(record, owner="other"))
+        return await super().claim(record, now=now)
+
+    async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+        self.fail_once("get")
+        return await super().get(key, now=now)
+
+    async def release(self, key: str, *, owner: str) -> None:
+        self.fail_once("release")
+        await super().release(key, owner=owner)
+
+    def fail_once(self, operation: str) -> None:
+        if operation in self.failing:
+            self.failing.discard(operation)
+            raise ConnectionError("connection reset by peer")
+
+
+class PowertoolsFailing(PowertoolsDynamoDB):
+    """Powertools' DynamoDB layer whose named operations fail as a dropped connection
+    would; a put can be refused as if the key were taken (no old record returned)."""
+
+    failing: frozenset[str] = frozenset()
+    refuse_put = False
+
+    def _put_record(self, data_record: PowertoolsRecord) -> None:
+        if "claim" in self.failing:
+            raise ConnectionError("connection reset by peer")
+        if self.refuse_put:
+            raise PowertoolsItemAlreadyExistsError()
+        super()._put_record(data_record)
+
+    def _get_record(self, idempotency_key: str) -> PowertoolsRecord:
+        if "get" in self.failing:
+            raise ConnectionError("connection reset by peer")
+        return super()._get_record(idempotency_key)
+
+    def _delete_record(self, data_record: PowertoolsRecord) -> None:
+        if "release" in self.failing:
+            raise ConnectionError("connection reset by peer")
+        super()._delete_record(data_record)
+
+
+class Declined(Exception):
+    """The function's own failure."""
+
+
+@pytest.mark.parametrize(
+    ("failing", "expected"),
+    [
+        ("claim", "Failed to save in progress record to idempotency store"),
+        ("get", "Failed to get record from idempotency store"),
+        ("release", "Failed to delete record from idempotency store"),
+    ],
+)
+async def test_a_store_failure_has_powertools_message_as_args0(
+    table: SyncDynamoDBPersistenceLayer, failing: str, expected: str
+) -> None:
+    layer = PowertoolsFailing(
+        table_name=table.table_name,
+        boto3_client=boto3.client("dynamodb", endpoint_url=table.endpoint_url),
+        **KEY_OPTIONS["composite" if table.sort_key_attr else "simple"],
+    )
+    layer.failing = frozenset({failing})
+    layer.refuse_put = failing == "get"
+
+    def pt_decline(order: dict[str, Any]) -> None:
+        raise Declined(order["order_id"])
+
+    powertools = pt_idempotent(
+        data_keyword_argument="order", persistence_store=layer, config=PowertoolsConfig()
+    )(pt_decline)
+    with pytest.raises(PowertoolsPersistenceLayerError) as theirs:
+        powertools(order=ORDER)
+
+    store = FailingStore(failing, refuse_claim=failing == "get")
+    # Waiting makes the engine read the key it found in progress (Powertools reads it
+    # after every refused put).
+    engine = IdempotencyEngine(
+        store,
+        key_prefix="orders",
+        config=IdempotencyConfig(wait_for_in_progress_seconds=5, wait_poll_interval_seconds=0.01),
+    )
+
+    async def decline() -> None:
+        raise Declined(ORDER["order_id"])
+
+    with pytest.raises(IdempotencyPersistenceLayerError) as ours:
+        await engine.run(ORDER, decline)
+    assert await engine.drain(10)
+
+    assert ours.value.args[0] == theirs.value.args[0] == expected
+    assert str(ours.value) == str(theirs.value) == f"{expected} - (connection reset by peer)"
+    assert isinstance(ours.value.__cause__, ConnectionError)
+    assert isinstance(theirs.value.__cause__, ConnectionError)
+    assert ours.value.transient is True  # our detail: a retry can succeed
+
+
+async def test_a_classified_store_error_keeps_its_class_under_powertools_message() -> None:
+    class Unreachable(InMemoryPersistenceLayer):
+        async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+            raise IdempotencyPersistenceConnectionError(
+                "Redis at 127.0.0.1:1 unreachable", ConnectionRefusedError("refused")
+            )
+
+    engine = IdempotencyEngine(Unreachable(), key_prefix="orders")
+
+    async def charge() -> int:
+        return 1
+
+    with pytest.raises(IdempotencyPersistenceConnectionError) as ours:
+        await engine.run(ORDER, charge)
+    assert ours.value.args[0] == "Failed to save in progress record to idempotency store"
+    assert ours.value.transient is True
+    store_error = ours.value.__cause__
+    assert isinstance(store_error, IdempotencyPersistenceConnectionError)
+    assert str(ours.value) == (
+        "Failed to save in progress record to idempotency store - "
+        "(Redis at 127.0.0.1:1 unreachable - (refused))"
+    )
+    assert await engine.drain(10)
+
+
+def key_of(payload: Any, config: IdempotencyConfig) -> str:
+    """Our key for `payload` with ``key_prefix="orders"`` (Powertools' is the same)."""
+    engine = IdempotencyEngine(InMemoryPersistenceLayer(), key_prefix="orders", config=config)
+    return engine.idempotency_key(payload)
+
+
+def refusal_inside(decorate: Any, layer: Any, config: Any) -> BaseException:
+    """The error a call gets when it runs again inside its own first call (keyed by
+    ``key_prefix="orders"`` and the order id on both sides)."""
+    caught: list[BaseException] = []
+
+    def charge(order: dict[str, Any]) -> dict[str, Any]:
+        try:
+            wrapped(order=order)
+        except Exception as exc:
+            caught.append(exc)
+        return {"charged": order["amount"]}
+
+    wrapped = decorate(
+        data_keyword_argument="order", persistence_store=layer, config=config, key_prefix="orders"
+    )(charge)
+    assert wrapped(order=ORDER) == {"charged": 42}
+    [error] = caught
+    return error
+
+
+def test_in_progress_has_powertools_message_on_both_table_layouts(
+    table: SyncDynamoDBPersistenceLayer,
+) -> None:
+    theirs = refusal_inside(
+        pt_idempotent, powertools_twin(table), PowertoolsConfig(event_key_jmespath="order_id")
+    )
+    for item in stored_items(table):  # the next side starts from an empty table
+        item_key = {name: item[name] for name in (table.key_attr, table.sort_key_attr) if name}
+        table.client().delete_item(TableName=table.table_name, Key=item_key)
+    ours = refusal_inside(
+        idempotent_function, table, IdempotencyConfig(event_key_jmespath="order_id")
+    )
+
+    assert type(theirs).__name__ == type(ours).__name__ == "IdempotencyAlreadyInProgressError"
+    key = key_of(ORDER, IdempotencyConfig(event_key_jmespath="order_id"))
+    if table.sort_key_attr is None:
+        expected = f"Execution already in progress with idempotency key: order_id={key}"
+    else:
+        expected = (
+            "Execution already in progress with idempotency key: "
+            f"order_id={table.static_pk_value} and sort key: {key}"
+        )
+    assert ours.args[0] == theirs.args[0] == expected
+    assert str(ours) == str(theirs)
+
+
+def test_an_unknown_stored_status_fails_as_in_powertools(
+    table: SyncDynamoDBPersistenceLayer,
+) -> None:
+    config = IdempotencyConfig()
+    key = key_of(ORDER, config)
+    item_key = (
+        {table.key_attr: {"S": key}}
+        if table.sort_key_attr is None
+        else {table.key_attr: {"S": table.static_pk_value}, table.sort_key_attr: {"S": key}}
+    )
+    table.client().put_item(
+        TableName=table.table_name,
+        Item={
+            **item_key,
+            table.attributes.status_attr: {"S": "BOGUS"},
+            table.attributes.expiry_attr: {"N": str(int(time.time()) + 3600)},
+        },
+    )
+
+    def charge(order: dict[str, Any]) -> int:
+        return 1
+
+    powertools = pt_idempotent(
+        data_keyword_argument="order",
+        persistence_store=powertools_twin(table),
+        config=PowertoolsConfig(),
+        key_prefix="orders",
+    )(charge)
+    with pytest.raises(PowertoolsPersistenceLayerError) as theirs:
+        powertools(order=ORDER)
+    ours_fn = idempotent_function(
+        data_keyword_argument="order", persistence_store=table, config=config, key_prefix="orders"
+    )(charge)
+    with pytest.raises(IdempotencyPersistenceLayerError) as ours:
+        ours_fn(order=ORDER)
+
+    expected = "Failed to save in progress record to idempotency store"
+    assert ours.value.args[0] == theirs.value.args[0] == expected
+    assert isinstance(theirs.value.__cause__, PowertoolsInvalidStatusError)
+    assert isinstance(ours.value.__cause__, IdempotencyInvalidStatusError)
+    assert str(theirs.value) == f"{expected} - (BOGUS)"
+    # Ours names what is wrong and how to free the key: a subclass with the key.
+    assert isinstance(ours.value, IdempotencyInvalidRecordError)
+    assert ours.value.key == key
+    assert "'BOGUS'" in str(ours.value)
+    assert ours.value.fix is not None
+    assert ours.value.fix in str(ours.value)
+    assert len(stored_items(table)) == 1  # neither side overwrote it
+
+
+# -- JMESPath evaluation errors ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["event_key_jmespath", "payload_validation_jmespath"])
+def test_a_jmespath_error_is_a_store_error_in_powertools_and_a_payload_error_here(
+    table: SyncDynamoDBPersistenceLayer, option: str
+) -> None:
+    order = {"body": "not JSON", "order_id": "o-1"}
+    options: dict[str, Any] = {option: "powertools_json(body).order_id"}
+
+    def charge(order: dict[str, Any]) -> int:
+        return 1
+
+    powertools = pt_idempotent(
+        data_keyword_argument="order",
+        persistence_store=powertools_twin(table),
+        config=PowertoolsConfig(**options),
+    )(charge)
+    with pytest.raises(PowertoolsPersistenceLayerError) as theirs:
+        powertools(order=order)
+    ours_fn = idempotent_function(
+        data_keyword_argument="order", persistence_store=table, config=IdempotencyConfig(**options)
+    )(charge)
+    with pytest.raises(IdempotencyPayloadError) as ours:
+        ours_fn(order=order)
+
+    # Powertools evaluates the expression inside its claim, so the failure reads as the
+    # store's; ours fails before any I/O, as a payload error (docs/getting-started.md).
+    assert theirs.value.args[0] == "Failed to save in progress record to idempotency store"
+    assert isinstance(theirs.value.__cause__, ValueError)  # json.JSONDecodeError
+    assert isinstance(ours.value, IdempotencyKeyError)
+    assert not isinstance(ours.value, IdempotencyPersistenceLayerError)
+    assert isinstance(ours.value.__cause__, ValueError)
+    assert f"{option}='powertools_json(body).order_id'" in str(ours.value)
+    assert stored_items(table) == []  # neither side wrote a record
+
+
+# -- layers written for Powertools -----------------------------------------------------
+
+
+async def test_one_powertools_layer_serves_powertools_and_our_engines_alike(
+    table: SyncDynamoDBPersistenceLayer,
+) -> None:
+    """Powertools' decorator and our engines (through `PowertoolsStoreAdapter`) on one
+    Powertools layer instance: each replays what the other stored."""
+    layer = powertools_twin(table)
+    adapter = PowertoolsStoreAdapter(layer)
+    runs: list[str] = []
+
+    def charge(order: dict[str, Any]) -> dict[str, Any]:
+        runs.append(order["order_id"])
+        return {"charged": order["amount"]}
+
+    async def charge_async(order: dict[str, Any]) -> dict[str, Any]:
+        return charge(order)
+
+    options: dict[str, Any] = {"data_keyword_argument": "order", "key_prefix": "orders"}
+    theirs = pt_idempotent(persistence_store=layer, config=PowertoolsConfig(), **options)(charge)
+    config = IdempotencyConfig(in_progress_lease_seconds=None)
+    ours_sync = idempotent_function(persistence_store=adapter, config=config, **options)(charge)
+    ours_async = idempotent_function_async(persistence_store=adapter, config=config, **options)(
+        charge_async
+    )
+
+    assert theirs(order=ORDER) == {"charged": 42}
+    assert ours_sync(order=ORDER) == {"charged": 42}
+    assert await ours_async(order=ORDER) == {"charged": 42}
+    other = {"order_id": "o-2", "amount": 7}
+    assert await ours_async(order=other) == {"charged": 7}
+    assert theirs(order=other) == {"charged": 7}
+    assert ours_sync(order=other) == {"charged": 7}
+    assert runs == ["o-1", "o-2"]
+    assert len(stored_items(table)) == 2
+
+
+def test_a_store_errors_own_class_is_kept_whatever_its_constructor_takes() -> None:
+    class Down(IdempotencyPersistenceConnectionError):
+        def __init__(self, host: str, port: int) -> None:
+            super().__init__(f"{host}:{port} is down")
+            self.host = host
+
+    down = Down("db", 5432)
+    mapped = store_error("Failed to save in progress record to idempotency store", "k", down)
+    assert type(mapped) is Down
+    assert mapped.args == ("Failed to save in progress record to idempotency store", down)
+    assert mapped.host == "db"
+    assert mapped.transient is True
+    assert (
+        str(mapped) == "Failed to save in progress record to idempotency store - (db:5432 is down)"
+    )
+
+
+def test_a_store_error_is_wrapped_once_and_an_unkeyed_invalid_record_names_no_fix() -> None:
+    message = "Failed to get record from idempotency store"
+    said = IdempotencyPersistenceConnectionError(message, ConnectionError("reset"))
+    assert store_error(message, "k", said) is said  # already Powertools' text
+    unkeyed = IdempotencyInvalidRecordError(message, "bad")
+    assert unkeyed.fix is None
+    assert str(unkeyed) == f"{message} - (bad)"

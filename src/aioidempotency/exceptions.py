@@ -164,13 +164,36 @@ class IdempotencyInvalidRecordError(IdempotencyPersistenceLayerError):
 
     A value that is not a record (not JSON, another Redis type), or a record with a
     missing or mistyped status or timestamp. It is never overwritten, since it may hold
-    a result or belong to someone else; `key` names it, the `__cause__` says what is
-    wrong, and ``python -m aioidempotency delete --store URL KEY`` frees it.
+    a result or belong to someone else; `key` names it, the `__cause__` (an
+    `IdempotencyInvalidStatusError`, also the second argument) says what is wrong, and
+    `fix` is the command that frees it (``str()`` says both).
+
+    Raised by the engines with Powertools' message for the operation that met the record
+    as ``args[0]`` ("Failed to save in progress record to idempotency store" for a
+    claim, "Failed to get record from idempotency store" for a read), as Powertools 3.x
+    raises an `IdempotencyPersistenceLayerError` caused by an
+    `IdempotencyInvalidStatusError` for a stored status it does not know.
     """
 
     def __init__(self, *args: object, key: str | None = None) -> None:
         super().__init__(*args)
         self.key = key
+
+    @property
+    def fix(self) -> str | None:
+        """The command that frees the key, when the key is known."""
+        if self.key is None:
+            return None
+        return f"python -m aioidempotency delete --store URL '{self.key}'"
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.key is None:
+            return text
+        return (
+            f"{text}; the record is left as it is: if it is not needed, "
+            f"free the key with `{self.fix}`"
+        )
 
 
 class IdempotencyPersistenceConsistencyError(IdempotencyError):

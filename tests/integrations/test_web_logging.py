@@ -190,7 +190,8 @@ async def test_a_503_is_logged_as_a_warning_with_the_store_error(
         "idempotency_prefix": KEY_PREFIX,
         "idempotency_error": "IdempotencyPersistenceConnectionError",
         "idempotency_reason": (
-            "IdempotencyPersistenceConnectionError: connection refused by 127.0.0.1:1"
+            "IdempotencyPersistenceConnectionError: Failed to save in progress record to "
+            "idempotency store - (connection refused by 127.0.0.1:1)"
         ),
         "http_status": 503,
     }

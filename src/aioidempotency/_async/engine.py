@@ -35,6 +35,7 @@ from aioidempotency._config import IdempotencyConfig, LambdaContextLike
 from aioidempotency._contract import ClaimResult
 from aioidempotency._encoding import dumps_result
 from aioidempotency._errors import (
+    in_progress_message,
     invalid_record,
     is_own,
     is_transient,
@@ -386,9 +387,8 @@ class IdempotencyEngine:
         self._reporter.emit(
             EventKind.IN_PROGRESS, call.key, call.watch, outcome=CallOutcome.REFUSED, detail=detail
         )
-        return IdempotencyAlreadyInProgressError(
-            "Execution already in progress with idempotency key: "
-            f"{self.config.event_key_jmespath}={call.key}"
+        return IdempotencyAlreadyInProgressError(  # Powertools' message
+            in_progress_message(self.config.event_key_jmespath, call.key, self.persistence_store)
         )
 
     def _taken_over(self, call: PreparedCall, seen: DataRecord) -> None:
@@ -429,7 +429,11 @@ class IdempotencyEngine:
             stored = record.response_json()
         except (ValueError, RecursionError) as exc:
             key = record.idempotency_key
-            error = invalid_record(key, IdempotencyInvalidStatusError("its data is not JSON"))
+            error = invalid_record(
+                "Failed to get record from idempotency store",
+                key,
+                IdempotencyInvalidStatusError("its data is not JSON"),
+            )
             self._store_error(call, error, "the stored record is unusable", CallOutcome.ERROR)
             raise error from exc
         try:

@@ -33,6 +33,7 @@ from aioidempotency._config import IdempotencyConfig, LambdaContextLike
 from aioidempotency._contract import ClaimResult
 from aioidempotency._encoding import dumps_result
 from aioidempotency._errors import (
+    in_progress_message,
     invalid_record,
     is_own,
     is_transient,
@@ -387,9 +388,8 @@ class SyncIdempotencyEngine:
         self._reporter.emit(
             EventKind.IN_PROGRESS, call.key, call.watch, outcome=CallOutcome.REFUSED, detail=detail
         )
-        return IdempotencyAlreadyInProgressError(
-            "Execution already in progress with idempotency key: "
-            f"{self.config.event_key_jmespath}={call.key}"
+        return IdempotencyAlreadyInProgressError(  # Powertools' message
+            in_progress_message(self.config.event_key_jmespath, call.key, self.persistence_store)
         )
 
     def _taken_over(self, call: PreparedCall, seen: DataRecord) -> None:
@@ -430,7 +430,11 @@ class SyncIdempotencyEngine:
             stored = record.response_json()
         except (ValueError, RecursionError) as exc:
             key = record.idempotency_key
-            error = invalid_record(key, IdempotencyInvalidStatusError("its data is not JSON"))
+            error = invalid_record(
+                "Failed to get record from idempotency store",
+                key,
+                IdempotencyInvalidStatusError("its data is not JSON"),
+            )
             self._store_error(call, error, "the stored record is unusable", CallOutcome.ERROR)
             raise error from exc
         try:

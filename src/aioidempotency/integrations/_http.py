@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
+import http_sf
 from typing_extensions import TypedDict
 
 from aioidempotency._async.engine import IdempotencyEngine
@@ -353,6 +354,9 @@ class InvalidKeyError(ValueError):
 def parse_idempotency_key(values: Sequence[str], max_length: int = 255) -> str:
     """The key from the header's values: an sf-string (``"..."``) or a bare token.
 
+    A quoted key is an RFC 9651 Item holding a String, parsed by the ``http-sf``
+    package (its parameters are ignored); a bare key, which many clients send (a UUID
+    is not an sf-token), is accepted when it holds token characters only.
     Raises `InvalidKeyError` when the header repeats, is empty, longer than
     `max_length` characters, or neither an sf-string nor a token.
     """
@@ -368,26 +372,30 @@ def parse_idempotency_key(values: Sequence[str], max_length: int = 255) -> str:
 
 
 def _parse_sf_string(raw: str) -> str:
-    chars: list[str] = []
-    i = 1
-    while i < len(raw):
-        char = raw[i]
-        if char == "\\":
-            if i + 1 >= len(raw) or raw[i + 1] not in '"\\':
-                raise InvalidKeyError("a quoted key may only escape '\"' and '\\'")
-            chars.append(raw[i + 1])
-            i += 2
-            continue
-        if char == '"':
-            rest = raw[i + 1 :].lstrip(" \t")
-            if rest and not rest.startswith(";"):  # sf parameters are ignored
-                raise InvalidKeyError("unexpected characters after the quoted key")
-            return "".join(chars)
-        if not " " <= char <= "~":
-            raise InvalidKeyError("a quoted key may only hold printable ASCII characters")
-        chars.append(char)
-        i += 1
-    raise InvalidKeyError("the quoted key is not terminated")
+    try:
+        parsed = http_sf.parse(raw.encode("utf-8", "replace"), tltype="item")
+    except http_sf.StructuredFieldError as exc:
+        raise InvalidKeyError(_why_not_sf_string(raw, exc)) from exc
+    value = parsed[0] if isinstance(parsed, tuple) else parsed
+    assert isinstance(value, str)  # an Item opening with a quote is a String
+    return value
+
+
+def _why_not_sf_string(raw: str, error: http_sf.StructuredFieldError) -> str:
+    """What is wrong with `raw`, a value http-sf refused, said so a client can fix it:
+    http-sf says where it stopped (`position`, a byte offset: the same as the
+    character offset up to the first character outside ASCII, where it stops)."""
+    end = 1  # the closing quote, escapes skipped
+    while end < len(raw) and raw[end] != '"':
+        end += 2 if raw[end] == "\\" else 1
+    if end >= len(raw):
+        return "the quoted key is not terminated"
+    at = error.position if error.position is not None else len(raw)
+    if at > end:
+        return "unexpected characters after the quoted key"
+    if " " <= raw[at] <= "~":  # a printable character refused: it follows a backslash
+        return "a quoted key may only escape '\"' and '\\'"
+    return "a quoted key may only hold printable ASCII characters"
 
 
 def _parse_token(raw: str) -> str:

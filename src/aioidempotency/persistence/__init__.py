@@ -8,6 +8,8 @@ or `store_from_url`; each serves async and sync code alike. Store writers subcla
 holding `DataRecord`s; `RecordAttributes` names a record's stored attributes (and
 reads and writes them), for the stores above as for one's own. Every store has
 ``check()``, which returns a `StoreCheckReport` of the `StoreProblem`s it finds.
+A layer written for Powertools (a `BasePersistenceLayer` subclass) serves our engines
+through `PowertoolsStoreAdapter`.
 
 Everything imports without the optional extras; a store whose client library is
 missing says what to install when it is built.
@@ -22,6 +24,7 @@ from aioidempotency._async.dynamodb import DynamoDBPersistenceLayer, create_idem
 from aioidempotency._async.memory import InMemoryPersistenceLayer
 from aioidempotency._async.store import ClaimResult, PersistenceLayer
 from aioidempotency._check import StoreCheckReport, StoreProblem
+from aioidempotency._powertools_store import PowertoolsStoreAdapter, SyncPowertoolsStoreAdapter
 from aioidempotency._records import DataRecord, RecordAttributes, RecordStatus
 from aioidempotency._sync.cache import SyncCachePersistenceLayer
 from aioidempotency._sync.dynamodb import SyncDynamoDBPersistenceLayer
@@ -39,6 +42,9 @@ __all__ = [
     "SyncDynamoDBPersistenceLayer",
     "SyncInMemoryPersistenceLayer",
     "store_from_url",
+    # layers written for Powertools
+    "PowertoolsStoreAdapter",
+    "SyncPowertoolsStoreAdapter",
     # checking a store (`await store.check()`)
     "StoreCheckReport",
     "StoreProblem",
