@@ -14,7 +14,8 @@ BLOCK_EXTRAS = textwrap.dedent(
     """
     import sys
     for name in ("redis", "glide", "botocore", "botocore.exceptions", "aioboto3",
-                 "aiobotocore", "starlette", "aiohttp", "tqdm"):
+                 "aiobotocore", "starlette", "aiohttp", "tqdm", "pytest", "http_sf",
+                 "opentelemetry", "aws_lambda_powertools"):
         sys.modules[name] = None  # makes "import name" raise ImportError
     """
 )

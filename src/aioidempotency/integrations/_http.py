@@ -20,10 +20,12 @@ import string
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import http_sf
 from typing_extensions import TypedDict
+
+if TYPE_CHECKING:
+    import http_sf
 
 from aioidempotency._async.engine import IdempotencyEngine
 from aioidempotency._async.store import PersistenceLayer
@@ -372,6 +374,10 @@ def parse_idempotency_key(values: Sequence[str], max_length: int = 255) -> str:
 
 
 def _parse_sf_string(raw: str) -> str:
+    # Imported here: the framework-free core imports without the web extra; the
+    # middlewares import http-sf when they are imported.
+    import http_sf
+
     try:
         parsed = http_sf.parse(raw.encode("utf-8", "replace"), tltype="item")
     except http_sf.StructuredFieldError as exc:

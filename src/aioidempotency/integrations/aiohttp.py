@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable
 
+import http_sf  # noqa: F401  (the web extra: it parses the key header; fail at import)
 from aiohttp import web
 from aiohttp.streams import StreamReader
 from aiohttp.typedefs import Handler

@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import http_sf  # noqa: F401  (the web extra: it parses the key header; fail at import)
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from typing_extensions import Unpack
