@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import itertools
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 __all__ = [
     "LOG_FIELDS",
@@ -21,6 +22,7 @@ __all__ = [
     "EventListener",
     "IdempotencyEvent",
     "Reporter",
+    "RoundTrip",
     "Watch",
     "describe",
     "listen",
@@ -97,6 +99,25 @@ class CallOutcome(str, enum.Enum):
     """The function ran without idempotency (no key, or idempotency disabled)."""
 
 
+class RoundTrip(NamedTuple):
+    """One store operation of a call, timed by the engine's clock (an immutable tuple:
+    a watched call builds one per round trip, three times faster than a frozen
+    dataclass).
+
+    - `operation`: the store method: ``claim``, ``get``, ``complete``, ``release`` or
+      ``renew``.
+    - `start`: seconds from the call's start to the moment the operation was sent.
+    - `duration`: seconds from then until the store answered (or raised).
+    - `error`: the type name of the exception the store raised, if any (never its
+      message); ``CancelledError`` when the caller or the lease's end interrupted it.
+    """
+
+    operation: str
+    start: float
+    duration: float
+    error: str | None = None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class IdempotencyEvent:
     """One decision of the engine about one call.
@@ -115,6 +136,10 @@ class IdempotencyEvent:
     - `error`: the type name of the exception involved, if any (never its message).
     - `call_id`: a number unique to the call in this process, shared by its events;
       None as for `duration`.
+    - `trips`: the store round trips of the call that ended since its previous event
+      (`RoundTrip`: operation, start, duration, error), in the order they ended; each
+      round trip is on one event only, so a call's trips are those of all its events.
+      Empty as for `duration`.
     """
 
     kind: EventKind
@@ -126,6 +151,7 @@ class IdempotencyEvent:
     outcome: CallOutcome | None = None
     error: str | None = None
     call_id: int | None = None
+    trips: tuple[RoundTrip, ...] = ()
 
     @property
     def final(self) -> bool:
@@ -211,16 +237,116 @@ _call_ids = itertools.count(1)
 
 class Watch:
     """What a watched call's events share: its prefix, start, round trips and id;
-    `done` once its last event (the one with an outcome) was reported."""
+    `done` once its last event (the one with an outcome) was reported.
 
-    __slots__ = ("call_id", "done", "prefix", "round_trips", "started")
+    `store` is the call's view of its engine's store: each method called on it is one
+    round trip, counted in `round_trips` when sent and timed (a `RoundTrip` in `trips`,
+    until the next event takes it) when it ends.
+    """
 
-    def __init__(self, prefix: str, started: float) -> None:
+    __slots__ = (
+        "_clock",
+        "_store",
+        "call_id",
+        "done",
+        "prefix",
+        "round_trips",
+        "started",
+        "trips",
+    )
+
+    def __init__(
+        self, prefix: str, started: float, clock: Callable[[], float], store: object
+    ) -> None:
         self.prefix = prefix
         self.started = started
         self.round_trips = 0
         self.call_id = next(_call_ids)
         self.done = False
+        self.trips: list[RoundTrip] = []
+        self._clock = clock
+        self._store = store
+
+    @property
+    def store(self) -> Any:
+        """The engine's store (the one its lease keepers renew on too), every call on it
+        timed as a round trip of this call."""
+        # A new view each time: one kept here would be a reference cycle per call, left
+        # to the cyclic garbage collector.
+        return TimedStore(self._store, self)
+
+    def sent(self) -> float:
+        """Count a round trip sent now; returns its start, for `ended`."""
+        self.round_trips += 1
+        return self._clock()
+
+    def ended(self, operation: str, sent: float, error: BaseException | None) -> None:
+        """Time the round trip `sent` returned: it ended now, with `error` if it raised."""
+        took = self._clock() - sent
+        name = None if error is None else type(error).__name__
+        self.trips.append(RoundTrip(operation, sent - self.started, took, name))
+
+    def take_trips(self) -> tuple[RoundTrip, ...]:
+        """The round trips that ended since the last call, for the event built now."""
+        trips = self.trips
+        if not trips:
+            return ()
+        # A lease renewal thread may append meanwhile: take what is there, keep the rest
+        # (the copy and the slice deletion are each atomic).
+        taken = tuple(trips)
+        del trips[: len(taken)]
+        return taken
+
+
+class TimedStore:
+    """A watched call's view of a store (`Watch.store`): each call of the engine's store
+    operations on it is one round trip of the call. Works for async stores (their
+    coroutines are timed until they finish) and sync ones alike."""
+
+    __slots__ = ("_store", "_watch")
+
+    def __init__(self, store: Any, watch: Watch) -> None:
+        self._store = store
+        self._watch = watch
+
+    def claim(self, *args: Any, **kw: Any) -> Any:
+        return self._call("claim", self._store.claim, args, kw)
+
+    def get(self, *args: Any, **kw: Any) -> Any:
+        return self._call("get", self._store.get, args, kw)
+
+    def complete(self, *args: Any, **kw: Any) -> Any:
+        return self._call("complete", self._store.complete, args, kw)
+
+    def release(self, *args: Any, **kw: Any) -> Any:
+        return self._call("release", self._store.release, args, kw)
+
+    def renew(self, *args: Any, **kw: Any) -> Any:
+        return self._call("renew", self._store.renew, args, kw)
+
+    def _call(
+        self, operation: str, method: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]
+    ) -> Any:
+        watch = self._watch
+        sent = watch.sent()
+        try:
+            result = method(*args, **kw)
+        except BaseException as exc:
+            watch.ended(operation, sent, exc)
+            raise
+        if inspect.isawaitable(result):
+            return self._awaited(operation, sent, result)
+        watch.ended(operation, sent, None)
+        return result
+
+    async def _awaited(self, operation: str, sent: float, pending: Awaitable[Any]) -> Any:
+        try:
+            result = await pending
+        except BaseException as exc:
+            self._watch.ended(operation, sent, exc)
+            raise
+        self._watch.ended(operation, sent, None)
+        return result
 
 
 # Compared by identity: hashing an enum member (for a set or a dict) runs Python code.
@@ -257,7 +383,7 @@ class Reporter:
         """A `Watch` for a call starting now, or None when nobody would see its events."""
         if self._on_event is None and not _listeners and not self.log.isEnabledFor(logging.DEBUG):
             return None
-        return Watch(prefix, self._clock())
+        return Watch(prefix, self._clock(), self._clock, self._store)
 
     @property
     def store(self) -> str:
@@ -316,6 +442,7 @@ class Reporter:
                 outcome,
                 error_name,
                 watch.call_id,
+                watch.take_trips(),
             )
         else:
             prefix = (key or "").rpartition("#")[0]
