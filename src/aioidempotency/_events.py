@@ -12,6 +12,7 @@ import inspect
 import itertools
 import logging
 import threading
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
@@ -233,15 +234,17 @@ def listen(callback: EventListener) -> Callable[[], None]:
 # -- what the engine and the lease keepers use ------------------------------------------
 
 _call_ids = itertools.count(1)
+_Coroutine = types.CoroutineType
+_new_trip = tuple.__new__  # a `RoundTrip` without its Python-level __new__ (all fields given)
 
 
 class Watch:
     """What a watched call's events share: its prefix, start, round trips and id;
     `done` once its last event (the one with an outcome) was reported.
 
-    `store` is the call's view of its engine's store: each method called on it is one
-    round trip, counted in `round_trips` when sent and timed (a `RoundTrip` in `trips`,
-    until the next event takes it) when it ends.
+    `store` is the call's view of its engine's store: each operation called on it is
+    one round trip (`time`), counted in `round_trips` when sent and timed when it ends:
+    a `RoundTrip` in `trips`, until the call's next event takes it.
     """
 
     __slots__ = (
@@ -269,22 +272,49 @@ class Watch:
 
     @property
     def store(self) -> Any:
-        """The engine's store (the one its lease keepers renew on too), every call on it
-        timed as a round trip of this call."""
+        """The engine's store, every operation on it timed as a round trip of this call."""
         # A new view each time: one kept here would be a reference cycle per call, left
         # to the cyclic garbage collector.
         return TimedStore(self._store, self)
 
-    def sent(self) -> float:
-        """Count a round trip sent now; returns its start, for `ended`."""
-        self.round_trips += 1
-        return self._clock()
+    def timing(self, store: Any) -> Any:
+        """`store` (a lease keeper's), every operation on it timed as a round trip of
+        this call."""
+        return TimedStore(store, self)
 
-    def ended(self, operation: str, sent: float, error: BaseException | None) -> None:
-        """Time the round trip `sent` returned: it ended now, with `error` if it raised."""
-        took = self._clock() - sent
+    def time(
+        self, operation: str, method: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]
+    ) -> Any:
+        """Call ``method(*args, **kw)`` as a round trip of this call: counted now, timed
+        until it returns or raises, or, for an awaitable it returns (an async store's
+        coroutine), until that is awaited to its end."""
+        self.round_trips += 1
+        sent = self._clock()
+        try:
+            result = method(*args, **kw)
+        except BaseException as exc:
+            self._ended(operation, sent, exc)
+            raise
+        if type(result) is _Coroutine or inspect.isawaitable(result):
+            return self._awaited(operation, sent, result)
+        self._ended(operation, sent, None)
+        return result
+
+    async def _awaited(self, operation: str, sent: float, pending: Awaitable[Any]) -> Any:
+        try:
+            result = await pending
+        except BaseException as exc:
+            self._ended(operation, sent, exc)
+            raise
+        # What `_ended` does, inline: this is every async round trip's path.
+        trip = (operation, sent - self.started, self._clock() - sent, None)
+        self.trips.append(_new_trip(RoundTrip, trip))
+        return result
+
+    def _ended(self, operation: str, sent: float, error: BaseException | None) -> None:
         name = None if error is None else type(error).__name__
-        self.trips.append(RoundTrip(operation, sent - self.started, took, name))
+        trip = (operation, sent - self.started, self._clock() - sent, name)
+        self.trips.append(_new_trip(RoundTrip, trip))
 
     def take_trips(self) -> tuple[RoundTrip, ...]:
         """The round trips that ended since the last call, for the event built now."""
@@ -299,9 +329,8 @@ class Watch:
 
 
 class TimedStore:
-    """A watched call's view of a store (`Watch.store`): each call of the engine's store
-    operations on it is one round trip of the call. Works for async stores (their
-    coroutines are timed until they finish) and sync ones alike."""
+    """A watched call's view of a store (`Watch.store`): each store operation called on
+    it is one round trip of the call (`Watch.time`), async or sync."""
 
     __slots__ = ("_store", "_watch")
 
@@ -310,43 +339,19 @@ class TimedStore:
         self._watch = watch
 
     def claim(self, *args: Any, **kw: Any) -> Any:
-        return self._call("claim", self._store.claim, args, kw)
+        return self._watch.time("claim", self._store.claim, args, kw)
 
     def get(self, *args: Any, **kw: Any) -> Any:
-        return self._call("get", self._store.get, args, kw)
+        return self._watch.time("get", self._store.get, args, kw)
 
     def complete(self, *args: Any, **kw: Any) -> Any:
-        return self._call("complete", self._store.complete, args, kw)
+        return self._watch.time("complete", self._store.complete, args, kw)
 
     def release(self, *args: Any, **kw: Any) -> Any:
-        return self._call("release", self._store.release, args, kw)
+        return self._watch.time("release", self._store.release, args, kw)
 
     def renew(self, *args: Any, **kw: Any) -> Any:
-        return self._call("renew", self._store.renew, args, kw)
-
-    def _call(
-        self, operation: str, method: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]
-    ) -> Any:
-        watch = self._watch
-        sent = watch.sent()
-        try:
-            result = method(*args, **kw)
-        except BaseException as exc:
-            watch.ended(operation, sent, exc)
-            raise
-        if inspect.isawaitable(result):
-            return self._awaited(operation, sent, result)
-        watch.ended(operation, sent, None)
-        return result
-
-    async def _awaited(self, operation: str, sent: float, pending: Awaitable[Any]) -> Any:
-        try:
-            result = await pending
-        except BaseException as exc:
-            self._watch.ended(operation, sent, exc)
-            raise
-        self._watch.ended(operation, sent, None)
-        return result
+        return self._watch.time("renew", self._store.renew, args, kw)
 
 
 # Compared by identity: hashing an enum member (for a set or a dict) runs Python code.

@@ -112,7 +112,7 @@ class LeaseKeeper:
     async def _renew(self, lease: Lease) -> None:
         delay = RETRY_DELAY
         report, watch = self._reporter.emit, lease.watch
-        store = self._store if watch is None else watch.store  # timed if watched
+        store = self._store if watch is None else watch.timing(self._store)  # timed if watched
         try:
             while lease.claim.owner in self._leases:
                 until_ms = int((self._clock() + self._lease) * 1000)

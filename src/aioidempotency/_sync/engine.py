@@ -653,8 +653,9 @@ class SyncIdempotencyEngine:
     ) -> bool:
         """Await `operation(*args, **kw)` until it succeeds, at most `_CLEANUP_ATTEMPTS`
         times; a claim lost or a result too large is raised at once. Each failure is
-        reported as a store error of the call `watch` watches (whose `Watch.store`
-        `operation` comes from, so each attempt is a timed round trip).
+        reported as a store error of the call `watch` watches; `operation` is a method
+        of its timing view (`Watch.store`) when watched, so each attempt is a timed
+        round trip.
 
         Every other failure is retried, even one that does not look transient: a
         client still connecting, or a node changing role in a failover, fails in ways

@@ -170,7 +170,7 @@ class Leases:
         # Timed if watched. The call's own thread is in its function meanwhile (it stops
         # the lease, waiting for a renewal in flight, before it completes): no other
         # thread counts round trips now.
-        store = self._store if watch is None else watch.store
+        store = self._store if watch is None else watch.timing(self._store)
         while lease.claim.owner in self._leases:
             until_ms = int((self._clock() + self._lease) * 1000)
             renewed = dataclasses.replace(lease.claim, in_progress_expiry_timestamp=until_ms)
