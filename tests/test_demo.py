@@ -95,6 +95,18 @@ def test_the_events_decide_the_verdict() -> None:
     assert empty["(none)"] == ["0", "", "", "", ""]
 
 
+def test_round_trips_are_listed_by_operation_and_failures_counted() -> None:
+    stats = DemoStats()
+    stats(final(CallOutcome.EXECUTED, RoundTrip("complete", 0.5, 0.003)))
+    stats(final(CallOutcome.REPLAYED, RoundTrip("vendor-op", 0.0, 0.001)))  # a store's own
+    stats(final(CallOutcome.EXECUTED, RoundTrip("claim", 0.0, 0.004, "TimeoutError")))
+    assert stats.failed_trips == 1
+    table = stats.round_trip_table()
+    operations = [line.split("|")[0].strip() for line in table.splitlines()[2:]]
+    assert operations == ["claim", "complete", "vendor-op"]  # the contract's order first
+    assert rows_of(table)["claim"] == ["1", "4.000", "4.000", "4.000", "4.000"]
+
+
 @pytest.mark.parametrize(("payments", "copies", "concurrency"), [(0, 1, 1), (1, 0, 1), (1, 1, 0)])
 async def test_empty_sizes_are_refused(payments: int, copies: int, concurrency: int) -> None:
     store = InMemoryPersistenceLayer()
