@@ -32,7 +32,7 @@ from aioidempotency._keys import (
     select_validation_data,
 )
 from aioidempotency._records import DataRecord, RecordStatus
-from aioidempotency._urls import store_from_url
+from aioidempotency._urls import redacted, store_from_url
 from aioidempotency.exceptions import (
     IdempotencyError,
     IdempotencyInvalidRecordError,
@@ -77,8 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="a payment API under a retry storm")
-    demo.add_argument("--store", default="memory://", help="store URL (default: memory://)")
+    demo = commands.add_parser(
+        "demo",
+        help="a payment API under a retry storm; prints calls by outcome and store round-trip "
+        "latencies from the engine's events",
+    )
+    demo.add_argument(
+        "--store",
+        default="memory://",
+        help="store URL (default: memory://); the demo writes under a key prefix of its own, "
+        "demo.payments.<run id>, and deletes its records at the end",
+    )
     demo.add_argument(
         "-n", "--payments", type=_at_least(1), default=1000, help="unique payments (N)"
     )
@@ -93,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
         "--wait", type=_seconds, default=0.0, help="seconds a duplicate waits for a result"
     )
     demo.add_argument("--seed", type=int, default=None, help="shuffle seed")
+    demo.add_argument(
+        "--keep", action="store_true", help="keep the demo's records (they expire in an hour)"
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     key = commands.add_parser("key", help="print the idempotency key of a payload")
@@ -354,8 +366,9 @@ async def _demo_command(args: argparse.Namespace) -> int:
                 concurrency=args.concurrency,
                 work_seconds=args.work_ms / 1000,
                 wait_seconds=args.wait,
-                store_name=args.store,
+                store_name=redacted(args.store),
                 seed=args.seed,
+                keep=args.keep,
                 on_progress=on_progress,
             )
         finally:

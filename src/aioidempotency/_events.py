@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import itertools
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+import types
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 __all__ = [
     "LOG_FIELDS",
@@ -21,6 +23,7 @@ __all__ = [
     "EventListener",
     "IdempotencyEvent",
     "Reporter",
+    "RoundTrip",
     "Watch",
     "describe",
     "listen",
@@ -97,6 +100,25 @@ class CallOutcome(str, enum.Enum):
     """The function ran without idempotency (no key, or idempotency disabled)."""
 
 
+class RoundTrip(NamedTuple):
+    """One store operation of a call, timed by the engine's clock (an immutable tuple:
+    a watched call builds one per round trip, three times faster than a frozen
+    dataclass).
+
+    - `operation`: the store method: ``claim``, ``get``, ``complete``, ``release`` or
+      ``renew``.
+    - `start`: seconds from the call's start to the moment the operation was sent.
+    - `duration`: seconds from then until the store answered (or raised).
+    - `error`: the type name of the exception the store raised, if any (never its
+      message); ``CancelledError`` when the caller or the lease's end interrupted it.
+    """
+
+    operation: str
+    start: float
+    duration: float
+    error: str | None = None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class IdempotencyEvent:
     """One decision of the engine about one call.
@@ -115,6 +137,10 @@ class IdempotencyEvent:
     - `error`: the type name of the exception involved, if any (never its message).
     - `call_id`: a number unique to the call in this process, shared by its events;
       None as for `duration`.
+    - `trips`: the store round trips of the call that ended since its previous event
+      (`RoundTrip`: operation, start, duration, error), in the order they ended; each
+      round trip is on one event only, so a call's trips are those of all its events.
+      Empty as for `duration`.
     """
 
     kind: EventKind
@@ -126,6 +152,7 @@ class IdempotencyEvent:
     outcome: CallOutcome | None = None
     error: str | None = None
     call_id: int | None = None
+    trips: tuple[RoundTrip, ...] = ()
 
     @property
     def final(self) -> bool:
@@ -207,20 +234,124 @@ def listen(callback: EventListener) -> Callable[[], None]:
 # -- what the engine and the lease keepers use ------------------------------------------
 
 _call_ids = itertools.count(1)
+_Coroutine = types.CoroutineType
+_new_trip = tuple.__new__  # a `RoundTrip` without its Python-level __new__ (all fields given)
 
 
 class Watch:
     """What a watched call's events share: its prefix, start, round trips and id;
-    `done` once its last event (the one with an outcome) was reported."""
+    `done` once its last event (the one with an outcome) was reported.
 
-    __slots__ = ("call_id", "done", "prefix", "round_trips", "started")
+    `store` is the call's view of its engine's store: each operation called on it is
+    one round trip (`time`), counted in `round_trips` when sent and timed when it ends:
+    a `RoundTrip` in `trips`, until the call's next event takes it.
+    """
 
-    def __init__(self, prefix: str, started: float) -> None:
+    __slots__ = (
+        "_clock",
+        "_store",
+        "call_id",
+        "done",
+        "prefix",
+        "round_trips",
+        "started",
+        "trips",
+    )
+
+    def __init__(
+        self, prefix: str, started: float, clock: Callable[[], float], store: object
+    ) -> None:
         self.prefix = prefix
         self.started = started
         self.round_trips = 0
         self.call_id = next(_call_ids)
         self.done = False
+        self.trips: list[RoundTrip] = []
+        self._clock = clock
+        self._store = store
+
+    @property
+    def store(self) -> Any:
+        """The engine's store, every operation on it timed as a round trip of this call."""
+        # A new view each time: one kept here would be a reference cycle per call, left
+        # to the cyclic garbage collector.
+        return TimedStore(self._store, self)
+
+    def timing(self, store: Any) -> Any:
+        """`store` (a lease keeper's), every operation on it timed as a round trip of
+        this call."""
+        return TimedStore(store, self)
+
+    def time(
+        self, operation: str, method: Callable[..., Any], args: tuple[Any, ...], kw: dict[str, Any]
+    ) -> Any:
+        """Call ``method(*args, **kw)`` as a round trip of this call: counted now, timed
+        until it returns or raises, or, for an awaitable it returns (an async store's
+        coroutine), until that is awaited to its end."""
+        self.round_trips += 1
+        sent = self._clock()
+        try:
+            result = method(*args, **kw)
+        except BaseException as exc:
+            self._ended(operation, sent, exc)
+            raise
+        if type(result) is _Coroutine or inspect.isawaitable(result):
+            return self._awaited(operation, sent, result)
+        self._ended(operation, sent, None)
+        return result
+
+    async def _awaited(self, operation: str, sent: float, pending: Awaitable[Any]) -> Any:
+        try:
+            result = await pending
+        except BaseException as exc:
+            self._ended(operation, sent, exc)
+            raise
+        # What `_ended` does, inline: this is every async round trip's path.
+        trip = (operation, sent - self.started, self._clock() - sent, None)
+        self.trips.append(_new_trip(RoundTrip, trip))
+        return result
+
+    def _ended(self, operation: str, sent: float, error: BaseException | None) -> None:
+        name = None if error is None else type(error).__name__
+        trip = (operation, sent - self.started, self._clock() - sent, name)
+        self.trips.append(_new_trip(RoundTrip, trip))
+
+    def take_trips(self) -> tuple[RoundTrip, ...]:
+        """The round trips that ended since the last call, for the event built now."""
+        trips = self.trips
+        if not trips:
+            return ()
+        # A lease renewal thread may append meanwhile: take what is there, keep the rest
+        # (the copy and the slice deletion are each atomic).
+        taken = tuple(trips)
+        del trips[: len(taken)]
+        return taken
+
+
+class TimedStore:
+    """A watched call's view of a store (`Watch.store`): each store operation called on
+    it is one round trip of the call (`Watch.time`), async or sync."""
+
+    __slots__ = ("_store", "_watch")
+
+    def __init__(self, store: Any, watch: Watch) -> None:
+        self._store = store
+        self._watch = watch
+
+    def claim(self, *args: Any, **kw: Any) -> Any:
+        return self._watch.time("claim", self._store.claim, args, kw)
+
+    def get(self, *args: Any, **kw: Any) -> Any:
+        return self._watch.time("get", self._store.get, args, kw)
+
+    def complete(self, *args: Any, **kw: Any) -> Any:
+        return self._watch.time("complete", self._store.complete, args, kw)
+
+    def release(self, *args: Any, **kw: Any) -> Any:
+        return self._watch.time("release", self._store.release, args, kw)
+
+    def renew(self, *args: Any, **kw: Any) -> Any:
+        return self._watch.time("renew", self._store.renew, args, kw)
 
 
 # Compared by identity: hashing an enum member (for a set or a dict) runs Python code.
@@ -257,7 +388,7 @@ class Reporter:
         """A `Watch` for a call starting now, or None when nobody would see its events."""
         if self._on_event is None and not _listeners and not self.log.isEnabledFor(logging.DEBUG):
             return None
-        return Watch(prefix, self._clock())
+        return Watch(prefix, self._clock(), self._clock, self._store)
 
     @property
     def store(self) -> str:
@@ -316,6 +447,7 @@ class Reporter:
                 outcome,
                 error_name,
                 watch.call_id,
+                watch.take_trips(),
             )
         else:
             prefix = (key or "").rpartition("#")[0]

@@ -18,6 +18,10 @@ completion: the engine's background task or thread), so they must be quick; a li
 that raises is logged once at WARNING (on ``aioidempotency.events``) and the call goes
 on. With no listener and DEBUG off for the engine's logger, a call builds no event.
 
+Each store round trip of a call (claim, get, complete, release, renew) is timed by the
+engine's clock and carried, as a `RoundTrip`, by the call's next event (`trips`), so a
+listener can measure store latency; a call nobody watches times nothing.
+
 See docs/observability.md.
 """
 
@@ -27,6 +31,7 @@ from aioidempotency._events import (
     EventKind,
     EventListener,
     IdempotencyEvent,
+    RoundTrip,
     listen,
 )
 
@@ -36,5 +41,6 @@ __all__ = [
     "EventKind",
     "EventListener",
     "IdempotencyEvent",
+    "RoundTrip",
     "listen",
 ]

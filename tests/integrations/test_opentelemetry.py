@@ -29,17 +29,20 @@ from aioidempotency import (
     IdempotencyAlreadyInProgressError,
     IdempotencyConfig,
     IdempotencyEngine,
+    IdempotencyPersistenceLayerError,
 )
-from aioidempotency.events import CallOutcome, EventKind, IdempotencyEvent
+from aioidempotency.events import CallOutcome, EventKind, IdempotencyEvent, RoundTrip
 from aioidempotency.integrations.opentelemetry import (
     _MAX_ENDED_CALLS,
     _MAX_OPEN_CALLS,
     DURATION_BUCKETS,
+    STORE_DURATION_BUCKETS,
     _Recorder,
     instrument,
 )
 from aioidempotency.persistence import PersistenceLayer
 from tests.concurrency import Event, spawn, wait_set
+from tests.helpers import WrapperStore
 
 SECRET = "otel-s3cr3t-7319-pii"
 PAYMENT = {"payment_id": "p-1", "amount": 100, "card": SECRET}
@@ -97,6 +100,23 @@ class Telemetry:
             if metric.name == name
             for point in metric.data.data_points
         ]
+
+    def store_durations(self) -> dict[tuple[str, str | None], tuple[int, float]]:
+        """``idempotency.store.duration`` by (operation, error type): (count, sum)."""
+        found: dict[tuple[str, str | None], tuple[int, float]] = {}
+        for point in self.points("idempotency.store.duration"):
+            assert isinstance(point, HistogramDataPoint)
+            attributes = dict(point.attributes or {})
+            assert tuple(point.explicit_bounds) == STORE_DURATION_BUCKETS
+            assert attributes["idempotency.key.prefix"] == PREFIX
+            error = attributes.get("error.type")
+            label = (
+                str(attributes["idempotency.store.operation"]),
+                None if error is None else str(error),
+            )
+            count, total = found.get(label, (0, 0.0))
+            found[label] = (count + point.count, total + point.sum)
+        return found
 
     def calls(self) -> dict[tuple[str, str], int]:
         """``idempotency.calls`` by (outcome, store kind)."""
@@ -183,17 +203,22 @@ async def test_a_first_execution_is_a_child_span_with_its_decisions(
         "idempotency.store.kind": kind,
         "idempotency.store.round_trips": 2,
     }
-    assert event_names(span) == ["claimed", "completed"]
+    trip = "idempotency.store.round_trip"
+    assert event_names(span) == [trip, "claimed", trip, "completed"]
     assert [dict(event.attributes or {}) for event in span.events] == [
+        {"idempotency.store.operation": "claim", "idempotency.store.duration": 0.0},
         {"idempotency.store.round_trips": 1},
+        {"idempotency.store.operation": "complete", "idempotency.store.duration": 0.0},
         {"idempotency.store.round_trips": 2},
     ]
     # The span covers the call by the engine's clock: 0.25 s, the decisions in it.
     assert span.start_time is not None
     assert span.end_time is not None
     assert span.end_time - span.start_time == 250_000_000
-    assert [event.timestamp for event in span.events] == [span.start_time, span.end_time]
+    assert [event.timestamp for event in span.events] == [span.start_time] * 2 + [span.end_time] * 2
     assert span.status.status_code is StatusCode.UNSET
+    # The store answered in no time by the engine's clock (the test's).
+    assert telemetry.store_durations() == {("claim", None): (1, 0.0), ("complete", None): (1, 0.0)}
 
     assert telemetry.calls() == {("executed", kind): 1}
     [duration] = telemetry.points("idempotency.call.duration")
@@ -228,7 +253,7 @@ async def test_a_replay_is_a_span_with_one_decision(
     assert replay.attributes["idempotency.outcome"] == "replayed"
     assert replay.attributes["idempotency.store.round_trips"] == 1
     assert replay.attributes["idempotency.key.hash"] == first.attributes["idempotency.key.hash"]
-    assert event_names(replay) == ["replayed"]
+    assert event_names(replay) == ["idempotency.store.round_trip", "replayed"]
     assert telemetry.calls() == {("executed", kind): 1, ("replayed", kind): 1}
     [duration] = [
         point
@@ -261,8 +286,8 @@ async def test_a_failure_is_an_error_span(
     assert span.attributes["idempotency.store.round_trips"] == 2
     assert span.status.status_code is StatusCode.ERROR
     assert span.status.description == "Declined"
-    assert event_names(span) == ["claimed", "released"]
-    assert dict(span.events[1].attributes or {}) == {
+    assert event_names(span)[1::2] == ["claimed", "released"]
+    assert dict(span.events[3].attributes or {}) == {
         "idempotency.store.round_trips": 2,
         "error.type": "Declined",
     }
@@ -302,14 +327,76 @@ async def test_an_in_progress_refusal_is_a_span_of_its_own(
     assert refused.attributes is not None
     assert refused.attributes["idempotency.outcome"] == "refused"
     assert refused.attributes["idempotency.store.round_trips"] == 1
-    assert event_names(refused) == ["in_progress"]
+    assert event_names(refused) == ["idempotency.store.round_trip", "in_progress"]
     assert refused.status.status_code is StatusCode.UNSET
     # The first call's span ends with it, under no parent: spans do not mix calls.
     refused_again, executed = telemetry.finished()
     assert refused_again is refused
     assert executed.parent is None
-    assert event_names(executed) == ["claimed", "completed"]
+    assert event_names(executed)[1::2] == ["claimed", "completed"]
     assert telemetry.calls() == {("refused", kind): 1, ("executed", kind): 1}
+    assert_no_secret(telemetry)
+
+
+class SlowStore(WrapperStore):
+    """Operations take `takes[method]` seconds of the test's clock; a get fails."""
+
+    def __init__(self, inner: PersistenceLayer, clock: Clock, **takes: float) -> None:
+        super().__init__(inner)
+        self.clock = clock
+        self.takes = takes
+
+    def _record(self, method: str, key: str) -> None:
+        self.clock.advance(self.takes.get(method, 0.0))
+        super()._record(method, key)
+
+
+@STORES
+async def test_store_round_trips_are_timed_span_events_and_a_histogram(
+    store: PersistenceLayer, kind: str, telemetry: Telemetry
+) -> None:
+    clock = Clock()
+    slow = SlowStore(store, clock, claim=0.002, get=0.004, complete=0.003)
+    config = IdempotencyConfig(wait_for_in_progress_seconds=30, wait_poll_interval_seconds=0.01)
+    gate = Gate()
+    first = spawn(engine_for(store, clock).run, PAYMENT, gate)
+    await wait_set(gate.started)
+    slow.fail["get"] = lambda: ConnectionError(f"reset {SECRET}")
+    waiter = IdempotencyEngine(slow, config, key_prefix=PREFIX, clock=clock)
+    with pytest.raises(IdempotencyPersistenceLayerError):
+        await waiter.run(PAYMENT, Calls(clock))  # its claim is refused, its poll fails
+    gate.release.set()
+    assert await first.result() == RESULT
+    failed, executed = telemetry.finished()
+    assert failed.attributes is not None
+    assert failed.attributes["idempotency.outcome"] == "error"
+    assert event_names(failed) == [
+        "idempotency.store.round_trip",
+        "idempotency.store.round_trip",
+        "store_error",
+    ]
+    claim, poll = (dict(event.attributes or {}) for event in failed.events[:2])
+    assert claim == {
+        "idempotency.store.operation": "claim",
+        "idempotency.store.duration": pytest.approx(0.002, abs=1e-6),  # epoch floats
+    }
+    assert poll["idempotency.store.operation"] == "get"
+    assert poll["error.type"] == "ConnectionError"  # the store's, not the caller's
+    assert poll["idempotency.store.duration"] == pytest.approx(0.004, abs=1e-6)
+    assert failed.start_time is not None
+    assert failed.events[1].timestamp - failed.start_time == pytest.approx(
+        2_000_000, abs=1000
+    )  # the poll was sent after the claim's 2 ms
+    durations = telemetry.store_durations()
+    assert durations[("claim", None)][0] == 2  # the waiter's and the first call's
+    assert durations[("claim", None)][1] == pytest.approx(0.002, abs=1e-6)
+    assert durations[("get", "ConnectionError")][0] == 1
+    assert durations[("get", "ConnectionError")][1] == pytest.approx(0.004, abs=1e-6)
+    assert durations[("complete", None)][0] == 1
+    points = telemetry.points("idempotency.store.duration")
+    assert {dict(point.attributes)["idempotency.store.kind"] for point in points} == {kind}
+    assert event_names(executed)[1::2] == ["claimed", "completed"]
+    assert await waiter.drain()
     assert_no_secret(telemetry)
 
 
@@ -351,10 +438,20 @@ def event(
     call_id: int | None,
     outcome: CallOutcome | None = None,
     duration: float | None = 0.0,
+    trips: tuple[RoundTrip, ...] = (),
 ) -> IdempotencyEvent:
     round_trips = None if duration is None else 1
     return IdempotencyEvent(
-        kind, f"{PREFIX}#abc", PREFIX, "memory", duration, round_trips, outcome, None, call_id
+        kind,
+        f"{PREFIX}#abc",
+        PREFIX,
+        "memory",
+        duration,
+        round_trips,
+        outcome,
+        None,
+        call_id,
+        trips,
     )
 
 
@@ -363,13 +460,16 @@ def test_decisions_after_a_calls_end_are_not_recorded() -> None:
     recorder = _Recorder(recording.tracer_provider, recording.meter_provider)
     recorder(event(EventKind.CLAIMED, 7))
     recorder(event(EventKind.RELEASED, 7, CallOutcome.NOT_STORED, 0.5))
-    recorder(event(EventKind.COMPLETED, 7, duration=0.75))  # a background retry, late
+    late = RoundTrip("complete", 0.6, 0.125)
+    recorder(event(EventKind.COMPLETED, 7, duration=0.75, trips=(late,)))  # a background retry
     recorder(event(EventKind.CLAIMED, 8))
     recorder(event(EventKind.COMPLETED, 8, CallOutcome.EXECUTED, 0.5))
     first, second = recording.finished()
     assert event_names(first) == ["claimed", "released"]
     assert event_names(second) == ["claimed", "completed"]
     assert recording.calls() == {("not_stored", "memory"): 1, ("executed", "memory"): 1}
+    # The late round trip is no span event, but a store latency all the same.
+    assert recording.store_durations() == {("complete", None): (1, 0.125)}
 
 
 def test_unfinished_calls_keep_a_bounded_number_of_decisions() -> None:

@@ -4,7 +4,9 @@
 tools/unasync.py generates the sync engine's twin of this module, tests/sync/test_events.py
 (see tests/test_engine.py for how). Every test asserts the event kinds, keys and round
 trips of a decision, and the log record that goes with each one. The engine runs on a
-clock of the test's (`Clock`): durations are exact and nothing sleeps to let time pass.
+clock of the test's (`Clock`): durations are exact and nothing sleeps to let time pass;
+a `SlowStore` moves that clock during each store operation, so round trips have exact
+durations too.
 
 `SECRET` is in every payload, result and exception message of the tests: it must never
 appear in an event or a log record.
@@ -38,6 +40,7 @@ from aioidempotency.events import (
     EventKind,
     EventListener,
     IdempotencyEvent,
+    RoundTrip,
     listen,
 )
 from aioidempotency.persistence import ClaimResult, SyncPersistenceLayer
@@ -197,6 +200,33 @@ def assert_no_secret(recorder: Recorder, caplog: pytest.LogCaptureFixture) -> No
     assert SECRET not in caplog.text  # tracebacks included
 
 
+class SlowStore(WrapperStore):
+    """A store whose operations take `takes[method]` seconds of the test's clock."""
+
+    def __init__(self, inner: SyncPersistenceLayer, clock: Clock, **takes: float) -> None:
+        super().__init__(inner)
+        self.clock = clock
+        self.takes = takes
+
+    def _record(self, method: str, key: str) -> None:
+        self.clock.advance(self.takes.get(method, 0.0))
+        super()._record(method, key)
+
+
+def trips_of(events: list[IdempotencyEvent]) -> list[RoundTrip]:
+    """Every round trip of `events`, in order."""
+    return [trip for event in events for trip in event.trips]
+
+
+def assert_trip(
+    trip: RoundTrip, operation: str, start: float, duration: float, error: str | None = None
+) -> None:
+    assert trip.operation == operation
+    assert trip.start == pytest.approx(start, abs=1e-6)
+    assert trip.duration == pytest.approx(duration, abs=1e-6)
+    assert trip.error == error
+
+
 # -- a first call, a replay, a cache hit -----------------------------------------------
 
 
@@ -224,7 +254,47 @@ def test_a_first_call_is_claimed_then_completed(
     assert_logged(logged[0], claimed)
     assert_logged(logged[1], completed)
     assert "executed" in logged[1].getMessage()
+    assert [trip.operation for trip in claimed.trips] == ["claim"]
+    assert [trip.operation for trip in completed.trips] == ["complete"]
     assert_no_secret(recorder, caplog_debug)
+
+
+def test_each_round_trip_is_timed_on_the_next_event(store: SyncPersistenceLayer) -> None:
+    clock, recorder = Clock(), Recorder()
+    slow = SlowStore(store, clock, claim=0.003, complete=0.005)
+    engine = engine_for(slow, clock, recorder)
+    assert engine.run(PAYMENT, Calls(clock)) == RESULT
+    claimed, completed = recorder.events
+    [claim] = claimed.trips
+    assert_trip(claim, "claim", 0.0, 0.003)
+    assert claimed.duration == pytest.approx(0.003, abs=1e-6)  # epoch floats: 1e-7 apart
+    [complete] = completed.trips
+    assert_trip(complete, "complete", 0.003 + 0.25, 0.005)  # after the function's 0.25 s
+    assert completed.duration == pytest.approx(0.258, abs=1e-6)
+    assert len(trips_of(recorder.events)) == completed.round_trips == 2
+    with pytest.raises(AttributeError):
+        claim.duration = 0.0  # type: ignore[misc]
+    # A replay from the store: one claim, answered with the completed record.
+    recorder.events.clear()
+    assert engine_for(slow, clock, recorder).run(PAYMENT, Calls(clock)) == RESULT
+    [replayed] = recorder.events
+    [claim] = replayed.trips
+    assert_trip(claim, "claim", 0.0, 0.003)
+
+
+def test_a_failed_round_trip_names_the_stores_exception(store: SyncPersistenceLayer) -> None:
+    clock, recorder = Clock(), Recorder()
+    failing = SlowStore(store, clock, claim=0.002)
+    failing.fail["claim"] = lambda: ConnectionError(f"refused {SECRET}")
+    engine = engine_for(failing, clock, recorder)
+    with pytest.raises(IdempotencyPersistenceLayerError):
+        engine.run(PAYMENT, Calls(clock))
+    [failed] = recorder.events
+    assert failed.error == "IdempotencyPersistenceLayerError"  # what the caller sees
+    [claim] = failed.trips
+    assert_trip(claim, "claim", 0.0, 0.002, "ConnectionError")  # what the store raised
+    assert engine.drain()
+    assert SECRET not in repr(failed)
 
 
 def test_a_duplicate_replays_from_the_store(
@@ -258,6 +328,7 @@ def test_a_cache_hit_costs_no_round_trip(
     hit = recorder.events[-1]
     assert recorder.kinds() == [EventKind.CLAIMED, EventKind.COMPLETED, EventKind.CACHE_HIT]
     assert hit.round_trips == 0
+    assert hit.trips == ()
     assert hit.outcome is CallOutcome.REPLAYED
     assert hit.key == engine.idempotency_key(PAYMENT)
     [logged] = decisions(caplog_debug)
@@ -375,6 +446,9 @@ def test_a_waiting_duplicate_elsewhere_polls_then_replays(
     assert waited.outcome is CallOutcome.REPLAYED
     assert waited.round_trips == counting.total  # a claim and every poll
     assert waited.round_trips >= 2
+    operations = [trip.operation for trip in waited.trips]
+    assert operations == ["claim"] + ["get"] * counting.counts["get"]
+    assert [trip.error for trip in waited.trips] == [None] * len(operations)
     [logged] = [r for r in decisions(caplog_debug) if field(r, "idempotency_decision") == "waited"]
     assert_logged(logged, waited)
 
@@ -583,6 +657,8 @@ def test_a_failed_completion_is_stored_in_the_background(
     assert late.outcome is None  # after the call's end
     assert late.round_trips == 3
     assert late.call_id == failed.call_id
+    assert [(t.operation, t.error) for t in failed.trips] == [("complete", "ConnectionError")]
+    assert [(t.operation, t.error) for t in late.trips] == [("complete", None)]
     logged = decisions(caplog_debug)
     assert [r.levelno for r in logged] == [logging.DEBUG, logging.WARNING, logging.DEBUG]
     assert_logged(logged[1], failed, level=logging.WARNING)
@@ -610,7 +686,10 @@ def test_a_lease_renewal_is_a_decision_of_the_call(
     assert renewed.round_trips == 2
     assert renewed.outcome is None
     assert renewed.duration == pytest.approx(0.2)
+    [renewal] = renewed.trips  # timed in the lease keeper's task or thread
+    assert_trip(renewal, "renew", 0.2, 0.0)
     assert recorder.events[-1].kind is EventKind.COMPLETED
+    assert [trip.operation for trip in recorder.events[-1].trips] == ["complete"]
     [logged] = [
         r for r in decisions(caplog_debug) if field(r, "idempotency_decision") == "lease_renewed"
     ]

@@ -344,12 +344,11 @@ class IdempotencyEngine:
         key, owner, watch = record.idempotency_key, record.owner, call.watch
         assert owner is not None
         message = "Failed to save in progress record to idempotency store"
-        if watch is not None:
-            watch.round_trips += 1
+        store = self.persistence_store if watch is None else watch.store  # timed if watched
         # Each failure is reported before the release is spawned: the event counts the
         # round trips of the call so far, and the release is one more.
         try:
-            result = await self.persistence_store.claim(record, now=self._clock())
+            result = await store.claim(record, now=self._clock())
         except Cancelled as exc:
             self._reporter.emit(
                 EventKind.CANCELLED, key, watch, outcome=CallOutcome.CANCELLED, error=exc
@@ -521,9 +520,8 @@ class IdempotencyEngine:
                         "its result was not stored (the result is attached)",
                         key=call.key,
                     )
-            if watch is not None:
-                watch.round_trips += 1
-            await self.persistence_store.complete(completed, owner=owner)
+            store = self.persistence_store if watch is None else watch.store
+            await store.complete(completed, owner=owner)
         except Cancelled as exc:
             self._reporter.emit(
                 EventKind.CANCELLED,
@@ -591,10 +589,9 @@ class IdempotencyEngine:
         async def release() -> None:
             if lease is not None:
                 await lease.stop()
-            if watch is not None:
-                watch.round_trips += 1
+            store = self.persistence_store if watch is None else watch.store
             try:
-                await self.persistence_store.release(key, owner=owner)
+                await store.release(key, owner=owner)
             except Exception as exc:
                 # A cancellation or interrupt is raised instead of this error: then the
                 # log line carries its traceback.
@@ -624,7 +621,7 @@ class IdempotencyEngine:
         With `confirm`, release once more after `_CONFIRM_RELEASE_DELAY`: the claim
         this follows may have been in flight on another connection and land late.
         """
-        release = self.persistence_store.release
+        release = (self.persistence_store if watch is None else watch.store).release
         released = await self._retry("release", key, watch, release, key, owner=owner)
         if released and confirm:
             await sleep(_CONFIRM_RELEASE_DELAY)
@@ -633,10 +630,9 @@ class IdempotencyEngine:
     async def _complete_later(self, record: DataRecord, owner: str, watch: Watch | None) -> None:
         """Store a result whose completion was interrupted (retried, bounded)."""
         key = record.idempotency_key
+        complete = (self.persistence_store if watch is None else watch.store).complete
         try:
-            if await self._retry(
-                "completion", key, watch, self.persistence_store.complete, record, owner=owner
-            ):
+            if await self._retry("completion", key, watch, complete, record, owner=owner):
                 self._cache.put(record)
                 if watch is not None:
                     self._reporter.emit(
@@ -664,7 +660,9 @@ class IdempotencyEngine:
     ) -> bool:
         """Await `operation(*args, **kw)` until it succeeds, at most `_CLEANUP_ATTEMPTS`
         times; a claim lost or a result too large is raised at once. Each failure is
-        reported as a store error of the call `watch` watches.
+        reported as a store error of the call `watch` watches; `operation` is a method
+        of its timing view (`Watch.store`) when watched, so each attempt is a timed
+        round trip.
 
         Every other failure is retried, even one that does not look transient: a
         client still connecting, or a node changing role in a failover, fails in ways
@@ -674,8 +672,6 @@ class IdempotencyEngine:
         """
         delay = _CLEANUP_FIRST_DELAY
         for attempt in range(1, _CLEANUP_ATTEMPTS + 1):
-            if watch is not None:
-                watch.round_trips += 1
             try:
                 await operation(*args, **kw)
             except (IdempotencyClaimLostError, IdempotencyCompletionError):
@@ -738,6 +734,7 @@ class IdempotencyEngine:
         if deadline is None:
             raise self._in_progress(call, "another call holds the key")
         interval = self.config.wait_poll_interval_seconds
+        store = self.persistence_store if call.watch is None else call.watch.store
         while True:
             flight = self._flights.find(call.key)
             if flight is not None:
@@ -747,11 +744,9 @@ class IdempotencyEngine:
                 raise self._in_progress(call, "another call held the key past the wait")
             await sleep(min(interval, left))
             interval = min(interval * 2, _MAX_POLL_INTERVAL)
-            if call.watch is not None:
-                call.watch.round_trips += 1
             try:
                 with store_errors("Failed to get record from idempotency store", call.key):
-                    record = await self.persistence_store.get(call.key, now=self._clock())
+                    record = await store.get(call.key, now=self._clock())
             except Exception as exc:
                 self._store_error(call, exc, "reading the record failed", CallOutcome.ERROR)
                 raise

@@ -112,14 +112,13 @@ class LeaseKeeper:
     async def _renew(self, lease: Lease) -> None:
         delay = RETRY_DELAY
         report, watch = self._reporter.emit, lease.watch
+        store = self._store if watch is None else watch.timing(self._store)  # timed if watched
         try:
             while lease.claim.owner in self._leases:
                 until_ms = int((self._clock() + self._lease) * 1000)
                 renewed = dataclasses.replace(lease.claim, in_progress_expiry_timestamp=until_ms)
-                if watch is not None:
-                    watch.round_trips += 1
                 try:
-                    await self._store.renew(renewed)
+                    await store.renew(renewed)
                 except IdempotencyClaimLostError as exc:
                     lease.lost = True
                     self._leases.pop(renewed.owner or "", None)

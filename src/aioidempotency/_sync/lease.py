@@ -167,16 +167,15 @@ class Leases:
         # keeper does in its task) until the claim is renewed, proven lost or stopped.
         delay = RETRY_DELAY
         watch = lease.watch
+        # Timed if watched. The call's own thread is in its function meanwhile (it stops
+        # the lease, waiting for a renewal in flight, before it completes): no other
+        # thread counts round trips now.
+        store = self._store if watch is None else watch.timing(self._store)
         while lease.claim.owner in self._leases:
             until_ms = int((self._clock() + self._lease) * 1000)
             renewed = dataclasses.replace(lease.claim, in_progress_expiry_timestamp=until_ms)
-            if watch is not None:
-                # The call's own thread is in its function meanwhile (it stops the lease,
-                # waiting for a renewal in flight, before it completes): no other thread
-                # counts now.
-                watch.round_trips += 1
             try:
-                self._store.renew(renewed)
+                store.renew(renewed)
             except IdempotencyClaimLostError as exc:
                 lease.lost = True
                 self._forget(lease)

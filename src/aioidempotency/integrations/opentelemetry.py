@@ -12,17 +12,25 @@ that records, for every idempotent call:
   when an exception was involved; its status is ERROR for the outcomes ``error`` and
   ``failed``. Each decision of the call is a span event named after its kind
   (``claimed``, ``completed``, ...), at its time in the call, with
-  ``idempotency.store.round_trips`` and ``error.type``.
+  ``idempotency.store.round_trips`` and ``error.type``; each store round trip is a
+  span event ``idempotency.store.round_trip`` at the time it was sent, with
+  ``idempotency.store.operation``, ``idempotency.store.duration`` (seconds) and
+  ``error.type`` (the store's exception) if it failed.
 - ``idempotency.calls`` (counter, ``{call}``): calls, by ``idempotency.outcome``,
   ``idempotency.store.kind`` and ``idempotency.key.prefix``.
 - ``idempotency.call.duration`` (histogram, ``s``): the duration of a call through the
-  engine, from its start to its last event, with the counter's attributes. The events
-  carry no timing of single store round trips, so this is the call's duration (the
-  function's run time included for an executed call), not a store latency. Its buckets
-  are `DURATION_BUCKETS`.
+  engine, from its start to its last event, with the counter's attributes (the
+  function's run time included for an executed call). Its buckets are
+  `DURATION_BUCKETS`.
+- ``idempotency.store.duration`` (histogram, ``s``): the duration of each store round
+  trip (`aioidempotency.events.RoundTrip`) by the engine's clock, by
+  ``idempotency.store.operation`` (``claim``, ``get``, ``complete``, ``release``,
+  ``renew``), ``idempotency.store.kind``, ``idempotency.key.prefix`` and ``error.type``
+  when it failed. Its buckets are `STORE_DURATION_BUCKETS`.
 
 Decisions reported after a call's end (a release or completion retried in the
-background, a lease renewal racing the end) are not recorded. Importing
+background, a lease renewal racing the end) are not added to spans; their round trips
+are still recorded in ``idempotency.store.duration``. Importing
 ``aioidempotency`` never imports this module or OpenTelemetry; uninstrumented, the
 engine pays nothing for it. See docs/observability.md.
 """
@@ -39,9 +47,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
 from aioidempotency import __version__
-from aioidempotency.events import CallOutcome, IdempotencyEvent, listen
+from aioidempotency.events import CallOutcome, IdempotencyEvent, RoundTrip, listen
 
-__all__ = ["DURATION_BUCKETS", "instrument"]
+__all__ = ["DURATION_BUCKETS", "STORE_DURATION_BUCKETS", "instrument"]
 
 _SCOPE = "aioidempotency"
 
@@ -53,6 +61,17 @@ and later; a View overrides them). A replay from Redis takes well under a millis
 the SDK's default boundaries (0, 5, 10, ... 10000), made for milliseconds, would put
 nearly every call in one bucket."""
 
+STORE_DURATION_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0
+)  # fmt: skip
+"""The bucket boundaries ``idempotency.store.duration`` advises: a round trip to a
+Redis or Valkey server on the same host takes 0.1 to 0.3 ms, one to DynamoDB a few
+milliseconds, a client's timeout seconds."""
+
+_ROUND_TRIP = "idempotency.store.round_trip"
+"""The name of a round trip's span event."""
+
 _MAX_OPEN_CALLS = 4096
 """How many unfinished calls keep their decisions; beyond it the oldest are dropped."""
 
@@ -61,8 +80,9 @@ _MAX_ENDED_CALLS = 4096
 
 _FAILING = (CallOutcome.ERROR, CallOutcome.FAILED)
 
-# (kind, seconds since the call started, round trips, error type) of one decision.
-_Decision = tuple[str, float, int | None, str | None]
+# (kind, seconds since the call started, round trips, error type, the round trips that
+# ended since the call's previous decision) of one decision.
+_Decision = tuple[str, float, int | None, str | None, tuple[RoundTrip, ...]]
 
 
 class _Recorder:
@@ -80,25 +100,33 @@ class _Recorder:
             unit="{call}",
             description="Idempotent calls, by outcome.",
         )
-        name, unit = "idempotency.call.duration", "s"
-        description = "Duration of idempotent calls, from their start to their outcome."
-        try:
-            self._duration = meter.create_histogram(
-                name, unit, description, explicit_bucket_boundaries_advisory=DURATION_BUCKETS
-            )
-        except TypeError:  # pragma: no cover - opentelemetry-api < 1.30: the SDK's buckets
-            self._duration = meter.create_histogram(name, unit, description)
+        self._duration = _histogram(
+            meter,
+            "idempotency.call.duration",
+            "Duration of idempotent calls, from their start to their outcome.",
+            DURATION_BUCKETS,
+        )
+        self._store_duration = _histogram(
+            meter,
+            "idempotency.store.duration",
+            "Duration of the store round trips of idempotent calls (claim, get, complete, "
+            "release, renew).",
+            STORE_DURATION_BUCKETS,
+        )
         self._lock = threading.Lock()
         self._open: collections.OrderedDict[int, list[_Decision]] = collections.OrderedDict()
         self._ended: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     def __call__(self, event: IdempotencyEvent) -> None:
         call_id = event.call_id
+        if event.trips:
+            self._record_trips(event)
         decision: _Decision = (
             event.kind.value,
             event.duration or 0.0,
             event.round_trips,
             event.error,
+            event.trips,
         )
         if event.outcome is None:
             if call_id is None:
@@ -121,6 +149,17 @@ class _Recorder:
                 if len(self._ended) > _MAX_ENDED_CALLS:
                     self._ended.popitem(last=False)
         self._end(event, [*earlier, decision])
+
+    def _record_trips(self, event: IdempotencyEvent) -> None:
+        for trip in event.trips:
+            labels: dict[str, AttributeValue] = {
+                "idempotency.store.operation": trip.operation,
+                "idempotency.store.kind": event.store,
+                "idempotency.key.prefix": event.prefix,
+            }
+            if trip.error is not None:
+                labels["error.type"] = trip.error
+            self._store_duration.record(trip.duration, labels)
 
     def _end(self, event: IdempotencyEvent, decisions: list[_Decision]) -> None:
         assert event.outcome is not None
@@ -149,7 +188,18 @@ class _Recorder:
             attributes=attributes,
             start_time=start,
         )
-        for kind, since_start, round_trips, error in decisions:
+        # Span events in the order of their times: a round trip at the moment it was sent,
+        # before the decision that followed it.
+        for kind, since_start, round_trips, error, trips in decisions:
+            for trip in trips:
+                sent: dict[str, AttributeValue] = {
+                    "idempotency.store.operation": trip.operation,
+                    "idempotency.store.duration": trip.duration,
+                }
+                if trip.error is not None:
+                    sent["error.type"] = trip.error
+                at = min(end, start + int(trip.start * 1e9))
+                span.add_event(_ROUND_TRIP, sent, timestamp=at)
             details: dict[str, AttributeValue] = {}
             if round_trips is not None:
                 details["idempotency.store.round_trips"] = round_trips
@@ -160,6 +210,18 @@ class _Recorder:
         if event.outcome in _FAILING:
             span.set_status(Status(StatusCode.ERROR, event.error))
         span.end(end_time=end)
+
+
+def _histogram(
+    meter: metrics.Meter, name: str, description: str, buckets: tuple[float, ...]
+) -> metrics.Histogram:
+    """A histogram in seconds advising `buckets` (opentelemetry-api 1.30 and later)."""
+    try:
+        return meter.create_histogram(
+            name, "s", description, explicit_bucket_boundaries_advisory=buckets
+        )
+    except TypeError:  # pragma: no cover - opentelemetry-api < 1.30: the SDK's buckets
+        return meter.create_histogram(name, "s", description)
 
 
 def instrument(
