@@ -19,6 +19,7 @@ from aioidempotency._async.redis import pool_capacity
 from aioidempotency._cache_errors import TRANSIENT, classify
 from aioidempotency._lua import LuaScript
 from aioidempotency._sync.concurrency import Slots
+from aioidempotency._sync.redis_pool import PoolConnections, idle_bound
 from aioidempotency._urls import CacheConnection
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 
@@ -76,9 +77,14 @@ class SyncRedisPyCacheClient:
         self._limit: contextlib.AbstractContextManager[Any] = (
             contextlib.nullcontext() if self.max_in_flight is None else Slots(self.max_in_flight)
         )
-        self._pool = _plain_pool(client)
+        pool = _plain_pool(client)
         # redis-py < 5.3 wants the command name (unused since); later versions warn on it.
-        self._pool_args: tuple[str, ...] = () if _takes_no_name(self._pool) else ("EVALSHA",)
+        pool_args: tuple[str, ...] = () if _takes_no_name(pool) else ("EVALSHA",)
+        self._connections: PoolConnections | None = (
+            None
+            if pool is None
+            else PoolConnections(pool, keep=idle_bound(pool), pool_args=pool_args)
+        )
 
     @classmethod
     def from_connection(cls, connection: CacheConnection) -> SyncRedisPyCacheClient:
@@ -134,9 +140,9 @@ class SyncRedisPyCacheClient:
     def set_nx_get(self, name: str, value: str, *, ex: int) -> bytes | str | None:
         """``SET name value NX GET EX ex`` (Redis/Valkey >= 7.0): None when `name` was
         free and now holds `value`, else what it holds (left as it was)."""
-        if self._pool is not None:
+        if self._connections is not None:
             old: bytes | str | None = self._on_pool(
-                self._pool, ("SET", name, value, "NX", "GET", "EX", ex)
+                self._connections, ("SET", name, value, "NX", "GET", "EX", ex)
             )
         else:
             old = self._call("set", name, value, ex=ex, nx=True, get=True)
@@ -144,9 +150,9 @@ class SyncRedisPyCacheClient:
 
     def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """EVALSHA `script` on `key`'s node; EVAL when the server does not know it yet."""
-        if self._pool is not None:
+        if self._connections is not None:
             return self._on_pool(
-                self._pool,
+                self._connections,
                 ("EVALSHA", script.sha, 1, key, *args),
                 ("EVAL", script.code, 1, key, *args),
             )
@@ -156,36 +162,38 @@ class SyncRedisPyCacheClient:
             return self._call("eval", script.code, 1, key, *args)
 
     def _on_pool(
-        self, pool: Any, command: tuple[Any, ...], unknown_script: tuple[Any, ...] = ()
+        self,
+        connections: PoolConnections,
+        command: tuple[Any, ...],
+        unknown_script: tuple[Any, ...] = (),
     ) -> Any:
         """`command` on a connection of a standalone client's pool, sent and read
         directly (`unknown_script` instead when the server does not know the script of
         an EVALSHA). This skips ``execute_command``'s per-command retry and metrics,
-        which cost more client CPU than the send and read themselves
-        (docs/performance.md); the store retries transient failures itself, and its
+        and mostly the pool's checkout (`PoolConnections` keeps connections between
+        commands): both cost more client CPU than the send and read themselves
+        (docs/redis-valkey.md); the store retries transient failures itself, and its
         commands are safe to resend. A connection that failed is disconnected before it
-        goes back to the pool, as the client does."""
+        goes back, as the client does."""
         with self._limit:
-            connection = pool.get_connection(*self._pool_args)
+            connection = connections.take()
             try:
                 try:
                     connection.send_command(*command)
-                    return connection.read_response()
+                    reply = connection.read_response()
                 except self._no_script:
                     if not unknown_script:
                         raise
                     connection.send_command(*unknown_script)
-                    return connection.read_response()
+                    reply = connection.read_response()
             except self._response_error:
-                raise  # the server answered: the connection is in step
-            except BaseException:
-                connection.disconnect()  # a reply may be on its way: never reuse it
+                connections.give_back(connection)  # the server answered: it is in step
                 raise
-            finally:
-                reconnect = getattr(connection, "should_reconnect", None)
-                if reconnect is not None and reconnect():  # the server announced maintenance
-                    connection.disconnect()
-                pool.release(connection)
+            except BaseException:
+                connections.discard(connection)  # a reply may be on its way: never reuse it
+                raise
+            connections.give_back(connection)
+            return reply
 
     def run_script_durably(
         self,

@@ -1,9 +1,10 @@
-"""The sync redis-py adapter's scripts sent on a pooled connection directly
-(`SyncRedisPyCacheClient._on_pool`), under faults: a connection whose reply may
-still be on its way never goes back to the pool in use, a lost reply is recognised as
-the caller's own on the resend, a flushed script cache falls back to EVAL, a frozen
-server gives a typed error, and clients that are not a plain standalone pool keep the
-client's own ``execute_command``.
+"""The sync redis-py adapter's commands sent on a pooled connection directly
+(`SyncRedisPyCacheClient._on_pool`, `PoolConnections`): connections kept between
+commands (none from a ``BlockingConnectionPool``, none across a fork), and under
+faults: a connection whose reply may still be on its way is never used again, a lost
+reply is recognised as the caller's own on the resend, a flushed script cache falls
+back to EVAL, a frozen server gives a typed error, and clients that are not a plain
+standalone pool keep the client's own ``execute_command``.
 
 Faults come from `tests.faults.proxy.FaultProxy` in front of a real Redis server.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -80,7 +83,8 @@ def test_a_plain_standalone_client_runs_scripts_on_its_pool(
     layer: SyncCachePersistenceLayer,
 ) -> None:
     adapter = adapter_of(layer)
-    assert adapter._pool is adapter.client.connection_pool
+    assert adapter._connections is not None
+    assert adapter._connections.pool is adapter.client.connection_pool
     k = key()
     assert layer.claim(in_progress(k, tok("a")), now=0).claimed
     record = layer.get(k)
@@ -95,8 +99,8 @@ def test_clients_without_a_shared_pool_keep_their_own_path(
     nodes = cache_servers.cluster("redis")
     cluster = redis.RedisCluster(nodes[0].host, nodes[0].port)
     try:
-        assert SyncRedisPyCacheClient(single)._pool is None
-        assert SyncRedisPyCacheClient(cluster)._pool is None
+        assert SyncRedisPyCacheClient(single)._connections is None
+        assert SyncRedisPyCacheClient(cluster)._connections is None
         for client in (single, cluster):  # and their scripts still run
             store = as_sync_store(CachePersistenceLayer(client))
             k = f"{{pool}}{key()}"
@@ -227,3 +231,122 @@ def test_a_call_whose_reply_is_lost_runs_once_and_completes(
         assert proxy.stats().resets >= 1
         assert charge(order=order) == {"charged": order["id"]}  # a replay
         assert runs == [order["id"]]
+
+
+# -- connections kept between commands ------------------------------------------------------
+
+
+def created(pool: Any) -> int:
+    """How many connections `pool` has made (idle in it or in use)."""
+    return len(pool._available_connections) + len(pool._in_use_connections)
+
+
+def test_one_connection_is_kept_for_sequential_calls(server: Server) -> None:
+    client = redis.Redis(server.host, server.port)
+    with contextlib.closing(client):
+        store = SyncCachePersistenceLayer(client)
+        adapter = adapter_of(store)
+        assert adapter._connections is not None
+        for n in range(20):
+            k = key()
+            assert store.claim(in_progress(k, tok("k")), now=0).claimed
+            store.complete(completed(k, {"n": n}), owner=tok("k"))
+        assert adapter._connections.idle() == 1  # kept between the 40 commands
+        assert created(client.connection_pool) == 1
+
+
+def test_a_blocking_pool_gets_each_connection_back_at_once(server: Server) -> None:
+    pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+        host=server.host, port=server.port, max_connections=4
+    )
+    client = redis.Redis(connection_pool=pool)
+    with contextlib.closing(client):
+        store = SyncCachePersistenceLayer(client)
+        adapter = adapter_of(store)
+        assert adapter._connections is not None
+        k = key()
+        assert store.claim(in_progress(k, tok("l")), now=0).claimed
+        assert adapter._connections.idle() == 0
+        assert pool.pool.full()  # every connection it made is back in its queue
+
+
+def test_at_most_a_quarter_of_a_pool_is_kept_idle(server: Server) -> None:
+    client = redis.Redis(server.host, server.port, max_connections=8)
+    threads = 6
+    with contextlib.closing(client):
+        store = SyncCachePersistenceLayer(client)
+        adapter = adapter_of(store)
+        assert adapter._connections is not None
+        held = [adapter._connections.take() for _ in range(threads)]  # 6 calls at once
+        for connection in held:
+            adapter._connections.give_back(connection)
+        assert adapter._connections.idle() == 2  # 8 // 4; the others went back
+        assert len(client.connection_pool._in_use_connections) == 2
+
+
+def test_threads_keep_no_more_connections_than_ran_at_once(server: Server) -> None:
+    client = redis.Redis(server.host, server.port)
+    threads, calls = 8, 25
+    start = threading.Barrier(threads, timeout=30)
+    failures: list[BaseException] = []
+
+    with contextlib.closing(client):
+        store = SyncCachePersistenceLayer(client)
+        adapter = adapter_of(store)
+        assert adapter._connections is not None
+
+        def work(name: str) -> None:
+            try:
+                start.wait()
+                for _ in range(calls):
+                    k = key()
+                    assert store.claim(in_progress(k, tok(name)), now=0).claimed
+                    store.complete(completed(k, {"by": name}), owner=tok(name))
+                    done = store.get(k)
+                    assert done is not None
+                    assert done.response_data == json.dumps({"by": name})
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+
+        workers = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=60)
+        assert failures == []
+        assert 1 <= adapter._connections.idle() <= threads
+        # the layer's own plus the client's GETs: never more than the threads at once
+        assert created(client.connection_pool) <= 2 * threads
+
+
+def test_a_forked_child_never_uses_the_parents_connection(server: Server) -> None:
+    """A layer refuses a client passed to it in a forked child, and opens its own per
+    process otherwise; the adapter's kept connections are still dropped in a child."""
+    client = redis.Redis(server.host, server.port)
+    with contextlib.closing(client):
+        adapter = SyncRedisPyCacheClient(client)
+        connections = adapter._connections
+        assert connections is not None
+        assert adapter.set_nx_get(key(), "parent", ex=60) is None
+        (parents,) = connections._idle
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, never return into pytest
+            ok = False
+            try:
+                ok = adapter.set_nx_get(key(), "child", ex=60) is None and all(
+                    kept is not parents for kept in connections._idle
+                )
+            finally:
+                os.write(write, b"1" if ok else b"0")
+                os._exit(0)
+        os.close(write)
+        try:
+            assert os.read(read, 1) == b"1"  # blocks until the child wrote (bounded: it exits)
+        finally:
+            os.close(read)
+            os.waitpid(pid, 0)
+        assert connections._idle == [parents]  # the parent's is still kept, and works
+        k = key()
+        assert adapter.set_nx_get(k, "again", ex=60) is None
+        assert adapter.set_nx_get(k, "later", ex=60) == b"again"
