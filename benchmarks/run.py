@@ -1,7 +1,7 @@
 """Run the benchmarks: ``python -m benchmarks.run [--smoke] [--out benchmarks/results]``.
 
-Starts its own Valkey (a single server, and a primary with one replica) and moto
-servers on free ports of 127.0.0.1, measures every case of `benchmarks.cases` in one
+Starts its own Valkey (a single server, a primary with one replica, a 3-node cluster)
+and moto servers on free ports of 127.0.0.1, measures every case of `benchmarks.cases` in one
 process, writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``, and
 stops the servers.
 """
@@ -28,6 +28,7 @@ from typing import Any
 from benchmarks.cases import (
     ALL_GROUPS,
     BATCH,
+    CLUSTER,
     REPLICA,
     Bench,
     Budget,
@@ -43,6 +44,7 @@ from benchmarks.servers import (
     running_moto,
     running_replicated_valkey,
     running_valkey,
+    running_valkey_cluster,
 )
 
 __all__ = ["main"]
@@ -221,12 +223,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any(s.group == REPLICA for s in specs)
             else None
         )
+        cluster = (
+            stack.enter_context(running_valkey_cluster())
+            if any(s.group == CLUSTER for s in specs)
+            else None
+        )
         moto = (
             stack.enter_context(running_moto())
             if any(s.group == "dynamodb" for s in specs)
             else None
         )
-        bench = Bench(budget, valkey, moto, replicated)
+        bench = Bench(budget, valkey, moto, replicated, cluster)
         stack.callback(bench.close)
         measured = _headline_rounds(bench, specs, budget.rounds, quiet=args.quiet)
         fresh = False
