@@ -59,6 +59,7 @@ from typing import Any
 
 from benchmarks.cases import Bench, Budget, Spec
 from benchmarks.machine import LoadWatch
+from benchmarks.report import portable
 from benchmarks.servers import DUMMY_AWS_ENV, ChildServer, running_valkey
 
 __all__ = ["CATEGORIES", "categorize", "main", "split_profile"]
@@ -107,15 +108,22 @@ def categorize(func: Func) -> str | None:
 
 
 def split_profile(
-    raw: dict[Func, tuple[Any, ...]], *, per_call_overhead: float = 0.0
+    raw: dict[Func, tuple[Any, ...]],
+    *,
+    per_call_overhead: float = 0.0,
+    modules: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Seconds of own time per category (profiler overhead subtracted per function call)."""
+    """Seconds of own time per category (profiler overhead subtracted per function call);
+    `modules`, if given, receives the same seconds per ``category: module file``."""
     totals: dict[str, float] = defaultdict(float)
 
     def charge(func: Func, amount: float, depth: int, first: bool) -> None:
         category = categorize(func)
         if category is not None:
             totals[category] += amount
+            if modules is not None:
+                name = func[2] if func[0] == "~" else _short(func[0])
+                modules[f"{category}: {name}"] = modules.get(f"{category}: {name}", 0.0) + amount
             return
         callers: dict[Func, tuple[Any, ...]] = raw.get(func, (0, 0, 0, 0, {}))[4]
         if depth > 30 or not callers:
@@ -133,6 +141,11 @@ def split_profile(
     for func, (_, calls, own, _, _) in raw.items():
         charge(func, max(0.0, own - calls * per_call_overhead), 0, True)
     return {name: totals.get(name, 0.0) for name in CATEGORIES}
+
+
+def _short(filename: str) -> str:
+    path = filename.replace("\\", "/")
+    return re.sub(r"^.*/(site-packages|src|lib/python3\.\d+)/", "", path)
 
 
 def _calibrate(rounds: int = 5, calls: int = 200_000) -> float:
@@ -232,7 +245,8 @@ class _Case:
         _merge(self.profile, raw)
 
     def result(self, overhead: float, rounds: int) -> dict[str, Any]:
-        split = split_profile(self.profile, per_call_overhead=overhead)
+        modules: dict[str, float] = {}
+        split = split_profile(self.profile, per_call_overhead=overhead, modules=modules)
         traced = sum(split.values())
         thread = statistics.median(self.thread_us)
         process = statistics.median(self.process_us)
@@ -254,10 +268,10 @@ class _Case:
             if self.server_us
             else None,
         }
-        row["split_us"] = {
-            name: round(seconds / (self.calls * rounds) * 1e6 * scale, 1)
-            for name, seconds in split.items()
-        }
+        per_call = 1e6 * scale / (self.calls * rounds)
+        row["split_us"] = {name: round(seconds * per_call, 1) for name, seconds in split.items()}
+        top = sorted(modules.items(), key=lambda item: -item[1])[:25]
+        row["modules_us"] = {name: round(seconds * per_call, 1) for name, seconds in top}
         return row
 
 
@@ -361,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "cases": rows,
     }
+    doc = portable(doc)  # no absolute path in what is written
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1) + "\n")

@@ -41,6 +41,7 @@ from typing import Any
 from benchmarks.cases import Bench, Budget, Spec
 from benchmarks.delay_proxy import delay_proxy
 from benchmarks.machine import LoadWatch
+from benchmarks.report import portable
 from benchmarks.servers import DUMMY_AWS_ENV, ChildServer, running_moto, running_valkey
 
 __all__ = ["RTTS_MS", "case_specs", "main", "model_us"]
@@ -204,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "cases": rows,
     }
+    doc = portable(doc)  # no absolute path in what is written
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
