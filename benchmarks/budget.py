@@ -17,9 +17,10 @@ How:
 - The profiled pass runs under cProfile with `time.thread_time` as its timer, so that
   the native threads' CPU is not charged to whatever Python function the main thread
   was in. Every function's own time goes to the category of its module (below); a
-  function of the standard library or a builtin (json, hashlib, socket sends, ...)
-  is charged to the category of its callers, in proportion to the time each caller
-  spent in it (climbing further up while the caller has no category).
+  function of the standard library, a builtin or another package (json, hashlib,
+  socket sends, glide's cffi calls, ...) is charged to the category of its callers,
+  in proportion to the time each caller spent in it (climbing further up while the
+  caller has no category).
 - The profiler's overhead is subtracted: a calibration measures what one profiled
   function call costs (a trivial function called with and without the profiler, in
   this run); each function's own time loses its number of calls times that. The
@@ -88,8 +89,8 @@ Func = tuple[str, int, str]
 
 
 def categorize(func: Func) -> str | None:
-    """The category of a profiled function, or None for a stdlib module or a builtin
-    (charged to its callers)."""
+    """The category of a profiled function, or None for the standard library, a builtin
+    or another package (charged to its callers)."""
     filename, _, name = func
     path = filename.replace("\\", "/")
     if _ENGINE.search(path):
@@ -102,9 +103,9 @@ def categorize(func: Func) -> str | None:
         return "client"
     if _LOOP.search(path) or (filename == "~" and _LOOP.search(name)):
         return "event loop"
-    if _OWN.search(path) or "site-packages" in path:
-        return "other"  # the driver, the decorated function, other libraries
-    return None
+    if _OWN.search(path):
+        return "other"  # the driver, the decorated function
+    return None  # the standard library, builtins, other packages (glide's cffi, sniffio)
 
 
 def split_profile(

@@ -165,6 +165,7 @@ def test_budget_categories() -> None:
     assert categorize(("~", 0, "<method 'poll' of 'select.epoll' objects>")) == "event loop"
     assert categorize(("/usr/lib/python3.11/json/encoder.py", 1, "f")) is None  # to callers
     assert categorize(("~", 0, "<built-in method _hashlib.new>")) is None
+    assert categorize((f"{site}/cffi/api.py", 1, "f")) is None  # glide's FFI: to callers
 
 
 def test_delay_proxy_holds_each_direction_for_half_the_rtt() -> None:
