@@ -101,7 +101,8 @@ def _label(spec: Spec) -> str:
     who = {"aioidempotency": "ours", "powertools": "Powertools", "floor": "raw client"}
     store = "Valkey" if spec.group == "valkey" else "DynamoDB"
     how = "async" if spec.mode == "async" else "sync"
-    return f"{store}, {who[spec.library]} {how} ({spec.client})"
+    client = "boto3" if spec.client == "aiobotocore" and how == "sync" else spec.client
+    return f"{store}, {who[spec.library]} {how} ({client})"  # sync code: the boto3 twin
 
 
 def _rounds(bench: Bench, specs: list[Spec], rounds: int) -> dict[str, list[dict[str, Any]]]:

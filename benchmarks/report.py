@@ -321,6 +321,17 @@ def _size(payload: int) -> str:
     return f"{payload // 1000} KB" if payload >= 1000 else f"{payload} B"
 
 
+def _load(load: dict[str, Any] | None) -> str:
+    """The machine's load during the run (`benchmarks.machine.LoadWatch.summary`)."""
+    if not load or load.get("busy_cores") is None:
+        return ""
+    return (
+        f" Load during the run: {load['busy_cores']:.2f} of {load['cores']} cores busy on"
+        f" average (everything on the machine), 1-minute load average"
+        f" {load['loadavg_1m_start']} to {load['loadavg_1m_end']}."
+    )
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -640,7 +651,7 @@ def render_markdown(
         "",
         *([preamble, ""] if preamble else []),
         f"Command: `{meta['command']}` ({meta['seconds']:.0f} s). "
-        f"Machine: {meta['machine']}. Versions: "
+        f"Machine: {meta['machine']}.{_load(meta.get('load'))} Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + ".",
         "",

@@ -36,6 +36,7 @@ from benchmarks.cases import (
     case_list,
     needs_fresh_loop,
 )
+from benchmarks.machine import LoadWatch
 from benchmarks.report import write_docs, write_results
 from benchmarks.runner import KeyStream
 from benchmarks.servers import (
@@ -210,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = Budget(smoke=args.smoke, rounds=1 if args.smoke else 3)
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
+    watch = LoadWatch()
     results: list[dict[str, Any]] = []
     profiles: dict[str, list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as stack:
@@ -255,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "in-memory" in groups and not args.only:
             for spec in PROFILED:
                 profiles[spec.id] = _profile(bench, spec, 50 if args.smoke else 5000)
-        versions = _versions(valkey or (replicated.primary if replicated else None))
+        seen = valkey or (replicated.primary if replicated else None)
+        versions = _versions(seen or (cluster.nodes[0] if cluster else None))
     command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
     doc: dict[str, Any] = {
         "meta": {
@@ -264,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "started": started.strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": round(time.perf_counter() - clock, 1),
             "machine": _machine(),
+            "load": watch.summary(),
             "versions": versions,
             "groups": list(groups),
         },
