@@ -922,9 +922,9 @@ complete data (every case, with latency percentiles, requests, CPU and memory) i
 **Reproduce**: `python -m benchmarks.run` (or `nox -s bench`) from a checkout with the
 `test` and `bench` extras (minutes on 2 cores: the command line below gives this run's
 time; it starts and stops its own servers on 127.0.0.1: Valkey, a Valkey primary with
-one replica, a 3-node Valkey cluster, moto). `python -m benchmarks.run --smoke` runs every case with a few calls
-(batches at 0 ms of work only; seconds); CI runs it through
-`tests/test_benchmarks_smoke.py`.
+one replica, a 3-node Valkey cluster, moto). `python -m benchmarks.run --smoke` runs
+every case with a few calls (batches at 0 ms of work only; seconds); CI runs it
+through `tests/test_benchmarks_smoke.py`.
 
 **Method**: each call is `@idempotent_function(data_keyword_argument="event")` (ours:
 `@idempotent_function_async` for the async engine) with default configurations; the
