@@ -15,6 +15,9 @@ Groups:
 - ``batch``: 100-record SQS batches on the ``valkey`` server, `process_batch_sync`
   (glide) against Powertools' `BatchProcessor` (`benchmarks.batch`); one call is one
   batch.
+- ``valkey-cluster``: a 3-node Valkey cluster; the floor (raw glide and redis-py cluster
+  clients) and aioidempotency (async, atomic path) at concurrency 100, first executions
+  and replays, interleaved in every round.
 - ``dynamodb``: one moto server; throughput is reported as a ratio to Powertools.
 """
 
@@ -24,6 +27,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterator
@@ -46,7 +50,7 @@ from benchmarks.counting import (
     count_redis_sync,
 )
 from benchmarks.runner import KeyStream, RunStats, run_async, run_threads
-from benchmarks.servers import ChildServer, ReplicatedValkey
+from benchmarks.servers import ChildServer, ReplicatedValkey, ValkeyCluster
 from benchmarks.targets import (
     PowertoolsMemoryLayer,
     Target,
@@ -64,6 +68,7 @@ from benchmarks.targets import (
 
 __all__ = [
     "BATCH",
+    "CLUSTER",
     "EVENTS",
     "REPLICA",
     "WAIT",
@@ -81,6 +86,7 @@ TABLE = "idempotency-bench"
 REDIS_POOL = 100
 SCENARIOS = ("first", "replay", "duplicates", "cache-hit")
 REPLICA = "valkey-replica"
+CLUSTER = "valkey-cluster"
 BATCH = "batch"
 WAIT = "wait_replicas=1"  # the variant of a valkey-replica case that waits for the replica
 BATCH_WORK_MS = (0, 1, 5)
@@ -200,6 +206,17 @@ def _replica_cases() -> Iterator[Spec]:
                     )  # fmt: skip
 
 
+def _cluster_cases() -> Iterator[Spec]:
+    """Each client's floor and aioidempotency (atomic path), back to back in every round."""
+    for scenario in ("first", "replay"):
+        for client in ("glide", "redis-py"):
+            yield Spec(CLUSTER, "floor", client, "", "async", 100, scenario, headline=True)
+            yield Spec(
+                CLUSTER, "aioidempotency", client, "atomic", "async", 100, scenario,
+                headline=True,
+            )  # fmt: skip
+
+
 def _batch_cases(smoke: bool) -> Iterator[Spec]:
     """process_batch_sync (glide, async def and plain def record handlers) and Powertools,
     on new records, at each amount of work per record (0 ms only in a smoke run)."""
@@ -258,7 +275,7 @@ def needs_fresh_loop(spec: Spec) -> bool:
     return (spec.client == "glide" and spec.mode == "sync") or spec.group == BATCH
 
 
-ALL_GROUPS = ("in-memory", "valkey", REPLICA, BATCH, "dynamodb")
+ALL_GROUPS = ("in-memory", "valkey", REPLICA, CLUSTER, BATCH, "dynamodb")
 
 
 def case_list(groups: tuple[str, ...] = ALL_GROUPS, *, smoke: bool = False) -> list[Spec]:
@@ -268,6 +285,7 @@ def case_list(groups: tuple[str, ...] = ALL_GROUPS, *, smoke: bool = False) -> l
         "in-memory": _memory_cases,
         "valkey": _valkey_cases,
         REPLICA: _replica_cases,
+        CLUSTER: _cluster_cases,
         BATCH: lambda: _batch_cases(smoke),
         "dynamodb": _dynamodb_cases,
     }
@@ -379,11 +397,13 @@ class Bench:
         valkey: ChildServer | None,
         moto: ChildServer | None,
         replicated: ReplicatedValkey | None = None,
+        cluster: ValkeyCluster | None = None,
     ) -> None:
         self.budget = budget
         self.valkey = valkey
         self.moto = moto
         self.replicated = replicated
+        self.cluster = cluster
         self.loop = asyncio.new_event_loop()
         self._clients: dict[str, tuple[Any, RequestCounter]] = {}
         self._stores: dict[str, PersistenceLayer] = {}
@@ -409,6 +429,36 @@ class Bench:
     def _replica_primary(self) -> ChildServer:
         assert self.replicated is not None, f"the {REPLICA} group needs a replicated Valkey"
         return self.replicated.primary
+
+    def _cluster_seed(self) -> ChildServer:
+        assert self.cluster is not None, f"the {CLUSTER} group needs a Valkey cluster"
+        return self.cluster.nodes[0]
+
+    def _redis_cluster(self, counter: RequestCounter) -> Any:
+        """redis.asyncio.RedisCluster: a pool per node, at most `REDIS_POOL` connections
+        each (calls beyond wait for a free one)."""
+        import redis.asyncio
+
+        seed = self._cluster_seed()
+        client = redis.asyncio.RedisCluster(
+            host=seed.host, port=seed.port, max_connections=REDIS_POOL
+        )
+        self._closers.append(client.aclose)
+        return count_redis_async(client, counter)
+
+    async def _open_glide_cluster(self, counter: RequestCounter) -> Any:
+        from glide import GlideClusterClient, GlideClusterClientConfiguration, NodeAddress
+
+        seed = self._cluster_seed()
+        config = GlideClusterClientConfiguration(
+            [NodeAddress(seed.host, seed.port)], request_timeout=5000
+        )
+        return count_glide(await GlideClusterClient.create(config), counter)
+
+    def _glide_cluster(self, counter: RequestCounter) -> Any:
+        client = self.loop.run_until_complete(self._open_glide_cluster(counter))
+        self._closers.append(client.close)
+        return client
 
     def _moto_server(self) -> ChildServer:
         assert self.moto is not None, "the dynamodb group needs a moto server"
@@ -495,6 +545,8 @@ class Bench:
         name = f"{spec.client}/{spec.path}/{spec.mode}"
         if spec.group == REPLICA:  # one store (and client) per wait_replicas setting
             name = f"{spec.group}/{spec.variant}/{name}"
+        if spec.group == CLUSTER:
+            name = f"{spec.group}/{name}"
         if name not in self._stores:
             self._stores[name] = self._open_store(spec)
         return self._stores[name]
@@ -519,6 +571,10 @@ class Bench:
             client = self._glide(counter, server) if glide else self._redis_async(counter, server)
             wait = 1 if spec.variant == WAIT else 0
             store = CachePersistenceLayer(client, atomic=atomic, wait_replicas=wait)
+        elif spec.group == CLUSTER:
+            glide = spec.client == "glide"
+            client = self._glide_cluster(counter) if glide else self._redis_cluster(counter)
+            store = CachePersistenceLayer(client, atomic=atomic)
         elif spec.mode == "async":
             client = self._glide(counter) if spec.client == "glide" else self._redis_async(counter)
             store = CachePersistenceLayer(client, atomic=atomic)
@@ -613,6 +669,12 @@ class Bench:
         self._batch_store = None
 
     def _floor(self, spec: Spec) -> Target:
+        if spec.group == CLUSTER:
+            if spec.client == "glide":
+                client, counter = self._shared("glide-cluster/floor", self._glide_cluster)
+                return floor_glide(client, counter, spec.payload)
+            client, counter = self._shared("redis-cluster/floor", self._redis_cluster)
+            return floor_redis_async(client, counter, spec.payload)
         if spec.variant == "scripts":
             client, counter = self._shared("glide/floor", self._glide)
             return floor_glide_scripts(client, counter, spec.payload)
@@ -678,7 +740,7 @@ class Bench:
                 )
             else:
                 stats = run_threads(target.call, stream, threads=spec.concurrency, **options)
-        if spec.group in ("valkey", BATCH, REPLICA):
+        if spec.group in ("valkey", BATCH, REPLICA, CLUSTER):
             self._flush(spec)
         return _figures(spec, stats)
 
@@ -689,18 +751,22 @@ class Bench:
         return {"valkey": self.valkey, BATCH: self.valkey, "dynamodb": self.moto}.get(spec.group)
 
     def _server_cpu(self, spec: Spec) -> Callable[[], float] | None:
+        if spec.group == CLUSTER:  # the three nodes together
+            return None if self.cluster is None else self.cluster.cpu_seconds
         server = self._server(spec)
         if server is None or not Path(f"/proc/{server.process.pid}/stat").exists():
             return None
         return server.cpu_seconds
 
     def _flush(self, spec: Spec) -> None:
-        server = self._server(spec)
-        if server is None:
-            return
-        name = f"redis-sync/admin/{server.port}"
-        client, _ = self._shared(name, lambda counter: self._redis_sync(counter, server))
-        client.flushall()
+        servers = [self._server(spec)]
+        if spec.group == CLUSTER:
+            servers = list(self.cluster.nodes) if self.cluster is not None else []
+        for server in servers:
+            if server is not None:
+                name = f"redis-sync/admin/{server.port}"
+                client, _ = self._shared(name, functools.partial(self._redis_sync, server=server))
+                client.flushall()
 
     def new_loop(self) -> None:
         """Close the clients bound to the bench's event loop, the loop, and start a new one.
@@ -753,7 +819,7 @@ def _blocking_pool(server: ChildServer) -> Any:
     )
 
 
-_LOOP_BOUND = frozenset({"glide", "aiobotocore", "redis-async"})
+_LOOP_BOUND = frozenset({"glide", "aiobotocore", "redis-async", "glide-cluster", "redis-cluster"})
 
 
 def _figures(spec: Spec, stats: RunStats) -> dict[str, Any]:

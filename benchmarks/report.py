@@ -23,6 +23,7 @@ Case = dict[str, Any]
 THREADS = 16
 CACHE_HIT_TARGET = 100_000
 REPLICA = "valkey-replica"  # benchmarks.cases: a Valkey primary with one replica
+CLUSTER = "valkey-cluster"  # benchmarks.cases: a 3-node Valkey cluster
 BATCH = "batch"
 WAIT = "wait_replicas=1"
 BATCH_RECORDS = 100  # records per batch (benchmarks.batch.BATCH_SIZE)
@@ -320,6 +321,17 @@ def _size(payload: int) -> str:
     return f"{payload // 1000} KB" if payload >= 1000 else f"{payload} B"
 
 
+def _load(load: dict[str, Any] | None) -> str:
+    """The machine's load during the run (`benchmarks.machine.LoadWatch.summary`)."""
+    if not load or load.get("busy_cores") is None:
+        return ""
+    return (
+        f" Load during the run: {load['busy_cores']:.2f} of {load['cores']} cores busy on"
+        f" average (everything on the machine), 1-minute load average"
+        f" {load['loadavg_1m_start']} to {load['loadavg_1m_end']}."
+    )
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -517,6 +529,38 @@ def _replica_table(cases: list[Case]) -> list[str]:
     return _table(header, rows)
 
 
+def _cluster_table(cases: list[Case]) -> list[str]:
+    """Each aioidempotency cluster case next to its client's floor in the same rounds."""
+    header = [
+        "3-node cluster, c=100", "scenario", "floor calls/s (rounds)", "ours calls/s (rounds)",
+        "of floor", "client CPU us/call, floor / ours", "server CPU us/call, floor / ours",
+        "requests/call, floor / ours", "p50 us, floor / ours", "p99 us, floor / ours",
+    ]  # fmt: skip
+    rows = []
+    for case in cases:
+        if case["group"] != CLUSTER or case["library"] != "aioidempotency":
+            continue
+        floor = _floor_of(cases, case)
+        if floor is None:
+            continue
+        errors = case["errors"] + floor["errors"]
+        rows.append(
+            [
+                case["client"],
+                case["scenario"],
+                _num(_rate(floor)) + _spread(floor),
+                _num(_rate(case)) + _spread(case),
+                _num(case.get("of_floor"), 3) + (f" **{errors} errors**" if errors else ""),
+                _pair(floor["cpu_us_per_call"], case["cpu_us_per_call"], 1),
+                _pair(floor.get("server_cpu_us_per_call"), case.get("server_cpu_us_per_call"), 1),
+                _pair(floor["requests_per_call"], case["requests_per_call"], 3),
+                _pair(floor["p50_us"], case["p50_us"]),
+                _pair(floor["p99_us"], case["p99_us"]),
+            ]
+        )
+    return _table(header, rows)
+
+
 def _replica_summary(cases: list[Case]) -> str:
     """One sentence of this run's figures: the range of wait/no-wait per concurrency."""
     parts = []
@@ -607,7 +651,7 @@ def render_markdown(
         "",
         *([preamble, ""] if preamble else []),
         f"Command: `{meta['command']}` ({meta['seconds']:.0f} s). "
-        f"Machine: {meta['machine']}. Versions: "
+        f"Machine: {meta['machine']}.{_load(meta.get('load'))} Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + ".",
         "",
@@ -648,6 +692,10 @@ def render_markdown(
         summary = _replica_summary(cases)
         if summary:
             lines += ["", summary]
+    if any(c["group"] == CLUSTER for c in cases):
+        lines += ["", "## A 3-node Valkey cluster: first executions and replays, c=100", ""]
+        lines += [CLUSTER_METHOD, ""]
+        lines += _cluster_table(cases)
     if any(c["group"] == BATCH for c in cases):
         lines += ["", "## SQS batches: process_batch vs Powertools BatchProcessor", ""]
         lines += [BATCH_METHOD, ""]
@@ -840,6 +888,16 @@ on the client, `WAIT` included. Each pair ran back to back in every round; media
 the rounds. Server CPU is the primary's."""
 
 
+CLUSTER_METHOD = """\
+Three Valkey primaries on this machine, each owning a third of the slots (no replicas);
+keys spread over them by hash slot. Each client's floor is the same client doing the
+raw commands a call needs (`SET NX GET`, then `SET` for a first execution) through its
+own cluster client (`GlideClusterClient`; `redis.asyncio.RedisCluster` with at most 100
+connections a node); aioidempotency runs the async engine on the atomic path with the
+same client class. All eight cases ran back to back in every round; medians of the
+rounds (the spread: every round's calls/s). Server CPU is the three nodes' together."""
+
+
 BATCH_METHOD = """\
 One call is one batch of 100 new SQS records (fresh message ids: every record claims
 and completes its key) on the Valkey server above, called in sequence from one thread
@@ -864,9 +922,9 @@ complete data (every case, with latency percentiles, requests, CPU and memory) i
 **Reproduce**: `python -m benchmarks.run` (or `nox -s bench`) from a checkout with the
 `test` and `bench` extras (minutes on 2 cores: the command line below gives this run's
 time; it starts and stops its own servers on 127.0.0.1: Valkey, a Valkey primary with
-one replica, moto). `python -m benchmarks.run --smoke` runs every case with a few calls
-(batches at 0 ms of work only; seconds); CI runs it through
-`tests/test_benchmarks_smoke.py`.
+one replica, a 3-node Valkey cluster, moto). `python -m benchmarks.run --smoke` runs
+every case with a few calls (batches at 0 ms of work only; seconds); CI runs it
+through `tests/test_benchmarks_smoke.py`.
 
 **Method**: each call is `@idempotent_function(data_keyword_argument="event")` (ours:
 `@idempotent_function_async` for the async engine) with default configurations; the

