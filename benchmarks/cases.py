@@ -90,10 +90,12 @@ CLUSTER = "valkey-cluster"
 BATCH = "batch"
 WAIT = "wait_replicas=1"  # the variant of a valkey-replica case that waits for the replica
 BATCH_WORK_MS = (0, 1, 5)
-EVENTS = ("events-off", "events-noop", "events-debug")
+EVENTS = ("events-off", "events-noop", "events-debug", "events-otel")
 """Variants of the in-memory first call: no event listener and DEBUG off (the default
-config, measured back to back with the others), a listener that does nothing, and the
-``aioidempotency`` loggers at DEBUG into a `logging.NullHandler`."""
+config, measured back to back with the others), a listener that does nothing, the
+``aioidempotency`` loggers at DEBUG into a `logging.NullHandler`, and OpenTelemetry
+(`instrument()` with the SDK's providers: every span sampled and exported to an
+exporter that drops it, metrics read by an in-memory reader)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,6 +362,43 @@ def _config(spec: Spec) -> IdempotencyConfig:
 
 def _ignore(event: object) -> None:
     """The no-op event listener of the ``events-noop`` variant."""
+
+
+@contextlib.contextmanager
+def _observing(spec: Spec) -> Iterator[None]:
+    """What the ``events-debug`` and ``events-otel`` variants turn on while they run."""
+    if spec.variant == "events-otel":
+        with _opentelemetry():
+            yield
+        return
+    with _logging_of(spec):
+        yield
+
+
+@contextlib.contextmanager
+def _opentelemetry() -> Iterator[None]:
+    """`instrument()` on the SDK's tracer and meter providers, undone afterwards."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    from aioidempotency.integrations.opentelemetry import instrument
+
+    class Dropped(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(Dropped()))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    stop = instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    try:
+        yield
+    finally:
+        stop()
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
 
 
 @contextlib.contextmanager
@@ -733,7 +772,7 @@ class Bench:
             "server_cpu": self._server_cpu(spec),
         }
         stats: RunStats
-        with _logging_of(spec):
+        with _observing(spec):
             if target.is_async:
                 stats = self.loop.run_until_complete(
                     run_async(target.call, stream, concurrency=spec.concurrency, **options)
