@@ -620,7 +620,7 @@ def _batch_table(cases: list[Case]) -> list[str]:
 
 def _floor_kind(case: Case) -> str:
     if case["variant"] == "scripts":
-        return "floor: raw glide running the atomic path's 2 Lua scripts"
+        return "floor: raw glide sending the atomic path's claim and completion script"
     return "floor: raw glide, SET NX GET + SET"
 
 

@@ -314,31 +314,33 @@ def floor_glide(client: Any, counter: RequestCounter, payload: int) -> Target:
 
 
 def floor_glide_scripts(client: Any, counter: RequestCounter, payload: int) -> Target:
-    """A diagnostic floor: raw glide running the atomic path's own two Lua scripts.
+    """A diagnostic floor: raw glide sending the atomic path's own two commands.
 
-    The claim and completion scripts of `aioidempotency._lua`, with the
-    arguments the store sends; what is left between this and the store is the
+    The claim (``SET NX GET EX``) and the completion script of `aioidempotency._lua`,
+    with the arguments the store sends; what is left between this and the store is the
     library's own cost.
     """
-    from glide import Script
+    from glide import ConditionalChange, ExpirySet, ExpiryType, Script
 
     from aioidempotency import _lua
 
     executed = RequestCounter()
-    claim_script = Script(_lua.CLAIM.code)  # type: ignore[no-untyped-call]
     complete_script = Script(_lua.COMPLETE.code)  # type: ignore[no-untyped-call]
     claim, done = _in_progress_value(), _completed_value(payload)
-    # The scripts take the absolute expiry (EXAT, epoch seconds).
+    free_only = ConditionalChange.ONLY_IF_DOES_NOT_EXIST
+    ttl = ExpirySet(ExpiryType.SEC, TTL_SECONDS)
+    # The completion script takes the absolute expiry (EXAT, epoch seconds).
     expiry = str(int(time.time()) + TTL_SECONDS)
     # What the store sends: the owner token as a JSON string, the completed record and
     # its fingerprint (a resent completion is recognised by it).
     complete_args = [json.dumps("0" * 32), done, expiry, _lua.fingerprint(done)]
 
     async def call(key: str) -> None:
-        reply = await client.invoke_script(claim_script, keys=[key], args=[claim, expiry, ""])
-        code = int(reply[0])
-        if code not in (1, 3):  # refused: 0 with the value, 5 when too large to return
-            if code == 0 and reply[1].startswith(b'{"status": "INPROGRESS"'):
+        old = await client.set(
+            key, claim, conditional_set=free_only, expiry=ttl, return_old_value=True
+        )
+        if old is not None:  # refused: the record came back with the claim
+            if old.startswith(b'{"status": "INPROGRESS"'):
                 raise Refused
             return
         await client.invoke_script(complete_script, keys=[key], args=complete_args)
