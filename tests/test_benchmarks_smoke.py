@@ -102,9 +102,8 @@ def test_smoke_run_writes_every_case_with_sane_fields(tmp_path: Path) -> None:
     assert {c["variant"] for c in replicated} == {"", WAIT}
     assert all(c["vs_no_wait"] for c in replicated if c["variant"] == WAIT)
 
-    clustered = [c for c in doc["cases"] if c["group"] == CLUSTER]
-    assert len(clustered) == 8  # glide and redis-py, floor and ours, first and replay
-    assert all(c["of_floor"] for c in clustered if c["library"] == "aioidempotency")
+    # The cluster group runs in full runs only (see benchmarks.run's --groups).
+    assert not [c for c in doc["cases"] if c["group"] == CLUSTER]
 
     floors = {floor["floor"]: floor for floor in doc["floors"]}
     assert any(name.startswith("SQS batch") for name in floors)

@@ -773,7 +773,10 @@ def test_a_result_over_the_store_limit_is_refused_and_released() -> None:
 
 def test_every_concurrent_claim_is_renewed(store: SyncPersistenceLayer) -> None:
     counting = WrapperStore(store)
-    engine = engine_for(counting, in_progress_lease_seconds=0.3)
+    # A lease of 1 s: ten claims renewed every third of it are 30 requests a second,
+    # which moto (one request at a time) keeps up with on a loaded machine; at 0.3 s (100
+    # a second) a CI run under coverage fell behind and timed out.
+    engine = engine_for(counting, in_progress_lease_seconds=1.0)
     gates = [Gate(n) for n in range(10)]
     tasks = [spawn(engine.run, {"n": n}, gate) for n, gate in enumerate(gates)]
     for gate in gates:
