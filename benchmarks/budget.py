@@ -45,7 +45,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import json
 import os
 import pstats
 import re
@@ -60,7 +59,7 @@ from typing import Any
 
 from benchmarks.cases import Bench, Budget, Spec
 from benchmarks.machine import LoadWatch
-from benchmarks.report import portable
+from benchmarks.report import portable, publish
 from benchmarks.servers import DUMMY_AWS_ENV, ChildServer, running_valkey
 
 __all__ = ["CATEGORIES", "categorize", "main", "split_profile"]
@@ -376,15 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "cases": rows,
     }
-    doc = portable(doc)  # no absolute path in what is written
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
-    print(render(doc))
-    print()
-    print(
-        f"Command: `{doc['meta']['command']}` ({doc['meta']['seconds']:.0f} s); {watch.sentence()}."
-    )
+    publish(doc, args.json, render(portable(doc)), watch.sentence())
     print(f"Profiler overhead subtracted: {overhead * 1e6:.3f} us per profiled function call.")
     return 0
 

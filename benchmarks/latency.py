@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ from typing import Any
 from benchmarks.cases import Bench, Budget, Spec
 from benchmarks.delay_proxy import delay_proxy
 from benchmarks.machine import LoadWatch
-from benchmarks.report import portable
+from benchmarks.report import portable, publish
 from benchmarks.servers import DUMMY_AWS_ENV, ChildServer, running_moto, running_valkey
 
 __all__ = ["RTTS_MS", "case_specs", "main", "model_us"]
@@ -206,15 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "cases": rows,
     }
-    doc = portable(doc)  # no absolute path in what is written
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
-    print(render(doc))
-    print()
-    print(
-        f"Command: `{doc['meta']['command']}` ({doc['meta']['seconds']:.0f} s); {watch.sentence()}."
-    )
+    publish(doc, args.json, render(portable(doc)), watch.sentence())
     return 0
 
 

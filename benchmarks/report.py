@@ -42,6 +42,20 @@ def _portable_path(match: re.Match[str]) -> str:
         return f".../{path.name}" if path.name else "..."
 
 
+def publish(doc: dict[str, Any], json_path: Path | None, table: str, watch_sentence: str) -> None:
+    """Write a tool's `doc` (made `portable`) to `json_path` if given, and print its
+    table and the command that made it."""
+    doc = portable(doc)  # no absolute path in what is written
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(table)
+    print()
+    print(
+        f"Command: `{doc['meta']['command']}` ({doc['meta']['seconds']:.0f} s); {watch_sentence}."
+    )
+
+
 def portable(value: Any) -> Any:
     """`value` (a run's document, or any part of it) with every absolute path in its
     strings made relative to the repository, or cut to its last name outside it."""
