@@ -773,10 +773,11 @@ def test_a_result_over_the_store_limit_is_refused_and_released() -> None:
 
 def test_every_concurrent_claim_is_renewed(store: SyncPersistenceLayer) -> None:
     counting = WrapperStore(store)
-    # A lease of 1 s: ten claims renewed every third of it are 30 requests a second,
-    # which moto (one request at a time) keeps up with on a loaded machine; at 0.3 s (100
-    # a second) a CI run under coverage fell behind and timed out.
-    engine = engine_for(counting, in_progress_lease_seconds=1.0)
+    # A lease of 2 s: ten claims renewed every third of it are 15 requests a second,
+    # which moto (in the test process, one request at a time) keeps up with under
+    # coverage on a loaded machine; at 0.3 s (100 a second) a CI run fell behind and
+    # timed out, and at 1 s one CI run read a record back as absent (see the message).
+    engine = engine_for(counting, in_progress_lease_seconds=2.0)
     gates = [Gate(n) for n in range(10)]
     tasks = [spawn(engine.run, {"n": n}, gate) for n, gate in enumerate(gates)]
     for gate in gates:
@@ -792,9 +793,11 @@ def test_every_concurrent_claim_is_renewed(store: SyncPersistenceLayer) -> None:
             break
     assert renewed_keys == keys
     for n, record in enumerate(first):
-        now = store.get(engine.idempotency_key({"n": n}))
+        key = engine.idempotency_key({"n": n})
+        now = store.get(key)
         assert record is not None
-        assert now is not None
+        history = [call.method for call in counting.calls if call.key == key]
+        assert now is not None, f"{key} vanished after {record!r}; its calls: {history}"
         assert record.in_progress_expiry_timestamp is not None
         assert now.in_progress_expiry_timestamp is not None
         assert now.in_progress_expiry_timestamp >= record.in_progress_expiry_timestamp
