@@ -36,6 +36,7 @@ from aioidempotency import (
 )
 from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.persistence import PersistenceLayer
+from aioidempotency.testing import FakeClock
 
 from .concurrency import Event, gather, sleep, spawn, wait_set
 from .helpers import FakeLambdaContext, VanishingStore, WrapperStore
@@ -88,8 +89,14 @@ class Joins:
         engine._flights.join = counted  # type: ignore[method-assign]
 
 
-def engine_for(store: PersistenceLayer, **config: Any) -> IdempotencyEngine:
-    return IdempotencyEngine(store, IdempotencyConfig(**config), key_prefix="test-engine")
+def engine_for(
+    store: PersistenceLayer, *, clock: FakeClock | None = None, **config: Any
+) -> IdempotencyEngine:
+    if clock is None:  # the engine's default clock
+        return IdempotencyEngine(store, IdempotencyConfig(**config), key_prefix="test-engine")
+    return IdempotencyEngine(
+        store, IdempotencyConfig(**config), key_prefix="test-engine", clock=clock
+    )
 
 
 async def plant(
@@ -593,23 +600,26 @@ async def test_running_call_whose_claim_was_taken_over_gets_an_error(
 
 
 async def test_lease_is_set_and_renewed_while_running(store: PersistenceLayer) -> None:
+    # The engine's clock moves only when the test says: a renewal falls due when the
+    # test advances it, and each lease is checked against it, however slow the store.
     counting = WrapperStore(store)
-    engine = engine_for(counting, in_progress_lease_seconds=0.3)
+    clock = FakeClock()
+    engine = engine_for(counting, clock=clock, in_progress_lease_seconds=0.3)
     key = engine.idempotency_key(PAYMENT)
     gate = Gate()
     task = spawn(engine.run, PAYMENT, gate)
     await wait_set(gate.started)
     record = await store.get(key)
     assert record is not None
-    assert record.in_progress_expiry_timestamp is not None
-    first_expiry = record.in_progress_expiry_timestamp
-    assert first_expiry <= int((time.time() + 0.3) * 1000) + 5
-    await counting.wait_calls("renew", 2)
-    renewed = await store.get(key)
-    assert renewed is not None
-    assert renewed.in_progress_expiry_timestamp is not None
-    assert renewed.in_progress_expiry_timestamp > first_expiry
-    assert not renewed.is_orphaned(time.time())
+    assert record.in_progress_expiry_timestamp == int((clock() + 0.3) * 1000)
+    for renewals in (1, 2):
+        clock.advance(0.1)  # a third of the lease: the claim falls due
+        await counting.wait_landed("renew", renewals)
+        renewed = await store.get(key)
+        assert renewed is not None
+        assert renewed.in_progress_expiry_timestamp == int((clock() + 0.3) * 1000)
+        assert not renewed.is_orphaned(clock())
+    assert counting.counts["renew"] == 2  # none while the clock stands still
     gate.release.set()
     assert await task.result() == "done"
 
@@ -618,14 +628,18 @@ async def test_a_failed_renewal_is_retried(store: PersistenceLayer) -> None:
     counting = WrapperStore(store)
     failures = iter([ConnectionError("blip")])
     counting.fail["renew"] = lambda: next(failures, None)
-    engine = engine_for(counting, in_progress_lease_seconds=1.0)
+    clock = FakeClock()
+    engine = engine_for(counting, clock=clock, in_progress_lease_seconds=1.0)
     gate = Gate()
     task = spawn(engine.run, PAYMENT, gate)
     await wait_set(gate.started)
-    await counting.wait_calls("renew", 3)
+    clock.advance(0.4)  # past a third of the lease: the claim falls due
+    await counting.wait_landed("renew", 1)
+    assert counting.counts["renew"] == 2  # the failed attempt, then the one that landed
     record = await store.get(engine.idempotency_key(PAYMENT))
     assert record is not None
-    assert not record.is_orphaned(time.time())
+    assert record.in_progress_expiry_timestamp == int((clock() + 1.0) * 1000)
+    assert not record.is_orphaned(clock())
     gate.release.set()
     assert await task.result() == "done"
 
@@ -841,17 +855,22 @@ async def test_a_hung_renewal_holds_up_no_other_claim() -> None:
     the engine are still renewed (else their leases would lapse and a duplicate run)."""
     inner = InMemoryPersistenceLayer()
     store = HangingRenewStore(inner)
-    engine = engine_for(store, in_progress_lease_seconds=0.3)
+    clock = FakeClock()
+    engine = engine_for(store, clock=clock, in_progress_lease_seconds=0.3)
     store.key = engine.idempotency_key({"n": "a"})
     first, second = Gate("a"), Gate("b")
     hung = spawn(engine.run, {"n": "a"}, first)
+    await wait_set(first.started)
+    clock.advance(0.1)  # the first claim falls due: its renewal hangs
     await wait_set(store.hanging)
     other = spawn(engine.run, {"n": "b"}, second)
     await wait_set(second.started)
-    await store.wait_calls("renew", 2)  # the second claim, twice, past its first lease
+    for renewals in (1, 2):  # the second claim, renewed twice: past its first lease
+        clock.advance(0.2)
+        await store.wait_landed("renew", renewals)
     record = await inner.get(engine.idempotency_key({"n": "b"}))
     assert record is not None
-    assert not record.is_orphaned(time.time())
+    assert not record.is_orphaned(clock())
     assert {call.key for call in store.calls if call.method == "renew"} == {
         engine.idempotency_key({"n": "b"})
     }
@@ -877,34 +896,25 @@ async def test_a_result_over_the_store_limit_is_refused_and_released() -> None:
 
 async def test_every_concurrent_claim_is_renewed(store: PersistenceLayer) -> None:
     counting = WrapperStore(store)
-    # A lease of 2 s: ten claims renewed every third of it are 15 requests a second,
-    # which moto (in the test process, one request at a time) keeps up with under
-    # coverage on a loaded machine; at 0.3 s (100 a second) a CI run fell behind and
-    # timed out, and at 1 s one CI run read a record back as absent (see the message).
-    engine = engine_for(counting, in_progress_lease_seconds=2.0)
+    clock = FakeClock()
+    engine = engine_for(counting, clock=clock, in_progress_lease_seconds=1.0)
     gates = [Gate(n) for n in range(10)]
     tasks = [spawn(engine.run, {"n": n}, gate) for n, gate in enumerate(gates)]
     for gate in gates:
         await wait_set(gate.started)
-    first = [await store.get(engine.idempotency_key({"n": n})) for n in range(10)]
-    keys = {engine.idempotency_key({"n": n}) for n in range(10)}
-    # The claims started one by one: on a slow store the first is renewed again before
-    # the last is due, so wait for the keys, not for ten renewals (bounded).
-    for renewals in range(10, 200):
-        await counting.wait_calls("renew", renewals)
-        renewed_keys = {call.key for call in counting.calls if call.method == "renew"}
-        if renewed_keys == keys:
-            break
-    assert renewed_keys == keys
-    for n, record in enumerate(first):
-        key = engine.idempotency_key({"n": n})
+    keys = [engine.idempotency_key({"n": n}) for n in range(10)]
+    first = [await store.get(key) for key in keys]
+    clock.advance(0.4)  # past a third of the lease: every claim falls due at once
+    await counting.wait_landed("renew", 10)
+    assert {call.key for call in counting.calls if call.method == "renew"} == set(keys)
+    assert counting.counts["renew"] == 10
+    for key, record in zip(keys, first, strict=True):
         now = await store.get(key)
         assert record is not None
         history = [call.method for call in counting.calls if call.key == key]
         assert now is not None, f"{key} vanished after {record!r}; its calls: {history}"
-        assert record.in_progress_expiry_timestamp is not None
-        assert now.in_progress_expiry_timestamp is not None
-        assert now.in_progress_expiry_timestamp >= record.in_progress_expiry_timestamp
+        assert record.in_progress_expiry_timestamp == int((clock() - 0.4 + 1.0) * 1000)
+        assert now.in_progress_expiry_timestamp == int((clock() + 1.0) * 1000)
     for gate in gates:
         gate.release.set()
     assert await gather(*tasks) == list(range(10))

@@ -35,13 +35,15 @@ class WrapperStore(SyncPersistenceLayer):
     """Delegates every call to `inner` (an in-memory store by default) and records it.
 
     `calls` keeps each call in order; `counts` counts them per method; `fail` maps a
-    method name to a callable returning an exception to raise instead (or None).
+    method name to a callable returning an exception to raise instead (or None);
+    `landed` counts the renewals that returned from `inner` (they wrote their record).
     """
 
     def __init__(self, inner: SyncPersistenceLayer | None = None) -> None:
         self.inner = inner if inner is not None else SyncInMemoryPersistenceLayer()
         self.calls: list[StoreCall] = []
         self.counts: Counter[str] = Counter()
+        self.landed: Counter[str] = Counter()
         self.fail: dict[str, Callable[[], BaseException | None]] = {}
         self._changed = threading.Condition()
 
@@ -56,6 +58,18 @@ class WrapperStore(SyncPersistenceLayer):
         with self._changed:
             if not self._changed.wait_for(lambda: self.counts[method] >= count, timeout):
                 raise TimeoutError(f"{method} was called {self.counts[method]} of {count} times")
+
+    def wait_landed(self, method: str, count: int, timeout: float = 10.0) -> None:
+        """Return once `count` calls of `method` have returned from `inner`;
+        TimeoutError after `timeout`."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.landed[method] >= count, timeout):
+                raise TimeoutError(f"{method} returned {self.landed[method]} of {count} times")
+
+    def _land(self, method: str) -> None:
+        with self._changed:
+            self.landed[method] += 1
+            self._changed.notify_all()
 
     def _record(self, method: str, key: str) -> None:
         with self._changed:
@@ -86,6 +100,7 @@ class WrapperStore(SyncPersistenceLayer):
     def renew(self, record: DataRecord) -> None:
         self._record("renew", record.idempotency_key)
         self.inner.renew(record)
+        self._land("renew")
 
     def delete(self, key: str) -> bool:
         self._record("delete", key)
