@@ -354,7 +354,10 @@ async def test_payload_validation_mismatch_is_refused(store: PersistenceLayer) -
 
 
 async def test_validation_also_applies_to_a_call_in_progress(store: PersistenceLayer) -> None:
-    config = {"event_key_jmespath": "payment_id", "payload_validation_jmespath": "amount"}
+    config: dict[str, Any] = {
+        "event_key_jmespath": "payment_id",
+        "payload_validation_jmespath": "amount",
+    }
     gate = Gate()
     engine = engine_for(store, **config)
     first = spawn(engine.run, PAYMENT, gate)
