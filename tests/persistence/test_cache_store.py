@@ -771,6 +771,20 @@ async def test_a_factory_client_that_cannot_run_scripts_is_refused_and_closed() 
     assert cache.closed
 
 
+async def test_a_factory_client_without_aclose_is_refused_and_left_as_it_is() -> None:
+    cache = SwallowingCache()  # a protocol client of one's own, with nothing to close
+    cache.swallow = False
+
+    async def factory() -> SwallowingCache:
+        return cache
+
+    layer = CachePersistenceLayer(client_factory=factory, atomic=True)
+    with pytest.raises(IdempotencyPersistenceConfigError, match=r"^SwallowingCache cannot run"):
+        await layer.get("k")
+    await layer.aclose()
+    assert await cache.get("k") is None  # still usable: nothing was closed
+
+
 @pytest.mark.parametrize(
     ("client", "user_client"),
     [("redis", False), ("redis", True), ("glide", False)],
