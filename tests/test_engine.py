@@ -334,6 +334,36 @@ async def test_in_process_waiters_share_one_execution_without_polling(
     assert counting.counts["claim"] == 1
 
 
+async def test_in_process_waiters_claim_the_key_when_the_running_call_fails(
+    store: PersistenceLayer,
+) -> None:
+    class Boom(Exception):
+        pass
+
+    engine = engine_for(store, wait_for_in_progress_seconds=20)
+    started, fail = Event(), Event()
+
+    async def failing() -> None:
+        started.set()
+        await wait_set(fail)
+        raise Boom
+
+    first = spawn(engine.run, PAYMENT, failing)
+    await wait_set(started)
+    joins = Joins(engine, 1)
+    second = Calls("second")
+    waiter = spawn(engine.run, PAYMENT, second)
+    await wait_set(joins.joined)  # it shares the running call, then that call fails
+    fail.set()
+    with pytest.raises(Boom):
+        await first.result()
+    assert await waiter.result() == "second"
+    assert second.count == 1
+    record = await store.get(engine.idempotency_key(PAYMENT))
+    assert record is not None
+    assert record.response_data == '"second"'
+
+
 # -- validation ------------------------------------------------------------------------
 
 
@@ -456,6 +486,21 @@ async def test_response_hook_sees_every_replay_also_none(store: PersistenceLayer
     assert await engine.run({"n": 2}, Calls(None)) is None
     assert await engine.run({"n": 2}, Calls()) == {"replayed": None}
     assert seen == [({"a": 1}, "COMPLETED"), (None, "COMPLETED")]
+
+
+async def test_a_response_hook_that_raises_fails_the_replay(store: PersistenceLayer) -> None:
+    def hook(response: Any, record: DataRecord) -> Any:
+        raise LookupError(f"no receipt for {response}")
+
+    engine = engine_for(store, response_hook=hook)
+    fn = Calls("paid")
+    assert await engine.run(PAYMENT, fn) == "paid"  # a first call is no replay
+    with pytest.raises(LookupError, match="no receipt for paid"):
+        await engine.run(PAYMENT, fn)
+    assert fn.count == 1
+    record = await store.get(engine.idempotency_key(PAYMENT))
+    assert record is not None
+    assert record.status is RecordStatus.COMPLETED  # the stored result is untouched
 
 
 async def test_local_cache_replays_without_store_traffic(store: PersistenceLayer) -> None:

@@ -549,6 +549,232 @@ async def test_a_durable_replay_resumes_its_own_claim(
     assert_logged(logged[0], resumed)
 
 
+def joined(engine: IdempotencyEngine) -> Any:
+    """An event set once a call of `engine` joins a running call of this process."""
+    done = Event()
+    join = engine._flights.join
+
+    async def joining(flight: Any, timeout: float) -> Any:
+        done.set()
+        return await join(flight, timeout)
+
+    engine._flights.join = joining  # type: ignore[method-assign]
+    return done
+
+
+async def test_a_duplicate_in_process_claims_the_key_its_running_call_released(
+    store: PersistenceLayer, caplog_debug: pytest.LogCaptureFixture
+) -> None:
+    clock, recorder = Clock(), Recorder()
+    engine = engine_for(store, clock, recorder, wait_for_in_progress_seconds=30)
+    started, fail = Event(), Event()
+
+    async def declined() -> None:
+        started.set()
+        await wait_set(fail)
+        raise Declined(f"card {SECRET} declined")
+
+    first = spawn(engine.run, PAYMENT, declined)
+    await wait_set(started)
+    joining = joined(engine)
+    second = spawn(engine.run, PAYMENT, Calls(clock, "second"))
+    await wait_set(joining)
+    fail.set()
+    with pytest.raises(Declined):
+        await first.result()
+    assert await second.result() == "second"
+    assert recorder.kinds() == [
+        EventKind.CLAIMED,
+        EventKind.RELEASED,
+        EventKind.WAITED,
+        EventKind.CLAIMED,
+        EventKind.COMPLETED,
+    ]
+    waited = recorder.events[2]
+    assert waited.outcome is None  # the call goes on: it claims the key
+    assert waited.round_trips == 0
+    assert waited.call_id == recorder.events[-1].call_id != recorder.events[0].call_id
+    [logged] = [r for r in decisions(caplog_debug) if field(r, "idempotency_decision") == "waited"]
+    assert_logged(logged, waited)
+    assert "the running call released it" in logged.getMessage()
+    assert_no_secret(recorder, caplog_debug)
+
+
+class LateReads(WrapperStore):
+    """Moves `clock` by `seconds` after the first read that finds a record of `status`
+    (time passing between a waiter's read and its look at the record)."""
+
+    def __init__(
+        self, inner: PersistenceLayer, clock: Clock, status: RecordStatus, seconds: float
+    ) -> None:
+        super().__init__(inner)
+        self.clock = clock
+        self.status = status
+        self.seconds = seconds
+        self.moved = False
+
+    async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+        record = await super().get(key, now=now)
+        if not self.moved and record is not None and record.status is self.status:
+            self.moved = True
+            self.clock.advance(self.seconds)
+        return record
+
+
+def waiter_for(store: PersistenceLayer, clock: Clock, recorder: Recorder) -> IdempotencyEngine:
+    return engine_for(
+        store, clock, recorder, wait_for_in_progress_seconds=60, wait_poll_interval_seconds=0.01
+    )
+
+
+def assert_waited_then_claimed(
+    recorder: Recorder, caplog: pytest.LogCaptureFixture, claimed: EventKind, detail: str
+) -> None:
+    """The waiter's events: a wait that ended with the key free (`detail` logged), then
+    its own claim (`claimed`) and completion."""
+    assert recorder.kinds() == [EventKind.WAITED, claimed, EventKind.COMPLETED]
+    waited = recorder.events[0]
+    assert waited.outcome is None
+    assert [trip.operation for trip in waited.trips][:2] == ["claim", "get"]
+    [logged] = [r for r in decisions(caplog) if field(r, "idempotency_decision") == "waited"]
+    assert_logged(logged, waited)
+    assert f": {detail} (" in logged.getMessage()
+
+
+async def test_a_waiting_duplicate_elsewhere_claims_a_released_key(
+    store: PersistenceLayer, caplog_debug: pytest.LogCaptureFixture
+) -> None:
+    clock, recorder = Clock(), Recorder()
+    started, fail = Event(), Event()
+
+    async def declined() -> None:
+        started.set()
+        await wait_set(fail)
+        raise Declined("declined")
+
+    first = spawn(engine_for(store, clock).run, PAYMENT, declined)
+    await wait_set(started)
+    counting = WrapperStore(store)
+    waiter = spawn(waiter_for(counting, clock, recorder).run, PAYMENT, Calls(clock, "second"))
+    await counting.wait_calls("get", 1)  # it polls
+    fail.set()
+    with pytest.raises(Declined):
+        await first.result()
+    assert await waiter.result() == "second"
+    assert_waited_then_claimed(recorder, caplog_debug, EventKind.CLAIMED, "the key was released")
+
+
+async def test_a_waiting_duplicate_elsewhere_takes_over_a_claim_orphaned_meanwhile(
+    store: PersistenceLayer, caplog_debug: pytest.LogCaptureFixture
+) -> None:
+    clock, recorder = Clock(), Recorder()
+    late = LateReads(store, clock, RecordStatus.INPROGRESS, 20)  # past the claim's lease
+    engine = waiter_for(late, clock, recorder)
+    await plant(
+        store, engine.idempotency_key(PAYMENT), clock, status=RecordStatus.INPROGRESS, lasts=10
+    )
+    assert await engine.run(PAYMENT, Calls(clock, "fresh")) == "fresh"
+    assert_waited_then_claimed(
+        recorder, caplog_debug, EventKind.TAKEN_OVER, "the claim was orphaned"
+    )
+
+
+async def test_a_waiting_duplicate_elsewhere_takes_over_a_result_that_expired_meanwhile(
+    store: PersistenceLayer, caplog_debug: pytest.LogCaptureFixture
+) -> None:
+    clock, recorder = Clock(), Recorder()
+    gate = Gate()
+    first = spawn(engine_for(store, clock, expires_after_seconds=10).run, PAYMENT, gate)
+    await wait_set(gate.started)
+    late = LateReads(store, clock, RecordStatus.COMPLETED, 20)  # past the result's expiry
+    waiter = spawn(waiter_for(late, clock, recorder).run, PAYMENT, Calls(clock, "fresh"))
+    await late.wait_calls("get", 1)  # it polls
+    gate.release.set()
+    assert await first.result() == RESULT
+    assert await waiter.result() == "fresh"
+    assert_waited_then_claimed(recorder, caplog_debug, EventKind.TAKEN_OVER, "the record expired")
+
+
+class HeldReads(WrapperStore):
+    """Holds every read until `proceed` is set (a reply that comes late); `reading` is
+    set once a read is held."""
+
+    def __init__(self, inner: PersistenceLayer) -> None:
+        super().__init__(inner)
+        self.reading = Event()
+        self.proceed = Event()
+
+    async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
+        self.reading.set()
+        await wait_set(self.proceed)
+        return await super().get(key, now=now)
+
+
+async def test_a_waiter_whose_wait_ran_out_is_refused_by_a_call_of_this_process(
+    store: PersistenceLayer, caplog_debug: pytest.LogCaptureFixture
+) -> None:
+    """The key passed from a call elsewhere to a call of this process while the waiter's
+    read was in flight, and the wait ran out meanwhile: it does not join the new call."""
+    clock, recorder = Clock(), Recorder()
+    started, fail = Event(), Event()
+
+    async def declined() -> None:
+        started.set()
+        await wait_set(fail)
+        raise Declined("declined")
+
+    elsewhere = spawn(engine_for(store, clock).run, PAYMENT, declined)
+    await wait_set(started)
+    held = HeldReads(store)
+    engine = engine_for(
+        held, clock, recorder, wait_for_in_progress_seconds=30, wait_poll_interval_seconds=0.01
+    )
+    waiter = spawn(engine.run, PAYMENT, Calls(clock, "never"))
+    await wait_set(held.reading)
+    fail.set()
+    with pytest.raises(Declined):
+        await elsewhere.result()
+    gate = Gate()
+    local = spawn(engine.run, PAYMENT, gate)  # claims the freed key
+    await wait_set(gate.started)
+    clock.advance(31)  # past the waiter's bound
+    held.proceed.set()
+    with pytest.raises(IdempotencyAlreadyInProgressError):
+        await waiter.result()
+    refused = recorder.one(EventKind.IN_PROGRESS)
+    assert refused.outcome is CallOutcome.REFUSED
+    [logged] = [
+        r for r in decisions(caplog_debug) if field(r, "idempotency_decision") == "in_progress"
+    ]
+    assert_logged(logged, refused)
+    assert "a call of this process still holds the key" in logged.getMessage()
+    gate.release.set()
+    assert await local.result() == RESULT
+
+
+async def test_a_replay_whose_response_hook_raises_is_a_failed_replay(
+    store: PersistenceLayer, caplog_debug: pytest.LogCaptureFixture
+) -> None:
+    clock, recorder = Clock(), Recorder()
+
+    def hook(response: Any, record: DataRecord) -> Any:
+        raise LookupError(f"no receipt for {SECRET}")
+
+    engine = engine_for(store, clock, recorder, response_hook=hook)
+    fn = Calls(clock)
+    assert await engine.run(PAYMENT, fn) == RESULT  # a first call is no replay
+    with pytest.raises(LookupError, match="no receipt"):
+        await engine.run(PAYMENT, fn)
+    assert fn.count == 1
+    replayed = recorder.events[-1]
+    assert replayed.kind is EventKind.REPLAYED
+    assert replayed.outcome is CallOutcome.ERROR
+    assert replayed.error == "LookupError"
+    assert replayed.round_trips == 1
+    assert_logged(decisions(caplog_debug)[-1], replayed)
+    assert_no_secret(recorder, caplog_debug)
+
+
 # -- failures ----------------------------------------------------------------------------
 
 

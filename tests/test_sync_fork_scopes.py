@@ -142,3 +142,44 @@ def test_a_child_runs_and_drains_background_work_of_its_own() -> None:
     finally:
         release.set()
     assert background.drain(WAIT)
+
+
+def test_a_child_that_first_drains_does_not_wait_for_its_parents_work() -> None:
+    background = Background()
+    release = threading.Event()
+
+    def busy() -> None:
+        release.wait(WAIT)
+
+    background.spawn(busy)  # the parent's, running at the fork
+    try:
+
+        def child() -> bool:
+            started = time.monotonic()
+            return background.drain(WAIT) and time.monotonic() - started < WAIT / 2
+
+        with background._lock:  # held at the fork: the child must not wait for it
+            assert in_child(child) == 0
+        assert not background.drain(0.05), "the parent's work is still running"
+    finally:
+        release.set()
+    assert background.drain(WAIT)
+
+
+def test_a_child_that_first_stops_a_lease_of_its_parent_leaves_the_parent_renewing() -> None:
+    store = RenewalsSeen()
+    leases = Leases(store, lease=0.3, clock=time.time)
+    lease = leases.keep(_claim(store))
+    assert store.renewed.wait(WAIT)
+    try:
+
+        def child() -> bool:
+            lease.stop()  # the parent's lease: the child forgets the parent's claims
+            return not leases._leases
+
+        with leases._lock:  # held at the fork: the child must not wait for it
+            assert in_child(child) == 0
+        store.renewed.clear()
+        assert store.renewed.wait(WAIT), "the parent's keeper still renews"
+    finally:
+        lease.stop()

@@ -97,6 +97,7 @@ GENERATED_TESTS = [
     "test_events.py",
     "test_decorators.py",
     "persistence/test_contract.py",
+    "persistence/test_store_probe.py",
 ]
 """The async test modules that have a generated twin, relative to `TEST_SOURCE`."""
 

@@ -16,7 +16,10 @@ import redis.asyncio as aioredis
 from aioidempotency import IdempotencyConfig, IdempotencyEngine
 from aioidempotency._async.cache import CachePersistenceLayer
 from aioidempotency._lua import LuaScript
-from aioidempotency.exceptions import IdempotencyPersistenceConfigError
+from aioidempotency.exceptions import (
+    IdempotencyInvalidStatusError,
+    IdempotencyPersistenceConfigError,
+)
 from tests.persistence.test_cache_store import in_progress, new_key
 from tests.servers.redis import ServerPool
 
@@ -104,5 +107,27 @@ async def test_wait_replicas_needs_a_client_that_can_wait(cache_servers: ServerP
             "valkey-glide client"
         )
         assert await raw.get(key) is None  # refused before anything was written
+    finally:
+        await raw.aclose()
+
+
+async def test_a_durable_claim_of_a_key_of_another_type_is_refused(
+    cache_servers: ServerPool,
+) -> None:
+    """With `wait_replicas` the claim is the script (no plain SET NX GET first): the
+    script names the type it found, and writes nothing."""
+    node = cache_servers.standalone("redis")
+    raw = aioredis.Redis(host=node.host, port=node.port)
+    key = new_key()
+    try:
+        await raw.hset(key, "status", "COMPLETED")
+        await raw.expire(key, 600)
+        async with CachePersistenceLayer(
+            host=node.host, port=node.port, ssl=False, wait_replicas=1, wait_timeout=0.2
+        ) as layer:
+            with pytest.raises(IdempotencyInvalidStatusError) as raised:
+                await layer.claim(in_progress(key, "a"), now=time.time())
+        assert str(raised.value).startswith(f"record {key!r} holds a Redis hash, not a record")
+        assert await raw.type(key) == b"hash"  # left as it was
     finally:
         await raw.aclose()

@@ -663,6 +663,36 @@ async def test_a_cancellation_the_client_swallows_is_raised_again(factory: bool)
     assert await asyncio.wait_for(layer.get("k"), 10) is None
 
 
+class FailingWhenCancelledCache(SwallowingCache):
+    """A protocol client whose GET, cancelled, fails with a connection error instead:
+    the cancellation is lost inside the client, and a failure comes out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def get(self, name: str) -> bytes | str | None:
+        self.calls += 1
+        self.waiting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise ConnectionError("Connection closed by server.") from None
+        return None
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is 3.11+")
+async def test_a_failure_of_a_cancelled_call_is_a_cancellation_not_retried() -> None:
+    cache = FailingWhenCancelledCache()
+    layer = CachePersistenceLayer(cache, retry_attempts=3)
+    task = asyncio.create_task(layer.get("k"))
+    await asyncio.wait_for(cache.waiting.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)  # a retry would hang in a second GET
+    assert cache.calls == 1  # a connection error is transient, but the caller asked to stop
+
+
 # -- ownership ---------------------------------------------------------------------------
 
 
@@ -739,6 +769,20 @@ async def test_a_factory_client_that_cannot_run_scripts_is_refused_and_closed() 
     with pytest.raises(IdempotencyPersistenceConfigError, match=r"^ClosableCache cannot run"):
         await layer.get("k")  # the message names the user's class, not our adapter
     assert cache.closed
+
+
+async def test_a_factory_client_without_aclose_is_refused_and_left_as_it_is() -> None:
+    cache = SwallowingCache()  # a protocol client of one's own, with nothing to close
+    cache.swallow = False
+
+    async def factory() -> SwallowingCache:
+        return cache
+
+    layer = CachePersistenceLayer(client_factory=factory, atomic=True)
+    with pytest.raises(IdempotencyPersistenceConfigError, match=r"^SwallowingCache cannot run"):
+        await layer.get("k")
+    await layer.aclose()
+    assert await cache.get("k") is None  # still usable: nothing was closed
 
 
 @pytest.mark.parametrize(

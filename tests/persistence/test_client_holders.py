@@ -288,6 +288,26 @@ async def test_open_hands_out_the_open_client_without_opening_another() -> None:
     await holder.aclose()
 
 
+async def test_concurrent_first_calls_of_a_loop_share_one_client() -> None:
+    """Calls that arrive together before the loop has a client wait for one opening."""
+    opener = Opener()
+    holder = opener.holder(at_shutdown=True)
+    clients = await asyncio.wait_for(asyncio.gather(*(_client(holder) for _ in range(5))), 10)
+    assert len(opener.opened) == 1
+    assert clients == [opener.opened[0]] * 5
+    await holder.aclose()
+    assert opener.opened[0].closed
+
+
+async def test_a_passed_client_is_handed_out_as_it_is() -> None:
+    client = Client(0)
+    holder = async_clients.PassedClient(client, refusal="pass a URL instead")
+    opened = await holder.open()
+    assert opened.client is client
+    assert holder.ready() is opened
+    assert not client.closed
+
+
 # -- a forked child ------------------------------------------------------------------------------
 
 

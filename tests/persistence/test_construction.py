@@ -184,3 +184,39 @@ async def test_a_factory_returning_a_client_of_the_other_world_is_refused(
         "client_factory returned Redis, a client of the other world: this layer needs an "
         "asyncio client"
     )
+
+
+async def test_a_plain_function_returning_a_sync_client_is_refused(
+    cache_servers: ServerPool,
+) -> None:
+    node = cache_servers.standalone("redis")
+
+    def make() -> Any:
+        return redis.Redis(host=node.host, port=node.port)
+
+    async with CachePersistenceLayer(client_factory=make) as layer:
+        with pytest.raises(IdempotencyPersistenceConfigError) as raised:
+            await asyncio.wait_for(layer.get("k"), 30)
+    assert str(raised.value) == (
+        "client_factory returned Redis, a client of the other world: this layer needs an "
+        "asyncio client"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"wait_replicas": -1}, "wait_replicas must be >= 0 and wait_timeout > 0 seconds"),
+        ({"wait_replicas": 1, "wait_timeout": 0}, "wait_replicas must be >= 0 and wait_timeout"),
+        (
+            {"wait_replicas": 1, "atomic": False},
+            "wait_replicas needs the atomic path (a client that runs scripts)",
+        ),
+    ],
+)
+def test_replica_waits_the_store_cannot_do_are_refused(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(IdempotencyPersistenceConfigError) as raised:
+        CachePersistenceLayer(host="cache", **options)
+    assert str(raised.value).startswith(message)

@@ -290,3 +290,24 @@ async def test_own_clients_leave_parameter_validation_to_the_server_unless_asked
     finally:
         await layer.aclose()
         as_sync_store(layer).close()
+
+
+async def test_a_botocore_config_given_to_the_async_layer_keeps_its_options(
+    moto_server: MotoServer,
+) -> None:
+    """Powertools' layer takes a botocore `Config`; the async layer turns it into the
+    `AioConfig` aiobotocore needs, with the options it sets winning over the defaults."""
+    from botocore.config import Config
+
+    given = Config(read_timeout=7, user_agent_extra="orders")
+    layer = DynamoDBPersistenceLayer("t", endpoint_url=moto_server.endpoint_url, boto_config=given)
+    try:
+        config = layer.client_config()
+        assert isinstance(config, AioConfig)
+        assert config.read_timeout == 7
+        assert config.user_agent_extra == "orders"
+        assert config.connect_timeout == layer.connect_timeout  # a default under it
+        client = await layer.client()
+        assert client.meta.config.read_timeout == 7
+    finally:
+        await layer.aclose()

@@ -372,3 +372,17 @@ async def test_create_table_sets_the_key_schema_and_ttl(
     ]
     assert described["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
     assert ttl == {"TimeToLiveStatus": "ENABLED", "AttributeName": "expiration"}
+
+
+async def test_a_renewal_needs_an_owner_and_an_in_progress_expiry(
+    ddb: DynamoDBPersistenceLayer,
+) -> None:
+    claim = claim_record(in_progress_ms=int(NOW * 1000) + 60_000)
+    assert (await ddb.claim(claim, now=NOW)).claimed
+    with counting_requests(await ddb.client()) as requests:
+        with pytest.raises(ValueError, match="renew needs an owner and an in-progress expiry"):
+            await ddb.renew(dataclasses.replace(claim, in_progress_expiry_timestamp=None))
+        with pytest.raises(ValueError, match="renew needs an owner"):
+            await ddb.renew(dataclasses.replace(claim, owner=None))
+    assert requests.total == 0
+    assert await ddb.get(claim.idempotency_key) == claim

@@ -333,6 +333,36 @@ def test_in_process_waiters_share_one_execution_without_polling(
     assert counting.counts["claim"] == 1
 
 
+def test_in_process_waiters_claim_the_key_when_the_running_call_fails(
+    store: SyncPersistenceLayer,
+) -> None:
+    class Boom(Exception):
+        pass
+
+    engine = engine_for(store, wait_for_in_progress_seconds=20)
+    started, fail = Event(), Event()
+
+    def failing() -> None:
+        started.set()
+        wait_set(fail)
+        raise Boom
+
+    first = spawn(engine.run, PAYMENT, failing)
+    wait_set(started)
+    joins = Joins(engine, 1)
+    second = Calls("second")
+    waiter = spawn(engine.run, PAYMENT, second)
+    wait_set(joins.joined)  # it shares the running call, then that call fails
+    fail.set()
+    with pytest.raises(Boom):
+        first.result()
+    assert waiter.result() == "second"
+    assert second.count == 1
+    record = store.get(engine.idempotency_key(PAYMENT))
+    assert record is not None
+    assert record.response_data == '"second"'
+
+
 # -- validation ------------------------------------------------------------------------
 
 
@@ -414,6 +444,21 @@ def test_response_hook_sees_every_replay_also_none(store: SyncPersistenceLayer) 
     assert engine.run({"n": 2}, Calls(None)) is None
     assert engine.run({"n": 2}, Calls()) == {"replayed": None}
     assert seen == [({"a": 1}, "COMPLETED"), (None, "COMPLETED")]
+
+
+def test_a_response_hook_that_raises_fails_the_replay(store: SyncPersistenceLayer) -> None:
+    def hook(response: Any, record: DataRecord) -> Any:
+        raise LookupError(f"no receipt for {response}")
+
+    engine = engine_for(store, response_hook=hook)
+    fn = Calls("paid")
+    assert engine.run(PAYMENT, fn) == "paid"  # a first call is no replay
+    with pytest.raises(LookupError, match="no receipt for paid"):
+        engine.run(PAYMENT, fn)
+    assert fn.count == 1
+    record = store.get(engine.idempotency_key(PAYMENT))
+    assert record is not None
+    assert record.status is RecordStatus.COMPLETED  # the stored result is untouched
 
 
 def test_local_cache_replays_without_store_traffic(store: SyncPersistenceLayer) -> None:

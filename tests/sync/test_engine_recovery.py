@@ -12,6 +12,7 @@ tests/sync/test_engine_recovery.py (see tests/test_engine.py).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -170,6 +171,35 @@ def test_a_failed_completion_is_stored_in_the_background_not_released(
     # The function ran once; its result is stored, so a retry replays it.
     assert engine_for(store).run(PAYMENT, fn) == "paid"
     assert fn.count == 1
+
+
+def test_a_background_completion_gives_up_after_its_attempts_and_leaves_the_claim(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import aioidempotency._sync.engine
+
+    monkeypatch.setattr(aioidempotency._sync.engine, "_CLEANUP_FIRST_DELAY", 0.001)
+    inner = SyncInMemoryPersistenceLayer()
+    flaky = FlakyCompletionStore(inner, failures=100)  # the store never takes it
+    engine = engine_for(flaky, in_progress_lease_seconds=30)
+    with pytest.raises(IdempotencyCompletionError):
+        engine.run(PAYMENT, Counted())
+    assert engine.drain(timeout=20)
+    attempts = aioidempotency._sync.engine._CLEANUP_ATTEMPTS
+    assert flaky.counts["complete"] == 1 + attempts
+    assert flaky.counts["release"] == 0  # the function ran: its claim is never traded away
+    record = inner.get(engine.idempotency_key(PAYMENT))
+    assert record is not None
+    assert record.status is RecordStatus.INPROGRESS  # the lease frees the key at worst
+    gave_up = [r for r in caplog.records if "gave up the background" in r.getMessage()]
+    assert [r.levelno for r in gave_up] == [logging.WARNING]
+    assert (
+        gave_up[0]
+        .getMessage()
+        .endswith(
+            f": gave up the background completion after {attempts} attempts (ConnectionError)"
+        )
+    )
 
 
 class UnusableRecordStore(WrapperStore):

@@ -310,6 +310,28 @@ def test_stop_ends_a_pause_between_failed_renewals(
     assert not lease.lost
 
 
+def test_a_renewal_that_fails_after_stop_is_not_retried(keeper: Keeper) -> None:
+    claim, lease = keeper.keep()
+    key = claim.idempotency_key
+    release = keeper.store.hangs[key] = threading.Event()
+    keeper.store.faults[key] = [IdempotencyPersistenceConnectionError("the store is down")]
+    keeper.clock.now = T0 + INTERVAL + EPSILON
+    keeper.store.until(lambda: len(keeper.renewals(claim)) == 1, "a renewal in flight")
+    stopper = threading.Thread(target=lease.stop, name="stopper", daemon=True)
+    stopper.start()
+    deadline = time.monotonic() + WAIT
+    while claim.owner in keeper.leases._leases:  # stop() forgot the lease (bounded wait)
+        assert time.monotonic() < deadline, "stop() never forgot the lease"
+        time.sleep(0.001)
+    release.set()  # the renewal in flight now fails
+    stopper.join(WAIT)
+    assert not stopper.is_alive()
+    assert keeper.ended(claim, 1).outcome == "failed"
+    assert lease.wakeup is None  # it did not pause for another attempt
+    assert len(keeper.renewals(claim)) == 1
+    assert not lease.lost
+
+
 @pytest.mark.parametrize("loss", ["taken_over", "deleted"])
 def test_a_lost_claim_marks_the_lease_lost_and_stops_renewing(keeper: Keeper, loss: str) -> None:
     claim, lease = keeper.keep()

@@ -113,9 +113,7 @@ def _checked_factory(factory: Any) -> ClientFactory | None:
     if inspect.iscoroutine(factory):
         code = getattr(factory, "cr_code", None)
         name = getattr(factory, "__qualname__", None) or getattr(code, "co_name", "make")
-        close = getattr(factory, "close", None)
-        if close is not None:
-            close()  # never awaited: closed, so Python does not warn about it
+        factory.close()  # never awaited: closed, so Python does not warn about it
         raise IdempotencyPersistenceConfigError(
             f"client_factory= got a coroutine object, the result of calling {name}(); "
             f"pass the function itself: client_factory={name}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -51,6 +52,7 @@ from aioidempotency.exceptions import (
     IdempotencyInvalidStatusError,
     IdempotencyPersistenceConfigError,
     IdempotencyPersistenceConnectionError,
+    IdempotencyPersistenceMisconfiguredError,
     IdempotencyResultTooLargeError,
 )
 from tests.backends.dynamodb import (
@@ -845,3 +847,51 @@ def test_requests_in_flight_stay_within_the_clients_connection_pool(
     default = SyncDynamoDBPersistenceLayer("t", endpoint_url=moto_server.endpoint_url)
     assert isinstance(default._clients, OpenedClients)
     assert default._clients.max_concurrency == default.client_config().max_pool_connections == 10
+
+
+def test_a_size_refusal_by_the_server_is_also_typed(
+    moto_server: MotoServer, boto3_session: Any
+) -> None:
+    # moto's limit (405,000 bytes) is a little under DynamoDB's (409,600): in between,
+    # our check passes and the server refuses, as DynamoDB would for any miscount.
+    with sync_store(moto_server, session=boto3_session) as store:
+        claim = claim_record()
+        store.claim(claim, now=NOW)
+        assert claim.owner is not None
+        data = '"' + "x" * 407_000 + '"'
+        with (
+            counting_requests(store.client()) as requests,
+            pytest.raises(IdempotencyResultTooLargeError) as error,
+        ):
+            store.complete(completed_record(claim, data), owner=claim.owner)
+        assert requests.counts == {"UpdateItem": 1}
+        assert error.value.__cause__ is not None
+        assert store.get(claim.idempotency_key) == claim
+
+
+def test_a_completion_on_a_missing_table_is_no_size_refusal(moto_server: MotoServer) -> None:
+    table = new_table_name()
+    store = SyncDynamoDBPersistenceLayer(table, endpoint_url=moto_server.endpoint_url)
+    try:
+        claim = claim_record()
+        assert claim.owner is not None
+        with pytest.raises(IdempotencyPersistenceMisconfiguredError) as raised:
+            store.complete(completed_record(claim), owner=claim.owner)
+    finally:
+        store.close()
+    assert not isinstance(raised.value, IdempotencyResultTooLargeError)
+    assert "the table does not exist" in str(raised.value)
+
+
+def test_a_renewal_needs_an_owner_and_an_in_progress_expiry(
+    ddb: SyncDynamoDBPersistenceLayer,
+) -> None:
+    claim = claim_record(in_progress_ms=int(NOW * 1000) + 60_000)
+    assert ddb.claim(claim, now=NOW).claimed
+    with counting_requests(ddb.client()) as requests:
+        with pytest.raises(ValueError, match="renew needs an owner and an in-progress expiry"):
+            ddb.renew(dataclasses.replace(claim, in_progress_expiry_timestamp=None))
+        with pytest.raises(ValueError, match="renew needs an owner"):
+            ddb.renew(dataclasses.replace(claim, owner=None))
+    assert requests.total == 0
+    assert ddb.get(claim.idempotency_key) == claim
