@@ -2,7 +2,8 @@
 tests/persistence/test_check.py: a store of one's own that answers the probe wrongly or
 raises the package's errors, a Redis server without the commands a path needs, a
 DynamoDB endpoint that is down, a table whose key is a number, a table whose key is not
-the layer's when ``DescribeTable`` is refused, and a table that is not ACTIVE."""
+the layer's when ``DescribeTable`` is refused, a table that is not ACTIVE, and a
+standalone client redirected by a cluster node when INFO is refused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from aiobotocore.config import AioConfig
 
 from aioidempotency._async.cache import CachePersistenceLayer
@@ -29,7 +31,7 @@ from aioidempotency.exceptions import (
 from tests.backends.dynamodb import fresh_store, inject_error, new_table_name
 from tests.persistence.test_check import iam_enforced, iam_user
 from tests.servers.moto import MotoServer
-from tests.servers.redis import Server, ServerPool
+from tests.servers.redis import Server, ServerPool, _wait_until
 
 BOUND = 60.0  # no check here takes longer than this
 
@@ -318,3 +320,51 @@ async def test_a_user_without_wait_is_told_to_add_it(cache_servers: ServerPool) 
     assert "wait" in problem.message.lower()
     assert problem.fix.startswith(f"ACL SETUSER {user} +evalsha")
     assert " +wait (the commands of the atomic path" in problem.fix
+
+
+def _knows_all_slots(node: Server) -> bool:
+    with node.admin() as admin:
+        info = admin.execute_command("CLUSTER", "INFO")
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return "cluster_state:ok" in text and "cluster_known_nodes:2" in text
+
+
+@pytest.fixture(scope="module")
+def slotless_node() -> Iterator[Server]:
+    """A cluster node holding no slot: the other node of its cluster holds them all, so
+    every key sent to this one is answered with MOVED."""
+    pool = ServerPool()
+    try:
+        empty, full = pool._start("redis", cluster=True), pool._start("redis", cluster=True)
+        with full.admin() as admin:
+            admin.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        with empty.admin() as admin:
+            admin.execute_command("CLUSTER", "MEET", full.host, full.port)
+        _wait_until(lambda: _knows_all_slots(empty), "the slotless node to see the cluster")
+        yield empty
+    finally:
+        pool.close()
+
+
+async def test_a_client_redirected_by_a_cluster_without_info_is_a_cluster_mode_problem(
+    slotless_node: Server,
+) -> None:
+    # A user who may not run INFO: the server's mode is learnt from its first reply.
+    user = f"app{uuid.uuid4().hex[:8]}"
+    with slotless_node.admin() as admin:
+        admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", "-info")
+
+    async def make() -> Any:
+        return aioredis.Redis(
+            host=slotless_node.host, port=slotless_node.port, username=user, password="pw"
+        )
+
+    async with CachePersistenceLayer(client_factory=make) as layer:
+        report = await asyncio.wait_for(layer.check(), BOUND)
+    assert ("server", "not checked (INFO refused, and not needed)") in report.facts
+    problem = only(report)
+    assert problem.kind == "cluster-mode"
+    assert problem.message == (
+        "the server runs in cluster mode, but the layer connects to it as a standalone "
+        "server: keys held by the other nodes fail with MOVED"
+    )
