@@ -368,3 +368,65 @@ async def test_a_client_redirected_by_a_cluster_without_info_is_a_cluster_mode_p
         "the server runs in cluster mode, but the layer connects to it as a standalone "
         "server: keys held by the other nodes fail with MOVED"
     )
+
+
+class ForgetfulClient:
+    """A fault: a cache client (of one's own, so the protocol path) in front of a real
+    Redis that acknowledges every write and drops it."""
+
+    def __init__(self, inner: aioredis.Redis) -> None:
+        self.inner = inner
+
+    async def get(self, name: str, /) -> bytes | str | None:
+        value: bytes | str | None = await self.inner.get(name)
+        return value
+
+    async def set(self, name: str, value: str, /, **options: Any) -> Any:
+        return True
+
+    async def delete(self, *names: str) -> Any:
+        return await self.inner.delete(*names)
+
+
+async def test_a_cache_that_loses_its_writes_answered_the_probe_wrongly(
+    cache_servers: ServerPool,
+) -> None:
+    node = cache_servers.standalone("redis")
+    inner = aioredis.Redis(host=node.host, port=node.port)
+    try:
+        layer = CachePersistenceLayer(client=ForgetfulClient(inner))
+        problem = only(await asyncio.wait_for(layer.check(), BOUND))
+    finally:
+        await inner.aclose()
+    assert problem.kind == "store-error"
+    assert problem.message == (
+        "the store answered get of a probe record wrongly: "
+        "the claim just written reads back as None"
+    )
+
+
+def reply_without_item(client: Any) -> None:
+    """A fault: every GetItem of `client` answers 200 without the item (as if the
+    write before it had been lost), without a request."""
+
+    class Response:
+        status_code = 200
+        headers: dict[str, str] = {}
+
+    def answer(**_: Any) -> tuple[Any, dict[str, Any]]:
+        return Response(), {"ResponseMetadata": {"HTTPStatusCode": 200}}
+
+    client.meta.events.register("before-call.dynamodb.GetItem", answer)
+
+
+async def test_a_table_that_loses_its_writes_answered_the_probe_wrongly(
+    moto_server: MotoServer, user_client: Any
+) -> None:
+    async with fresh_store(moto_server, client=user_client) as store:
+        reply_without_item(user_client)
+        problem = only(await asyncio.wait_for(store.check(), BOUND))
+    assert problem.kind == "store-error"
+    assert problem.message == (
+        "the store answered get of a probe record wrongly: "
+        "the claim just written reads back as None"
+    )
