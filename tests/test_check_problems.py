@@ -430,3 +430,22 @@ async def test_a_table_that_loses_its_writes_answered_the_probe_wrongly(
         "the store answered get of a probe record wrongly: "
         "the claim just written reads back as None"
     )
+
+
+async def test_an_async_check_of_a_layer_given_only_a_boto3_client_is_a_client_problem(
+    moto_server: MotoServer, boto3_session: Any
+) -> None:
+    client = boto3_session.client(
+        "dynamodb", endpoint_url=moto_server.endpoint_url, region_name="eu-west-1"
+    )
+    try:
+        layer = DynamoDBPersistenceLayer("idempotency", boto3_client=client)
+        problem = only(await asyncio.wait_for(layer.check(), BOUND))
+    finally:
+        client.close()
+    assert problem.kind == "client"
+    assert problem.message.startswith(
+        "the DynamoDB layer of table 'idempotency' was given a boto3 client, which serves "
+        "sync code only"
+    )
+    assert problem.fix.startswith("follow the error's message")
