@@ -60,3 +60,38 @@ def test_close_cancels_background_work_and_closes_resources() -> None:
         assert loop.created == 2
     finally:
         loop.close(timeout=5)
+
+
+def test_close_leaves_a_loop_blocked_by_a_handler_to_its_thread() -> None:
+    loop = HandlerLoop()
+    unblock = threading.Event()
+    blocked = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def sync_io() -> None:  # blocking work of a handler's, still running on the loop
+        blocked.set()
+        unblock.wait(30)
+
+    async def handler() -> str:
+        threads.append(threading.current_thread())
+        return "ok"
+
+    try:
+        assert loop.run(handler()) == "ok"
+        first = loop.loop()
+        first.call_soon_threadsafe(sync_io)
+        assert blocked.wait(10)
+        loop.close(timeout=0.1)  # gives up on the blocked loop after its timeouts
+        assert threads[0].is_alive()
+        assert not first.is_closed(), "a loop still running is not closed under its thread"
+    finally:
+        unblock.set()
+    threads[0].join(10)
+    assert not threads[0].is_alive(), "the loop stopped once its call returned"
+    # The shutdown close() scheduled never ran on the stopped loop: cancel it here.
+    leftovers = asyncio.all_tasks(first)
+    assert leftovers
+    for task in leftovers:
+        task.cancel()
+    first.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+    first.close()
