@@ -40,14 +40,14 @@ class WrapperStore(PersistenceLayer):
     `calls` keeps each call in order (with the running loop, so tests can prove which
     loop and thread drove the store; it holds a reference to each loop, so a loop's
     `id()` cannot be reused while the store lives); `counts` counts them per method;
-    `landed` counts the renewals that returned from `inner` (they wrote their record).
+    `returns` counts the renewals that returned from `inner` (they wrote their record).
     """
 
     def __init__(self, inner: PersistenceLayer | None = None) -> None:
         self.inner = inner if inner is not None else InMemoryPersistenceLayer()
         self.calls: list[StoreCall] = []
         self.counts: Counter[str] = Counter()
-        self.landed: Counter[str] = Counter()
+        self.returns: Counter[str] = Counter()
         self._lock = threading.Lock()
         # method name -> callable returning an exception to raise instead (or None)
         self.fail: dict[str, Callable[[], BaseException | None]] = {}
@@ -65,17 +65,17 @@ class WrapperStore(PersistenceLayer):
             self._changed = asyncio.Event()
             await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
 
-    async def wait_landed(self, method: str, count: int, timeout: float = 10.0) -> None:
+    async def wait_returned(self, method: str, count: int, timeout: float = 10.0) -> None:
         """Return once `count` calls of `method` have returned from `inner`;
         TimeoutError after `timeout`."""
         deadline = time.monotonic() + timeout
-        while self.landed[method] < count:
+        while self.returns[method] < count:
             self._changed = asyncio.Event()
             await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
 
-    def _land(self, method: str) -> None:
+    def _returned(self, method: str) -> None:
         with self._lock:
-            self.landed[method] += 1
+            self.returns[method] += 1
         if self._changed is not None:
             self._changed.set()
 
@@ -116,7 +116,7 @@ class WrapperStore(PersistenceLayer):
     async def renew(self, record: DataRecord) -> None:
         self._record("renew", record.idempotency_key)
         await self.inner.renew(record)
-        self._land("renew")
+        self._returned("renew")
 
     async def delete(self, key: str) -> bool:
         self._record("delete", key)

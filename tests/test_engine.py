@@ -662,7 +662,7 @@ async def test_lease_is_set_and_renewed_while_running(store: PersistenceLayer) -
     assert record.in_progress_expiry_timestamp == int((clock() + 0.3) * 1000)
     for renewals in (1, 2):
         clock.advance(0.1)  # a third of the lease: the claim falls due
-        await counting.wait_landed("renew", renewals)
+        await counting.wait_returned("renew", renewals)
         renewed = await store.get(key)
         assert renewed is not None
         assert renewed.in_progress_expiry_timestamp == int((clock() + 0.3) * 1000)
@@ -682,7 +682,7 @@ async def test_a_failed_renewal_is_retried(store: PersistenceLayer) -> None:
     task = spawn(engine.run, PAYMENT, gate)
     await wait_set(gate.started)
     clock.advance(0.4)  # past a third of the lease: the claim falls due
-    await counting.wait_landed("renew", 1)
+    await counting.wait_returned("renew", 1)
     assert counting.counts["renew"] == 2  # the failed attempt, then the one that landed
     record = await store.get(engine.idempotency_key(PAYMENT))
     assert record is not None
@@ -915,7 +915,7 @@ async def test_a_hung_renewal_holds_up_no_other_claim() -> None:
     await wait_set(second.started)
     for renewals in (1, 2):  # the second claim, renewed twice: past its first lease
         clock.advance(0.2)
-        await store.wait_landed("renew", renewals)
+        await store.wait_returned("renew", renewals)
     record = await inner.get(engine.idempotency_key({"n": "b"}))
     assert record is not None
     assert not record.is_orphaned(clock())
@@ -953,7 +953,7 @@ async def test_every_concurrent_claim_is_renewed(store: PersistenceLayer) -> Non
     keys = [engine.idempotency_key({"n": n}) for n in range(10)]
     first = [await store.get(key) for key in keys]
     clock.advance(0.4)  # past a third of the lease: every claim falls due at once
-    await counting.wait_landed("renew", 10)
+    await counting.wait_returned("renew", 10)
     assert {call.key for call in counting.calls if call.method == "renew"} == set(keys)
     assert counting.counts["renew"] == 10
     for key, record in zip(keys, first, strict=True):

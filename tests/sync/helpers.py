@@ -36,14 +36,14 @@ class WrapperStore(SyncPersistenceLayer):
 
     `calls` keeps each call in order; `counts` counts them per method; `fail` maps a
     method name to a callable returning an exception to raise instead (or None);
-    `landed` counts the renewals that returned from `inner` (they wrote their record).
+    `returns` counts the renewals that returned from `inner` (they wrote their record).
     """
 
     def __init__(self, inner: SyncPersistenceLayer | None = None) -> None:
         self.inner = inner if inner is not None else SyncInMemoryPersistenceLayer()
         self.calls: list[StoreCall] = []
         self.counts: Counter[str] = Counter()
-        self.landed: Counter[str] = Counter()
+        self.returns: Counter[str] = Counter()
         self.fail: dict[str, Callable[[], BaseException | None]] = {}
         self._changed = threading.Condition()
 
@@ -59,16 +59,16 @@ class WrapperStore(SyncPersistenceLayer):
             if not self._changed.wait_for(lambda: self.counts[method] >= count, timeout):
                 raise TimeoutError(f"{method} was called {self.counts[method]} of {count} times")
 
-    def wait_landed(self, method: str, count: int, timeout: float = 10.0) -> None:
+    def wait_returned(self, method: str, count: int, timeout: float = 10.0) -> None:
         """Return once `count` calls of `method` have returned from `inner`;
         TimeoutError after `timeout`."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self.landed[method] >= count, timeout):
-                raise TimeoutError(f"{method} returned {self.landed[method]} of {count} times")
+            if not self._changed.wait_for(lambda: self.returns[method] >= count, timeout):
+                raise TimeoutError(f"{method} returned {self.returns[method]} of {count} times")
 
-    def _land(self, method: str) -> None:
+    def _returned(self, method: str) -> None:
         with self._changed:
-            self.landed[method] += 1
+            self.returns[method] += 1
             self._changed.notify_all()
 
     def _record(self, method: str, key: str) -> None:
@@ -100,7 +100,7 @@ class WrapperStore(SyncPersistenceLayer):
     def renew(self, record: DataRecord) -> None:
         self._record("renew", record.idempotency_key)
         self.inner.renew(record)
-        self._land("renew")
+        self._returned("renew")
 
     def delete(self, key: str) -> bool:
         self._record("delete", key)

@@ -620,7 +620,7 @@ def test_lease_is_set_and_renewed_while_running(store: SyncPersistenceLayer) -> 
     assert record.in_progress_expiry_timestamp == int((clock() + 0.3) * 1000)
     for renewals in (1, 2):
         clock.advance(0.1)  # a third of the lease: the claim falls due
-        counting.wait_landed("renew", renewals)
+        counting.wait_returned("renew", renewals)
         renewed = store.get(key)
         assert renewed is not None
         assert renewed.in_progress_expiry_timestamp == int((clock() + 0.3) * 1000)
@@ -640,7 +640,7 @@ def test_a_failed_renewal_is_retried(store: SyncPersistenceLayer) -> None:
     task = spawn(engine.run, PAYMENT, gate)
     wait_set(gate.started)
     clock.advance(0.4)  # past a third of the lease: the claim falls due
-    counting.wait_landed("renew", 1)
+    counting.wait_returned("renew", 1)
     assert counting.counts["renew"] == 2  # the failed attempt, then the one that landed
     record = store.get(engine.idempotency_key(PAYMENT))
     assert record is not None
@@ -811,7 +811,7 @@ def test_a_hung_renewal_holds_up_no_other_claim() -> None:
     wait_set(second.started)
     for renewals in (1, 2):  # the second claim, renewed twice: past its first lease
         clock.advance(0.2)
-        store.wait_landed("renew", renewals)
+        store.wait_returned("renew", renewals)
     record = inner.get(engine.idempotency_key({"n": "b"}))
     assert record is not None
     assert not record.is_orphaned(clock())
@@ -849,7 +849,7 @@ def test_every_concurrent_claim_is_renewed(store: SyncPersistenceLayer) -> None:
     keys = [engine.idempotency_key({"n": n}) for n in range(10)]
     first = [store.get(key) for key in keys]
     clock.advance(0.4)  # past a third of the lease: every claim falls due at once
-    counting.wait_landed("renew", 10)
+    counting.wait_returned("renew", 10)
     assert {call.key for call in counting.calls if call.method == "renew"} == set(keys)
     assert counting.counts["renew"] == 10
     for key, record in zip(keys, first, strict=True):
