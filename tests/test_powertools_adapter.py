@@ -429,6 +429,38 @@ async def test_a_claim_that_failed_is_not_released_by_the_adapter() -> None:
     assert runs == []
 
 
+async def test_a_late_release_of_a_claim_taken_over_here_leaves_the_new_result() -> None:
+    """A claim taken over by another call of this process is no longer the first
+    call's to release: its late release leaves the second call's completed record."""
+    layer = DictPersistenceLayer()
+    adapter = PowertoolsStoreAdapter(layer)
+    now = time.time()
+    orphaned = DataRecord(
+        "k#1",
+        RecordStatus.INPROGRESS,
+        expiry_timestamp=int(now) + 3600,
+        in_progress_expiry_timestamp=int((now - 10) * 1000),
+        owner="first",
+    )
+    assert (await adapter.claim(orphaned, now=now)).claimed
+    taking_over = dataclasses.replace(
+        orphaned, owner="second", in_progress_expiry_timestamp=int((now + 60) * 1000)
+    )
+    assert (await adapter.claim(taking_over, now=now)).claimed
+    done = dataclasses.replace(
+        taking_over,
+        status=RecordStatus.COMPLETED,
+        in_progress_expiry_timestamp=None,
+        response_data='"second"',
+    )
+    await adapter.complete(done, owner="second")
+    await adapter.release("k#1", owner="first")  # the first call, failing late
+    record = await adapter.get("k#1")
+    assert record is not None
+    assert record.status is RecordStatus.COMPLETED
+    assert record.response_data == '"second"'
+
+
 async def test_an_unknown_status_is_an_unusable_record() -> None:
     layer = DictPersistenceLayer()
     engine = IdempotencyEngine(PowertoolsStoreAdapter(layer), key_prefix="k", config=CONFIG)

@@ -135,9 +135,12 @@ class _PowertoolsRecords:
         return self.from_powertools(key, found)
 
     def remember(self, record: DataRecord) -> None:
+        """Note a claim this process wrote. It supersedes any earlier claim of the key
+        written here (one the new claim took over): that one is no longer ours to
+        release, so a late release of it cannot delete the new claim's record."""
         assert record.owner is not None
         with self.lock:
-            self.claims.setdefault(record.idempotency_key, {})[record.owner] = record
+            self.claims[record.idempotency_key] = {record.owner: record}
 
     def forget(self, key: str, owner: str) -> bool:
         """Drop `owner`'s claim on `key`; True if this process wrote it."""
