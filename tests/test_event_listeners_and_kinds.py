@@ -99,3 +99,39 @@ async def test_a_cache_client_of_ones_own_is_a_cache_store(cache_servers: Server
         (EventKind.COMPLETED, "cache"),
     ]
     assert client.writes == 2  # the claim and the completion went through it
+
+
+async def test_the_store_kind_is_named_once_the_factory_client_is_open(
+    cache_servers: ServerPool,
+) -> None:
+    # A layer on a client factory knows its client only once it opened it: an event
+    # before that (a call without a key) must not fix the kind as "cache" for good.
+    node = cache_servers.standalone("redis")
+    clients: list[aioredis.Redis] = []
+
+    def open_client() -> aioredis.Redis:
+        clients.append(aioredis.Redis(host=node.host, port=node.port))
+        return clients[-1]
+
+    events: list[IdempotencyEvent] = []
+    store = CachePersistenceLayer(client_factory=open_client)
+    engine = IdempotencyEngine(
+        store, IdempotencyConfig(event_key_jmespath="id", on_event=events.append)
+    )
+
+    async def charge() -> str:
+        return "paid"
+
+    try:
+        with pytest.warns(UserWarning, match="No idempotency key value found"):
+            assert await engine.run({"other": 1}, charge) == "paid"
+        assert await engine.run({"id": f"p-{uuid.uuid4().hex}"}, charge) == "paid"
+    finally:
+        await store.aclose()
+        for client in clients:
+            await client.aclose()
+    assert [(e.kind, e.store) for e in events] == [
+        (EventKind.NO_KEY, "cache"),
+        (EventKind.CLAIMED, "redis"),
+        (EventKind.COMPLETED, "redis"),
+    ]

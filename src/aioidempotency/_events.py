@@ -393,9 +393,14 @@ class Reporter:
     @property
     def store(self) -> str:
         """The kind of the engine's store (see `IdempotencyEvent.store`)."""
-        if self._store_kind is None:
-            self._store_kind = store_kind(self._store)
-        return self._store_kind
+        if self._store_kind is not None:
+            return self._store_kind
+        kind = store_kind(self._store)
+        # "cache" may only mean that the layer has not opened its client yet (a client
+        # factory): it is worked out again until the client names the kind.
+        if kind != "cache":
+            self._store_kind = kind
+        return kind
 
     def emit(
         self,
@@ -434,7 +439,7 @@ class Reporter:
         listeners = _listeners
         if not logging_it and self._on_event is None and not listeners:
             return
-        store = self._store_kind or self.store
+        store = self.store
         error_name = None if error is None else type(error).__name__
         if watch is not None:  # positional: a third faster than by keyword
             event = IdempotencyEvent(
@@ -512,6 +517,20 @@ def describe(error: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
+def _cache_client(layer: object) -> Any:
+    """The client adapter a cache layer holds: the one passed in, or the one it opened
+    (for this loop, or this process) from its factory; None before it opened one."""
+    holder = getattr(layer, "_clients", None)
+    client = getattr(holder, "client", None)
+    if client is None and holder is not None:
+        try:
+            opened = holder.ready()
+        except Exception:  # a forked child, or no running loop: not known here
+            return None
+        client = getattr(opened, "client", None)
+    return client
+
+
 def store_kind(store: object) -> str:
     """``memory``, ``redis``, ``glide``, ``dynamodb``, ``cache`` or ``custom``.
 
@@ -540,10 +559,9 @@ def store_kind(store: object) -> str:
         connection = store.connection
         if connection is not None:
             return "glide" if connection.client == "glide" else "redis"
-        client: Any = getattr(getattr(store, "_clients", None), "client", None)
+        client = _cache_client(store)
         if client is None:  # an async layer on a sync client: its sync twin holds it
-            twin = getattr(store, "_twin", None)
-            client = getattr(getattr(twin, "_clients", None), "client", None)
+            client = _cache_client(getattr(store, "_twin", None))
         name = type(client).__name__
         if name in ("GlideCacheClient", "SyncGlideCacheClient"):
             return "glide"
