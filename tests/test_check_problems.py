@@ -256,7 +256,7 @@ def test_a_table_that_is_not_active_is_reported(status: str, fix: str, transient
     assert table_status_problem({"TableStatus": "UPDATING"}, table="t") is None
 
 
-async def test_a_layer_without_a_region_names_botocores_error(
+async def test_a_layer_without_a_region_is_told_to_set_one(
     moto_server: MotoServer, aws_session: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in ("AWS_DEFAULT_REGION", "AWS_REGION"):
@@ -268,12 +268,11 @@ async def test_a_layer_without_a_region_names_botocores_error(
         problem = only(await asyncio.wait_for(layer.check(), BOUND))
     finally:
         await layer.aclose()
-    # The client does not open: botocore's own error, as it raised it.
-    assert problem.kind == "store-error"
-    assert problem.message.endswith(
-        "in the default region at "
-        f"{moto_server.endpoint_url} failed during opening a client: NoRegionError: "
-        "You must specify a region."
+    # The client does not open: reported as a request reports it, with the fix.
+    assert problem.kind == "client"
+    assert problem.message == (
+        f"DynamoDB opening a client on table {layer.table_name!r}: no AWS region; set "
+        "AWS_DEFAULT_REGION or pass region_name - (You must specify a region.)"
     )
 
 

@@ -486,6 +486,12 @@ class SyncDynamoDBPersistenceLayer(SyncPersistenceLayer):
 
         try:
             client = self.client()
+        except TRANSPORT_ERRORS as exc:  # as a request reports it (no region, ...)
+            try:
+                raise_mapped(exc, "opening a client", table)
+            except IdempotencyError as mapped:
+                problems.append(judge(mapped, "opening a client"))
+            return None
         except Exception as exc:
             problems.append(judge(exc, "opening a client"))
             return None
