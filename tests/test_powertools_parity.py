@@ -6,6 +6,7 @@ table of their own, and each test asserts the same observable behaviour of both.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import datetime
 import subprocess
@@ -187,7 +188,11 @@ def test_registered_context_replaces_the_configs_on_both_sides(
         return config
 
     before_ms = int(time.time() * 1000)
-    seen = run_both(table, build, lambda charge: charge(order=ORDER))
+    # In a copy of this thread's context: the registered context must not outlive the
+    # test (later tests of this thread would run with it).
+    seen = contextvars.copy_context().run(
+        run_both, table, build, lambda charge: charge(order=ORDER)
+    )
     after_ms = int(time.time() * 1000)
     for side, (_, items) in seen.items():
         expiry_ms = in_progress_expiry_ms(items, table)

@@ -15,7 +15,7 @@ from typing_extensions import ParamSpec
 
 from aioidempotency._async.engine import IdempotencyEngine
 from aioidempotency._calls import is_durable_replay
-from aioidempotency._config import IdempotencyConfig, registered_lambda_context
+from aioidempotency._config import IdempotencyConfig
 from aioidempotency._handlers import OutputSerializer, PayloadArgument, handler_event_and_context
 from aioidempotency._twins import StoreForAsync
 
@@ -158,11 +158,9 @@ def idempotent_function_async(
         @functools.wraps(function)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             payload = argument.extract(args, kwargs)
+            # The engine finds a registered Lambda context itself (prepare_call).
             return await engine.run_for(
-                payload,
-                functools.partial(function, *args, **kwargs),
-                key_source=function,
-                lambda_context=registered_lambda_context(),
+                payload, functools.partial(function, *args, **kwargs), key_source=function
             )
 
         decorated = cast(IdempotentFunction[P, Coroutine[Any, Any, R]], wrapper)
