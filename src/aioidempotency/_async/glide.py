@@ -10,6 +10,10 @@ clients with the same method names.
 A glide client is bound to the event loop that created it: used from another loop it
 hangs silently. The adapter checks the running loop before every call and refuses a
 foreign one with `IdempotencyPersistenceConfigError`.
+
+With `auto_pipeline=True` (standalone clients), the commands of the store's hot path
+issued in one turn of the event loop travel as one non-atomic glide `Batch` (see
+``aioidempotency._async.pipelining``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from aioidempotency._async.pipelining import DEFAULT_MAX_BATCH, Batcher, wait
 from aioidempotency._cache_errors import DENIED, TRANSIENT, CacheAccessDeniedError, classify
 from aioidempotency._lua import LuaScript
 from aioidempotency._urls import CacheConnection
@@ -92,19 +97,45 @@ def _expiry(glide: Any, ex: int | None, exat: int | None) -> Any:
     return None
 
 
+def _closed_error() -> Exception:
+    error: Exception = _glide().ClosingError("the adapter was closed before this command was sent")
+    return error
+
+
 def _consume_outcome(call: asyncio.Future[Any]) -> None:
     """Retrieve the outcome of a call nobody awaits any more (no unretrieved-error log)."""
     if not call.cancelled():
         call.exception()
 
 
+def _is_no_script(exc: BaseException) -> bool:
+    """A NOSCRIPT error reply (glide 2.6 words it "NoScriptError: No matching script")."""
+    return "NOSCRIPT" in str(exc).upper()
+
+
 class GlideCacheClient:
     """A valkey-glide client seen as a `CacheClient` that can also run Lua scripts.
 
     Pass `owned=True` when this adapter should close the glide client on `aclose()`.
+
+    `auto_pipeline=True` sends GET, SET (the plain claim ``SET NX GET`` too), DEL and
+    the scripts (EVALSHA) issued in one turn of the event loop as one non-atomic glide
+    `Batch` (``raise_on_error=False``), at most `max_batch` commands each: one write
+    and one read on the socket for them all. Each caller gets its own reply or error;
+    a script the server does not know (NOSCRIPT) is loaded and run again by
+    ``invoke_script``, as without pipelining. Not pipelined: a cluster client (every
+    command goes on its own), ``WAIT`` after a durable script, `info`. `batcher` is
+    the `Batcher` (its `batches` and `commands` count what it sent), None when off.
     """
 
-    def __init__(self, client: Any, *, owned: bool = False) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        owned: bool = False,
+        auto_pipeline: bool = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         if not is_glide_client(client):
             raise IdempotencyPersistenceConfigError(
                 f"expected a GlideClient or GlideClusterClient, got {type(client).__name__}"
@@ -117,6 +148,9 @@ class GlideCacheClient:
         )
         self._loop = _client_loop(client)
         self._config: Any = None  # set by `connect`: lets `diagnose` open a fresh client
+        self.batcher: Batcher[list[str]] | None = None
+        if auto_pipeline and not self.cluster:
+            self.batcher = Batcher(self._send_batch, closed=_closed_error, max_batch=max_batch)
 
     @classmethod
     async def connect(
@@ -130,6 +164,8 @@ class GlideCacheClient:
         password: str | None = None,
         database: int = 0,
         request_timeout_ms: int = 2000,
+        auto_pipeline: bool = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> GlideCacheClient:
         """Create a glide client in the running loop; the adapter owns and closes it."""
         glide = _glide()
@@ -159,12 +195,14 @@ class GlideCacheClient:
                 client = await glide.GlideClient.create(config)
         except Exception as exc:
             raise _map_error(exc) from exc
-        adapter = cls(client, owned=True)
+        adapter = cls(client, owned=True, auto_pipeline=auto_pipeline, max_batch=max_batch)
         adapter._config = config
         return adapter
 
     @classmethod
-    async def from_connection(cls, connection: CacheConnection) -> GlideCacheClient:
+    async def from_connection(
+        cls, connection: CacheConnection, *, auto_pipeline: bool = False
+    ) -> GlideCacheClient:
         """`connect` to `connection`'s server (`connection.options` are redis-py's)."""
         return await cls.connect(
             connection.host,
@@ -175,6 +213,7 @@ class GlideCacheClient:
             password=connection.password,
             database=connection.db,
             request_timeout_ms=int(connection.timeout * 1000),
+            auto_pipeline=auto_pipeline,
         )
 
     async def diagnose(self) -> IdempotencyPersistenceLayerError | None:
@@ -234,8 +273,11 @@ class GlideCacheClient:
     async def get(self, name: str) -> bytes | None:
         """GET `name`."""
         self._check_loop()
+        if self.batcher is not None:
+            value: bytes | None = await self._batched(["GET", name])
+            return value
         try:
-            value: bytes | None = await self.client.get(name)
+            value = await self.client.get(name)
         except Exception as exc:
             raise _map_error(exc) from exc
         return value
@@ -252,6 +294,15 @@ class GlideCacheClient:
         """SET `name` with NX, EX (seconds) and EXAT (epoch seconds) mapped to glide's
         options; True when written."""
         self._check_loop()
+        if self.batcher is not None:
+            command = ["SET", name, value]
+            if nx:
+                command.append("NX")
+            if exat is not None:
+                command += ["EXAT", str(int(exat))]
+            elif ex is not None:
+                command += ["EX", str(int(ex))]
+            return await self._batched(command) is not None
         glide = _glide()
         conditional = glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST if nx else None
         expiry = _expiry(glide, ex, exat)
@@ -265,9 +316,14 @@ class GlideCacheClient:
         """``SET name value NX GET EX ex`` (Redis/Valkey >= 7.0): None when `name` was
         free and now holds `value`, else what it holds (left as it was)."""
         self._check_loop()
+        if self.batcher is not None:
+            old: bytes | None = await self._batched(
+                ["SET", name, value, "NX", "GET", "EX", str(int(ex))]
+            )
+            return old
         glide = _glide()
         try:
-            old: bytes | None = await self.client.set(
+            old = await self.client.set(
                 name,
                 value,
                 conditional_set=glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST,
@@ -281,6 +337,9 @@ class GlideCacheClient:
     async def delete(self, *names: str) -> int:
         """DEL `names`; the number of keys removed."""
         self._check_loop()
+        if self.batcher is not None:
+            removed: int = await self._batched(["DEL", *names])
+            return removed
         try:
             count: int = await self.client.delete(list(names))
         except Exception as exc:
@@ -290,6 +349,20 @@ class GlideCacheClient:
     async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """Run `script` on the node holding `key` (EVALSHA, loading it when needed)."""
         self._check_loop()
+        if self.batcher is not None:
+            words = [str(a) for a in args]
+            future = self.batcher.submit(["EVALSHA", script.sha, "1", key, *words])
+            try:
+                return await wait(future)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not _is_no_script(exc):
+                    raise _map_error(exc) from exc
+            # Not cached by the server (a restart, SCRIPT FLUSH): glide loads it.
+        return await self._invoke(script, key, args)
+
+    async def _invoke(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         glide_script = _SCRIPTS.get(script.code)
         if glide_script is None:
             glide_script = _SCRIPTS.setdefault(script.code, _glide().Script(script.code))
@@ -333,8 +406,36 @@ class GlideCacheClient:
             raise _map_error(exc) from exc
         return reply, int(acked)
 
+    async def _batched(self, command: list[str]) -> Any:
+        assert self.batcher is not None
+        future = self.batcher.submit(command)
+        try:
+            return await wait(future)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc) from exc
+
+    async def _send_batch(self, commands: list[list[str]]) -> list[Any]:
+        """One non-atomic glide `Batch` of `commands`; error replies in their places."""
+        batch = _glide().Batch(is_atomic=False)
+        for command in commands:
+            batch.custom_command(command)
+        # In a task of its own, as a script call (see `_invoke`): a cancellation of the
+        # flush (the loop shutting down) leaves glide's arguments alive until sent.
+        call = asyncio.ensure_future(self.client.exec(batch, raise_on_error=False))
+        try:
+            replies = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(_consume_outcome)
+            raise
+        return list(replies) if replies is not None else [None] * len(commands)
+
     async def aclose(self) -> None:
-        """Close the glide client if this adapter created it."""
+        """Fail the commands still queued for a batch, wait for the batches in flight,
+        then close the glide client if this adapter created it."""
+        if self.batcher is not None:
+            await self.batcher.aclose()
         if self.owned:
             try:
                 await self.client.close()
