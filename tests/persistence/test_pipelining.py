@@ -1,6 +1,7 @@
 """Automatic pipelining in the asyncio cache adapters, on real Valkey and Redis with
-glide and redis-py: the commands of one loop turn go as one batch (counted by the
-adapter, and by the server: one command per call, few socket reads), each caller gets
+glide and redis-py: the commands of one loop turn go as one batch, but the first of a
+burst, which goes alone (counted by the adapter, and by the server: one command per
+call, few socket reads), each caller gets
 its own reply or error, NOSCRIPT recovers, cancellation before the flush keeps a
 command off the server, a frozen or killed server fails every caller with the typed
 error, closing fails what is queued, and the engine runs each key once."""
@@ -193,7 +194,8 @@ async def test_a_size_cap_splits_the_turn_into_batches(cache_servers: ServerPool
             names = keys(20)
             replies = await asyncio.gather(*(adapter.set_nx_get(n, "v", ex=60) for n in names))
             assert replies == [None] * 20
-            assert (batcher(adapter).batches, batcher(adapter).commands) == (3, 20)
+            # The first went alone; the 19 others in batches of 8, 8 and 3.
+            assert (batcher(adapter).batches, batcher(adapter).commands) == (3, 19)
         finally:
             await adapter.aclose()
 
@@ -288,20 +290,22 @@ async def test_a_caller_cancelled_before_the_flush_is_never_sent(
     setup: tuple[Server, Adapter],
 ) -> None:
     server, adapter = setup
-    kept, dropped = keys(2)
+    alone, kept, dropped = keys(3)
     queue = batcher(adapter)
     commands = queue.commands
-    first = asyncio.ensure_future(adapter.set_nx_get(kept, "v", ex=60))
-    second = asyncio.ensure_future(adapter.set_nx_get(dropped, "v", ex=60))
-    await wait_until(lambda: queue.queued == 2, "both commands queued")
-    second.cancel()
+    first = asyncio.ensure_future(adapter.set_nx_get(alone, "v", ex=60))  # goes alone
+    second = asyncio.ensure_future(adapter.set_nx_get(kept, "v", ex=60))
+    third = asyncio.ensure_future(adapter.set_nx_get(dropped, "v", ex=60))
+    await wait_until(lambda: queue.queued == 2, "two commands queued")
+    third.cancel()
     assert await first is None
+    assert await second is None
     with pytest.raises(asyncio.CancelledError):
-        await second
+        await third
     await queue.flushed()
     assert queue.commands - commands == 1
     with server.admin() as admin:
-        assert admin.exists(kept) == 1
+        assert admin.exists(alone, kept) == 2
         assert admin.exists(dropped) == 0
 
 
@@ -309,12 +313,14 @@ async def test_a_caller_cancelled_after_the_flush_only_stops_waiting(
     setup: tuple[Server, Adapter],
 ) -> None:
     server, adapter = setup
-    (name,) = keys(1)
+    alone, name = keys(2)
     queue = batcher(adapter)
     sent = queue.batches
+    first = asyncio.ensure_future(adapter.set_nx_get(alone, "v", ex=60))  # goes alone
     call = asyncio.ensure_future(adapter.set_nx_get(name, "v", ex=60))
     await wait_until(lambda: queue.batches > sent, "the batch sent")
     call.cancel()
+    assert await first is None
     with pytest.raises(asyncio.CancelledError):
         await call
     await queue.flushed()
@@ -331,10 +337,10 @@ async def test_closing_fails_the_commands_still_queued(
     names = keys(5)
     calls = [asyncio.ensure_future(adapter.set_nx_get(n, "v", ex=60)) for n in names]
     queue = batcher(adapter)
-    await wait_until(lambda: queue.queued == 5, "the commands queued")
+    await wait_until(lambda: queue.queued == 4, "the commands queued (the first went alone)")
     await adapter.aclose()
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
-    for outcome in outcomes:
+    for outcome in outcomes[1:]:
         assert isinstance(outcome, Exception), outcome
         if client == "glide":
             assert isinstance(outcome, IdempotencyPersistenceLayerError)
@@ -342,7 +348,7 @@ async def test_closing_fails_the_commands_still_queued(
             assert isinstance(outcome, aioredis.ConnectionError)
         assert "closed before this command was sent" in str(outcome) + str(outcome.__cause__)
     with server.admin() as admin:
-        assert admin.exists(*names) == 0
+        assert admin.exists(*names[1:]) == 0
     # Commands after closing fail at once.
     with pytest.raises(Exception, match="closed before this command was sent"):
         await adapter.get(names[0])
@@ -447,8 +453,11 @@ async def test_the_knob_from_the_url_the_keyword_and_the_sync_layer(
     raw = aioredis.Redis(host=server.host, port=server.port)
     try:
         layer = CachePersistenceLayer(client=raw, auto_pipeline=True)
-        (name,) = keys(1)
-        assert (await layer.claim(in_progress(name, "a"), now=time.time())).claimed
+        names = keys(3)
+        claims = await asyncio.gather(
+            *(layer.claim(in_progress(n, "a"), now=time.time()) for n in names)
+        )
+        assert all(c.claimed for c in claims)
         adapted = layer._clients.current() if layer._clients is not None else None
         assert isinstance(adapted, RedisPyCacheClient)
         assert adapted.auto_pipeline
@@ -460,3 +469,16 @@ async def test_the_knob_from_the_url_the_keyword_and_the_sync_layer(
 def test_cluster_clients_are_not_pipelined() -> None:
     cluster = aioredis.RedisCluster(host="127.0.0.1", port=1)
     assert RedisPyCacheClient(cluster, auto_pipeline=True).auto_pipeline is False
+
+
+async def test_a_lone_caller_goes_alone(setup: tuple[Server, Adapter]) -> None:
+    server, adapter = setup
+    names = keys(5)
+    queue = batcher(adapter)
+    sent = queue.batches
+    for name in names:  # one at a time: nothing else queued or in flight
+        assert await adapter.set_nx_get(name, "v", ex=60) is None
+        assert await adapter.get(name) in (b"v", "v")
+    assert queue.batches == sent
+    with server.admin() as admin:
+        assert admin.exists(*names) == 5

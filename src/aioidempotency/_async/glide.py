@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 from aioidempotency._async.pipelining import DEFAULT_MAX_BATCH, Batcher, wait
 from aioidempotency._cache_errors import DENIED, TRANSIENT, CacheAccessDeniedError, classify
@@ -35,6 +35,8 @@ from aioidempotency.exceptions import (
 )
 
 __all__ = ["GlideCacheClient", "is_glide_client"]
+
+_T = TypeVar("_T")
 
 _SCRIPTS: dict[str, Any] = {}
 # glide's Script frees its server-side handle in __del__, which fails noisily once the
@@ -121,10 +123,11 @@ class GlideCacheClient:
     `auto_pipeline=True` sends GET, SET (the plain claim ``SET NX GET`` too), DEL and
     the scripts (EVALSHA) issued in one turn of the event loop as one non-atomic glide
     `Batch` (``raise_on_error=False``), at most `max_batch` commands each: one write
-    and one read on the socket for them all. Each caller gets its own reply or error;
+    and one read on the socket for them all. A command issued while none is queued or
+    awaiting its reply goes alone, as without pipelining. Each caller gets its own reply or error;
     a script the server does not know (NOSCRIPT) is loaded and run again by
     ``invoke_script``, as without pipelining. Not pipelined: a cluster client (every
-    command goes on its own), ``WAIT`` after a durable script, `info`. `batcher` is
+    command goes on its own), `run_script_durably` (its script and ``WAIT``), `info`. `batcher` is
     the `Batcher` (its `batches` and `commands` count what it sent), None when off.
     """
 
@@ -273,11 +276,11 @@ class GlideCacheClient:
     async def get(self, name: str) -> bytes | None:
         """GET `name`."""
         self._check_loop()
-        if self.batcher is not None:
+        if self.batcher is not None and not self.batcher.idle:
             value: bytes | None = await self._batched(["GET", name])
             return value
         try:
-            value = await self.client.get(name)
+            value = await self._alone(self.client.get(name))
         except Exception as exc:
             raise _map_error(exc) from exc
         return value
@@ -294,7 +297,7 @@ class GlideCacheClient:
         """SET `name` with NX, EX (seconds) and EXAT (epoch seconds) mapped to glide's
         options; True when written."""
         self._check_loop()
-        if self.batcher is not None:
+        if self.batcher is not None and not self.batcher.idle:
             command = ["SET", name, value]
             if nx:
                 command.append("NX")
@@ -307,7 +310,9 @@ class GlideCacheClient:
         conditional = glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST if nx else None
         expiry = _expiry(glide, ex, exat)
         try:
-            result = await self.client.set(name, value, conditional_set=conditional, expiry=expiry)
+            result = await self._alone(
+                self.client.set(name, value, conditional_set=conditional, expiry=expiry)
+            )
         except Exception as exc:
             raise _map_error(exc) from exc
         return result is not None
@@ -316,19 +321,21 @@ class GlideCacheClient:
         """``SET name value NX GET EX ex`` (Redis/Valkey >= 7.0): None when `name` was
         free and now holds `value`, else what it holds (left as it was)."""
         self._check_loop()
-        if self.batcher is not None:
+        if self.batcher is not None and not self.batcher.idle:
             old: bytes | None = await self._batched(
                 ["SET", name, value, "NX", "GET", "EX", str(int(ex))]
             )
             return old
         glide = _glide()
         try:
-            old = await self.client.set(
-                name,
-                value,
-                conditional_set=glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST,
-                expiry=glide.ExpirySet(glide.ExpiryType.SEC, ex),
-                return_old_value=True,
+            old = await self._alone(
+                self.client.set(
+                    name,
+                    value,
+                    conditional_set=glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST,
+                    expiry=glide.ExpirySet(glide.ExpiryType.SEC, ex),
+                    return_old_value=True,
+                )
             )
         except Exception as exc:
             raise _map_error(exc) from exc
@@ -337,11 +344,11 @@ class GlideCacheClient:
     async def delete(self, *names: str) -> int:
         """DEL `names`; the number of keys removed."""
         self._check_loop()
-        if self.batcher is not None:
+        if self.batcher is not None and not self.batcher.idle:
             removed: int = await self._batched(["DEL", *names])
             return removed
         try:
-            count: int = await self.client.delete(list(names))
+            count: int = await self._alone(self.client.delete(list(names)))
         except Exception as exc:
             raise _map_error(exc) from exc
         return count
@@ -349,7 +356,7 @@ class GlideCacheClient:
     async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """Run `script` on the node holding `key` (EVALSHA, loading it when needed)."""
         self._check_loop()
-        if self.batcher is not None:
+        if self.batcher is not None and not self.batcher.idle:
             words = [str(a) for a in args]
             future = self.batcher.submit(["EVALSHA", script.sha, "1", key, *words])
             try:
@@ -360,7 +367,7 @@ class GlideCacheClient:
                 if not _is_no_script(exc):
                     raise _map_error(exc) from exc
             # Not cached by the server (a restart, SCRIPT FLUSH): glide loads it.
-        return await self._invoke(script, key, args)
+        return await self._alone(self._invoke(script, key, args))
 
     async def _invoke(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         glide_script = _SCRIPTS.get(script.code)
@@ -393,7 +400,8 @@ class GlideCacheClient:
         """Run `script`, then ``WAIT replicas timeout_ms`` on the node holding `key`;
         returns the script's reply and the replicas that acknowledged it. glide keeps one
         connection per node, so ``WAIT`` follows the script on the connection that wrote."""
-        reply = await self.run_script(script, key, args)
+        self._check_loop()
+        reply = await self._invoke(script, key, args)  # not batched: see the class
         glide = _glide()
         command = ["WAIT", str(replicas), str(timeout_ms)]
         try:
@@ -405,6 +413,10 @@ class GlideCacheClient:
         except Exception as exc:
             raise _map_error(exc) from exc
         return reply, int(acked)
+
+    def _alone(self, call: Awaitable[_T]) -> Awaitable[_T]:
+        """`call`, a command sent on its own: counted in flight when pipelining."""
+        return call if self.batcher is None else self.batcher.alone(call)
 
     async def _batched(self, command: list[str]) -> Any:
         assert self.batcher is not None

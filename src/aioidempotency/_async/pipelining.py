@@ -2,9 +2,11 @@
 
 A `Batcher` collects the commands an adapter is asked for in one turn of the event
 loop and sends them as one non-atomic batch (one write and one read on the socket
-instead of one per command). The first command queued schedules the flush as a task of
-its own; the commands queued before that task starts travel with it, at most
-`max_batch` per batch (a longer queue goes as several batches at once). Each caller
+instead of one per command). A command issued while none is queued or awaiting its
+reply goes on its own, at once, as without pipelining (`alone`): a lone caller pays
+nothing for batching. The others are queued: the first queued schedules the flush as
+a task of its own, and the commands queued before that task starts travel with it, at
+most `max_batch` per batch (a longer queue goes as several batches at once). Each caller
 waits on a future of its own, which the flush resolves with that command's reply or
 error: a command's error reply (a wrong type, NOSCRIPT) fails that command only, and a
 failure of the whole batch (the connection) fails each of its commands with that error.
@@ -24,6 +26,7 @@ from typing import Any, Generic, TypeVar
 __all__ = ["DEFAULT_MAX_BATCH", "Batcher", "wait"]
 
 _C = TypeVar("_C")
+_T = TypeVar("_T")
 
 #: The most commands one batch carries (a longer queue is split).
 DEFAULT_MAX_BATCH = 256
@@ -70,9 +73,23 @@ class Batcher(Generic[_C]):
         self._queue: list[tuple[_C, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
+        self._in_flight = 0  # commands sent (alone or in a batch) and not answered yet
         #: Batches sent (one per `send`), and the commands they carried.
         self.batches = 0
         self.commands = 0
+
+    @property
+    def idle(self) -> bool:
+        """True when no command is queued or awaiting its reply: the next may go alone."""
+        return not self._in_flight and not self._queue and not self.closed
+
+    async def alone(self, call: Awaitable[_T]) -> _T:
+        """Await `call`, a command sent on its own, counted as in flight meanwhile."""
+        self._in_flight += 1
+        try:
+            return await call
+        finally:
+            self._in_flight -= 1
 
     @property
     def queued(self) -> int:
@@ -103,6 +120,7 @@ class Batcher(Generic[_C]):
     async def _flush(self) -> None:
         queue, self._queue = self._queue, []
         live = [entry for entry in queue if not entry[1].done()]  # cancelled: never sent
+        self._in_flight += len(live)  # `_run` counts them off
         if len(live) <= self.max_batch:
             if live:
                 await self._run(live)
@@ -128,6 +146,8 @@ class Batcher(Generic[_C]):
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            self._in_flight -= len(batch)
         for (_, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue

@@ -68,7 +68,9 @@ class RedisPyCacheClient:
     `auto_pipeline=True` sends GET, SET (the plain claim ``SET NX GET`` too), DEL and
     EVALSHA issued in one turn of the event loop as one ``pipeline(transaction=False)``
     executed with ``raise_on_error=False`` (one connection, one write, one read), at
-    most `max_batch` commands each; a batch takes one place of the in-flight bound.
+    most `max_batch` commands each; a batch takes one place of the in-flight bound. A
+    command issued while none is queued or awaiting its reply goes alone, as without
+    pipelining.
     Each caller gets its own reply or error; NOSCRIPT falls back to EVAL, as without
     pipelining. Not pipelined: a cluster client, `run_script_durably` (its own
     pipeline with ``WAIT``), `info`. `batchers` holds the `Batcher` of each event loop
@@ -159,6 +161,14 @@ class RedisPyCacheClient:
             self.batchers[loop] = batcher
         return batcher
 
+    async def _pipelined(self, method: str, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """``client.method(*args, **options)``: in the next batch when another command is
+        queued or awaiting its reply, else alone (and counted in flight)."""
+        batcher = self._batcher()
+        if batcher.idle:
+            return await batcher.alone(self._call(method, *args, **options))
+        return await wait(batcher.submit((method, args, options)))
+
     def _closed_error(self) -> Exception:
         return self._connection_error("the adapter was closed before this command was sent")
 
@@ -185,7 +195,7 @@ class RedisPyCacheClient:
     async def get(self, name: str) -> bytes | str | None:
         """GET `name`."""
         if self.auto_pipeline:
-            batched: bytes | str | None = await wait(self._batcher().submit(("get", (name,), {})))
+            batched: bytes | str | None = await self._pipelined("get", (name,), {})
             return batched
         value: bytes | str | None = await self._call("get", name)
         return value
@@ -201,8 +211,7 @@ class RedisPyCacheClient:
     ) -> Any:
         """SET `name` with EX (seconds) or EXAT (epoch seconds) and NX."""
         if self.auto_pipeline:
-            options = {"ex": ex, "exat": exat, "nx": nx}
-            return await wait(self._batcher().submit(("set", (name, value), options)))
+            return await self._pipelined("set", (name, value), {"ex": ex, "exat": exat, "nx": nx})
         return await self._call("set", name, value, ex=ex, exat=exat, nx=nx)
 
     async def set_nx_get(self, name: str, value: str, *, ex: int) -> bytes | str | None:
@@ -210,9 +219,7 @@ class RedisPyCacheClient:
         free and now holds `value`, else what it holds (left as it was)."""
         if self.auto_pipeline:
             options = {"ex": ex, "nx": True, "get": True}
-            batched: bytes | str | None = await wait(
-                self._batcher().submit(("set", (name, value), options))
-            )
+            batched: bytes | str | None = await self._pipelined("set", (name, value), options)
             return batched
         old: bytes | str | None = await self._call("set", name, value, ex=ex, nx=True, get=True)
         return old
@@ -220,7 +227,7 @@ class RedisPyCacheClient:
     async def delete(self, *names: str) -> int:
         """DEL `names`."""
         if self.auto_pipeline:
-            removed: int = await wait(self._batcher().submit(("delete", names, {})))
+            removed: int = await self._pipelined("delete", names, {})
             return removed
         count: int = await self._call("delete", *names)
         return count
@@ -228,11 +235,10 @@ class RedisPyCacheClient:
     async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """EVALSHA `script` on `key`'s node; EVAL when the server does not know it yet."""
         if self.auto_pipeline:
-            command: _Command = ("evalsha", (script.sha, 1, key, *args), {})
             try:
-                return await wait(self._batcher().submit(command))
+                return await self._pipelined("evalsha", (script.sha, 1, key, *args), {})
             except self._no_script:
-                return await self._call("eval", script.code, 1, key, *args)
+                return await self._batcher().alone(self._call("eval", script.code, 1, key, *args))
         try:
             return await self._call("evalsha", script.sha, 1, key, *args)
         except self._no_script:
