@@ -28,7 +28,7 @@ from aioidempotency import (
     idempotent_function,
     idempotent_function_async,
 )
-from aioidempotency._async.pipelining import Batcher, wait
+from aioidempotency._async.pipelining import Batcher
 from aioidempotency._memory_table import MemoryTable
 from benchmarks.counting import RequestCounter
 from benchmarks.runner import Refused
@@ -302,9 +302,9 @@ def floor_redis_pipelined(client: Any, counter: RequestCounter, payload: int) ->
 
     async def call(key: str) -> None:
         claimed = {"key": key, "nx": True, "get": True, "ex": TTL_SECONDS}
-        old = await wait(batcher.submit((claimed, claim)))
+        old = await batcher.submit((claimed, claim))
         if old is None:
-            await wait(batcher.submit(({"key": key, "ex": TTL_SECONDS}, done)))
+            await batcher.submit(({"key": key, "ex": TTL_SECONDS}, done))
             executed.add()
         elif old.startswith(b'{"status": "INPROGRESS"'):
             raise Refused
@@ -361,16 +361,17 @@ def floor_glide_pipelined(client: Any, counter: RequestCounter, payload: int) ->
     async def send(commands: list[list[str]]) -> list[Any]:
         batch = Batch(is_atomic=False)
         for command in commands:
-            batch.custom_command(command)
+            words: list[Any] = command  # glide takes str or bytes
+            batch.custom_command(words)
         replies: list[Any] = await client.exec(batch, raise_on_error=False)
         return replies
 
     batcher: Batcher[list[str]] = Batcher(send, closed=_closed)
 
     async def call(key: str) -> None:
-        old = await wait(batcher.submit(["SET", key, claim, "NX", "GET", "EX", ttl]))
+        old = await batcher.submit(["SET", key, claim, "NX", "GET", "EX", ttl])
         if old is None:
-            await wait(batcher.submit(["SET", key, done, "EX", ttl]))
+            await batcher.submit(["SET", key, done, "EX", ttl])
             executed.add()
         elif old.startswith(b'{"status": "INPROGRESS"'):
             raise Refused

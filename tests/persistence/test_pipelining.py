@@ -434,8 +434,9 @@ async def test_the_knob_from_the_url_the_keyword_and_the_sync_layer(
 ) -> None:
     server = cache_servers.standalone("valkey")
     url = f"valkey://{server.host}:{server.port}?client=glide"
-    assert CachePersistenceLayer.from_url(url).auto_pipeline is False
-    on = CachePersistenceLayer.from_url(url + "&auto_pipeline=true")
+    assert CachePersistenceLayer.from_url(url).auto_pipeline is True  # the default
+    assert CachePersistenceLayer.from_url(url + "&auto_pipeline=false").auto_pipeline is False
+    on = CachePersistenceLayer.from_url(url + "&auto_pipeline=true", auto_pipeline=True)
     assert on.auto_pipeline is True
     off = CachePersistenceLayer.from_url(url + "&auto_pipeline=on", auto_pipeline=False)
     assert off.auto_pipeline is False

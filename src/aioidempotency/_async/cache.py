@@ -83,7 +83,7 @@ _WORLD = "async"  # async-only
 _CLIENT_LIBRARIES = frozenset({"redis", "valkey", "glide", "glide_sync"})
 
 #: Whether the layer's async clients pipeline when `auto_pipeline` is not given.
-AUTO_PIPELINE_DEFAULT = False
+AUTO_PIPELINE_DEFAULT = True
 
 #: Pause before the 2nd and 3rd attempt of an operation after a transient failure
 #: (seconds, with jitter).

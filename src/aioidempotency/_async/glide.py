@@ -24,7 +24,7 @@ import sys
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
-from aioidempotency._async.pipelining import DEFAULT_MAX_BATCH, Batcher, wait
+from aioidempotency._async.pipelining import DEFAULT_MAX_BATCH, Batcher
 from aioidempotency._cache_errors import DENIED, TRANSIENT, CacheAccessDeniedError, classify
 from aioidempotency._lua import LuaScript
 from aioidempotency._urls import CacheConnection
@@ -360,7 +360,7 @@ class GlideCacheClient:
             words = [str(a) for a in args]
             future = self.batcher.submit(["EVALSHA", script.sha, "1", key, *words])
             try:
-                return await wait(future)
+                return await future
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -422,7 +422,7 @@ class GlideCacheClient:
         assert self.batcher is not None
         future = self.batcher.submit(command)
         try:
-            return await wait(future)
+            return await future
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -23,7 +23,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["DEFAULT_MAX_BATCH", "Batcher", "wait"]
+__all__ = ["DEFAULT_MAX_BATCH", "Batcher"]
 
 _C = TypeVar("_C")
 _T = TypeVar("_T")
@@ -32,22 +32,6 @@ _T = TypeVar("_T")
 DEFAULT_MAX_BATCH = 256
 
 Send = Callable[[list[_C]], Awaitable[list[Any]]]
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-async def wait(future: asyncio.Future[Any]) -> Any:
-    """The reply `future` resolves to (its error raised). A caller cancelled while its
-    future is resolved with an error leaves no unretrieved error behind."""
-    try:
-        return await future
-    except asyncio.CancelledError:
-        if future.done():
-            _retrieve(future)
-        raise
 
 
 class Batcher(Generic[_C]):

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from aioidempotency._async.pipelining import DEFAULT_MAX_BATCH, Batcher, wait
+from aioidempotency._async.pipelining import DEFAULT_MAX_BATCH, Batcher
 from aioidempotency._cache_errors import TRANSIENT, classify
 from aioidempotency._lua import LuaScript
 from aioidempotency._urls import CacheConnection
@@ -167,7 +167,7 @@ class RedisPyCacheClient:
         batcher = self._batcher()
         if batcher.idle:
             return await batcher.alone(self._call(method, *args, **options))
-        return await wait(batcher.submit((method, args, options)))
+        return await batcher.submit((method, args, options))
 
     def _closed_error(self) -> Exception:
         return self._connection_error("the adapter was closed before this command was sent")
