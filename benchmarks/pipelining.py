@@ -2,7 +2,7 @@
 
 On one Valkey server, for glide and redis-py asyncio, at concurrency 1, 10, 100 and
 1,000, first executions and replays (100 B), four cases measured back to back in every
-round (interleaved rounds, medians):
+round, in reverse order every other round (interleaved rounds, medians):
 
 - the floor: the raw client, one command per request (``SET NX GET``, then ``SET`` of
   the completed record for a won claim);
@@ -78,6 +78,16 @@ def case_specs(concurrency: Sequence[int] = CONCURRENCY) -> list[tuple[str, Spec
     ]
 
 
+def _round_order(specs: list[tuple[str, Spec]], index: int) -> list[Spec]:
+    """The cases of round `index`: each row's four back to back, in reverse order every
+    other round (so that no case always runs first or last of its row)."""
+    ordered = [spec for _, spec in specs]
+    if index % 2 == 0:
+        return ordered
+    rows = [ordered[i : i + len(KINDS)] for i in range(0, len(ordered), len(KINDS))]
+    return [spec for row in rows for spec in reversed(row)]
+
+
 def _median(cases: list[dict[str, Any]], field: str) -> float:
     return float(statistics.median(float(c[field]) for c in cases))
 
@@ -107,8 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with running_valkey() as valkey:
         bench = Bench(budget, valkey, None)
         try:
-            for _ in range(args.rounds):
-                for _kind, spec in specs:
+            for index in range(args.rounds):
+                for spec in _round_order(specs, index):
                     case = bench.measure(spec)
                     if case["errors"]:
                         raise RuntimeError(f"{spec.id}: {case['first_error']}")

@@ -82,7 +82,8 @@ _WORLD = "async"  # async-only
 
 _CLIENT_LIBRARIES = frozenset({"redis", "valkey", "glide", "glide_sync"})
 
-#: Whether the layer's async clients pipeline when `auto_pipeline` is not given.
+#: Whether the layer's async clients pipeline when `auto_pipeline` is not given (see
+#: docs/performance.md for the measurements behind it).
 AUTO_PIPELINE_DEFAULT = True
 
 #: Pause before the 2nd and 3rd attempt of an operation after a transient failure
@@ -189,12 +190,14 @@ class CachePersistenceLayer(PersistenceLayer):
     not run); a completion short of N is reported the same way (the engine keeps
     storing it). Options left as None take the URL's value, else their default.
 
-    `auto_pipeline=True` (async code, standalone redis-py and glide clients) sends the
-    commands that calls issue in one turn of the event loop as one non-atomic
-    pipeline or batch (docs/performance.md measures it); it is off by default. It
-    applies to the clients the layer opens and to a raw client passed as `client`
-    (an adapter passed in keeps its own setting). The sync layer accepts and ignores
-    it: its calls run in threads, with no loop turn to share.
+    `auto_pipeline` (default True; async code, standalone redis-py and glide clients)
+    sends the commands that concurrent calls issue in one turn of the event loop as one
+    non-atomic pipeline or batch; a command issued while no other is queued or
+    awaiting its reply goes alone (docs/redis-valkey.md, measured in
+    docs/performance.md). It applies to the clients the layer opens and to a raw
+    client passed as `client` (an adapter passed in keeps its own setting);
+    `auto_pipeline=False` sends every command on its own. The sync layer accepts and
+    ignores it: its calls run in threads, with no loop turn to share.
     """
 
     def __init__(
