@@ -441,7 +441,7 @@ class GlideCacheClient:
         except asyncio.CancelledError:
             call.add_done_callback(_consume_outcome)
             raise
-        return list(replies) if replies is not None else [None] * len(commands)
+        return list(replies or ())  # None only for a transaction that WATCH aborted
 
     async def aclose(self) -> None:
         """Fail the commands still queued for a batch, wait for the batches in flight,

@@ -308,9 +308,11 @@ class RedisPyCacheClient:
 
     async def aclose(self) -> None:
         """Fail the commands still queued for a batch in this loop and wait for its
-        batches in flight, then close the client if this adapter created it."""
+        batches in flight, then close the client if this adapter created it. As without
+        pipelining, a command sent afterwards opens a connection again (redis-py
+        reconnects a closed client)."""
         loop = asyncio.get_running_loop()
-        batcher = self.batchers.get(loop)
+        batcher = self.batchers.pop(loop, None)
         if batcher is not None:
             await batcher.aclose()
         if self.owned:
