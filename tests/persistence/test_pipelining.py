@@ -338,8 +338,10 @@ async def test_closing_fails_the_commands_still_queued(
     calls = [asyncio.ensure_future(adapter.set_nx_get(n, "v", ex=60)) for n in names]
     queue = batcher(adapter)
     await wait_until(lambda: queue.queued == 4, "the commands queued (the first went alone)")
+    calls[-1].cancel()  # a queued caller gone before the close: just cancelled
     await adapter.aclose()
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(outcomes.pop(), asyncio.CancelledError)
     for outcome in outcomes[1:]:
         assert isinstance(outcome, Exception), outcome
         if client == "glide":

@@ -82,7 +82,7 @@ class Batcher(Generic[_C]):
 
     async def flushed(self) -> None:
         """Return once the batches queued or in flight now (in this loop) have ended."""
-        loop = _running_loop()
+        loop = asyncio.get_running_loop()
         pending = [task for task in self._tasks if task.get_loop() is loop]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
@@ -149,10 +149,3 @@ class Batcher(Generic[_C]):
             if not future.done():
                 future.set_exception(self._closed_error())
         await self.flushed()
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
