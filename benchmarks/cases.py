@@ -58,8 +58,10 @@ from benchmarks.targets import (
     counting_memory_store,
     floor_dynamodb,
     floor_glide,
+    floor_glide_pipelined,
     floor_glide_scripts,
     floor_redis_async,
+    floor_redis_pipelined,
     floor_redis_sync,
     ours_async,
     ours_sync,
@@ -70,6 +72,7 @@ __all__ = [
     "BATCH",
     "CLUSTER",
     "EVENTS",
+    "PIPELINED",
     "REPLICA",
     "WAIT",
     "Bench",
@@ -89,6 +92,7 @@ REPLICA = "valkey-replica"
 CLUSTER = "valkey-cluster"
 BATCH = "batch"
 WAIT = "wait_replicas=1"  # the variant of a valkey-replica case that waits for the replica
+PIPELINED = "auto_pipeline"  # ours with auto_pipeline=True; the floor sending batches
 BATCH_WORK_MS = (0, 1, 5)
 EVENTS = ("events-off", "events-noop", "events-debug", "events-otel")
 """Variants of the in-memory first call: no event listener and DEBUG off (the default
@@ -105,9 +109,10 @@ class Spec:
     `mode` is ``async`` (`concurrency` tasks on one event loop) or ``sync``
     (`concurrency` threads; 1 = sequential). `variant` marks a twin of a case with one
     setting changed (``no-lease``: ``in_progress_lease_seconds=None``; `WAIT`:
-    ``wait_replicas=1``). A `headline` case is measured in every round, back to back with
-    the others (see `benchmarks.run`), and its median kept. `work_ms`: the I/O wait of
-    each record of a batch case.
+    ``wait_replicas=1``; `PIPELINED`: ``auto_pipeline=True``, and for the floor its
+    commands sent as batches, see `benchmarks.pipelining`). A `headline` case is
+    measured in every round, back to back with the others (see `benchmarks.run`), and
+    its median kept. `work_ms`: the I/O wait of each record of a batch case.
     """
 
     group: str
@@ -586,6 +591,8 @@ class Bench:
             name = f"{spec.group}/{spec.variant}/{name}"
         if spec.group == CLUSTER:
             name = f"{spec.group}/{name}"
+        if spec.variant == PIPELINED:
+            name = f"{name}/{PIPELINED}"
         if name not in self._stores:
             self._stores[name] = self._open_store(spec)
         return self._stores[name]
@@ -616,7 +623,8 @@ class Bench:
             store = CachePersistenceLayer(client, atomic=atomic)
         elif spec.mode == "async":
             client = self._glide(counter) if spec.client == "glide" else self._redis_async(counter)
-            store = CachePersistenceLayer(client, atomic=atomic)
+            pipelined = spec.variant == PIPELINED
+            store = CachePersistenceLayer(client, atomic=atomic, auto_pipeline=pipelined)
         else:  # sync code: the native sync store, on the client Powertools users pass
             glide = spec.client == "glide"
             client = self._glide_sync(counter) if glide else self._redis_sync(counter)
@@ -717,6 +725,12 @@ class Bench:
         if spec.variant == "scripts":
             client, counter = self._shared("glide/floor", self._glide)
             return floor_glide_scripts(client, counter, spec.payload)
+        if spec.variant == PIPELINED and spec.client == "glide":
+            client, counter = self._shared("glide/floor", self._glide)
+            return floor_glide_pipelined(client, counter, spec.payload)
+        if spec.variant == PIPELINED:
+            client, counter = self._shared("redis-async/floor", self._redis_async)
+            return floor_redis_pipelined(client, counter, spec.payload)
         if spec.client == "glide":
             client, counter = self._shared("glide/floor", self._glide)
             return floor_glide(client, counter, spec.payload)

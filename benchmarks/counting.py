@@ -93,13 +93,19 @@ def count_redis_sync(client: Any, counter: RequestCounter) -> Any:
 
 
 def count_glide(client: Any, counter: RequestCounter) -> Any:
-    """Count every command and script invocation of a valkey-glide client.
+    """Count every command and script invocation of a valkey-glide client, and every
+    command of its batches (``exec``).
 
     glide loads a script the server does not know yet inside its core, invisibly to
     Python; the benchmark warms every script up before it counts.
     """
     command = client._execute_command
     script = client._execute_script
+    batch = client._execute_batch
+
+    async def execute_batch(commands: Any, *args: Any, **kwargs: Any) -> Any:
+        counter.add(len(commands))
+        return await batch(commands, *args, **kwargs)
 
     async def execute_command(*args: Any, **kwargs: Any) -> Any:
         counter.add()
@@ -111,6 +117,7 @@ def count_glide(client: Any, counter: RequestCounter) -> Any:
 
     client._execute_command = execute_command
     client._execute_script = execute_script
+    client._execute_batch = execute_batch
     return client
 
 

@@ -28,6 +28,7 @@ from aioidempotency import (
     idempotent_function,
     idempotent_function_async,
 )
+from aioidempotency._async.pipelining import Batcher
 from aioidempotency._memory_table import MemoryTable
 from benchmarks.counting import RequestCounter
 from benchmarks.runner import Refused
@@ -39,8 +40,10 @@ __all__ = [
     "blob",
     "floor_dynamodb",
     "floor_glide",
+    "floor_glide_pipelined",
     "floor_glide_scripts",
     "floor_redis_async",
+    "floor_redis_pipelined",
     "floor_redis_sync",
     "ours_async",
     "ours_sync",
@@ -277,6 +280,38 @@ def floor_redis_async(client: Any, counter: RequestCounter, payload: int) -> Tar
     return Target(call, True, lambda: counter.value, executed)
 
 
+def _closed() -> Exception:
+    return RuntimeError("the pipelined floor is closed")
+
+
+def floor_redis_pipelined(client: Any, counter: RequestCounter, payload: int) -> Target:
+    """redis.asyncio, pipelined: `floor_redis_async`'s two commands, those of all calls
+    in one loop turn sent as one ``pipeline(transaction=False)`` (queued per turn by the
+    store's own `Batcher`, the least machinery that batches a turn's calls)."""
+    executed = RequestCounter()
+    claim, done = _in_progress_value(), _completed_value(payload)
+
+    async def send(commands: list[tuple[dict[str, Any], str]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for options, value in commands:
+            pipe.set(options.pop("key"), value, **options)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    batcher: Batcher[tuple[dict[str, Any], str]] = Batcher(send, closed=_closed)
+
+    async def call(key: str) -> None:
+        claimed = {"key": key, "nx": True, "get": True, "ex": TTL_SECONDS}
+        old = await batcher.submit((claimed, claim))
+        if old is None:
+            await batcher.submit(({"key": key, "ex": TTL_SECONDS}, done))
+            executed.add()
+        elif old.startswith(b'{"status": "INPROGRESS"'):
+            raise Refused
+
+    return Target(call, True, lambda: counter.value, executed)
+
+
 def floor_redis_sync(client: Any, counter: RequestCounter, payload: int) -> Target:
     """redis-py (sync, Powertools' client): the same two commands."""
     executed = RequestCounter()
@@ -306,6 +341,37 @@ def floor_glide(client: Any, counter: RequestCounter, payload: int) -> Target:
         old = await client.set(key, claim, conditional_set=nx, expiry=expiry, return_old_value=True)
         if old is None:
             await client.set(key, done, expiry=expiry)
+            executed.add()
+        elif old.startswith(b'{"status": "INPROGRESS"'):
+            raise Refused
+
+    return Target(call, True, lambda: counter.value, executed)
+
+
+def floor_glide_pipelined(client: Any, counter: RequestCounter, payload: int) -> Target:
+    """valkey-glide, pipelined: `floor_glide`'s two commands, those of all calls in one
+    loop turn sent as one non-atomic `Batch` (queued per turn by the store's own
+    `Batcher`, the least machinery that batches a turn's calls)."""
+    from glide import Batch
+
+    executed = RequestCounter()
+    claim, done = _in_progress_value(), _completed_value(payload)
+    ttl = str(TTL_SECONDS)
+
+    async def send(commands: list[list[str]]) -> list[Any]:
+        batch = Batch(is_atomic=False)
+        for command in commands:
+            words: list[Any] = command  # glide takes str or bytes
+            batch.custom_command(words)
+        replies: list[Any] = await client.exec(batch, raise_on_error=False)
+        return replies
+
+    batcher: Batcher[list[str]] = Batcher(send, closed=_closed)
+
+    async def call(key: str) -> None:
+        old = await batcher.submit(["SET", key, claim, "NX", "GET", "EX", ttl])
+        if old is None:
+            await batcher.submit(["SET", key, done, "EX", ttl])
             executed.add()
         elif old.startswith(b'{"status": "INPROGRESS"'):
             raise Refused

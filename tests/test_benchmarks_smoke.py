@@ -216,3 +216,18 @@ def test_latency_model_and_check_run(tmp_path: Path) -> None:
     assert rows[f"{ours}/first/100B"]["round_trips"] == 2
     assert rows[f"{ours}/replay/100B"]["round_trips"] == 1
     assert rows["valkey/powertools/redis-py/-/sync/c1/first/100B"]["round_trips"] == 2
+
+
+def test_pipelining_comparison_runs_and_counts_every_command(tmp_path: Path) -> None:
+    out = tmp_path / "pipelining.json"
+    completed = _run_tool("benchmarks.pipelining", "--concurrency", "1", "10", "--json", str(out))
+    assert "| glide | first | 10 |" in completed.stdout
+    doc = json.loads(out.read_text())
+    rows = {(r["client"], r["scenario"], r["concurrency"], r["kind"]): r for r in doc["cases"]}
+    assert len(rows) == len(doc["cases"]) == 2 * 2 * 2 * 4
+    for key, row in rows.items():
+        assert row["calls_per_s"] > 0, key
+        assert 0 < row["p50_us"] <= row["p99_us"], key
+        # Batched or not, every command is counted: a first execution sends a claim and
+        # a completion, a replay one claim.
+        assert row["requests_per_call"] == (2 if key[1] == "first" else 1), key

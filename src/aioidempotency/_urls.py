@@ -32,7 +32,7 @@ _T = TypeVar("_T")
 CACHE_SCHEMES = frozenset({"redis", "rediss", "valkey", "valkeys"})
 
 #: Query options of a cache URL that are the store's own (the rest go to redis-py).
-_STORE_OPTIONS = ("atomic", "max_concurrency", "wait_replicas", "wait_timeout")
+_STORE_OPTIONS = ("atomic", "max_concurrency", "wait_replicas", "wait_timeout", "auto_pipeline")
 _CONNECTION_OPTIONS = ("cluster", "client", "timeout")
 _CLIENTS = {"redis": "redis", "redis-py": "redis", "redispy": "redis", "glide": "glide"}
 _TRUE = frozenset({"1", "y", "yes", "t", "true", "on"})
@@ -198,9 +198,10 @@ def parse_cache_url(url: str) -> tuple[CacheConnection, dict[str, Any]]:
     with ``user:password@host:port/db``. Query options: ``cluster=true``,
     ``client=redis`` (default) or ``client=glide``, ``timeout=SECONDS`` (default 2),
     the store's ``atomic``, ``max_concurrency``, ``wait_replicas``, ``wait_timeout``,
-    and with redis-py the options in `REDIS_PY_OPTIONS`, passed on to it. Any other
-    option, a redis-py option with ``client=glide`` (which would ignore it), or a value
-    of the wrong type raises `IdempotencyPersistenceConfigError` naming the option.
+    ``auto_pipeline``, and with redis-py the options in `REDIS_PY_OPTIONS`, passed on
+    to it. Any other option, a redis-py option with ``client=glide`` (which would
+    ignore it), or a value of the wrong type raises `IdempotencyPersistenceConfigError`
+    naming the option.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -233,6 +234,8 @@ def parse_cache_url(url: str) -> tuple[CacheConnection, dict[str, Any]]:
     cluster = _parsed(url, "cluster", flags.get("cluster", "false"), _flag)
     if "atomic" in flags:
         options["atomic"] = _parsed(url, "atomic", flags["atomic"], _flag)
+    if "auto_pipeline" in flags:
+        options["auto_pipeline"] = _parsed(url, "auto_pipeline", flags["auto_pipeline"], _flag)
     if "max_concurrency" in flags:
         options["max_concurrency"] = _parsed(url, "max_concurrency", flags["max_concurrency"], int)
     if "wait_replicas" in flags:

@@ -22,7 +22,9 @@ from aioidempotency._urls import REDIS_PY_OPTIONS, parse_cache_url, redacted, st
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 from tests.servers.redis import ServerPool
 
-STORE_OPTIONS = "cluster, client, timeout, atomic, max_concurrency, wait_replicas, wait_timeout"
+STORE_OPTIONS = (
+    "cluster, client, timeout, atomic, max_concurrency, wait_replicas, wait_timeout, auto_pipeline"
+)
 
 
 def refusal(url: str) -> str:

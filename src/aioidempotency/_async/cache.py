@@ -82,6 +82,10 @@ _WORLD = "async"  # async-only
 
 _CLIENT_LIBRARIES = frozenset({"redis", "valkey", "glide", "glide_sync"})
 
+#: Whether the layer's async clients pipeline when `auto_pipeline` is not given (see
+#: docs/performance.md for the measurements behind it).
+AUTO_PIPELINE_DEFAULT = True
+
 #: Pause before the 2nd and 3rd attempt of an operation after a transient failure
 #: (seconds, with jitter).
 _RETRY_DELAYS = (0.05, 0.2)
@@ -183,6 +187,15 @@ class CachePersistenceLayer(PersistenceLayer):
     refused with a transient `IdempotencyPersistenceConnectionError` (the function does
     not run); a completion short of N is reported the same way (the engine keeps
     storing it). Options left as None take the URL's value, else their default.
+
+    `auto_pipeline` (default True; async code, standalone redis-py and glide clients)
+    sends the commands that concurrent calls issue in one turn of the event loop as one
+    non-atomic pipeline or batch; a command issued while no other is queued or
+    awaiting its reply goes alone (docs/redis-valkey.md, measured in
+    docs/performance.md). It applies to the clients the layer opens and to a raw
+    client passed as `client` (an adapter passed in keeps its own setting);
+    `auto_pipeline=False` sends every command on its own. The sync layer accepts and
+    ignores it: its calls run in threads, with no loop turn to share.
     """
 
     def __init__(
@@ -212,6 +225,7 @@ class CachePersistenceLayer(PersistenceLayer):
         retry_budget_seconds: float = 5.0,
         wait_replicas: int | None = None,
         wait_timeout: float | None = None,
+        auto_pipeline: bool | None = None,
     ) -> None:
         if isinstance(client, str) and not url:  # Powertools' first argument is the URL
             client, url = None, client
@@ -245,6 +259,7 @@ class CachePersistenceLayer(PersistenceLayer):
             "retry_budget_seconds": retry_budget_seconds,
             "wait_replicas": wait_replicas,
             "wait_timeout": wait_timeout,
+            "auto_pipeline": auto_pipeline,
         }
         found = cache_connection(
             url=url,
@@ -274,6 +289,12 @@ class CachePersistenceLayer(PersistenceLayer):
         self.wait_timeout: float = (
             from_url.get("wait_timeout", 1.0) if wait_timeout is None else wait_timeout
         )
+        #: Whether the async clients this layer adapts batch the commands of a loop turn.
+        self.auto_pipeline: bool = bool(
+            from_url.get("auto_pipeline", AUTO_PIPELINE_DEFAULT)
+            if auto_pipeline is None
+            else auto_pipeline
+        )
         if self.max_concurrency < 1:  # 0 would hold every call forever
             raise IdempotencyPersistenceConfigError(
                 f"max_concurrency must be at least 1: {self.max_concurrency!r}"
@@ -298,7 +319,8 @@ class CachePersistenceLayer(PersistenceLayer):
             # end async-only
             # sync-only: raise _wrong_client(_ASYNC_CLIENT, client)
         elif client is not None:
-            adapted = adapt(client)
+            adapted = adapt(client, auto_pipeline=self.auto_pipeline)  # async-only
+            # sync-only: adapted = adapt(client)
             can_script = isinstance(adapted, ScriptingCacheClient)
             self._clients = PassedClient(adapted, refusal=_PASSED_IN_CHILD)
         else:
@@ -335,8 +357,9 @@ class CachePersistenceLayer(PersistenceLayer):
         ``client=redis`` (redis-py, the default) or ``client=glide``, ``atomic=false``
         for the protocol path, ``timeout=SECONDS`` (default 2), ``max_concurrency=N``
         (calls in flight per client, default 64), ``wait_replicas=N`` and
-        ``wait_timeout=SECONDS`` (durability, see the class); other options go to
-        redis-py. Keyword `options` go to the constructor and win over the URL's.
+        ``wait_timeout=SECONDS`` (durability, see the class), ``auto_pipeline=true``
+        (async clients, see the class); other options go to redis-py. Keyword
+        `options` go to the constructor and win over the URL's.
         """
         return cls(url=url, **options)
 
@@ -357,13 +380,16 @@ class CachePersistenceLayer(PersistenceLayer):
                 )
         else:
             assert self.connection is not None
+            extra: dict[str, Any] = {"auto_pipeline": self.auto_pipeline}  # async-only
+            # sync-only: extra: dict[str, Any] = {}
             if self.connection.client == "glide":
-                opened = await GlideCacheClient.from_connection(self.connection)
+                opened = await GlideCacheClient.from_connection(self.connection, **extra)
             else:
-                opened = await RedisPyCacheClient.from_connection(self.connection)
+                opened = await RedisPyCacheClient.from_connection(self.connection, **extra)
         # The layer opened it, so the layer closes it (an adapter the factory built keeps
         # its own `owned`).
-        client = adapt(opened, owned=True)
+        client = adapt(opened, owned=True, auto_pipeline=self.auto_pipeline)  # async-only
+        # sync-only: client = adapt(opened, owned=True)
         if self.atomic and not isinstance(client, ScriptingCacheClient):
             with contextlib.suppress(Exception):
                 await _close(client)  # opened for us, and of no use

@@ -96,16 +96,20 @@ def _takes_exat(client: object) -> bool:
     )
 
 
-def adapt(client: object, *, owned: bool = False) -> CacheClient:
+def adapt(client: object, *, owned: bool = False, auto_pipeline: bool = False) -> CacheClient:
     """The `CacheClient` the store talks to for `client`: a raw redis-py or glide client
-    is wrapped in an adapter that closes it on `aclose()` when `owned`; a client of
-    one's own is used as it is (behind `TtlCacheClient` if it knows only TTLs)."""
+    is wrapped in an adapter that closes it on `aclose()` when `owned` (and batches the
+    commands of one loop turn with `auto_pipeline`, async only); a client of one's own,
+    or an adapter already built, is used as it is (behind `TtlCacheClient` if it knows
+    only TTLs)."""
     if isinstance(client, (RedisPyCacheClient, GlideCacheClient, TtlCacheClient)):
         return client
     if is_glide_client(client):
-        return GlideCacheClient(client, owned=owned)
+        return GlideCacheClient(client, owned=owned, auto_pipeline=auto_pipeline)  # async-only
+        # sync-only: return SyncGlideCacheClient(client, owned=owned)
     if is_redis_client(client):
-        return RedisPyCacheClient(client, owned=owned)
+        return RedisPyCacheClient(client, owned=owned, auto_pipeline=auto_pipeline)  # async-only
+        # sync-only: return SyncRedisPyCacheClient(client, owned=owned)
     if isinstance(client, CacheClient):
         return client if _takes_exat(client) else TtlCacheClient(client)
     raise IdempotencyPersistenceConfigError(

@@ -10,6 +10,10 @@ clients with the same method names.
 A glide client is bound to the event loop that created it: used from another loop it
 hangs silently. The adapter checks the running loop before every call and refuses a
 foreign one with `IdempotencyPersistenceConfigError`.
+
+With `auto_pipeline=True` (standalone clients), the commands of the store's hot path
+issued in one turn of the event loop travel as one non-atomic glide `Batch` (see
+``aioidempotency._async.pipelining``).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
+from aioidempotency._async.pipelining import DEFAULT_MAX_BATCH, Batcher
 from aioidempotency._cache_errors import DENIED, TRANSIENT, CacheAccessDeniedError, classify
 from aioidempotency._lua import LuaScript
 from aioidempotency._urls import CacheConnection
@@ -30,6 +35,8 @@ from aioidempotency.exceptions import (
 )
 
 __all__ = ["GlideCacheClient", "is_glide_client"]
+
+_T = TypeVar("_T")
 
 _SCRIPTS: dict[str, Any] = {}
 # glide's Script frees its server-side handle in __del__, which fails noisily once the
@@ -92,19 +99,46 @@ def _expiry(glide: Any, ex: int | None, exat: int | None) -> Any:
     return None
 
 
+def _closed_error() -> Exception:
+    error: Exception = _glide().ClosingError("the adapter was closed before this command was sent")
+    return error
+
+
 def _consume_outcome(call: asyncio.Future[Any]) -> None:
     """Retrieve the outcome of a call nobody awaits any more (no unretrieved-error log)."""
     if not call.cancelled():
         call.exception()
 
 
+def _is_no_script(exc: BaseException) -> bool:
+    """A NOSCRIPT error reply (glide 2.6 words it "NoScriptError: No matching script")."""
+    return "NOSCRIPT" in str(exc).upper()
+
+
 class GlideCacheClient:
     """A valkey-glide client seen as a `CacheClient` that can also run Lua scripts.
 
     Pass `owned=True` when this adapter should close the glide client on `aclose()`.
+
+    `auto_pipeline=True` sends GET, SET (the plain claim ``SET NX GET`` too), DEL and
+    the scripts (EVALSHA) issued in one turn of the event loop as one non-atomic glide
+    `Batch` (``raise_on_error=False``), at most `max_batch` commands each: one write
+    and one read on the socket for them all. A command issued while none is queued or
+    awaiting its reply goes alone, as without pipelining. Each caller gets its own reply or error;
+    a script the server does not know (NOSCRIPT) is loaded and run again by
+    ``invoke_script``, as without pipelining. Not pipelined: a cluster client (every
+    command goes on its own), `run_script_durably` (its script and ``WAIT``), `info`. `batcher` is
+    the `Batcher` (its `batches` and `commands` count what it sent), None when off.
     """
 
-    def __init__(self, client: Any, *, owned: bool = False) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        owned: bool = False,
+        auto_pipeline: bool = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         if not is_glide_client(client):
             raise IdempotencyPersistenceConfigError(
                 f"expected a GlideClient or GlideClusterClient, got {type(client).__name__}"
@@ -117,6 +151,9 @@ class GlideCacheClient:
         )
         self._loop = _client_loop(client)
         self._config: Any = None  # set by `connect`: lets `diagnose` open a fresh client
+        self.batcher: Batcher[list[str]] | None = None
+        if auto_pipeline and not self.cluster:
+            self.batcher = Batcher(self._send_batch, closed=_closed_error, max_batch=max_batch)
 
     @classmethod
     async def connect(
@@ -130,6 +167,8 @@ class GlideCacheClient:
         password: str | None = None,
         database: int = 0,
         request_timeout_ms: int = 2000,
+        auto_pipeline: bool = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> GlideCacheClient:
         """Create a glide client in the running loop; the adapter owns and closes it."""
         glide = _glide()
@@ -159,12 +198,14 @@ class GlideCacheClient:
                 client = await glide.GlideClient.create(config)
         except Exception as exc:
             raise _map_error(exc) from exc
-        adapter = cls(client, owned=True)
+        adapter = cls(client, owned=True, auto_pipeline=auto_pipeline, max_batch=max_batch)
         adapter._config = config
         return adapter
 
     @classmethod
-    async def from_connection(cls, connection: CacheConnection) -> GlideCacheClient:
+    async def from_connection(
+        cls, connection: CacheConnection, *, auto_pipeline: bool = False
+    ) -> GlideCacheClient:
         """`connect` to `connection`'s server (`connection.options` are redis-py's)."""
         return await cls.connect(
             connection.host,
@@ -175,6 +216,7 @@ class GlideCacheClient:
             password=connection.password,
             database=connection.db,
             request_timeout_ms=int(connection.timeout * 1000),
+            auto_pipeline=auto_pipeline,
         )
 
     async def diagnose(self) -> IdempotencyPersistenceLayerError | None:
@@ -234,8 +276,11 @@ class GlideCacheClient:
     async def get(self, name: str) -> bytes | None:
         """GET `name`."""
         self._check_loop()
+        if self.batcher is not None and not self.batcher.idle:
+            value: bytes | None = await self._batched(["GET", name])
+            return value
         try:
-            value: bytes | None = await self.client.get(name)
+            value = await self._alone(self.client.get(name))
         except Exception as exc:
             raise _map_error(exc) from exc
         return value
@@ -252,11 +297,22 @@ class GlideCacheClient:
         """SET `name` with NX, EX (seconds) and EXAT (epoch seconds) mapped to glide's
         options; True when written."""
         self._check_loop()
+        if self.batcher is not None and not self.batcher.idle:
+            command = ["SET", name, value]
+            if nx:
+                command.append("NX")
+            if exat is not None:
+                command += ["EXAT", str(int(exat))]
+            elif ex is not None:
+                command += ["EX", str(int(ex))]
+            return await self._batched(command) is not None
         glide = _glide()
         conditional = glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST if nx else None
         expiry = _expiry(glide, ex, exat)
         try:
-            result = await self.client.set(name, value, conditional_set=conditional, expiry=expiry)
+            result = await self._alone(
+                self.client.set(name, value, conditional_set=conditional, expiry=expiry)
+            )
         except Exception as exc:
             raise _map_error(exc) from exc
         return result is not None
@@ -265,14 +321,21 @@ class GlideCacheClient:
         """``SET name value NX GET EX ex`` (Redis/Valkey >= 7.0): None when `name` was
         free and now holds `value`, else what it holds (left as it was)."""
         self._check_loop()
+        if self.batcher is not None and not self.batcher.idle:
+            old: bytes | None = await self._batched(
+                ["SET", name, value, "NX", "GET", "EX", str(int(ex))]
+            )
+            return old
         glide = _glide()
         try:
-            old: bytes | None = await self.client.set(
-                name,
-                value,
-                conditional_set=glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST,
-                expiry=glide.ExpirySet(glide.ExpiryType.SEC, ex),
-                return_old_value=True,
+            old = await self._alone(
+                self.client.set(
+                    name,
+                    value,
+                    conditional_set=glide.ConditionalChange.ONLY_IF_DOES_NOT_EXIST,
+                    expiry=glide.ExpirySet(glide.ExpiryType.SEC, ex),
+                    return_old_value=True,
+                )
             )
         except Exception as exc:
             raise _map_error(exc) from exc
@@ -281,8 +344,11 @@ class GlideCacheClient:
     async def delete(self, *names: str) -> int:
         """DEL `names`; the number of keys removed."""
         self._check_loop()
+        if self.batcher is not None and not self.batcher.idle:
+            removed: int = await self._batched(["DEL", *names])
+            return removed
         try:
-            count: int = await self.client.delete(list(names))
+            count: int = await self._alone(self.client.delete(list(names)))
         except Exception as exc:
             raise _map_error(exc) from exc
         return count
@@ -290,6 +356,20 @@ class GlideCacheClient:
     async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """Run `script` on the node holding `key` (EVALSHA, loading it when needed)."""
         self._check_loop()
+        if self.batcher is not None and not self.batcher.idle:
+            words = [str(a) for a in args]
+            future = self.batcher.submit(["EVALSHA", script.sha, "1", key, *words])
+            try:
+                return await future
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not _is_no_script(exc):
+                    raise _map_error(exc) from exc
+            # Not cached by the server (a restart, SCRIPT FLUSH): glide loads it.
+        return await self._alone(self._invoke(script, key, args))
+
+    async def _invoke(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         glide_script = _SCRIPTS.get(script.code)
         if glide_script is None:
             glide_script = _SCRIPTS.setdefault(script.code, _glide().Script(script.code))
@@ -320,7 +400,8 @@ class GlideCacheClient:
         """Run `script`, then ``WAIT replicas timeout_ms`` on the node holding `key`;
         returns the script's reply and the replicas that acknowledged it. glide keeps one
         connection per node, so ``WAIT`` follows the script on the connection that wrote."""
-        reply = await self.run_script(script, key, args)
+        self._check_loop()
+        reply = await self._invoke(script, key, args)  # not batched: see the class
         glide = _glide()
         command = ["WAIT", str(replicas), str(timeout_ms)]
         try:
@@ -333,8 +414,40 @@ class GlideCacheClient:
             raise _map_error(exc) from exc
         return reply, int(acked)
 
+    def _alone(self, call: Awaitable[_T]) -> Awaitable[_T]:
+        """`call`, a command sent on its own: counted in flight when pipelining."""
+        return call if self.batcher is None else self.batcher.alone(call)
+
+    async def _batched(self, command: list[str]) -> Any:
+        assert self.batcher is not None
+        future = self.batcher.submit(command)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc) from exc
+
+    async def _send_batch(self, commands: list[list[str]]) -> list[Any]:
+        """One non-atomic glide `Batch` of `commands`; error replies in their places."""
+        batch = _glide().Batch(is_atomic=False)
+        for command in commands:
+            batch.custom_command(command)
+        # In a task of its own, as a script call (see `_invoke`): a cancellation of the
+        # flush (the loop shutting down) leaves glide's arguments alive until sent.
+        call = asyncio.ensure_future(self.client.exec(batch, raise_on_error=False))
+        try:
+            replies = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(_consume_outcome)
+            raise
+        return list(replies or ())  # None only for a transaction that WATCH aborted
+
     async def aclose(self) -> None:
-        """Close the glide client if this adapter created it."""
+        """Fail the commands still queued for a batch, wait for the batches in flight,
+        then close the glide client if this adapter created it."""
+        if self.batcher is not None:
+            await self.batcher.aclose()
         if self.owned:
             try:
                 await self.client.close()

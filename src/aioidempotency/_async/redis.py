@@ -4,7 +4,9 @@
 ``valkey.asyncio`` twins) so that it offers the `CacheClient` methods, runs the store's
 Lua scripts and waits for replicas on the connection that wrote (`wait_replicas`).
 Its sync twin, ``aioidempotency._sync.redis``, is written by hand with the same
-method names.
+method names. With `auto_pipeline=True` (standalone clients), the commands of the
+store's hot path issued in one turn of the event loop travel as one
+``pipeline(transaction=False)`` (see ``aioidempotency._async.pipelining``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from aioidempotency._async.pipelining import DEFAULT_MAX_BATCH, Batcher
 from aioidempotency._cache_errors import TRANSIENT, classify
 from aioidempotency._lua import LuaScript
 from aioidempotency._urls import CacheConnection
 from aioidempotency.exceptions import IdempotencyPersistenceConfigError
 
 __all__ = ["RedisPyCacheClient", "is_redis_client", "pool_capacity"]
+
+#: A command for a batch: the pipeline's method, its arguments and keywords.
+_Command = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 
 def is_redis_client(client: object) -> bool:
@@ -58,9 +64,28 @@ class RedisPyCacheClient:
     `max_connections`; per node for a cluster), so load waits for a connection instead
     of failing with "Too many connections". A `BlockingConnectionPool` already waits
     and gets no bound.
+
+    `auto_pipeline=True` sends GET, SET (the plain claim ``SET NX GET`` too), DEL and
+    EVALSHA issued in one turn of the event loop as one ``pipeline(transaction=False)``
+    executed with ``raise_on_error=False`` (one connection, one write, one read), at
+    most `max_batch` commands each; a batch takes one place of the in-flight bound. A
+    command issued while none is queued or awaiting its reply goes alone, as without
+    pipelining.
+    Each caller gets its own reply or error; NOSCRIPT falls back to EVAL, as without
+    pipelining. Not pipelined: a cluster client, `run_script_durably` (its own
+    pipeline with ``WAIT``), `info`. `batchers` holds the `Batcher` of each event loop
+    (its `batches` and `commands` count what it sent); `auto_pipeline` says whether
+    commands are batched.
     """
 
-    def __init__(self, client: Any, *, owned: bool = False) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        owned: bool = False,
+        auto_pipeline: bool = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         self.client = client
         self.owned = owned
         #: Whether the client is a cluster client (`RedisCluster`).
@@ -76,9 +101,17 @@ class RedisPyCacheClient:
         self._limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
+        self.auto_pipeline: bool = auto_pipeline and not self.cluster
+        self.max_batch = max_batch
+        self.batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Batcher[_Command]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._connection_error: type[Exception] = sys.modules[f"{root}.exceptions"].ConnectionError
 
     @classmethod
-    async def from_connection(cls, connection: CacheConnection) -> RedisPyCacheClient:
+    async def from_connection(
+        cls, connection: CacheConnection, *, auto_pipeline: bool = False
+    ) -> RedisPyCacheClient:
         """Open a client for `connection` (lazily: the first command connects); the
         adapter owns and closes it."""
         try:
@@ -92,7 +125,7 @@ class RedisPyCacheClient:
         client = kind.from_url(
             connection.redis_url(), socket_timeout=timeout, socket_connect_timeout=timeout
         )
-        return cls(client, owned=True)
+        return cls(client, owned=True, auto_pipeline=auto_pipeline)
 
     async def _initialize(self) -> None:
         if self._ready_lock is None:
@@ -120,6 +153,35 @@ class RedisPyCacheClient:
         async with limit:
             return await getattr(self.client, method)(*args, **kwargs)
 
+    def _batcher(self) -> Batcher[_Command]:
+        loop = asyncio.get_running_loop()
+        batcher = self.batchers.get(loop)
+        if batcher is None:
+            batcher = Batcher(self._send_batch, closed=self._closed_error, max_batch=self.max_batch)
+            self.batchers[loop] = batcher
+        return batcher
+
+    async def _pipelined(self, method: str, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """``client.method(*args, **options)``: in the next batch when another command is
+        queued or awaiting its reply, else alone (and counted in flight)."""
+        batcher = self._batcher()
+        if batcher.idle:
+            return await batcher.alone(self._call(method, *args, **options))
+        return await batcher.submit((method, args, options))
+
+    def _closed_error(self) -> Exception:
+        return self._connection_error("the adapter was closed before this command was sent")
+
+    async def _send_batch(self, commands: list[_Command]) -> list[Any]:
+        """One ``pipeline(transaction=False)`` of `commands`; error replies in place."""
+        limit = self._limit()
+        async with limit if limit is not None else contextlib.nullcontext():
+            pipe = self.client.pipeline(transaction=False)
+            for method, args, options in commands:
+                getattr(pipe, method)(*args, **options)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+
     async def info(self) -> Any:
         """``INFO server`` of the server (of one node of a cluster): redis-py's parsed
         mapping (see `aioidempotency._check.parse_info`)."""
@@ -132,6 +194,9 @@ class RedisPyCacheClient:
 
     async def get(self, name: str) -> bytes | str | None:
         """GET `name`."""
+        if self.auto_pipeline:
+            batched: bytes | str | None = await self._pipelined("get", (name,), {})
+            return batched
         value: bytes | str | None = await self._call("get", name)
         return value
 
@@ -145,21 +210,35 @@ class RedisPyCacheClient:
         nx: bool = False,
     ) -> Any:
         """SET `name` with EX (seconds) or EXAT (epoch seconds) and NX."""
+        if self.auto_pipeline:
+            return await self._pipelined("set", (name, value), {"ex": ex, "exat": exat, "nx": nx})
         return await self._call("set", name, value, ex=ex, exat=exat, nx=nx)
 
     async def set_nx_get(self, name: str, value: str, *, ex: int) -> bytes | str | None:
         """``SET name value NX GET EX ex`` (Redis/Valkey >= 7.0): None when `name` was
         free and now holds `value`, else what it holds (left as it was)."""
+        if self.auto_pipeline:
+            options = {"ex": ex, "nx": True, "get": True}
+            batched: bytes | str | None = await self._pipelined("set", (name, value), options)
+            return batched
         old: bytes | str | None = await self._call("set", name, value, ex=ex, nx=True, get=True)
         return old
 
     async def delete(self, *names: str) -> int:
         """DEL `names`."""
+        if self.auto_pipeline:
+            removed: int = await self._pipelined("delete", names, {})
+            return removed
         count: int = await self._call("delete", *names)
         return count
 
     async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """EVALSHA `script` on `key`'s node; EVAL when the server does not know it yet."""
+        if self.auto_pipeline:
+            try:
+                return await self._pipelined("evalsha", (script.sha, 1, key, *args), {})
+            except self._no_script:
+                return await self._batcher().alone(self._call("eval", script.code, 1, key, *args))
         try:
             return await self._call("evalsha", script.sha, 1, key, *args)
         except self._no_script:
@@ -228,6 +307,13 @@ class RedisPyCacheClient:
         return replies
 
     async def aclose(self) -> None:
-        """Close the client if this adapter created it."""
+        """Fail the commands still queued for a batch in this loop and wait for its
+        batches in flight, then close the client if this adapter created it. As without
+        pipelining, a command sent afterwards opens a connection again (redis-py
+        reconnects a closed client)."""
+        loop = asyncio.get_running_loop()
+        batcher = self.batchers.pop(loop, None)
+        if batcher is not None:
+            await batcher.aclose()
         if self.owned:
             await self.client.aclose()

@@ -74,6 +74,10 @@ _WORLD = "sync"
 
 _CLIENT_LIBRARIES = frozenset({"redis", "valkey", "glide", "glide_sync"})
 
+#: Whether the layer's async clients pipeline when `auto_pipeline` is not given (see
+#: docs/performance.md for the measurements behind it).
+AUTO_PIPELINE_DEFAULT = True
+
 #: Pause before the 2nd and 3rd attempt of an operation after a transient failure
 #: (seconds, with jitter).
 _RETRY_DELAYS = (0.05, 0.2)
@@ -167,6 +171,15 @@ class SyncCachePersistenceLayer(SyncPersistenceLayer):
     refused with a transient `IdempotencyPersistenceConnectionError` (the function does
     not run); a completion short of N is reported the same way (the engine keeps
     storing it). Options left as None take the URL's value, else their default.
+
+    `auto_pipeline` (default True; async code, standalone redis-py and glide clients)
+    sends the commands that concurrent calls issue in one turn of the event loop as one
+    non-atomic pipeline or batch; a command issued while no other is queued or
+    awaiting its reply goes alone (docs/redis-valkey.md, measured in
+    docs/performance.md). It applies to the clients the layer opens and to a raw
+    client passed as `client` (an adapter passed in keeps its own setting);
+    `auto_pipeline=False` sends every command on its own. The sync layer accepts and
+    ignores it: its calls run in threads, with no loop turn to share.
     """
 
     def __init__(
@@ -196,6 +209,7 @@ class SyncCachePersistenceLayer(SyncPersistenceLayer):
         retry_budget_seconds: float = 5.0,
         wait_replicas: int | None = None,
         wait_timeout: float | None = None,
+        auto_pipeline: bool | None = None,
     ) -> None:
         if isinstance(client, str) and not url:  # Powertools' first argument is the URL
             client, url = None, client
@@ -229,6 +243,7 @@ class SyncCachePersistenceLayer(SyncPersistenceLayer):
             "retry_budget_seconds": retry_budget_seconds,
             "wait_replicas": wait_replicas,
             "wait_timeout": wait_timeout,
+            "auto_pipeline": auto_pipeline,
         }
         found = cache_connection(
             url=url,
@@ -257,6 +272,12 @@ class SyncCachePersistenceLayer(SyncPersistenceLayer):
         )
         self.wait_timeout: float = (
             from_url.get("wait_timeout", 1.0) if wait_timeout is None else wait_timeout
+        )
+        #: Whether the async clients this layer adapts batch the commands of a loop turn.
+        self.auto_pipeline: bool = bool(
+            from_url.get("auto_pipeline", AUTO_PIPELINE_DEFAULT)
+            if auto_pipeline is None
+            else auto_pipeline
         )
         if self.max_concurrency < 1:  # 0 would hold every call forever
             raise IdempotencyPersistenceConfigError(
@@ -310,8 +331,9 @@ class SyncCachePersistenceLayer(SyncPersistenceLayer):
         ``client=redis`` (redis-py, the default) or ``client=glide``, ``atomic=false``
         for the protocol path, ``timeout=SECONDS`` (default 2), ``max_concurrency=N``
         (calls in flight per client, default 64), ``wait_replicas=N`` and
-        ``wait_timeout=SECONDS`` (durability, see the class); other options go to
-        redis-py. Keyword `options` go to the constructor and win over the URL's.
+        ``wait_timeout=SECONDS`` (durability, see the class), ``auto_pipeline=true``
+        (async clients, see the class); other options go to redis-py. Keyword
+        `options` go to the constructor and win over the URL's.
         """
         return cls(url=url, **options)
 
@@ -330,10 +352,11 @@ class SyncCachePersistenceLayer(SyncPersistenceLayer):
                 )
         else:
             assert self.connection is not None
+            extra: dict[str, Any] = {}
             if self.connection.client == "glide":
-                opened = SyncGlideCacheClient.from_connection(self.connection)
+                opened = SyncGlideCacheClient.from_connection(self.connection, **extra)
             else:
-                opened = SyncRedisPyCacheClient.from_connection(self.connection)
+                opened = SyncRedisPyCacheClient.from_connection(self.connection, **extra)
         # The layer opened it, so the layer closes it (an adapter the factory built keeps
         # its own `owned`).
         client = adapt(opened, owned=True)

@@ -93,10 +93,12 @@ def _takes_exat(client: object) -> bool:
     )
 
 
-def adapt(client: object, *, owned: bool = False) -> SyncCacheClient:
+def adapt(client: object, *, owned: bool = False, auto_pipeline: bool = False) -> SyncCacheClient:
     """The `SyncCacheClient` the store talks to for `client`: a raw redis-py or glide client
-    is wrapped in an adapter that closes it on `close()` when `owned`; a client of
-    one's own is used as it is (behind `SyncTtlCacheClient` if it knows only TTLs)."""
+    is wrapped in an adapter that closes it on `close()` when `owned` (and batches the
+    commands of one loop turn with `auto_pipeline`, async only); a client of one's own,
+    or an adapter already built, is used as it is (behind `SyncTtlCacheClient` if it knows
+    only TTLs)."""
     if isinstance(client, (SyncRedisPyCacheClient, SyncGlideCacheClient, SyncTtlCacheClient)):
         return client
     if is_glide_client(client):
