@@ -231,3 +231,22 @@ def test_pipelining_comparison_runs_and_counts_every_command(tmp_path: Path) -> 
         # Batched or not, every command is counted: a first execution sends a claim and
         # a completion, a replay one claim.
         assert row["requests_per_call"] == (2 if key[1] == "first" else 1), key
+
+
+def test_overhead_comparison_runs_every_case_and_profiles_the_decorated_ones(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "overhead.json"
+    completed = _run_tool("benchmarks.overhead", "--json", str(out))
+    assert "| cache hit |" in completed.stdout
+    doc = json.loads(out.read_text())
+    rows = {row["case"]: row for row in doc["cases"]}
+    assert set(rows) == {"direct", "no key", "disabled", "cache hit"}
+    assert rows["direct"]["vs_direct"] == 1.0
+    for name, row in rows.items():
+        assert row["calls_per_s"] > 0, name
+        assert row["wall_us_per_call"] == round(1e6 / row["calls_per_s"], 2), name
+    assert set(doc["profiles"]) == {"no key", "cache hit"}
+    for name, top in doc["profiles"].items():
+        assert top, name
+        assert all(0 <= row["own_share"] <= 1 for row in top), name
