@@ -74,6 +74,7 @@ __all__ = [
     "EVENTS",
     "PIPELINED",
     "REPLICA",
+    "UNPIPELINED",
     "WAIT",
     "Bench",
     "Budget",
@@ -93,6 +94,7 @@ CLUSTER = "valkey-cluster"
 BATCH = "batch"
 WAIT = "wait_replicas=1"  # the variant of a valkey-replica case that waits for the replica
 PIPELINED = "auto_pipeline"  # ours with auto_pipeline=True; the floor sending batches
+UNPIPELINED = "no-auto_pipeline"  # ours with auto_pipeline=False (the default is on)
 BATCH_WORK_MS = (0, 1, 5)
 EVENTS = ("events-off", "events-noop", "events-debug", "events-otel")
 """Variants of the in-memory first call: no event listener and DEBUG off (the default
@@ -110,7 +112,8 @@ class Spec:
     (`concurrency` threads; 1 = sequential). `variant` marks a twin of a case with one
     setting changed (``no-lease``: ``in_progress_lease_seconds=None``; `WAIT`:
     ``wait_replicas=1``; `PIPELINED`: ``auto_pipeline=True``, and for the floor its
-    commands sent as batches, see `benchmarks.pipelining`). A `headline` case is
+    commands sent as batches, see `benchmarks.pipelining`; `UNPIPELINED`:
+    ``auto_pipeline=False``, the store's default being on). A `headline` case is
     measured in every round, back to back with the others (see `benchmarks.run`), and
     its median kept. `work_ms`: the I/O wait of each record of a batch case.
     """
@@ -591,8 +594,8 @@ class Bench:
             name = f"{spec.group}/{spec.variant}/{name}"
         if spec.group == CLUSTER:
             name = f"{spec.group}/{name}"
-        if spec.variant == PIPELINED:
-            name = f"{name}/{PIPELINED}"
+        if spec.variant in (PIPELINED, UNPIPELINED):
+            name = f"{name}/{spec.variant}"
         if name not in self._stores:
             self._stores[name] = self._open_store(spec)
         return self._stores[name]
@@ -623,7 +626,8 @@ class Bench:
             store = CachePersistenceLayer(client, atomic=atomic)
         elif spec.mode == "async":
             client = self._glide(counter) if spec.client == "glide" else self._redis_async(counter)
-            pipelined = spec.variant == PIPELINED
+            # The store's default (on) unless the case turns it off.
+            pipelined = spec.variant != UNPIPELINED
             store = CachePersistenceLayer(client, atomic=atomic, auto_pipeline=pipelined)
         else:  # sync code: the native sync store, on the client Powertools users pass
             glide = spec.client == "glide"

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aioidempotency import IdempotencyConfig, idempotent_function_async
+from aioidempotency import IdempotencyConfig, IdempotencyDisabledWarning, idempotent_function_async
 from aioidempotency.persistence import InMemoryPersistenceLayer
 from benchmarks.machine import LoadWatch
 from benchmarks.report import portable, publish
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:
         args.rounds, args.calls = 1, 200
     warnings.filterwarnings("ignore", message="No idempotency key value found")
-    warnings.filterwarnings("ignore", message="Disabled idempotency")
+    warnings.filterwarnings("ignore", category=IdempotencyDisabledWarning)
     watch = LoadWatch()
     started = time.perf_counter()
     figures = asyncio.run(_measure(args.rounds, args.calls, max(args.calls // 4, 50)))

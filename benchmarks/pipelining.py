@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cases import PIPELINED, Bench, Budget, Spec
+from benchmarks.cases import PIPELINED, UNPIPELINED, Bench, Budget, Spec
 from benchmarks.machine import LoadWatch
 from benchmarks.report import portable, publish
 from benchmarks.servers import running_valkey
@@ -62,7 +62,10 @@ class _PipeliningBudget(Budget):
 
 def _spec(client: str, kind: str, concurrency: int, scenario: str) -> Spec:
     library = "floor" if kind.startswith("floor") else "aioidempotency"
-    variant = PIPELINED if kind.endswith("pipelined") else ""
+    if library == "floor":
+        variant = PIPELINED if kind.endswith("pipelined") else ""
+    else:  # ours: turned off, or on (the default) as its own store
+        variant = PIPELINED if kind.endswith("pipelined") else UNPIPELINED
     path = "" if library == "floor" else "atomic"
     return Spec("valkey", library, client, path, "async", concurrency, scenario, variant=variant)
 
