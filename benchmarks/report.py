@@ -64,7 +64,7 @@ def portable(value: Any) -> Any:
     if isinstance(value, list):
         return [portable(item) for item in value]
     if isinstance(value, dict):
-        return {key: portable(item) for key, item in value.items()}
+        return {portable(key): portable(item) for key, item in value.items()}  # keys too
     return value
 
 
