@@ -154,34 +154,134 @@ class ClaimCountingStore(InMemoryPersistenceLayer):
         return result
 
 
-async def test_concurrent_copies_of_one_business_key_report_the_busy_ones() -> None:
+async def test_copies_of_one_key_in_a_batch_run_after_each_other() -> None:
     store = ClaimCountingStore(expected=1)
     records = [sqs_record({"order_id": "A", "copy": n}) for n in range(3)]
+    records.append(sqs_record({"order_id": "B"}))
     runs: list[str] = []
 
     async def charge(record: SQSRecord) -> str:
-        runs.append(record.message_id)
-        # While this copy awaits, the two others run: they find its claim held in this
-        # process (no store request) and are refused as in progress.
+        runs.append(record.json()["order_id"])
+        # While this copy awaits, the other copies of A wait their turn (they would
+        # be refused as in progress if they ran at once); B goes on meanwhile.
         await asyncio.wait_for(store.claimed.wait(), 10)
         return "ok"
 
     response = await process_batch(
         batch(records), charge, persistence_store=store, config=ORDER_KEY
     )
-    # one copy ran; the two that found it in progress are redelivered later
-    assert len(runs) == 1
-    assert sorted(failed_ids(response)) == sorted(
-        r["messageId"] for r in records if r["messageId"] != runs[0]
+    # one copy of A ran, the two others replayed its result: nothing to redeliver
+    assert response == {"batchItemFailures": []}
+    assert sorted(runs) == ["A", "B"]
+
+
+async def test_a_copy_retries_when_the_first_failed() -> None:
+    store = InMemoryPersistenceLayer()
+    records = [sqs_record({"order_id": "A", "copy": n}) for n in range(3)]
+    runs: list[int] = []
+
+    async def charge(record: SQSRecord) -> str:
+        runs.append(record.json()["copy"])
+        if len(runs) == 1:
+            raise RuntimeError("downstream hiccup")
+        return "ok"
+
+    response = await process_batch(
+        batch(records), charge, persistence_store=store, config=ORDER_KEY
     )
-    again = await process_batch(
-        batch(r for r in records if r["messageId"] != runs[0]),
-        charge,
+    # the first copy failed and released the key: the second ran, the third replayed
+    assert failed_ids(response) == [records[0]["messageId"]]
+    assert runs == [0, 1]
+
+
+class OutstandingStore(InMemoryPersistenceLayer):
+    """Counts the claims held (claimed, not yet completed or released): `most` is the
+    most held at once; `reached` is set once `target` are held together."""
+
+    def __init__(self, target: int) -> None:
+        super().__init__()
+        self.target = target
+        self.held = 0
+        self.most = 0
+        self.reached = asyncio.Event()
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        result = await super().claim(record, now=now)
+        if result.claimed:
+            self.held += 1
+            self.most = max(self.most, self.held)
+            if self.held >= self.target:
+                self.reached.set()
+        return result
+
+    async def complete(self, record: DataRecord, *, owner: str) -> None:
+        await super().complete(record, owner=owner)
+        self.held -= 1
+
+    async def release(self, key: str, *, owner: str) -> None:
+        await super().release(key, owner=owner)
+        self.held -= 1
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "claim_ahead", "records"),
+    [(2, 100, 8), (2, 3, 12), (3, 0, 9)],
+)
+async def test_claims_run_ahead_of_the_handlers_up_to_claim_ahead(
+    concurrency: int, claim_ahead: int, records: int
+) -> None:
+    bound = min(records, concurrency + claim_ahead)
+    store = OutstandingStore(target=bound)
+    gate = Gate(width=concurrency, total=records)
+
+    async def handle(record: SQSRecord) -> str:
+        await gate.enter()
+        try:
+            # no handler finishes before `bound` claims are held at once
+            await asyncio.wait_for(store.reached.wait(), 10)
+            return record.message_id
+        finally:
+            gate.leave()
+
+    response = await process_batch(
+        batch(sqs_record({"n": n}) for n in range(records)),
+        handle,
         persistence_store=store,
-        config=ORDER_KEY,
+        concurrency=concurrency,
+        claim_ahead=claim_ahead,
     )
-    assert again == {"batchItemFailures": []}
-    assert len(runs) == 1
+    assert response == {"batchItemFailures": []}
+    assert store.most == bound  # reached, never passed
+    assert gate.most == concurrency  # handlers stay within `concurrency`
+    assert store.held == 0
+
+
+async def test_a_record_without_a_key_fails_alone_or_stops_its_group() -> None:
+    store = InMemoryPersistenceLayer()
+    strict = IdempotencyConfig(
+        event_key_jmespath="powertools_json(body).order_id", raise_on_no_idempotency_key=True
+    )
+    runs: list[str] = []
+
+    async def charge(record: SQSRecord) -> str:
+        runs.append(record.message_id)
+        return "ok"
+
+    keyless = sqs_record({"note": "no order id"})
+    standard = [sqs_record({"order_id": "A"}), keyless, sqs_record({"order_id": "B"})]
+    response = await process_batch(batch(standard), charge, persistence_store=store, config=strict)
+    assert failed_ids(response) == [keyless["messageId"]]
+    assert sorted(runs) == sorted([standard[0]["messageId"], standard[2]["messageId"]])
+
+    runs.clear()
+    group = [
+        sqs_record({"order_id": "C"}, group="g"),
+        sqs_record({"note": "no order id"}, group="g"),
+        sqs_record({"order_id": "D"}, group="g"),
+    ]
+    response = await process_batch(batch(group), charge, persistence_store=store, config=strict)
+    assert failed_ids(response) == [group[1]["messageId"], group[2]["messageId"]]
+    assert runs == [group[0]["messageId"]]
 
 
 async def test_in_progress_elsewhere_is_reported_failed_without_running() -> None:
@@ -432,14 +532,20 @@ async def test_event_errors() -> None:
         await process_batch({}, _noop, persistence_store=store)
     with pytest.raises(ValueError, match="concurrency"):
         await process_batch(batch([sqs_record("x")]), _noop, persistence_store=store, concurrency=0)
+    with pytest.raises(ValueError, match="claim_ahead"):
+        await process_batch(
+            batch([sqs_record("x")]), _noop, persistence_store=store, claim_ahead=-1
+        )
 
 
 async def _noop(record: Any) -> None:
     return None
 
 
-async def test_cancelling_the_batch_releases_every_claim() -> None:
-    store = InMemoryPersistenceLayer()
+@pytest.mark.parametrize("concurrency", [10, 1])
+async def test_cancelling_the_batch_releases_every_claim(concurrency: int) -> None:
+    # concurrency 1: four of the five hold their claim waiting for the handler slot
+    store = OutstandingStore(target=5)
     records = [sqs_record({"n": n}) for n in range(5)]
     started = asyncio.Event()
 
@@ -447,8 +553,11 @@ async def test_cancelling_the_batch_releases_every_claim() -> None:
         started.set()
         await asyncio.Event().wait()
 
-    task = asyncio.ensure_future(process_batch(batch(records), hang, persistence_store=store))
+    task = asyncio.ensure_future(
+        process_batch(batch(records), hang, persistence_store=store, concurrency=concurrency)
+    )
     await asyncio.wait_for(started.wait(), 10)
+    await asyncio.wait_for(store.reached.wait(), 10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -18,6 +18,12 @@ mapping needs ``FunctionResponseTypes: [ReportBatchItemFailures]``).
 
 A record whose key is in progress elsewhere is reported failed (it is redelivered
 later); a record whose key already completed counts as a success without running.
+Copies of one key in one batch (outside the ordered sources' groups) run one after
+another: the first executes, the others replay its result.
+
+At most `concurrency` handlers run at once; up to `claim_ahead` more records may
+already hold their claim while they wait for a handler, so that the claims of a batch
+travel together (one pipeline on a cache store) instead of one at a time.
 The key is the record's delivery identity unless the config's `event_key_jmespath`
 says otherwise (evaluated over the record, e.g. ``powertools_json(body).order_id``).
 """
@@ -37,7 +43,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
 
-from aioidempotency._async.engine import IdempotencyEngine
+from aioidempotency._async.engine import IdempotencyEngine, PreparedCall
 from aioidempotency._async.store import PersistenceLayer
 from aioidempotency._config import IdempotencyConfig
 from aioidempotency._handlers import lambda_context_of
@@ -314,8 +320,8 @@ RecordHandler = Callable[[Any], Any]
 @dataclasses.dataclass
 class _Outcome:
     record: Record
+    call: PreparedCall | None = None  # None: no key (runs unprotected) or `error`
     ok: bool = False
-    ran: bool = False
     error: BaseException | None = None
 
 
@@ -350,6 +356,7 @@ async def process_batch(
     key_prefix: str | None = None,
     output_serializer: BaseIdempotencySerializer | None = None,
     engine: IdempotencyEngine | None = None,
+    claim_ahead: int = 100,
 ) -> dict[str, list[dict[str, str]]]:
     """Run ``record_handler(record)`` at most once per record key; report failures.
 
@@ -362,13 +369,17 @@ async def process_batch(
     ``context`` is the Lambda context: claims expire with the invocation's remaining
     time. The key prefix is the handler's module and qualified name unless
     ``key_prefix`` is given. ``engine`` replaces the engine built from the other
-    arguments (to share its local cache across batches).
+    arguments (to share its local cache across batches). ``claim_ahead`` records may
+    hold their claim while waiting for one of the `concurrency` handler slots (0:
+    a record claims its key only once a slot is free).
 
     Returns the partial batch response; failures are logged on
     ``aioidempotency.batch`` with their exception.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if claim_ahead < 0:
+        raise ValueError("claim_ahead must be at least 0")
     records = parse_records(event, source)
     if not records:
         return {"batchItemFailures": []}
@@ -388,7 +399,8 @@ async def process_batch(
         )
     lambda_context = lambda_context_of(context)
     fifo = _is_fifo(records)
-    limit = asyncio.Semaphore(concurrency)
+    in_flight = asyncio.Semaphore(concurrency + claim_ahead)  # claimed or running
+    handler_slots = asyncio.Semaphore(concurrency)
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     if not inspect.iscoroutinefunction(record_handler):
         executor = concurrent.futures.ThreadPoolExecutor(
@@ -396,22 +408,33 @@ async def process_batch(
         )
     call = _caller(record_handler, executor)
     outcomes = [_Outcome(record) for record in records]
+    for outcome in outcomes:
+        try:
+            outcome.call = engine.prepare_call(
+                dict(outcome.record.raw), key_source=record_handler, lambda_context=lambda_context
+            )
+        except Exception as exc:  # no key where one is required, a JMESPath error
+            _failed(outcome, exc)
+
+    async def handle(record: Record) -> Any:
+        async with handler_slots:
+            return await call(record)
 
     async def run_one(outcome: _Outcome) -> None:
-        async with limit:
-            outcome.ran = True
+        if outcome.error is not None:
+            return  # its key could not be derived: reported failed, never run
+        async with in_flight:
             try:
-                await engine.run_for(
-                    dict(outcome.record.raw),
-                    functools.partial(call, outcome.record),
-                    key_source=record_handler,
-                    lambda_context=lambda_context,
-                )
+                if outcome.call is None:
+                    await handle(outcome.record)
+                else:
+                    hit, _ = engine.replay_from_cache(outcome.call)
+                    if not hit:
+                        await engine.run_prepared(
+                            outcome.call, functools.partial(handle, outcome.record)
+                        )
             except Exception as exc:
-                outcome.error = exc
-                logger.warning(
-                    "record %s failed: %r", outcome.record.item_identifier, exc, exc_info=exc
-                )
+                _failed(outcome, exc)
             else:
                 outcome.ok = True
 
@@ -421,21 +444,38 @@ async def process_batch(
             if not outcome.ok:
                 return  # the rest of the group is reported failed without running
 
+    async def run_each(copies: list[_Outcome]) -> None:
+        for outcome in copies:  # the first executes; the others replay (or retry)
+            await run_one(outcome)
+
     groups: dict[str | None, list[_Outcome]] = {}
     for outcome in outcomes:
         groups.setdefault(_order_key(outcome.record, fifo), []).append(outcome)
     jobs: list[Awaitable[None]] = []
+    copies: dict[str, list[_Outcome]] = {}  # unordered records, by key
     for order, group in groups.items():
-        if order is None:
-            jobs.extend(run_one(outcome) for outcome in group)
-        else:
+        if order is not None:
             jobs.append(run_in_order(group))
+            continue
+        for outcome in group:
+            if outcome.call is None:
+                jobs.append(run_one(outcome))
+            elif outcome.call.key in copies:
+                copies[outcome.call.key].append(outcome)
+            else:
+                copies[outcome.call.key] = [outcome]
+                jobs.append(run_each(copies[outcome.call.key]))
     try:
         await _gather_all(jobs)
     finally:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
     return _response(kind, outcomes)
+
+
+def _failed(outcome: _Outcome, exc: Exception) -> None:
+    outcome.error = exc
+    logger.warning("record %s failed: %r", outcome.record.item_identifier, exc, exc_info=exc)
 
 
 def _caller(
@@ -488,6 +528,7 @@ def process_batch_sync(
     key_prefix: str | None = None,
     output_serializer: BaseIdempotencySerializer | None = None,
     engine: IdempotencyEngine | None = None,
+    claim_ahead: int = 100,
 ) -> dict[str, list[dict[str, str]]]:
     """`process_batch` for a classic ``def handler(event, context)``.
 
@@ -509,5 +550,6 @@ def process_batch_sync(
             key_prefix=key_prefix,
             output_serializer=output_serializer,
             engine=engine,
+            claim_ahead=claim_ahead,
         )
     )
