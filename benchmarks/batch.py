@@ -7,13 +7,17 @@ records (fresh message ids, so every record claims and completes its key):
 
 - aioidempotency: `process_batch_sync` (the classic-handler entry point, on the loop
   `lambda_handler` uses) with glide, concurrency 10, an ``async def`` record handler;
-  and the same with a plain ``def`` record handler (worker threads).
+  the same with ``claim_ahead=0`` (a record claims only once a handler slot is free,
+  the behaviour before claims ran ahead); and with a plain ``def`` record handler
+  (worker threads).
 - Powertools: `BatchProcessor` + `process_partial_response`, the record handler
   wrapped in `idempotent_function` on `RedisCachePersistenceLayer` (redis-py, sync).
 
 ``--work-ms`` adds that much I/O wait per record (asyncio.sleep / time.sleep): the
 records' own work, which a concurrent batch overlaps. The ratio that must hold
-(>= 3x) is at 0 ms: idempotency overhead alone.
+(>= 3x) is at 0 ms: idempotency overhead alone. Targets take turns, a few batches each
+(`--rounds`, the order reversed every other round), and the medians are over all
+their batches.
 
 ``python -m benchmarks.run`` measures the same batches as cases of its ``batch`` group
 (`batch_target`: one call is one batch; interleaved rounds, medians), with the store
@@ -81,7 +85,11 @@ def sqs_event(prefix: str | None = None) -> dict[str, Any]:
 
 
 def ours(
-    store: Any, work_ms: float, plain: bool, ran: RequestCounter | None = None
+    store: Any,
+    work_ms: float,
+    plain: bool,
+    ran: RequestCounter | None = None,
+    claim_ahead: int = 100,
 ) -> Callable[[dict[str, Any]], Any]:
     """A batch through `process_batch_sync` on `store`; `ran` counts the records run."""
     from aioidempotency import process_batch_sync
@@ -110,6 +118,7 @@ def ours(
             context=CONTEXT,
             concurrency=CONCURRENCY,
             key_prefix="bench-ours",
+            claim_ahead=claim_ahead,
         )
 
     return run
@@ -179,28 +188,39 @@ def batch_target(
     return Target(call, False, requests, executed)
 
 
-def measure(run: Callable[[dict[str, Any]], Any], batches: int) -> tuple[list[float], float]:
-    """Records per second of each batch (after one warm-up batch), and the process's
-    CPU time per record (all its threads) in microseconds."""
-    response = run(sqs_event())
-    assert response == {"batchItemFailures": []}, response
-    rates = []
-    cpu = 0.0
-    for _ in range(batches):
-        event = sqs_event()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        response = run(event)
-        elapsed = time.perf_counter() - start
-        cpu += time.process_time() - cpu_start
-        assert response == {"batchItemFailures": []}, response
-        rates.append(BATCH_SIZE / elapsed)
-    return rates, cpu / (batches * BATCH_SIZE) * 1e6
+def measure(
+    targets: dict[str, Callable[[dict[str, Any]], Any]], batches: int, rounds: int
+) -> dict[str, tuple[list[float], float]]:
+    """Per target: records per second of each batch, and the process's CPU time per
+    record (all its threads) in microseconds. Each target runs one warm-up batch, then
+    the targets take `rounds` turns of about `batches` / `rounds` batches each."""
+    for name, run in targets.items():
+        response = run(sqs_event())
+        assert response == {"batchItemFailures": []}, (name, response)
+    rates: dict[str, list[float]] = {name: [] for name in targets}
+    cpu = dict.fromkeys(targets, 0.0)
+    per_round = max(1, -(-batches // rounds))
+    names = list(targets)
+    for turn in range(rounds):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            for _ in range(per_round):
+                event = sqs_event()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                response = targets[name](event)
+                elapsed = time.perf_counter() - start
+                cpu[name] += time.process_time() - cpu_start
+                assert response == {"batchItemFailures": []}, (name, response)
+                rates[name].append(BATCH_SIZE / elapsed)
+    return {
+        name: (rates[name], cpu[name] / (len(rates[name]) * BATCH_SIZE) * 1e6) for name in targets
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--work-ms", type=float, nargs="*", default=[0.0, 1.0, 5.0])
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     from aws_lambda_powertools.utilities.idempotency.persistence.redis import (
         RedisCachePersistenceLayer,
@@ -218,24 +238,27 @@ def main(argv: list[str] | None = None) -> int:
             f"{'ratio':>6} {'CPU us/record':>14}"
         )
         for work_ms in args.work_ms:
-            store_async = store_from_url(f"{server.url}?client=glide&timeout=5")
-            store_plain = store_from_url(f"{server.url}?client=glide&timeout=5")
-            run_async = ours(store_async, work_ms, plain=False)
-            run_plain = ours(store_plain, work_ms, plain=True)
-            results = {
-                f"aioidempotency process_batch, async def, c={CONCURRENCY}": measure(
-                    run_async, args.batches
-                ),
-                f"aioidempotency process_batch, plain def, c={CONCURRENCY}": measure(
-                    run_plain, args.batches
-                ),
-                "Powertools BatchProcessor + idempotent_function": measure(
-                    powertools(RedisCachePersistenceLayer(url=server.url), work_ms),
-                    args.batches,
-                ),
-            }
-            handler_loop.run(store_async.aclose())
-            handler_loop.run(store_plain.aclose())
+            stores = [store_from_url(f"{server.url}?client=glide&timeout=5") for _ in range(3)]
+            results = measure(
+                {
+                    f"aioidempotency process_batch, async def, c={CONCURRENCY}": ours(
+                        stores[0], work_ms, plain=False
+                    ),
+                    f"  the same, claim_ahead=0, c={CONCURRENCY}": ours(
+                        stores[1], work_ms, plain=False, claim_ahead=0
+                    ),
+                    f"aioidempotency process_batch, plain def, c={CONCURRENCY}": ours(
+                        stores[2], work_ms, plain=True
+                    ),
+                    "Powertools BatchProcessor + idempotent_function": powertools(
+                        RedisCachePersistenceLayer(url=server.url), work_ms
+                    ),
+                },
+                args.batches,
+                args.rounds,
+            )
+            for store in stores:
+                handler_loop.run(store.aclose())
             baseline = statistics.median(
                 results["Powertools BatchProcessor + idempotent_function"][0]
             )
@@ -243,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate = statistics.median(rates)
                 print(
                     f"{work_ms:>9g}ms {name:<50} {rate:>19,.0f} "
-                    f"{rate / baseline:>5.1f}x {cpu:>14,.0f}"
+                    f"{rate / baseline:>5.2f}x {cpu:>14,.0f}"
                 )
             ratio = statistics.median(next(iter(results.values()))[0]) / baseline
             if work_ms == 0 and ratio < FLOOR:

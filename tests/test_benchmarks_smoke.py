@@ -255,3 +255,25 @@ def test_overhead_comparison_runs_every_case_and_profiles_the_decorated_ones(
     for name, top in doc["profiles"].items():
         assert top, name
         assert all(0 <= row["own_share"] <= 1 for row in top), name
+
+
+def test_batch_tool_compares_claim_ahead_and_powertools_in_one_run() -> None:
+    command = ["-m", "benchmarks.batch", "--batches", "2", "--rounds", "2", "--work-ms", "0"]
+    completed = subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    # exit status 1 is the floor missed (a printed verdict), anything else an error
+    assert completed.returncode in (0, 1), completed.stderr[-3000:]
+    rows = [line for line in completed.stdout.splitlines() if line.strip().startswith("0ms")]
+    names = ["async def", "claim_ahead=0", "plain def", "Powertools"]
+    assert len(rows) == len(names), completed.stdout
+    for row, name in zip(rows, names, strict=True):
+        assert name in row, row
+        assert float(row.split()[-2].rstrip("x")) > 0, row
+    assert rows[-1].split()[-2] == "1.00x"  # the baseline against itself
+    assert ("FLOOR MISSED" in completed.stdout) == (completed.returncode == 1)
