@@ -26,6 +26,7 @@ from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.aws_lambda import LambdaHandlerError
 from aioidempotency.batch import (
     BatchEventError,
+    BatchHaltedError,
     DynamoDBStreamRecord,
     KinesisRecord,
     SQSRecord,
@@ -33,6 +34,7 @@ from aioidempotency.batch import (
     process_batch,
     process_batch_sync,
 )
+from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
 from tests.aws_helpers import create_table
 from tests.batch_events import (
     batch,
@@ -601,3 +603,56 @@ def test_unknown_source_needs_a_hint() -> None:
     assert isinstance(records[0], SQSRecord)
     assert records[0].item_identifier == "m"
     assert uuid.UUID(sqs_record("x")["messageId"])
+
+
+class FailingCompletionStore(OutstandingStore):
+    """Its first `failures` completions fail as an unreachable store does."""
+
+    def __init__(self, failures: int, target: int) -> None:
+        super().__init__(target)
+        self.failures = failures
+
+    async def complete(self, record: DataRecord, *, owner: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise IdempotencyPersistenceConnectionError("store unreachable (injected)")
+        await super().complete(record, owner=owner)
+
+
+async def test_a_store_failure_halts_the_records_claimed_before_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FailingCompletionStore(failures=1, target=5)
+    records = [sqs_record({"n": n}) for n in range(5)]
+    runs: list[str] = []
+
+    async def handle(record: SQSRecord) -> str:
+        runs.append(record.message_id)
+        await asyncio.wait_for(store.reached.wait(), 10)  # every record holds its claim
+        return "ok"
+
+    response = await process_batch(batch(records), handle, persistence_store=store, concurrency=1)
+    # The first ran and its result could not be stored; the four claimed while it ran
+    # were not started, and are redelivered.
+    assert runs == [records[0]["messageId"]]
+    assert failed_ids(response) == [r["messageId"] for r in records]
+    halted = [r for r in caplog.records if "was not started" in r.getMessage()]
+    assert len(halted) == 4
+    assert all(isinstance(r.exc_info[1], BatchHaltedError) for r in halted if r.exc_info)
+    # Their claims were released: the redelivery runs each of them once.
+    again = await process_batch(batch(records[1:]), handle, persistence_store=store, concurrency=1)
+    assert again == {"batchItemFailures": []}
+    assert runs == [r["messageId"] for r in records]
+
+
+async def test_a_record_that_cannot_be_stored_does_not_halt_the_batch() -> None:
+    store = InMemoryPersistenceLayer()
+    records = [sqs_record({"n": n}) for n in range(4)]
+
+    async def handle(record: SQSRecord) -> Any:
+        if record.json()["n"] == 0:
+            return object()  # not JSON-able: this record fails alone
+        return "ok"
+
+    response = await process_batch(batch(records), handle, persistence_store=store, concurrency=1)
+    assert failed_ids(response) == [records[0]["messageId"]]

@@ -21,9 +21,12 @@ later); a record whose key already completed counts as a success without running
 Copies of one key in one batch (outside the ordered sources' groups) run one after
 another: the first executes, the others replay its result.
 
-At most `concurrency` handlers run at once; up to `claim_ahead` more records may
-already hold their claim while they wait for a handler, so that the claims of a batch
-travel together (one pipeline on a cache store) instead of one at a time.
+At most `concurrency` handlers run at once (a handler's slot is held until its
+result is stored); up to `claim_ahead` more records may already hold their claim while
+they wait for a slot, so that the claims of a batch travel together (one pipeline on a
+cache store) instead of one at a time. Once the store has failed in a batch, a record
+that was claimed before that failure is not started (`BatchHaltedError`): its result
+might not be storable, and running it could make its redelivery run it again.
 The key is the record's delivery identity unless the config's `event_key_jmespath`
 says otherwise (evaluated over the record, e.g. ``powertools_json(body).order_id``).
 """
@@ -47,10 +50,17 @@ from aioidempotency._async.engine import IdempotencyEngine, PreparedCall
 from aioidempotency._async.store import PersistenceLayer
 from aioidempotency._config import IdempotencyConfig
 from aioidempotency._handlers import lambda_context_of
+from aioidempotency.exceptions import (
+    IdempotencyInvalidRecordError,
+    IdempotencyPersistenceLayerError,
+    IdempotencyResultTooLargeError,
+    IdempotencySerializationError,
+)
 from aioidempotency.serialization import BaseIdempotencySerializer
 
 __all__ = [
     "BatchEventError",
+    "BatchHaltedError",
     "DynamoDBStreamRecord",
     "KinesisRecord",
     "Record",
@@ -84,6 +94,11 @@ T = TypeVar("T")
 
 class BatchEventError(ValueError):
     """The event is not a batch this module understands (unknown or mixed sources)."""
+
+
+class BatchHaltedError(RuntimeError):
+    """A record was not started: the store failed after its claim, while it waited for
+    a handler. Its claim is released (or runs out) and the record is redelivered."""
 
 
 def default_key_jmespath(source: SourceKind) -> str:
@@ -323,6 +338,17 @@ class _Outcome:
     call: PreparedCall | None = None  # None: no key (runs unprotected) or `error`
     ok: bool = False
     error: BaseException | None = None
+    holds_slot: bool = False  # a handler slot, held until the record's result is stored
+
+
+def _store_failed(exc: Exception) -> bool:
+    """True when `exc` says the store failed, not that one record cannot be stored."""
+    return isinstance(exc, IdempotencyPersistenceLayerError) and not isinstance(
+        exc,
+        IdempotencyInvalidRecordError
+        | IdempotencySerializationError
+        | IdempotencyResultTooLargeError,
+    )
 
 
 def _order_key(record: Record, fifo: bool) -> str | None:
@@ -416,27 +442,41 @@ async def process_batch(
         except Exception as exc:  # no key where one is required, a JMESPath error
             _failed(outcome, exc)
 
-    async def handle(record: Record) -> Any:
-        async with handler_slots:
-            return await call(record)
+    store_failures = 0  # store errors seen by the records of this batch so far
+
+    async def handle(outcome: _Outcome) -> Any:
+        claimed_after = store_failures
+        await handler_slots.acquire()
+        outcome.holds_slot = True  # `run_one` frees it once the result is stored
+        if store_failures != claimed_after:
+            raise BatchHaltedError(
+                f"record {outcome.record.item_identifier} was not started: the store "
+                "failed while it waited for a handler"
+            )
+        return await call(outcome.record)
 
     async def run_one(outcome: _Outcome) -> None:
+        nonlocal store_failures
         if outcome.error is not None:
             return  # its key could not be derived: reported failed, never run
         async with in_flight:
             try:
                 if outcome.call is None:
-                    await handle(outcome.record)
+                    await handle(outcome)
                 else:
                     hit, _ = engine.replay_from_cache(outcome.call)
                     if not hit:
-                        await engine.run_prepared(
-                            outcome.call, functools.partial(handle, outcome.record)
-                        )
+                        await engine.run_prepared(outcome.call, functools.partial(handle, outcome))
             except Exception as exc:
+                if _store_failed(exc):
+                    store_failures += 1
                 _failed(outcome, exc)
             else:
                 outcome.ok = True
+            finally:
+                if outcome.holds_slot:
+                    outcome.holds_slot = False
+                    handler_slots.release()
 
     async def run_in_order(group: list[_Outcome]) -> None:
         for outcome in group:

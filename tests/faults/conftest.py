@@ -24,6 +24,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.faults.proxy import FaultProxy
+from tests.faults.rigs import (
+    RIG_KINDS,
+    Rig,
+    drop_dynamodb_rig,
+    make_cache_rig,
+    make_dynamodb_rig,
+)
 from tests.faults.servers import ManagedServer
 from tests.servers.moto import MotoServer
 from tests.servers.redis import Kind, ServerPool
@@ -152,3 +159,26 @@ async def counter(counter_pool: ServerPool) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture(params=RIG_KINDS)
+async def rig(
+    request: pytest.FixtureRequest, make_server: MakeServer, make_proxy: MakeProxy
+) -> AsyncIterator[Rig]:
+    kind = request.param
+    if kind == "dynamodb":
+        moto = request.getfixturevalue("moto_server")
+        proxy = make_proxy(moto.host, moto.port)
+        built = await make_dynamodb_rig(
+            moto.endpoint_url, proxy, request.getfixturevalue("aws_session")
+        )
+    else:
+        server = make_server("valkey" if kind == "valkey_glide" else "redis")
+        proxy = make_proxy(server.host, server.port)
+        built = await make_cache_rig(kind, server, proxy)
+    try:
+        yield built
+    finally:
+        await built.aclose()
+        if kind == "dynamodb":
+            await drop_dynamodb_rig(built)

@@ -14,7 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -28,21 +28,17 @@ from aioidempotency.exceptions import (
     IdempotencyPersistenceLayerError,
 )
 from aioidempotency.persistence import store_from_url
-from tests.faults.conftest import MakeProxy, MakeServer
+from tests.faults.conftest import MakeServer
 from tests.faults.rigs import (
     CACHE_QUERY,
     CACHE_RIGS,
     CLIENT_TIMEOUT,
-    RIG_KINDS,
     TABLE,
     Counted,
     FaultRow,
     Rig,
     client_cause,
-    drop_dynamodb_rig,
     error_name,
-    make_cache_rig,
-    make_dynamodb_rig,
 )
 from tests.faults.scale import pick
 
@@ -53,29 +49,6 @@ ERROR_BOUND = 7.5
 timeouts, a few attempts, none started after the stores' retry budget (5 s)."""
 LEASE = 1.0
 RESULT = {"result": "p"}
-
-
-@pytest.fixture(params=RIG_KINDS)
-async def rig(
-    request: pytest.FixtureRequest, make_server: MakeServer, make_proxy: MakeProxy
-) -> AsyncIterator[Rig]:
-    kind = request.param
-    if kind == "dynamodb":
-        moto = request.getfixturevalue("moto_server")
-        proxy = make_proxy(moto.host, moto.port)
-        built = await make_dynamodb_rig(
-            moto.endpoint_url, proxy, request.getfixturevalue("aws_session")
-        )
-    else:
-        server = make_server("valkey" if kind == "valkey_glide" else "redis")
-        proxy = make_proxy(server.host, server.port)
-        built = await make_cache_rig(kind, server, proxy)
-    try:
-        yield built
-    finally:
-        await built.aclose()
-        if kind == "dynamodb":
-            await drop_dynamodb_rig(built)
 
 
 async def bounded(awaitable: Awaitable[Any]) -> Any:
