@@ -110,7 +110,7 @@ def _consume_outcome(call: asyncio.Future[Any]) -> None:
         call.exception()
 
 
-def _is_no_script(exc: BaseException) -> bool:
+def _is_no_script(exc: BaseException | None) -> bool:
     """A NOSCRIPT error reply (glide 2.6 words it "NoScriptError: No matching script")."""
     return "NOSCRIPT" in str(exc).upper()
 
@@ -276,7 +276,7 @@ class GlideCacheClient:
     async def get(self, name: str) -> bytes | None:
         """GET `name`."""
         self._check_loop()
-        if self.batcher is not None and not self.batcher.idle:
+        if self._pipelining():
             value: bytes | None = await self._batched(["GET", name])
             return value
         try:
@@ -297,7 +297,7 @@ class GlideCacheClient:
         """SET `name` with NX, EX (seconds) and EXAT (epoch seconds) mapped to glide's
         options; True when written."""
         self._check_loop()
-        if self.batcher is not None and not self.batcher.idle:
+        if self._pipelining():
             command = ["SET", name, value]
             if nx:
                 command.append("NX")
@@ -321,7 +321,7 @@ class GlideCacheClient:
         """``SET name value NX GET EX ex`` (Redis/Valkey >= 7.0): None when `name` was
         free and now holds `value`, else what it holds (left as it was)."""
         self._check_loop()
-        if self.batcher is not None and not self.batcher.idle:
+        if self._pipelining():
             old: bytes | None = await self._batched(
                 ["SET", name, value, "NX", "GET", "EX", str(int(ex))]
             )
@@ -344,7 +344,7 @@ class GlideCacheClient:
     async def delete(self, *names: str) -> int:
         """DEL `names`; the number of keys removed."""
         self._check_loop()
-        if self.batcher is not None and not self.batcher.idle:
+        if self._pipelining():
             removed: int = await self._batched(["DEL", *names])
             return removed
         try:
@@ -356,16 +356,13 @@ class GlideCacheClient:
     async def run_script(self, script: LuaScript, key: str, args: Sequence[str | int]) -> Any:
         """Run `script` on the node holding `key` (EVALSHA, loading it when needed)."""
         self._check_loop()
-        if self.batcher is not None and not self.batcher.idle:
+        if self._pipelining():
             words = [str(a) for a in args]
-            future = self.batcher.submit(["EVALSHA", script.sha, "1", key, *words])
             try:
-                return await future
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not _is_no_script(exc):
-                    raise _map_error(exc) from exc
+                return await self._batched(["EVALSHA", script.sha, "1", key, *words])
+            except IdempotencyPersistenceLayerError as exc:
+                if not _is_no_script(exc.__cause__):
+                    raise
             # Not cached by the server (a restart, SCRIPT FLUSH): glide loads it.
         return await self._alone(self._invoke(script, key, args))
 
@@ -414,11 +411,18 @@ class GlideCacheClient:
             raise _map_error(exc) from exc
         return reply, int(acked)
 
+    def _pipelining(self) -> bool:
+        """True when the next command joins a batch: pipelining is on and another
+        command is queued or awaiting its reply (else it goes alone, at once)."""
+        return self.batcher is not None and not self.batcher.idle
+
     def _alone(self, call: Awaitable[_T]) -> Awaitable[_T]:
         """`call`, a command sent on its own: counted in flight when pipelining."""
         return call if self.batcher is None else self.batcher.alone(call)
 
     async def _batched(self, command: list[str]) -> Any:
+        """`command`'s reply through the batcher; its error reply or the batch's
+        failure mapped as a command sent alone would be (the cause chained)."""
         assert self.batcher is not None
         future = self.batcher.submit(command)
         try:
