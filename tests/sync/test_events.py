@@ -892,6 +892,39 @@ def test_a_failed_completion_is_stored_in_the_background(
     assert "stored in the background" in logged[2].getMessage()
 
 
+def test_a_failed_release_is_retried_in_the_background_and_reported(
+    store: SyncPersistenceLayer, caplog_debug: pytest.LogCaptureFixture
+) -> None:
+    clock, recorder = Clock(), Recorder()
+    failing = WrapperStore(store)
+    failures = iter([ConnectionError("connection reset")])
+    failing.fail["release"] = lambda: next(failures, None)
+    engine = engine_for(failing, clock, recorder)
+
+    def declined() -> None:
+        raise Declined(f"card {SECRET} declined")
+
+    with pytest.raises(IdempotencyPersistenceLayerError):  # the release failed
+        engine.run(PAYMENT, declined)
+    assert engine.drain(10)
+    assert recorder.kinds() == [EventKind.CLAIMED, EventKind.STORE_ERROR, EventKind.RELEASED]
+    failed, late = recorder.events[1:]
+    assert failed.outcome is CallOutcome.FAILED
+    assert late.outcome is None  # after the call's end
+    assert late.call_id == failed.call_id
+    assert [(t.operation, t.error) for t in failed.trips] == [("release", "ConnectionError")]
+    assert [(t.operation, t.error) for t in late.trips] == [("release", None)]
+    logged = decisions(caplog_debug)
+    assert [r.levelno for r in logged] == [logging.DEBUG, logging.WARNING, logging.DEBUG]
+    assert_logged(logged[2], late)
+    assert "released in the background" in logged[2].getMessage()
+    assert_no_secret(recorder, caplog_debug)
+    # the key is free again: the next call runs
+    calls = Calls(clock)
+    assert engine.run(PAYMENT, calls) == RESULT
+    assert calls.count == 1
+
+
 # -- leases ----------------------------------------------------------------------------
 
 

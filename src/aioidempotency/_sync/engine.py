@@ -620,6 +620,8 @@ class SyncIdempotencyEngine:
         """
         release = (self.persistence_store if watch is None else watch.store).release
         released = self._retry("release", key, watch, release, key, owner=owner)
+        if released and watch is not None:
+            self._reporter.emit(EventKind.RELEASED, key, watch, detail="released in the background")
         if released and confirm:
             sleep(_CONFIRM_RELEASE_DELAY)
             self._retry("release", key, watch, release, key, owner=owner)
