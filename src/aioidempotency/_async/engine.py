@@ -624,9 +624,7 @@ class IdempotencyEngine:
         release = (self.persistence_store if watch is None else watch.store).release
         released = await self._retry("release", key, watch, release, key, owner=owner)
         if released and watch is not None:
-            self._reporter.emit(
-                EventKind.RELEASED, key, watch, detail="released in the background"
-            )
+            self._reporter.emit(EventKind.RELEASED, key, watch, detail="released in the background")
         if released and confirm:
             await sleep(_CONFIRM_RELEASE_DELAY)
             await self._retry("release", key, watch, release, key, owner=owner)
