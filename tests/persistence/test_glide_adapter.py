@@ -34,7 +34,7 @@ from aioidempotency.exceptions import (
 )
 from tests.persistence.cache_setups import acl_user, primary_with_replica, set_password
 from tests.persistence.test_cache_store import completed, in_progress, new_key, tok
-from tests.servers.redis import Server, ServerPool
+from tests.servers.redis import Server, ServerPool, keys_on_every_node
 
 BOUND = 30.0
 
@@ -371,7 +371,7 @@ async def test_wait_replicas_on_a_cluster_waits_on_the_node_holding_each_key(
     adapter = GlideCacheClient(raw)
     store = CachePersistenceLayer(raw, wait_replicas=1, wait_timeout=0.05, retry_attempts=1)
     echo = LuaScript(f"-- {uuid.uuid4().hex}\nreturn ARGV[1]")
-    keys = [new_key() for _ in range(12)]
+    keys = keys_on_every_node(new_key)
     for n, key in enumerate(keys):
         reply = await adapter.run_script_durably(echo, key, [n], replicas=0, timeout_ms=1)
         assert reply == (str(n).encode(), 0)

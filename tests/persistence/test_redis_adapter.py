@@ -23,7 +23,7 @@ from aioidempotency._lua import LuaScript
 from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
 from tests.persistence.cache_setups import primary_with_replica
 from tests.persistence.test_cache_store import completed, in_progress, new_key, tok
-from tests.servers.redis import Server, ServerPool
+from tests.servers.redis import Server, ServerPool, keys_on_every_node
 
 BOUND = 30.0
 
@@ -127,7 +127,7 @@ async def test_wait_replicas_on_a_cluster_waits_on_the_node_holding_each_key(
     raw = aioredis.RedisCluster(node.host, node.port)  # new: learns the nodes on first use
     store = CachePersistenceLayer(raw, wait_replicas=1, wait_timeout=0.05, retry_attempts=1)
     try:
-        keys = [new_key() for _ in range(12)]
+        keys = keys_on_every_node(new_key)
         for key in keys:
             # The cluster has no replicas: every node answers WAIT with 0.
             with pytest.raises(IdempotencyPersistenceConnectionError, match="unreachable"):
@@ -149,7 +149,7 @@ async def test_replies_on_a_cluster_node_stay_in_step_after_an_error_reply(
     echo = echo_script()
     failing = LuaScript(f"-- {uuid.uuid4().hex}\nreturn redis.error_reply('refused by the script')")
     try:
-        keys = [new_key() for _ in range(12)]
+        keys = keys_on_every_node(new_key)
         for n, key in enumerate(keys):
             reply = await adapter.run_script_durably(echo, key, [n], replicas=0, timeout_ms=1)
             assert reply == (str(n).encode(), 0)

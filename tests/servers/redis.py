@@ -117,6 +117,25 @@ class Server:
             self.process.terminate()
 
 
+def keys_on_every_node(make_key: Callable[[], str], per_node: int = 4) -> list[str]:
+    """Keys from `make_key`, `per_node` in each node's slots of a `ServerPool` cluster
+    (slots spread evenly), taken in turn from the three nodes. Random keys alone miss
+    a node now and then (12 of them, about 2% of the time)."""
+    from redis.crc import key_slot
+
+    bounds = [0, SLOTS // 3, 2 * SLOTS // 3, SLOTS]
+    by_node: list[list[str]] = [[], [], []]
+    for _ in range(100 * per_node):  # bounded: a third of all keys land on each node
+        key = make_key()
+        slot = key_slot(key.encode())
+        node = next(n for n in range(3) if bounds[n] <= slot < bounds[n + 1])
+        if len(by_node[node]) < per_node:
+            by_node[node].append(key)
+        if all(len(keys) == per_node for keys in by_node):
+            return [key for trio in zip(*by_node, strict=True) for key in trio]
+    raise AssertionError(f"no {per_node} keys on every node among {100 * per_node}")
+
+
 class ServerPool:
     """Starts servers on demand (each kind once) and stops them all at the end."""
 

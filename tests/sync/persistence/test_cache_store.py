@@ -47,7 +47,7 @@ from aioidempotency.exceptions import (
 )
 from tests.persistence import cache_setups
 from tests.persistence.test_cache_store import completed, in_progress, new_key, renewed, tok
-from tests.servers.redis import Server, ServerPool
+from tests.servers.redis import Server, ServerPool, keys_on_every_node
 
 WAIT = 30.0
 
@@ -541,7 +541,7 @@ def test_wait_replicas_on_a_cluster_runs_on_the_node_holding_the_key(
     try:
         # The cluster has no replicas: every node answers WAIT with 0.
         store = SyncCachePersistenceLayer(raw, wait_replicas=1, wait_timeout=0.05, retry_attempts=1)
-        keys = [new_key() for _ in range(12)]  # spread over the three nodes
+        keys = keys_on_every_node(new_key)
         for key in keys:
             with pytest.raises(IdempotencyPersistenceConnectionError, match="unreachable"):
                 store.claim(in_progress(key, "a"), now=time.time())

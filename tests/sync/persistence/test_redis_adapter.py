@@ -19,7 +19,7 @@ from aioidempotency._sync.redis import SyncRedisPyCacheClient
 from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
 from tests.persistence.cache_setups import primary_with_replica
 from tests.persistence.test_cache_store import completed, in_progress, new_key, tok
-from tests.servers.redis import Server, ServerPool
+from tests.servers.redis import Server, ServerPool, keys_on_every_node
 
 BOUND = 30.0
 
@@ -133,7 +133,7 @@ def test_replies_on_a_cluster_node_stay_in_step_after_an_error_reply(
     echo = echo_script()
     failing = LuaScript(f"-- {uuid.uuid4().hex}\nreturn redis.error_reply('refused by the script')")
     try:
-        keys = [new_key() for _ in range(12)]
+        keys = keys_on_every_node(new_key)
         for n, key in enumerate(keys):
             reply = adapter.run_script_durably(echo, key, [n], replicas=0, timeout_ms=1)
             assert reply == (str(n).encode(), 0)
