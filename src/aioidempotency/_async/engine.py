@@ -623,7 +623,9 @@ class IdempotencyEngine:
         """
         release = (self.persistence_store if watch is None else watch.store).release
         released = await self._retry("release", key, watch, release, key, owner=owner)
-        if released and watch is not None:
+        if released and watch is not None and not confirm:
+            # A release that failed, done now. (One that follows a claim whose fate
+            # is unknown is a precaution, not a decision of the call: not reported.)
             self._reporter.emit(EventKind.RELEASED, key, watch, detail="released in the background")
         if released and confirm:
             await sleep(_CONFIRM_RELEASE_DELAY)
