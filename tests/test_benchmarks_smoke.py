@@ -277,3 +277,24 @@ def test_batch_tool_compares_claim_ahead_and_powertools_in_one_run() -> None:
         assert float(row.split()[-2].rstrip("x")) > 0, row
     assert rows[-1].split()[-2] == "1.00x"  # the baseline against itself
     assert ("FLOOR MISSED" in completed.stdout) == (completed.returncode == 1)
+
+
+def test_threads_tool_compares_ours_powertools_and_the_floor() -> None:
+    command = ["-m", "benchmarks.threads", "--calls", "64", "--rounds", "2", "--threads", "4"]
+    completed = subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.splitlines()
+    for name in ("aioidempotency", "powertools", "floor"):
+        [row] = [line for line in lines if line.strip().startswith(name)]
+        assert len(row.split("rounds:")[1].split(" / ")) == 2, row  # one rate per round
+    [ratio] = [line for line in lines if line.startswith("ours / Powertools:")]
+    assert float(ratio.split()[-1].rstrip("x")) > 0
+    [rounds] = [line for line in lines if line.startswith("per round:")]
+    assert rounds.count("median") == 1
