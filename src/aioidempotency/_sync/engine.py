@@ -83,9 +83,11 @@ _CLEANUP_ATTEMPTS = 8
 """Attempts of a background release or completion before it gives up (the lease, or
 the expiry without one, then frees the key): 8 attempts back off over about 13 s."""
 _CLEANUP_FIRST_DELAY = 0.05
-_CONFIRM_RELEASE_DELAY = 1.0
+_CONFIRM_RELEASE_DELAYS = (1.0, 2.0)
 """After a claim whose outcome is unknown (it failed or timed out on the client, and
-may still land on the server), the release is sent once more after this delay."""
+may still land on the server), the release is sent again after each of these delays in
+turn (1 s, then 2 s more): a client that queues requests under load (glide holds them
+up to its request timeout) can send the claim after the first of them."""
 
 # The kinds a replay passes on every call, watched or not, read once: on CPython 3.11 an
 # enum member read from its class costs about as much as the rest of a cache hit's
@@ -338,7 +340,7 @@ class SyncIdempotencyEngine:
 
         A claim interrupted by a cancellation, or failed on the client (a timeout, a
         dropped connection), may have landed on the server or may still land there:
-        its owner-checked release is sent in the background, and once more a moment
+        its owner-checked release is sent in the background, and again twice
         later for a claim that lands late. A claim answered with our own record (a
         client resent it after losing the first reply) is a win.
         """
@@ -615,8 +617,8 @@ class SyncIdempotencyEngine:
     def _release_later(self, key: str, owner: str, confirm: bool, watch: Watch | None) -> None:
         """Release `owner`'s claim, retrying failures with backoff (bounded).
 
-        With `confirm`, release once more after `_CONFIRM_RELEASE_DELAY`: the claim
-        this follows may have been in flight on another connection and land late.
+        With `confirm`, release again after each of `_CONFIRM_RELEASE_DELAYS`: the
+        claim this follows may have been queued or in flight, and land late.
         """
         release = (self.persistence_store if watch is None else watch.store).release
         released = self._retry("release", key, watch, release, key, owner=owner)
@@ -625,8 +627,10 @@ class SyncIdempotencyEngine:
             # is unknown is a precaution, not a decision of the call: not reported.)
             self._reporter.emit(EventKind.RELEASED, key, watch, detail="released in the background")
         if released and confirm:
-            sleep(_CONFIRM_RELEASE_DELAY)
-            self._retry("release", key, watch, release, key, owner=owner)
+            for delay in _CONFIRM_RELEASE_DELAYS:
+                sleep(delay)
+                if not self._retry("release", key, watch, release, key, owner=owner):
+                    return
 
     def _complete_later(self, record: DataRecord, owner: str, watch: Watch | None) -> None:
         """Store a result whose completion was interrupted (retried, bounded)."""
