@@ -55,6 +55,7 @@ from aioidempotency.exceptions import (
     IdempotencyInvalidStatusError,
     IdempotencyKeyError,
     IdempotencyPersistenceLayerError,
+    IdempotencyPersistenceMisconfiguredError,
     IdempotencySerializationError,
     IdempotencyValidationError,
 )
@@ -361,7 +362,11 @@ class SyncIdempotencyEngine:
         except Exception as exc:
             error = store_error(message, key, exc)
             self._store_error(call, error, "the claim failed", CallOutcome.ERROR)
-            if not isinstance(exc, IdempotencyInvalidStatusError):  # else it did not land
+            # A record that cannot be read, or a store that refused the call as set up
+            # (a missing table, a denied write), wrote nothing: no release to send.
+            if not isinstance(
+                exc, IdempotencyInvalidStatusError | IdempotencyPersistenceMisconfiguredError
+            ):
                 self._background.spawn(self._release_later, key, owner, True, watch)
             if error is exc:
                 raise
