@@ -120,15 +120,20 @@ def test_smoke_run_writes_every_case_with_sane_fields(tmp_path: Path) -> None:
     assert meta["versions"]["valkey-server"]
 
 
-def _run_tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    completed = subprocess.run(
-        [sys.executable, "-m", module, "--smoke", *args],
+def _run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def _run_tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    completed = _run_module(module, "--smoke", *args)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed
 
@@ -258,15 +263,7 @@ def test_overhead_comparison_runs_every_case_and_profiles_the_decorated_ones(
 
 
 def test_batch_tool_compares_claim_ahead_and_powertools_in_one_run() -> None:
-    command = ["-m", "benchmarks.batch", "--batches", "2", "--rounds", "2", "--work-ms", "0"]
-    completed = subprocess.run(
-        [sys.executable, *command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    completed = _run_module("benchmarks.batch", "--batches", "2", "--rounds", "2", "--work-ms", "0")
     # exit status 1 is the floor missed (a printed verdict), anything else an error
     assert completed.returncode in (0, 1), completed.stderr[-3000:]
     rows = [line for line in completed.stdout.splitlines() if line.strip().startswith("0ms")]
@@ -280,14 +277,8 @@ def test_batch_tool_compares_claim_ahead_and_powertools_in_one_run() -> None:
 
 
 def test_threads_tool_compares_ours_powertools_and_the_floor() -> None:
-    command = ["-m", "benchmarks.threads", "--calls", "64", "--rounds", "2", "--threads", "4"]
-    completed = subprocess.run(
-        [sys.executable, *command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    completed = _run_module(
+        "benchmarks.threads", "--calls", "64", "--rounds", "2", "--threads", "4"
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.splitlines()
