@@ -20,7 +20,9 @@ from aioidempotency import (
     PersistenceLayer,
     store_from_url,
 )
+from aioidempotency._async.cache import CachePersistenceLayer
 from aioidempotency._async.engine import IdempotencyEngine
+from aioidempotency._async.glide import GlideCacheClient
 from aioidempotency._async.store import ClaimResult
 from aioidempotency._records import DataRecord, RecordStatus
 from aioidempotency.aws_lambda import LambdaHandlerError
@@ -34,6 +36,7 @@ from aioidempotency.batch import (
     process_batch,
     process_batch_sync,
 )
+from aioidempotency.events import EventKind
 from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
 from tests.aws_helpers import create_table
 from tests.batch_events import (
@@ -656,3 +659,58 @@ async def test_a_record_that_cannot_be_stored_does_not_halt_the_batch() -> None:
 
     response = await process_batch(batch(records), handle, persistence_store=store, concurrency=1)
     assert failed_ids(response) == [records[0]["messageId"]]
+
+
+@pytest.mark.parametrize("watched", [False, True])
+async def test_the_claims_of_a_batch_travel_together(
+    watched: bool, request: pytest.FixtureRequest
+) -> None:
+    real = store_from_url(_url_of("valkey_glide", request))  # pipelining: the default
+    assert isinstance(real, CachePersistenceLayer)
+    events: list[Any] = []
+    config = IdempotencyConfig(
+        event_key_jmespath="messageId", on_event=events.append if watched else None
+    )
+    runs: collections.Counter[str] = collections.Counter()
+
+    async def handle(record: SQSRecord) -> str:
+        runs[record.message_id] += 1
+        return "ok"
+
+    try:
+        # one record first: it opens the client of this loop
+        first = await process_batch(
+            batch([sqs_record({"n": -1})]), handle, persistence_store=real, config=config
+        )
+        assert first == {"batchItemFailures": []}
+        client = real._clients.current() if real._clients is not None else None
+        assert isinstance(client, GlideCacheClient)
+        together: list[int] = []
+        alone: list[str] = []
+        each, single = client.set_nx_get_each, client.set_nx_get
+
+        async def spy_each(claims: Any) -> Any:
+            together.append(len(claims))
+            return await each(claims)
+
+        async def spy_single(name: str, value: str, *, ex: int) -> Any:
+            alone.append(name)
+            return await single(name, value, ex=ex)
+
+        client.set_nx_get_each = spy_each  # type: ignore[method-assign]
+        client.set_nx_get = spy_single  # type: ignore[method-assign]
+        records = [sqs_record({"n": n}) for n in range(20)]
+        for _ in range(2):  # a delivery, then a redelivery that replays every record
+            response = await process_batch(
+                batch(records), handle, persistence_store=real, config=config, concurrency=2
+            )
+            assert response == {"batchItemFailures": []}
+        assert len(runs) == 21
+        assert set(runs.values()) == {1}
+        if watched:  # each claim is its call's own round trip, reported with it
+            assert (together, len(alone)) == ([], 40)
+            assert sum(e.kind is EventKind.CLAIMED for e in events) == 21
+        else:  # the 20 claims of each delivery in one batch
+            assert (together, alone) == ([20, 20], [])
+    finally:
+        await real.aclose()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aioidempotency._config import IdempotencyConfig, LambdaContextLike, registered_lambda_context
+from aioidempotency._contract import ClaimResult
 from aioidempotency._events import Watch
 from aioidempotency._keys import (
     default_key_prefix,
@@ -22,6 +23,7 @@ from aioidempotency._keys import (
     select_key_data,
     select_validation_data,
 )
+from aioidempotency._records import DataRecord
 from aioidempotency.exceptions import IdempotencyKeyError
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "DISABLED_MESSAGE",
     "IdempotencyDisabledWarning",
     "PreparedCall",
+    "SentClaim",
     "idempotency_key",
     "is_disabled",
     "is_durable_replay",
@@ -93,6 +96,17 @@ class PreparedCall:
     lambda_context: LambdaContextLike | None
     durable_replay: bool = False
     watch: Watch | None = dataclasses.field(default=None, compare=False, repr=False)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class SentClaim:
+    """The first claim of a call, sent ahead of it with others
+    (`IdempotencyEngine.claim_each`): the in-progress `record` and what the store
+    answered, or how the claim failed. `taken` once the call's `run_prepared` has it."""
+
+    record: DataRecord
+    outcome: ClaimResult | Exception
+    taken: bool = False
 
 
 def key_prefix_of(key_prefix: str | None, key_source: Callable[..., Any] | None) -> str:

@@ -46,7 +46,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
 
-from aioidempotency._async.engine import IdempotencyEngine, PreparedCall
+from aioidempotency._async.engine import IdempotencyEngine, PreparedCall, SentClaim
 from aioidempotency._async.store import PersistenceLayer
 from aioidempotency._config import IdempotencyConfig
 from aioidempotency._handlers import lambda_context_of
@@ -336,6 +336,7 @@ RecordHandler = Callable[[Any], Any]
 class _Outcome:
     record: Record
     call: PreparedCall | None = None  # None: no key (runs unprotected) or `error`
+    claim: SentClaim | None = None  # its first claim, sent ahead with others
     ok: bool = False
     error: BaseException | None = None
     holds_slot: bool = False  # a handler slot, held until the record's result is stored
@@ -463,6 +464,9 @@ async def process_batch(
             try:
                 if outcome.call is None:
                     await handle(outcome)
+                elif outcome.claim is not None:  # its answer decides, as a replay's would
+                    run = functools.partial(handle, outcome)
+                    await engine.run_prepared(outcome.call, run, claim=outcome.claim)
                 else:
                     hit, _ = engine.replay_from_cache(outcome.call)
                     if not hit:
@@ -491,23 +495,38 @@ async def process_batch(
     groups: dict[str | None, list[_Outcome]] = {}
     for outcome in outcomes:
         groups.setdefault(_order_key(outcome.record, fifo), []).append(outcome)
-    jobs: list[Awaitable[None]] = []
+    jobs: list[Callable[[], Awaitable[None]]] = []  # started once the claims are sent
     copies: dict[str, list[_Outcome]] = {}  # unordered records, by key
     for order, group in groups.items():
         if order is not None:
-            jobs.append(run_in_order(group))
+            jobs.append(functools.partial(run_in_order, group))
             continue
         for outcome in group:
             if outcome.call is None:
-                jobs.append(run_one(outcome))
+                jobs.append(functools.partial(run_one, outcome))
             elif outcome.call.key in copies:
                 copies[outcome.call.key].append(outcome)
             else:
                 copies[outcome.call.key] = [outcome]
-                jobs.append(run_each(copies[outcome.call.key]))
+                jobs.append(functools.partial(run_each, copies[outcome.call.key]))
+    # The first records that may hold a claim (`concurrency + claim_ahead`) claim
+    # together, in one round trip where the store allows: the unordered ones whose key
+    # no other record of the batch claims first. (Records watched by a listener claim
+    # on their own, so that each claim is reported as its call's round trip.)
+    ahead = [
+        copies[0]
+        for copies in copies.values()
+        if copies[0].call is not None and copies[0].call.watch is None
+    ][: concurrency + claim_ahead if claim_ahead else 0]
+    sent: list[SentClaim] = []
     try:
-        await _gather_all(jobs)
+        if len(ahead) > 1:
+            sent = await engine.claim_each([outcome.call for outcome in ahead if outcome.call])
+            for outcome, claim in zip(ahead, sent, strict=True):
+                outcome.claim = claim
+        await _gather_all(job() for job in jobs)
     finally:
+        engine.abandon(sent)  # those whose record never started (a cancellation)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
     return _response(kind, outcomes)

@@ -17,7 +17,7 @@ import dataclasses
 import inspect
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from aioidempotency._async.cache_clients import CacheClient, ScriptingCacheClient, adapt
@@ -679,6 +679,27 @@ class CachePersistenceLayer(PersistenceLayer):
         expiry, owner = record.expiry_timestamp, record.owner or ""
         return await self._run("claim", key, self._path.claim, key, text, expiry, now, owner)
 
+    # begin async-only
+    async def claim_each(
+        self, records: Sequence[DataRecord], *, now: float
+    ) -> list[ClaimResult | Exception]:
+        """The claims of `records` in one round trip where the client pipelines (the
+        atomic path's ``SET NX GET`` of each, in one batch), retried as a whole after
+        a transient failure (a claim resent by its owner is recognised as won)."""
+        if len(records) < 2 or not isinstance(self._path, AtomicPath):
+            return await super().claim_each(records, now=now)
+        claims = [
+            (
+                record.idempotency_key,
+                self.attributes.to_json(record),
+                record.expiry_timestamp,
+                record.owner or "",
+            )
+            for record in records
+        ]
+        return await self._run("claim", claims[0][0], self._path.claim_each, claims, now)
+
+    # end async-only
     async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
         raw = await self._run("get", key, read, key)
         if raw is None:

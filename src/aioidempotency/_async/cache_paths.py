@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 
 from aioidempotency._async.cache_clients import CacheClient, ScriptingCacheClient
+from aioidempotency._async.concurrency import outcomes  # async-only
 from aioidempotency._async.store import ClaimResult
 from aioidempotency._cache_errors import (
     SYNTAX,
@@ -198,6 +199,53 @@ class AtomicPath:
                 return ClaimResult(claimed=False, existing=existing)
             expected = fingerprint(raw)
 
+    # begin async-only
+    async def claim_each(
+        self, client: CacheClient, claims: Sequence[tuple[str, str, int, str]], now: float
+    ) -> list[ClaimResult | Exception]:
+        """`claim` of each ``(key, text, expiry, owner)``, a claim's own failure in its
+        place. The plain claims go together (`set_nx_get_each`: one round trip on a
+        pipelining client); a claim that needs more (a record to take over, a server
+        without the plain form) then goes through `claim` on its own."""
+        results: list[ClaimResult | Exception | None] = [None] * len(claims)
+        if self.plain_claims and not self.wait_replicas and hasattr(client, "set_nx_get_each"):
+            replies = await cast(Any, client).set_nx_get_each(
+                [(key, text, max(1, expiry - int(now))) for key, text, expiry, _ in claims]
+            )
+            for index, ((key, *_), reply) in enumerate(zip(claims, replies, strict=True)):
+                results[index] = self._plain_outcome(key, reply, now)
+        rest = [index for index, result in enumerate(results) if result is None]
+        done = await outcomes(
+            self.claim(client, *claims[index][:3], now, claims[index][3]) for index in rest
+        )
+        for index, result in zip(rest, done, strict=True):
+            results[index] = result
+        return cast(list[ClaimResult | Exception], results)
+
+    def _plain_outcome(
+        self, key: str, reply: bytes | str | Exception | None, now: float
+    ) -> ClaimResult | Exception | None:
+        """What one ``SET NX GET`` of `claim_each` decided, or None when `claim` must
+        finish it (a record to take over; a server that refused the form)."""
+        if reply is None:
+            return ClaimResult(claimed=True)
+        if isinstance(reply, Exception):
+            kind = classify(reply)
+            if kind == WRONG_TYPE:
+                error = wrong_type(key)
+                error.__cause__ = reply
+                return error
+            if kind == SYNTAX:
+                self.plain_claims = False  # a server before 7.0: NX and GET do not combine
+                return None
+            return reply
+        try:
+            existing = self.attributes.from_json(key, reply)
+        except IdempotencyInvalidStatusError as exc:
+            return exc
+        return None if existing.is_claimable(now) else ClaimResult(False, existing)
+
+    # end async-only
     def complete(
         self, client: CacheClient, key: str, owner: str, text: str, expiry: int
     ) -> Awaitable[Any]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Generic, TypeVar, cast
 
 from typing_extensions import TypeVarTuple, Unpack
 
-__all__ = ["Background", "Cancelled", "Outcome", "scope", "shielded", "sleep"]
+__all__ = ["Background", "Cancelled", "Outcome", "outcomes", "scope", "shielded", "sleep"]
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -41,6 +41,17 @@ async def shielded(operation: Callable[[], Awaitable[T]]) -> T:
     except asyncio.CancelledError:
         task.add_done_callback(_log_failure)
         raise
+
+
+async def outcomes(calls: Iterable[Awaitable[T]]) -> list[T | Exception]:
+    """Await `calls` concurrently; each one's result, or its failure, in its place. (A
+    cancellation is raised, after the calls are cancelled.) Async only: it serves the
+    batch path, which the sync twin does not have."""
+    done = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in done:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome
+    return cast(list[T | Exception], done)
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
 from typing_extensions import TypeVarTuple, Unpack
@@ -25,6 +25,7 @@ from aioidempotency._calls import (
     DISABLED_MESSAGE,
     IdempotencyDisabledWarning,
     PreparedCall,
+    SentClaim,
     idempotency_key,
     is_disabled,
     is_durable_replay,
@@ -66,6 +67,7 @@ __all__ = [
     "IdempotencyDisabledWarning",
     "IdempotencyEngine",
     "PreparedCall",
+    "SentClaim",
     "is_disabled",
     "is_durable_replay",
 ]
@@ -230,8 +232,18 @@ class IdempotencyEngine:
         self._validate(call, cached.payload_hash)
         return True, self._replay(call, cached, _CACHE_HIT)
 
-    async def run_prepared(self, call: PreparedCall, fn: Callable[[], Awaitable[T]]) -> T:
-        """Claim, run and complete a call prepared by `prepare_call` (or replay it)."""
+    async def run_prepared(
+        self,
+        call: PreparedCall,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        claim: SentClaim | None = None,
+    ) -> T:
+        """Claim, run and complete a call prepared by `prepare_call` (or replay it).
+
+        ``claim`` is the call's first claim, already sent (the async engine's `claim_each`): it
+        goes on from the store's answer instead of claiming again.
+        """
         wait = self.config.wait_for_in_progress_seconds
         deadline = self._clock() + wait if wait > 0 else None
         inconsistent = 0
@@ -239,8 +251,13 @@ class IdempotencyEngine:
         seen: DataRecord | None = None  # the record last seen free, for TAKEN_OVER
         try:
             while True:
-                # A durable replay does not join the suspended invocation it replays.
-                flight = None if call.durable_replay else self._flights.find(call.key)
+                # A durable replay does not join the suspended invocation it replays; a
+                # claim sent ahead has its answer already.
+                flight = (
+                    None
+                    if call.durable_replay or claim is not None
+                    else self._flights.find(call.key)
+                )
                 if flight is not None:
                     record = await self._join(call, flight, deadline)
                     if record is not None:
@@ -250,8 +267,12 @@ class IdempotencyEngine:
                             EventKind.WAITED, call.key, watch, detail="the running call released it"
                         )
                     continue  # the owner released the key: try to claim it
-                in_progress = self._new_claim(call)
-                result = await self._claim(call, in_progress)
+                if claim is None:
+                    in_progress = self._new_claim(call)
+                    result = await self._claim(call, in_progress)
+                else:
+                    in_progress, sent, claim = claim.record, claim, None
+                    result = await self._claim(call, in_progress, sent)
                 if result.claimed:
                     if seen is not None:
                         self._taken_over(call, seen)
@@ -302,6 +323,38 @@ class IdempotencyEngine:
                 )
             raise
 
+    # begin async-only
+    async def claim_each(self, calls: Sequence[PreparedCall]) -> list[SentClaim]:
+        """Send the first claim of each of `calls` together, in one store operation
+        (`PersistenceLayer.claim_each`: one round trip on a pipelining cache store).
+
+        Each call then goes on with ``run_prepared(call, fn, claim=...)``; a claim no
+        call took (its call never started) must be handed to `abandon`. A failure of
+        the claims as a whole becomes each call's failed claim; if this is cancelled,
+        the claims, which may have landed, are released in the background.
+        """
+        records = [self._new_claim(call) for call in calls]
+        try:
+            answers = await self.persistence_store.claim_each(records, now=self._clock())
+        except Cancelled:
+            self._abandon(records)
+            raise
+        except Exception as exc:
+            answers = [exc] * len(records)
+        return [SentClaim(record, answer) for record, answer in zip(records, answers, strict=True)]
+
+    def abandon(self, claims: Iterable[SentClaim]) -> None:
+        """Release in the background the claims of `claim_each` that no call took."""
+        self._abandon(claim.record for claim in claims if not claim.taken)
+
+    def _abandon(self, records: Iterable[DataRecord]) -> None:
+        for record in records:
+            assert record.owner is not None
+            self._background.spawn(
+                self._release_later, record.idempotency_key, record.owner, True, None
+            )
+
+    # end async-only
     def idempotency_key(self, payload: Any, key_source: Callable[..., Any] | None = None) -> str:
         """The key a call with ``payload`` would use (for debugging and tools)."""
         prefix = key_prefix_of(self.key_prefix, key_source)
@@ -335,8 +388,11 @@ class IdempotencyEngine:
             owner=new_owner_token(),
         )
 
-    async def _claim(self, call: PreparedCall, record: DataRecord) -> ClaimResult:
-        """One claim round trip whose outcome is never lost.
+    async def _claim(
+        self, call: PreparedCall, record: DataRecord, sent: SentClaim | None = None
+    ) -> ClaimResult:
+        """One claim round trip whose outcome is never lost (`sent`: its answer, when
+        `claim_each` sent it ahead).
 
         A claim interrupted by a cancellation, or failed on the client (a timeout, a
         dropped connection), may have landed on the server or may still land there:
@@ -351,7 +407,13 @@ class IdempotencyEngine:
         # Each failure is reported before the release is spawned: the event counts the
         # round trips of the call so far, and the release is one more.
         try:
-            result = await store.claim(record, now=self._clock())
+            if sent is None:
+                result = await store.claim(record, now=self._clock())
+            else:
+                sent.taken = True
+                if isinstance(sent.outcome, Exception):
+                    raise sent.outcome.with_traceback(None)  # may be shared: no old frames
+                result = sent.outcome
         except Cancelled as exc:
             self._reporter.emit(
                 EventKind.CANCELLED, key, watch, outcome=CallOutcome.CANCELLED, error=exc

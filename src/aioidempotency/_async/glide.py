@@ -24,6 +24,7 @@ import sys
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
+from aioidempotency._async.concurrency import outcomes
 from aioidempotency._async.pipelining import DEFAULT_MAX_BATCH, Batcher
 from aioidempotency._cache_errors import DENIED, TRANSIENT, CacheAccessDeniedError, classify
 from aioidempotency._lua import LuaScript
@@ -74,6 +75,13 @@ def _client_loop(client: object) -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def _mapped(exc: Exception) -> IdempotencyPersistenceLayerError:
+    """`_map_error(exc)` with `exc` as its cause, for an error returned, not raised."""
+    error = _map_error(exc)
+    error.__cause__ = exc
+    return error
 
 
 def _map_error(exc: Exception) -> IdempotencyPersistenceLayerError:
@@ -340,6 +348,26 @@ class GlideCacheClient:
         except Exception as exc:
             raise _map_error(exc) from exc
         return old
+
+    async def set_nx_get_each(
+        self, claims: Sequence[tuple[str, str, int]]
+    ) -> list[bytes | Exception | None]:
+        """`set_nx_get` of each ``(name, value, ex)``, one reply per claim and a
+        command's error (mapped) in its place. With pipelining, all go as one batch, at
+        once; without (a cluster), each on its own, concurrently."""
+        self._check_loop()
+        if self.batcher is None:
+            return await outcomes(self.set_nx_get(name, value, ex=ex) for name, value, ex in claims)
+        commands = [
+            ["SET", name, value, "NX", "GET", "EX", str(int(ex))] for name, value, ex in claims
+        ]
+        try:
+            replies = await self.batcher.send_now(commands)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc) from exc
+        return [_mapped(reply) if isinstance(reply, Exception) else reply for reply in replies]
 
     async def delete(self, *names: str) -> int:
         """DEL `names`; the number of keys removed."""

@@ -75,6 +75,13 @@ class Batcher(Generic[_C]):
         finally:
             self._in_flight -= 1
 
+    async def send_now(self, commands: list[_C]) -> list[Any]:
+        """Send `commands` as one batch at once (not queued, counted like a flush): one
+        reply per command, an error reply as an exception instance in its place."""
+        self.batches += 1
+        self.commands += len(commands)
+        return await self.alone(self._send(commands))
+
     @property
     def queued(self) -> int:
         """Commands waiting for the next flush."""

@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from aioidempotency._async.concurrency import outcomes
 from aioidempotency._async.pipelining import DEFAULT_MAX_BATCH, Batcher
 from aioidempotency._cache_errors import TRANSIENT, classify
 from aioidempotency._lua import LuaScript
@@ -223,6 +224,20 @@ class RedisPyCacheClient:
             return batched
         old: bytes | str | None = await self._call("set", name, value, ex=ex, nx=True, get=True)
         return old
+
+    async def set_nx_get_each(
+        self, claims: Sequence[tuple[str, str, int]]
+    ) -> list[bytes | str | Exception | None]:
+        """`set_nx_get` of each ``(name, value, ex)``, one reply per claim and a
+        command's error in its place. With pipelining, all go as one pipeline, at once;
+        without (a cluster), each on its own, concurrently."""
+        if not self.auto_pipeline:
+            return await outcomes(self.set_nx_get(name, value, ex=ex) for name, value, ex in claims)
+        commands: list[_Command] = [
+            ("set", (name, value), {"ex": ex, "nx": True, "get": True})
+            for name, value, ex in claims
+        ]
+        return await self._batcher().send_now(commands)
 
     async def delete(self, *names: str) -> int:
         """DEL `names`."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 import abc
 import contextlib
 import time
+from collections.abc import Sequence  # async-only
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from typing_extensions import Self
 
+from aioidempotency._async.concurrency import outcomes  # async-only
 from aioidempotency._check import (
     ProbeFailed,
     StoreCheckReport,
@@ -54,6 +56,17 @@ class PersistenceLayer(abc.ABC):
         overwritten.
         """
 
+    # begin async-only
+    async def claim_each(
+        self, records: Sequence[DataRecord], *, now: float
+    ) -> list[ClaimResult | Exception]:
+        """`claim` of each record, in as few round trips as the store can: one outcome
+        per record, in order, a claim's failure in its place (a failure of the store
+        as a whole may be raised instead; a cancellation is raised). The default sends
+        them concurrently; a store that can send them together overrides it."""
+        return await outcomes(self.claim(record, now=now) for record in records)
+
+    # end async-only
     @abc.abstractmethod
     async def get(self, key: str, *, now: float | None = None) -> DataRecord | None:
         """Read the record under `key`, or None when there is none or it expired at

@@ -23,6 +23,7 @@ from aioidempotency._calls import (
     DISABLED_MESSAGE,
     IdempotencyDisabledWarning,
     PreparedCall,
+    SentClaim,
     idempotency_key,
     is_disabled,
     is_durable_replay,
@@ -66,6 +67,7 @@ __all__ = [
     "DISABLED_MESSAGE",
     "IdempotencyDisabledWarning",
     "PreparedCall",
+    "SentClaim",
     "SyncIdempotencyEngine",
     "is_disabled",
     "is_durable_replay",
@@ -231,8 +233,18 @@ class SyncIdempotencyEngine:
         self._validate(call, cached.payload_hash)
         return True, self._replay(call, cached, _CACHE_HIT)
 
-    def run_prepared(self, call: PreparedCall, fn: Callable[[], T]) -> T:
-        """Claim, run and complete a call prepared by `prepare_call` (or replay it)."""
+    def run_prepared(
+        self,
+        call: PreparedCall,
+        fn: Callable[[], T],
+        *,
+        claim: SentClaim | None = None,
+    ) -> T:
+        """Claim, run and complete a call prepared by `prepare_call` (or replay it).
+
+        ``claim`` is the call's first claim, already sent (the async engine's `claim_each`): it
+        goes on from the store's answer instead of claiming again.
+        """
         wait = self.config.wait_for_in_progress_seconds
         deadline = self._clock() + wait if wait > 0 else None
         inconsistent = 0
@@ -240,8 +252,13 @@ class SyncIdempotencyEngine:
         seen: DataRecord | None = None  # the record last seen free, for TAKEN_OVER
         try:
             while True:
-                # A durable replay does not join the suspended invocation it replays.
-                flight = None if call.durable_replay else self._flights.find(call.key)
+                # A durable replay does not join the suspended invocation it replays; a
+                # claim sent ahead has its answer already.
+                flight = (
+                    None
+                    if call.durable_replay or claim is not None
+                    else self._flights.find(call.key)
+                )
                 if flight is not None:
                     record = self._join(call, flight, deadline)
                     if record is not None:
@@ -251,8 +268,12 @@ class SyncIdempotencyEngine:
                             EventKind.WAITED, call.key, watch, detail="the running call released it"
                         )
                     continue  # the owner released the key: try to claim it
-                in_progress = self._new_claim(call)
-                result = self._claim(call, in_progress)
+                if claim is None:
+                    in_progress = self._new_claim(call)
+                    result = self._claim(call, in_progress)
+                else:
+                    in_progress, sent, claim = claim.record, claim, None
+                    result = self._claim(call, in_progress, sent)
                 if result.claimed:
                     if seen is not None:
                         self._taken_over(call, seen)
@@ -336,8 +357,11 @@ class SyncIdempotencyEngine:
             owner=new_owner_token(),
         )
 
-    def _claim(self, call: PreparedCall, record: DataRecord) -> ClaimResult:
-        """One claim round trip whose outcome is never lost.
+    def _claim(
+        self, call: PreparedCall, record: DataRecord, sent: SentClaim | None = None
+    ) -> ClaimResult:
+        """One claim round trip whose outcome is never lost (`sent`: its answer, when
+        `claim_each` sent it ahead).
 
         A claim interrupted by a cancellation, or failed on the client (a timeout, a
         dropped connection), may have landed on the server or may still land there:
@@ -352,7 +376,13 @@ class SyncIdempotencyEngine:
         # Each failure is reported before the release is spawned: the event counts the
         # round trips of the call so far, and the release is one more.
         try:
-            result = store.claim(record, now=self._clock())
+            if sent is None:
+                result = store.claim(record, now=self._clock())
+            else:
+                sent.taken = True
+                if isinstance(sent.outcome, Exception):
+                    raise sent.outcome.with_traceback(None)  # may be shared: no old frames
+                result = sent.outcome
         except Cancelled as exc:
             self._reporter.emit(
                 EventKind.CANCELLED, key, watch, outcome=CallOutcome.CANCELLED, error=exc

@@ -273,6 +273,46 @@ class AsyncStoreContract:
         assert again.existing.owner == record.owner
         assert await store.get(record.idempotency_key, now=now) == record
 
+    # begin async-only
+    async def test_claim_each_answers_each_record_as_claim_would(
+        self, store: PersistenceLayer, write_unusable_record: UnusableRecordWriter | None
+    ) -> None:
+        now = start()
+        orphan = await claimed(store, claim_of(new_key(), now), now)
+        later = now + LEASE_MS / 1000 + 1  # `orphan` is orphaned; the others are live
+        live = await claimed(store, claim_of(new_key(), later), later)
+        mine = await claimed(store, claim_of(new_key(), later), later)
+        _, done = await completed(store, later)
+        free = claim_of(new_key(), later)
+        takeover = claim_of(orphan.idempotency_key, later)
+        records = [
+            free,
+            claim_of(live.idempotency_key, later),
+            mine,  # sent again: the caller's own record comes back
+            claim_of(done.idempotency_key, later),
+            takeover,
+        ]
+        if write_unusable_record is not None:
+            await write_unusable_record(unusable := new_key())
+            records.append(claim_of(unusable, later))
+        answers = await store.claim_each(records, now=later)
+        assert len(answers) == len(records)
+        assert answers[0] == ClaimResult(claimed=True)
+        assert answers[1] == ClaimResult(claimed=False, existing=live)
+        assert answers[2] == ClaimResult(claimed=False, existing=mine)
+        refused = answers[3]
+        assert isinstance(refused, ClaimResult)
+        assert not refused.claimed
+        assert without_owner(refused.existing) == done
+        assert answers[4] == ClaimResult(claimed=True)
+        if write_unusable_record is not None:
+            assert isinstance(answers[5], IdempotencyInvalidStatusError), answers[5]
+        assert await store.get(free.idempotency_key, now=later) == free
+        assert await store.get(takeover.idempotency_key, now=later) == takeover
+        assert await store.get(live.idempotency_key, now=later) == live
+        assert await store.claim_each([], now=later) == []
+
+    # end async-only
     # -- get -------------------------------------------------------------------------------
 
     async def test_get_of_a_missing_key_is_none(self, store: PersistenceLayer) -> None:
