@@ -23,8 +23,9 @@ another: the first executes, the others replay its result.
 
 At most `concurrency` handlers run at once (a handler's slot is held until its
 result is stored); up to `claim_ahead` more records may already hold their claim while
-they wait for a slot, so that the claims of a batch travel together (one pipeline on a
-cache store) instead of one at a time. Once the store has failed in a batch, a record
+they wait for a slot: their claims are sent together before the handlers start (one
+batch on a pipelining cache store; `IdempotencyEngine.claim_each`) instead of one at a
+time. Once the store has failed in a batch, a record
 that was claimed before that failure is not started (`BatchHaltedError`): its result
 might not be storable, and running it could make its redelivery run it again.
 The key is the record's delivery identity unless the config's `event_key_jmespath`
