@@ -163,3 +163,25 @@ async def test_a_claim_sent_ahead_is_reported_as_the_calls_claim() -> None:
     claims = await engine.claim_each(calls)
     assert await engine.run_prepared(calls[0], lambda: _result("a"), claim=claims[0]) == "a"
     assert [event.kind for event in events] == [EventKind.CLAIMED, EventKind.COMPLETED]
+
+
+class ShortStore(InMemoryPersistenceLayer):
+    """A store of one's own whose `claim_each` writes every claim and answers one."""
+
+    async def claim_each(
+        self, records: Sequence[DataRecord], *, now: float
+    ) -> list[ClaimResult | Exception]:
+        answers = await super().claim_each(records, now=now)
+        return answers[:1]
+
+
+async def test_claims_answered_in_part_fail_each_call_and_are_released() -> None:
+    store = ShortStore()
+    engine = _engine(store)
+    calls = _calls(engine, ["a", "b"])
+    claims = await engine.claim_each(calls)
+    for call, claim in zip(calls, claims, strict=True):
+        with pytest.raises(IdempotencyPersistenceLayerError, match="answered 1 of 2"):
+            await engine.run_prepared(call, lambda: _result("ran"), claim=claim)
+    assert await engine.drain(BOUND)
+    assert all([await store.get(call.key) is None for call in calls])

@@ -336,6 +336,10 @@ class IdempotencyEngine:
         records = [self._new_claim(call) for call in calls]
         try:
             answers = await self.persistence_store.claim_each(records, now=self._clock())
+            if len(answers) != len(records):  # a store of one's own that lost some
+                raise IdempotencyPersistenceLayerError(
+                    f"claim_each answered {len(answers)} of {len(records)} claims"
+                )
         except Cancelled:
             self._abandon(records)
             raise
