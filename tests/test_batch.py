@@ -37,7 +37,10 @@ from aioidempotency.batch import (
     process_batch_sync,
 )
 from aioidempotency.events import EventKind
-from aioidempotency.exceptions import IdempotencyPersistenceConnectionError
+from aioidempotency.exceptions import (
+    IdempotencyClaimLostError,
+    IdempotencyPersistenceConnectionError,
+)
 from tests.aws_helpers import create_table
 from tests.batch_events import (
     batch,
@@ -707,10 +710,98 @@ async def test_the_claims_of_a_batch_travel_together(
             assert response == {"batchItemFailures": []}
         assert len(runs) == 21
         assert set(runs.values()) == {1}
-        if watched:  # each claim is its call's own round trip, reported with it
-            assert (together, len(alone)) == ([], 40)
-            assert sum(e.kind is EventKind.CLAIMED for e in events) == 21
-        else:  # the 20 claims of each delivery in one batch
-            assert (together, alone) == ([20, 20], [])
+        # the 20 claims of each delivery in one batch, none alone
+        assert (together, alone) == ([20, 20], [])
+        if watched:  # each call reports the shared claim as its own round trip
+            claimed = [e for e in events if e.kind is EventKind.CLAIMED]
+            assert len(claimed) == 21
+            assert all([t.operation for t in e.trips] == ["claim"] for e in claimed[1:])
+            assert all(e.round_trips == 1 for e in claimed[1:])
     finally:
         await real.aclose()
+
+
+class RenewalCountingStore(InMemoryPersistenceLayer):
+    """Counts the renewals sent for each key (landed or refused); `renewed` is set once
+    a key has had `target` of them."""
+
+    def __init__(self, target: int) -> None:
+        super().__init__()
+        self.target = target
+        self.renewals: collections.Counter[str] = collections.Counter()
+        self.renewed = asyncio.Event()
+        self.refused = asyncio.Event()  # a renewal found the claim lost
+
+    async def renew(self, record: DataRecord) -> None:
+        self.renewals[record.idempotency_key] += 1
+        if self.renewals[record.idempotency_key] >= self.target:
+            self.renewed.set()
+        try:
+            await super().renew(record)
+        except IdempotencyClaimLostError:
+            self.refused.set()
+            raise
+
+
+LEASE = 0.3
+
+
+async def test_a_claim_sent_ahead_is_renewed_while_its_record_waits() -> None:
+    # concurrency 1: the second record holds its claim while the first runs, for
+    # longer than the lease; its claim must not become free for another caller.
+    store = RenewalCountingStore(target=4)  # 4 renewals: past the claim's first lease
+    config = IdempotencyConfig(event_key_jmespath="messageId", in_progress_lease_seconds=LEASE)
+    records = [sqs_record({"n": n}) for n in range(2)]
+    engine = IdempotencyEngine(store, config, key_prefix="renewed")
+    waiting = engine.idempotency_key(records[1])
+    refused: list[bool] = []
+
+    async def handle(record: SQSRecord) -> str:
+        if record.message_id == records[0]["messageId"]:
+            await asyncio.wait_for(store.renewed.wait(), 10)
+            assert store.renewals[waiting] >= 4
+            rival = await IdempotencyEngine(store, config, key_prefix="renewed").claim_each(
+                [c for c in [engine.prepare_call(records[1], key_source=handle)] if c]
+            )
+            refused.append(not rival[0].outcome.claimed)  # type: ignore[union-attr]
+        return "ok"
+
+    response = await process_batch(
+        batch(records), handle, persistence_store=store, engine=engine, concurrency=1
+    )
+    assert response == {"batchItemFailures": []}
+    assert refused == [True]  # still held: renewed, not orphaned
+
+
+async def test_a_claim_taken_over_while_its_record_waits_is_not_run() -> None:
+    store = RenewalCountingStore(target=10**6)
+    config = IdempotencyConfig(event_key_jmespath="messageId", in_progress_lease_seconds=LEASE)
+    records = [sqs_record({"n": n}) for n in range(2)]
+    engine = IdempotencyEngine(store, config, key_prefix="lost")
+    waiting = engine.idempotency_key(records[1])
+    runs: list[str] = []
+
+    async def handle(record: SQSRecord) -> str:
+        runs.append(record.message_id)
+        if record.message_id == records[0]["messageId"]:
+            # An operator deletes the waiting record's claim and another caller claims
+            # the key; the next renewal finds the other owner.
+            assert await store.delete(waiting)
+            rival = IdempotencyEngine(store, config, key_prefix="lost")
+            call = rival.prepare_call(records[1], key_source=handle)
+            assert call is not None
+            [taken] = await rival.claim_each([call])
+            assert taken.outcome == ClaimResult(claimed=True)
+            await asyncio.wait_for(store.refused.wait(), 10)
+        return "ok"
+
+    response = await process_batch(
+        batch(records), handle, persistence_store=store, engine=engine, concurrency=1
+    )
+    # The second record's claim was lost before it started: it claimed again, found
+    # the rival's claim, and was reported failed (redelivered) without running.
+    assert runs == [records[0]["messageId"]]
+    assert failed_ids(response) == [records[1]["messageId"]]
+    held = await store.get(waiting)
+    assert held is not None
+    assert held.status is RecordStatus.INPROGRESS

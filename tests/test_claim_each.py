@@ -126,10 +126,11 @@ async def _ran(ran: list[str]) -> str:
     return "ok"
 
 
-async def test_cancelled_claims_are_released() -> None:
+async def test_cancelled_claims_are_released_and_reported() -> None:
+    events: list[IdempotencyEvent] = []
     store = CountingStore()
     store.block = True
-    engine = _engine(store)
+    engine = _engine(store, on_event=events.append)
     calls = _calls(engine, ["a", "b"])
     task = asyncio.ensure_future(engine.claim_each(calls))
     await asyncio.wait_for(store.landed.wait(), BOUND)
@@ -139,6 +140,9 @@ async def test_cancelled_claims_are_released() -> None:
         await task
     assert await engine.drain(BOUND)
     assert all([await store.get(call.key) is None for call in calls])
+    cancelled = [e for e in events if e.kind is EventKind.CANCELLED]
+    assert sorted(e.key or "" for e in cancelled) == sorted(call.key for call in calls)
+    assert all([t.error for t in e.trips] == ["CancelledError"] for e in cancelled)
 
 
 async def test_abandoned_claims_are_released_and_taken_ones_left() -> None:
@@ -147,7 +151,7 @@ async def test_abandoned_claims_are_released_and_taken_ones_left() -> None:
     calls = _calls(engine, ["kept", "dropped"])
     claims = await engine.claim_each(calls)
     assert await engine.run_prepared(calls[0], lambda: _result("kept"), claim=claims[0]) == "kept"
-    engine.abandon(claims)  # "dropped" never ran
+    await engine.abandon(claims)  # "dropped" never ran
     assert await engine.drain(BOUND)
     assert await store.get(calls[1].key) is None
     done = await store.get(calls[0].key)
@@ -163,6 +167,9 @@ async def test_a_claim_sent_ahead_is_reported_as_the_calls_claim() -> None:
     claims = await engine.claim_each(calls)
     assert await engine.run_prepared(calls[0], lambda: _result("a"), claim=claims[0]) == "a"
     assert [event.kind for event in events] == [EventKind.CLAIMED, EventKind.COMPLETED]
+    # the claim sent ahead is the call's first round trip, the completion its second
+    assert [[t.operation for t in event.trips] for event in events] == [["claim"], ["complete"]]
+    assert [event.round_trips for event in events] == [1, 2]
 
 
 class ShortStore(InMemoryPersistenceLayer):

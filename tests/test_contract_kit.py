@@ -127,6 +127,7 @@ CAUGHT = {
         "test_a_record_expired_at_now_is_taken_over[COMPLETED]",
         "test_a_record_orphaned_at_now_is_taken_over",
         "test_concurrent_takeovers_of_an_orphaned_claim_have_one_winner",
+        "test_claim_each_answers_each_record_as_claim_would",  # one record is a takeover
         # the setup of these takes a key over
         "test_complete_after_a_takeover_raises_claim_lost",
         "test_release_after_a_takeover_does_nothing",

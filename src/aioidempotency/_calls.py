@@ -102,11 +102,13 @@ class PreparedCall:
 class SentClaim:
     """The first claim of a call, sent ahead of it with others
     (`IdempotencyEngine.claim_each`): the in-progress `record` and what the store
-    answered, or how the claim failed. `taken` once the call's `run_prepared` has it."""
+    answered, or how the claim failed. `taken` once the call's `run_prepared` has it;
+    `lease`, the engine's lease that renews a won claim while its call waits."""
 
     record: DataRecord
     outcome: ClaimResult | Exception
     taken: bool = False
+    lease: object = None
 
 
 def key_prefix_of(key_prefix: str | None, key_source: Callable[..., Any] | None) -> str:

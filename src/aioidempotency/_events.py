@@ -311,6 +311,12 @@ class Watch:
         self.trips.append(_new_trip(RoundTrip, trip))
         return result
 
+    def shared(self, operation: str, sent: float, error: BaseException | None) -> None:
+        """Count a round trip this call shared with others (claims sent together), sent
+        at `sent` (the engine's clock) and ended now, failed with `error` if given."""
+        self.round_trips += 1
+        self._ended(operation, sent, error)
+
     def _ended(self, operation: str, sent: float, error: BaseException | None) -> None:
         name = None if error is None else type(error).__name__
         trip = (operation, sent - self.started, self._clock() - sent, name)

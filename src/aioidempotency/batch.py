@@ -340,7 +340,7 @@ class _Outcome:
     claim: SentClaim | None = None  # its first claim, sent ahead with others
     ok: bool = False
     error: BaseException | None = None
-    holds_slot: bool = False  # a handler slot, held until the record's result is stored
+    failures_at_claim: int = 0  # the batch's store failures when its claim was sent
 
 
 def _store_failed(exc: Exception) -> bool:
@@ -427,8 +427,6 @@ async def process_batch(
         )
     lambda_context = lambda_context_of(context)
     fifo = _is_fifo(records)
-    in_flight = asyncio.Semaphore(concurrency + claim_ahead)  # claimed or running
-    handler_slots = asyncio.Semaphore(concurrency)
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     if not inspect.iscoroutinefunction(record_handler):
         executor = concurrent.futures.ThreadPoolExecutor(
@@ -447,13 +445,10 @@ async def process_batch(
     store_failures = 0  # store errors seen by the records of this batch so far
 
     async def handle(outcome: _Outcome) -> Any:
-        claimed_after = store_failures
-        await handler_slots.acquire()
-        outcome.holds_slot = True  # `run_one` frees it once the result is stored
-        if store_failures != claimed_after:
+        if store_failures != outcome.failures_at_claim:
             raise BatchHaltedError(
                 f"record {outcome.record.item_identifier} was not started: the store "
-                "failed while it waited for a handler"
+                "failed after its claim"
             )
         return await call(outcome.record)
 
@@ -461,27 +456,29 @@ async def process_batch(
         nonlocal store_failures
         if outcome.error is not None:
             return  # its key could not be derived: reported failed, never run
-        async with in_flight:
-            try:
-                if outcome.call is None:
-                    await handle(outcome)
-                elif outcome.claim is not None:  # its answer decides, as a replay's would
-                    run = functools.partial(handle, outcome)
-                    await engine.run_prepared(outcome.call, run, claim=outcome.claim)
-                else:
-                    hit, _ = engine.replay_from_cache(outcome.call)
-                    if not hit:
-                        await engine.run_prepared(outcome.call, functools.partial(handle, outcome))
-            except Exception as exc:
-                if _store_failed(exc):
-                    store_failures += 1
-                _failed(outcome, exc)
+        try:
+            if outcome.call is None:
+                outcome.failures_at_claim = store_failures
+                await handle(outcome)
+            elif outcome.claim is not None:  # its answer decides, as a replay's would
+                run = functools.partial(handle, outcome)
+                await engine.run_prepared(outcome.call, run, claim=outcome.claim)
             else:
-                outcome.ok = True
-            finally:
-                if outcome.holds_slot:
-                    outcome.holds_slot = False
-                    handler_slots.release()
+                hit, _ = engine.replay_from_cache(outcome.call)
+                if not hit:
+                    outcome.failures_at_claim = store_failures
+                    await engine.run_prepared(outcome.call, functools.partial(handle, outcome))
+        except Exception as exc:
+            # A claim that failed among the claims sent together is not news to the
+            # records claimed with it: the store answered them in the same round trip.
+            failed_ahead = outcome.claim is not None and isinstance(
+                outcome.claim.outcome, Exception
+            )
+            if _store_failed(exc) and not failed_ahead:
+                store_failures += 1
+            _failed(outcome, exc)
+        else:
+            outcome.ok = True
 
     async def run_in_order(group: list[_Outcome]) -> None:
         for outcome in group:
@@ -496,7 +493,7 @@ async def process_batch(
     groups: dict[str | None, list[_Outcome]] = {}
     for outcome in outcomes:
         groups.setdefault(_order_key(outcome.record, fifo), []).append(outcome)
-    jobs: list[Callable[[], Awaitable[None]]] = []  # started once the claims are sent
+    jobs: list[Callable[[], Awaitable[None]]] = []
     copies: dict[str, list[_Outcome]] = {}  # unordered records, by key
     for order, group in groups.items():
         if order is not None:
@@ -512,22 +509,27 @@ async def process_batch(
                 jobs.append(functools.partial(run_each, copies[outcome.call.key]))
     # The first records that may hold a claim (`concurrency + claim_ahead`) claim
     # together, in one round trip where the store allows: the unordered ones whose key
-    # no other record of the batch claims first. (Records watched by a listener claim
-    # on their own, so that each claim is reported as its call's round trip.)
-    ahead = [
-        copies[0]
-        for copies in copies.values()
-        if copies[0].call is not None and copies[0].call.watch is None
-    ][: concurrency + claim_ahead if claim_ahead else 0]
+    # no other record of the batch claims first. The others claim once a slot is free.
+    ahead = [copies[0] for copies in copies.values() if copies[0].call is not None][
+        : concurrency + claim_ahead if claim_ahead else 0
+    ]
+    pending = iter(jobs)
+
+    async def slot() -> None:
+        """One of the `concurrency` handler slots: it takes the next job once its
+        record's result is stored (or its failure known)."""
+        for job in pending:
+            await job()
+
     sent: list[SentClaim] = []
     try:
         if len(ahead) > 1:
             sent = await engine.claim_each([outcome.call for outcome in ahead if outcome.call])
             for outcome, claim in zip(ahead, sent, strict=True):
                 outcome.claim = claim
-        await _gather_all(job() for job in jobs)
+        await _gather_all(slot() for _ in range(min(concurrency, len(jobs))))
     finally:
-        engine.abandon(sent)  # those whose record never started (a cancellation)
+        await engine.abandon(sent)  # those whose record never started (a cancellation)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
     return _response(kind, outcomes)

@@ -17,7 +17,13 @@ from typing import Any, TypeVar, cast
 
 from typing_extensions import TypeVarTuple, Unpack
 
-from aioidempotency._async.concurrency import Background, Cancelled, shielded, sleep
+from aioidempotency._async.concurrency import (
+    Background,
+    Cancelled,
+    outcomes,  # async-only
+    shielded,
+    sleep,
+)
 from aioidempotency._async.flights import Flight, Flights
 from aioidempotency._async.lease import Lease, Leases
 from aioidempotency._calls import (
@@ -267,18 +273,24 @@ class IdempotencyEngine:
                             EventKind.WAITED, call.key, watch, detail="the running call released it"
                         )
                     continue  # the owner released the key: try to claim it
+                kept: Lease | None = None  # the lease of a claim sent ahead
                 if claim is None:
                     in_progress = self._new_claim(call)
                     result = await self._claim(call, in_progress)
                 else:
                     in_progress, sent, claim = claim.record, claim, None
                     result = await self._claim(call, in_progress, sent)
+                    kept = cast("Lease | None", sent.lease)
+                    if kept is not None and kept.lost:
+                        # Taken over while the call waited to start: claim again.
+                        await kept.stop()
+                        continue
                 if result.claimed:
                     if seen is not None:
                         self._taken_over(call, seen)
                     elif watch is not None:
                         self._reporter.emit(EventKind.CLAIMED, call.key, watch)
-                    return await self._execute(call, in_progress, fn)
+                    return await self._execute(call, in_progress, fn, kept)
                 existing = result.existing
                 if existing is not None:
                     self._validate(call, existing.payload_hash)
@@ -329,27 +341,71 @@ class IdempotencyEngine:
         (`PersistenceLayer.claim_each`: one round trip on a pipelining cache store).
 
         Each call then goes on with ``run_prepared(call, fn, claim=...)``; a claim no
-        call took (its call never started) must be handed to `abandon`. A failure of
+        call took (its call never started) must be handed to `abandon`. A claim won
+        is renewed by the lease (calls without a Lambda context) while its call
+        waits; one taken over meanwhile is claimed again when its call starts. A failure of
         the claims as a whole becomes each call's failed claim; if this is cancelled,
         the claims, which may have landed, are released in the background.
         """
         records = [self._new_claim(call) for call in calls]
+        sent = self._clock()
+        watches = [(call.key, call.watch) for call in calls if call.watch is not None]
+        failure: BaseException | None = None
         try:
-            answers = await self.persistence_store.claim_each(records, now=self._clock())
+            answers = await self.persistence_store.claim_each(records, now=sent)
             if len(answers) != len(records):  # a store of one's own that lost some
                 raise IdempotencyPersistenceLayerError(
                     f"claim_each answered {len(answers)} of {len(records)} claims"
                 )
-        except Cancelled:
+        except Cancelled as exc:
+            failure = exc
             self._abandon(records)
             raise
         except Exception as exc:
+            failure = exc
             answers = [exc] * len(records)
-        return [SentClaim(record, answer) for record, answer in zip(records, answers, strict=True)]
+        finally:
+            for key, watch in watches:  # each call counts the shared round trip as its own
+                watch.shared("claim", sent, failure)
+                if isinstance(failure, Cancelled):
+                    self._reporter.emit(
+                        EventKind.CANCELLED,
+                        key,
+                        watch,
+                        outcome=CallOutcome.CANCELLED,
+                        error=failure,
+                    )
+        claims = [
+            SentClaim(record, answer) for record, answer in zip(records, answers, strict=True)
+        ]
+        for call, claim in zip(calls, claims, strict=True):
+            if _won(claim):  # renewed while its call waits to start
+                claim.lease = self._start_lease(call, claim.record)
+        return claims
 
-    def abandon(self, claims: Iterable[SentClaim]) -> None:
-        """Release in the background the claims of `claim_each` that no call took."""
-        self._abandon(claim.record for claim in claims if not claim.taken)
+    async def abandon(self, claims: Iterable[SentClaim]) -> None:
+        """Release the claims of `claim_each` that no call took (their calls never
+        started). A claim that was won is released now (in the background if that
+        fails), one whose fate is unknown in the background (it may still land); the
+        caller's cancellation does not interrupt it."""
+        untaken = [claim for claim in claims if not claim.taken]
+        self._abandon(c.record for c in untaken if isinstance(c.outcome, Exception))
+        won = [claim for claim in untaken if _won(claim)]
+        if won:
+            await shielded(functools.partial(self._release_now, won))
+
+    async def _release_now(self, claims: list[SentClaim]) -> None:
+        for claim in claims:
+            if claim.lease is not None:
+                await cast(Lease, claim.lease).stop()
+        records = [claim.record for claim in claims]
+        store = self.persistence_store
+        done = await outcomes(
+            store.release(record.idempotency_key, owner=record.owner or "") for record in records
+        )
+        self._abandon(
+            record for record, result in zip(records, done, strict=True) if result is not None
+        )
 
     def _abandon(self, records: Iterable[DataRecord]) -> None:
         for record in records:
@@ -525,12 +581,18 @@ class IdempotencyEngine:
     # -- running the function -----------------------------------------------------------
 
     async def _execute(
-        self, call: PreparedCall, claim: DataRecord, fn: Callable[[], Awaitable[T]]
+        self,
+        call: PreparedCall,
+        claim: DataRecord,
+        fn: Callable[[], Awaitable[T]],
+        lease: Lease | None = None,
     ) -> T:
+        """Run `fn` under `claim` (renewed by `lease`, started here when not given)."""
         owner = claim.owner
         assert owner is not None
         flight = self._flights.start(call.key, call.payload_hash)
-        lease = self._start_lease(call, claim)
+        if lease is None:
+            lease = self._start_lease(call, claim)
         try:
             try:
                 result = await fn()
@@ -837,6 +899,14 @@ class IdempotencyEngine:
             if record.status is RecordStatus.COMPLETED:
                 self._cache.put(record)
                 return record, None
+
+
+def _won(claim: SentClaim) -> bool:
+    """True when `claim` holds its key: written, or found as the caller's own."""
+    answer, owner = claim.outcome, claim.record.owner
+    if isinstance(answer, Exception):
+        return False
+    return answer.claimed or (owner is not None and is_own(answer, owner))
 
 
 def _freed(seen: DataRecord | None) -> str:

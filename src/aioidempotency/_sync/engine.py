@@ -44,7 +44,12 @@ from aioidempotency._errors import (
 from aioidempotency._events import CallOutcome, EventKind, Reporter, Watch, describe
 from aioidempotency._local_cache import LocalCache
 from aioidempotency._records import DataRecord, RecordStatus, new_owner_token
-from aioidempotency._sync.concurrency import Background, Cancelled, shielded, sleep
+from aioidempotency._sync.concurrency import (
+    Background,
+    Cancelled,
+    shielded,
+    sleep,
+)
 from aioidempotency._sync.flights import Flight, Flights
 from aioidempotency._sync.lease import Lease, Leases
 from aioidempotency._twins import StoreForSync, as_sync_store
@@ -268,18 +273,24 @@ class SyncIdempotencyEngine:
                             EventKind.WAITED, call.key, watch, detail="the running call released it"
                         )
                     continue  # the owner released the key: try to claim it
+                kept: Lease | None = None  # the lease of a claim sent ahead
                 if claim is None:
                     in_progress = self._new_claim(call)
                     result = self._claim(call, in_progress)
                 else:
                     in_progress, sent, claim = claim.record, claim, None
                     result = self._claim(call, in_progress, sent)
+                    kept = cast("Lease | None", sent.lease)
+                    if kept is not None and kept.lost:
+                        # Taken over while the call waited to start: claim again.
+                        kept.stop()
+                        continue
                 if result.claimed:
                     if seen is not None:
                         self._taken_over(call, seen)
                     elif watch is not None:
                         self._reporter.emit(EventKind.CLAIMED, call.key, watch)
-                    return self._execute(call, in_progress, fn)
+                    return self._execute(call, in_progress, fn, kept)
                 existing = result.existing
                 if existing is not None:
                     self._validate(call, existing.payload_hash)
@@ -489,11 +500,19 @@ class SyncIdempotencyEngine:
 
     # -- running the function -----------------------------------------------------------
 
-    def _execute(self, call: PreparedCall, claim: DataRecord, fn: Callable[[], T]) -> T:
+    def _execute(
+        self,
+        call: PreparedCall,
+        claim: DataRecord,
+        fn: Callable[[], T],
+        lease: Lease | None = None,
+    ) -> T:
+        """Run `fn` under `claim` (renewed by `lease`, started here when not given)."""
         owner = claim.owner
         assert owner is not None
         flight = self._flights.start(call.key, call.payload_hash)
-        lease = self._start_lease(call, claim)
+        if lease is None:
+            lease = self._start_lease(call, claim)
         try:
             try:
                 result = fn()
@@ -798,6 +817,14 @@ class SyncIdempotencyEngine:
             if record.status is RecordStatus.COMPLETED:
                 self._cache.put(record)
                 return record, None
+
+
+def _won(claim: SentClaim) -> bool:
+    """True when `claim` holds its key: written, or found as the caller's own."""
+    answer, owner = claim.outcome, claim.record.owner
+    if isinstance(answer, Exception):
+        return False
+    return answer.claimed or (owner is not None and is_own(answer, owner))
 
 
 def _freed(seen: DataRecord | None) -> str:
