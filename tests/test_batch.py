@@ -21,7 +21,7 @@ from aioidempotency import (
     store_from_url,
 )
 from aioidempotency._async.cache import CachePersistenceLayer
-from aioidempotency._async.engine import IdempotencyEngine
+from aioidempotency._async.engine import IdempotencyEngine, SentClaim
 from aioidempotency._async.glide import GlideCacheClient
 from aioidempotency._async.store import ClaimResult
 from aioidempotency._records import DataRecord, RecordStatus
@@ -778,8 +778,10 @@ async def test_a_claim_taken_over_while_its_record_waits_is_not_run() -> None:
     config = IdempotencyConfig(event_key_jmespath="messageId", in_progress_lease_seconds=LEASE)
     records = [sqs_record({"n": n}) for n in range(2)]
     engine = IdempotencyEngine(store, config, key_prefix="lost")
+    rival = IdempotencyEngine(store, config, key_prefix="lost")
     waiting = engine.idempotency_key(records[1])
     runs: list[str] = []
+    rivals: list[SentClaim] = []
 
     async def handle(record: SQSRecord) -> str:
         runs.append(record.message_id)
@@ -787,11 +789,10 @@ async def test_a_claim_taken_over_while_its_record_waits_is_not_run() -> None:
             # An operator deletes the waiting record's claim and another caller claims
             # the key; the next renewal finds the other owner.
             assert await store.delete(waiting)
-            rival = IdempotencyEngine(store, config, key_prefix="lost")
             call = rival.prepare_call(records[1], key_source=handle)
             assert call is not None
-            [taken] = await rival.claim_each([call])
-            assert taken.outcome == ClaimResult(claimed=True)
+            rivals.extend(await rival.claim_each([call]))
+            assert rivals[0].outcome == ClaimResult(claimed=True)
             await asyncio.wait_for(store.refused.wait(), 10)
         return "ok"
 
@@ -805,3 +806,5 @@ async def test_a_claim_taken_over_while_its_record_waits_is_not_run() -> None:
     held = await store.get(waiting)
     assert held is not None
     assert held.status is RecordStatus.INPROGRESS
+    await rival.abandon(rivals)  # the rival never ran: its claim and lease end here
+    assert await store.get(waiting) is None
