@@ -456,9 +456,10 @@ async def process_batch(
         nonlocal store_failures
         if outcome.error is not None:
             return  # its key could not be derived: reported failed, never run
+        if outcome.claim is None:  # it claims now, in its slot
+            outcome.failures_at_claim = store_failures
         try:
             if outcome.call is None:
-                outcome.failures_at_claim = store_failures
                 await handle(outcome)
             elif outcome.claim is not None:  # its answer decides, as a replay's would
                 run = functools.partial(handle, outcome)
@@ -466,7 +467,6 @@ async def process_batch(
             else:
                 hit, _ = engine.replay_from_cache(outcome.call)
                 if not hit:
-                    outcome.failures_at_claim = store_failures
                     await engine.run_prepared(outcome.call, functools.partial(handle, outcome))
         except Exception as exc:
             # A claim that failed among the claims sent together is not news to the

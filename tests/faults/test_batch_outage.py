@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from aioidempotency._async.engine import IdempotencyEngine
 from aioidempotency.batch import SQSRecord, process_batch
 from tests.batch_events import batch, failed_ids, sqs_record
 from tests.faults.rigs import TABLE, FaultRow, Rig
@@ -31,6 +33,52 @@ RECORDS = 12
 CONCURRENCY = 2
 FAULT_AT = 3
 """The store goes down as the third handler starts."""
+
+
+Delivery = Callable[[list[dict[str, Any]]], Awaitable[dict[str, Any]]]
+
+
+def _delivery(
+    rig: Rig,
+    engine: IdempotencyEngine,
+    handle: Callable[[SQSRecord], Awaitable[dict[str, Any]]],
+    row: FaultRow,
+) -> Delivery:
+    """Deliver raw records to `handle` as one batch through `rig`'s store (bounded),
+    counted as calls of `row`."""
+
+    async def deliver(raw: list[dict[str, Any]]) -> dict[str, Any]:
+        row.calls += len(raw)
+        return await asyncio.wait_for(
+            process_batch(
+                batch(raw),
+                handle,
+                persistence_store=rig.store,
+                engine=engine,
+                concurrency=CONCURRENCY,
+            ),
+            BOUND,
+        )
+
+    return deliver
+
+
+async def _until_done(
+    deliver: Delivery, records: list[dict[str, Any]], first: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Redeliver the records `first` reported failed until none fails (bounded); the
+    records still failing at the end."""
+    failed = set(failed_ids(first))
+    redelivered = [r for r in records if r["messageId"] in failed]
+    for _ in range(100):  # bounded: claims left by a fault end with their lease
+        if not redelivered:
+            break
+        again = await deliver(redelivered)
+        still = set(failed_ids(again))
+        redelivered = [r for r in redelivered if r["messageId"] in still]
+        if redelivered:
+            await asyncio.sleep(0.1)  # pacing of the redelivery loop, as SQS's visibility timeout
+    return redelivered
 
 
 async def test_store_down_while_records_wait_with_their_claims(rig: Rig) -> None:
@@ -51,20 +99,7 @@ async def test_store_down_while_records_wait_with_their_claims(rig: Rig) -> None
             started_in_outage.append(record.message_id)
         return {"n": record.json()["n"]}
 
-    async def deliver(raw: list[dict[str, Any]]) -> dict[str, Any]:
-        row.calls += len(raw)
-        response = await asyncio.wait_for(
-            process_batch(
-                batch(raw),
-                handle,
-                persistence_store=rig.store,
-                engine=engine,
-                concurrency=CONCURRENCY,
-            ),
-            BOUND,
-        )
-        return response
-
+    deliver = _delivery(rig, engine, handle, row)
     started = time.monotonic()
     first = await deliver(records)
     row.to_error = time.monotonic() - started
@@ -81,16 +116,8 @@ async def test_store_down_while_records_wait_with_their_claims(rig: Rig) -> None
     rig.proxy.pass_through()  # the server is back
     outage = False
     assert await engine.drain(BOUND), "background completions and releases still running"
-    redelivered = [r for r in records if r["messageId"] in failed]
-    for _ in range(100):  # bounded: claims left by the outage end with their lease
-        row.calls += len(redelivered)
-        again = await deliver(redelivered)
-        still = set(failed_ids(again))
-        redelivered = [r for r in redelivered if r["messageId"] in still]
-        if not redelivered:
-            break
-        await asyncio.sleep(0.1)  # pacing of the redelivery loop, as SQS's visibility timeout
-    assert not redelivered, f"still failing after the outage: {failed_ids(again)}"
+    left = await _until_done(deliver, records, first)
+    assert not left, f"still failing after the outage: {[r['messageId'] for r in left]}"
     row.to_recovery = time.monotonic() - started
 
     # The records the outage kept from starting ran exactly once, on redelivery.
@@ -109,24 +136,6 @@ async def test_store_down_while_records_wait_with_their_claims(rig: Rig) -> None
     )
 
 
-async def _until_done(
-    deliver: Any, records: list[dict[str, Any]], first: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Redeliver the records `first` reported failed until none fails (bounded); the
-    records still failing at the end."""
-    failed = set(failed_ids(first))
-    redelivered = [r for r in records if r["messageId"] in failed]
-    for _ in range(100):  # bounded: claims left by a fault end with their lease
-        if not redelivered:
-            break
-        again = await deliver(redelivered)
-        still = set(failed_ids(again))
-        redelivered = [r for r in redelivered if r["messageId"] in still]
-        if redelivered:
-            await asyncio.sleep(0.1)  # pacing of the redelivery loop, as SQS's visibility timeout
-    return redelivered
-
-
 @pytest.mark.parametrize("fault", ["reply lost", "store down"])
 async def test_the_claims_sent_together_meet_a_fault(rig: Rig, fault: str) -> None:
     engine = rig.engine(lease=LEASE, event_key_jmespath="messageId")
@@ -138,19 +147,7 @@ async def test_the_claims_sent_together_meet_a_fault(rig: Rig, fault: str) -> No
         executions[record.message_id] += 1
         return {"n": record.json()["n"]}
 
-    async def deliver(raw: list[dict[str, Any]]) -> dict[str, Any]:
-        row.calls += len(raw)
-        return await asyncio.wait_for(
-            process_batch(
-                batch(raw),
-                handle,
-                persistence_store=rig.store,
-                engine=engine,
-                concurrency=CONCURRENCY,
-            ),
-            BOUND,
-        )
-
+    deliver = _delivery(rig, engine, handle, row)
     started = time.monotonic()
     if fault == "reply lost":
         # The first request carrying a claim reaches the server; its reply is lost.

@@ -142,14 +142,25 @@ class AtomicPath:
             # makes it: at least a second.
             raw = await cast(Any, client).set_nx_get(key, text, ex=max(1, expiry - int(now)))
         except Exception as exc:
-            kind = classify(exc)
-            if kind == WRONG_TYPE:
-                raise wrong_type(key) from exc
-            if kind != SYNTAX:
+            error = self._plain_error(key, exc)
+            if error is None:
+                return False, None
+            if error is exc:
                 raise
-            self.plain_claims = False  # a server before 7.0: NX and GET do not combine
-            return False, None
+            raise error from exc
         return True, raw
+
+    def _plain_error(self, key: str, exc: Exception) -> Exception | None:
+        """What a failed ``SET NX GET`` on `key` reports (`exc`, or the record's wrong
+        type), or None when the server does not know the command's form (the layer
+        then claims with the script from now on)."""
+        kind = classify(exc)
+        if kind == WRONG_TYPE:
+            return wrong_type(key)
+        if kind == SYNTAX:
+            self.plain_claims = False  # a server before 7.0: NX and GET do not combine
+            return None
+        return exc
 
     async def claim(
         self, client: CacheClient, key: str, text: str, expiry: int, now: float, owner: str
@@ -230,15 +241,10 @@ class AtomicPath:
         if reply is None:
             return ClaimResult(claimed=True)
         if isinstance(reply, Exception):
-            kind = classify(reply)
-            if kind == WRONG_TYPE:
-                error = wrong_type(key)
+            error = self._plain_error(key, reply)
+            if error is not None and error is not reply:
                 error.__cause__ = reply
-                return error
-            if kind == SYNTAX:
-                self.plain_claims = False  # a server before 7.0: NX and GET do not combine
-                return None
-            return reply
+            return error
         try:
             existing = self.attributes.from_json(key, reply)
         except IdempotencyInvalidStatusError as exc:

@@ -901,6 +901,7 @@ class IdempotencyEngine:
                 return record, None
 
 
+# begin async-only
 def _won(claim: SentClaim) -> bool:
     """True when `claim` holds its key: written, or found as the caller's own."""
     answer, owner = claim.outcome, claim.record.owner
@@ -909,6 +910,7 @@ def _won(claim: SentClaim) -> bool:
     return answer.claimed or (owner is not None and is_own(answer, owner))
 
 
+# end async-only
 def _freed(seen: DataRecord | None) -> str:
     """How a key a duplicate waited for became free."""
     if seen is None:

@@ -140,14 +140,25 @@ class AtomicPath:
             # makes it: at least a second.
             raw = cast(Any, client).set_nx_get(key, text, ex=max(1, expiry - int(now)))
         except Exception as exc:
-            kind = classify(exc)
-            if kind == WRONG_TYPE:
-                raise wrong_type(key) from exc
-            if kind != SYNTAX:
+            error = self._plain_error(key, exc)
+            if error is None:
+                return False, None
+            if error is exc:
                 raise
-            self.plain_claims = False  # a server before 7.0: NX and GET do not combine
-            return False, None
+            raise error from exc
         return True, raw
+
+    def _plain_error(self, key: str, exc: Exception) -> Exception | None:
+        """What a failed ``SET NX GET`` on `key` reports (`exc`, or the record's wrong
+        type), or None when the server does not know the command's form (the layer
+        then claims with the script from now on)."""
+        kind = classify(exc)
+        if kind == WRONG_TYPE:
+            return wrong_type(key)
+        if kind == SYNTAX:
+            self.plain_claims = False  # a server before 7.0: NX and GET do not combine
+            return None
+        return exc
 
     def claim(
         self, client: SyncCacheClient, key: str, text: str, expiry: int, now: float, owner: str

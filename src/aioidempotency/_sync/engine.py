@@ -819,14 +819,6 @@ class SyncIdempotencyEngine:
                 return record, None
 
 
-def _won(claim: SentClaim) -> bool:
-    """True when `claim` holds its key: written, or found as the caller's own."""
-    answer, owner = claim.outcome, claim.record.owner
-    if isinstance(answer, Exception):
-        return False
-    return answer.claimed or (owner is not None and is_own(answer, owner))
-
-
 def _freed(seen: DataRecord | None) -> str:
     """How a key a duplicate waited for became free."""
     if seen is None:
