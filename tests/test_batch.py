@@ -10,6 +10,7 @@ import threading
 import time
 import types
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -574,6 +575,77 @@ async def test_cancelling_the_batch_releases_every_claim(concurrency: int) -> No
         assert await store.get(engine.idempotency_key(raw, hang)) is None
 
 
+class HeldSecondTrip(InMemoryPersistenceLayer):
+    """Its second `claim_each` lands its claims, then holds the reply back until
+    `reply` is set; `trips` are the sizes of the `claim_each` calls, `alone` the keys
+    claimed one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trips: list[int] = []
+        self.alone: list[str] = []
+        self.landed = asyncio.Event()
+        self.reply = asyncio.Event()
+
+    async def claim_each(
+        self, records: Sequence[DataRecord], *, now: float
+    ) -> list[ClaimResult | Exception]:
+        self.trips.append(len(records))
+        answers = [await super(HeldSecondTrip, self).claim(r, now=now) for r in records]
+        if len(self.trips) == 2:
+            self.landed.set()
+            await self.reply.wait()
+        return list(answers)
+
+    async def claim(self, record: DataRecord, *, now: float) -> ClaimResult:
+        self.alone.append(record.idempotency_key)
+        return await super().claim(record, now=now)
+
+
+async def test_the_second_claims_are_awaited_not_sent_again() -> None:
+    # concurrency 2: the first two records run on the first trip's answer; the other
+    # four wait for the second trip's, held back until both handlers have run.
+    store = HeldSecondTrip()
+    records = [sqs_record({"n": n}) for n in range(6)]
+    runs: list[str] = []
+
+    async def handle(record: SQSRecord) -> str:
+        runs.append(record.message_id)
+        if len(runs) == 2:
+            await asyncio.wait_for(store.landed.wait(), 10)
+            store.reply.set()
+        return "ok"
+
+    response = await process_batch(batch(records), handle, persistence_store=store, concurrency=2)
+    assert response == {"batchItemFailures": []}
+    assert (store.trips, store.alone) == ([2, 4], [])
+    assert sorted(runs) == sorted(r["messageId"] for r in records)
+
+
+async def test_cancelled_while_the_second_claims_travel_releases_them() -> None:
+    store = HeldSecondTrip()
+    engine = IdempotencyEngine(store, IdempotencyConfig(event_key_jmespath="messageId"))
+    records = [sqs_record({"n": n}) for n in range(6)]
+    started = asyncio.Event()
+
+    async def hang(record: SQSRecord) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(
+        process_batch(batch(records), hang, persistence_store=store, engine=engine, concurrency=2)
+    )
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.wait_for(store.landed.wait(), 10)  # landed; their answer is held back
+    keys = [engine.idempotency_key(raw, hang) for raw in records]
+    assert all([await store.get(key) is not None for key in keys])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)  # not held up by the reply still on its way
+    assert await engine.drain(10)  # claims of unknown fate are released in the background
+    assert [await store.get(key) for key in keys] == [None] * len(records)
+
+
 @pytest.mark.parametrize("backend", ["valkey_glide", "dynamodb"])
 def test_batch_on_real_stores(backend: str, request: pytest.FixtureRequest) -> None:
     real: PersistenceLayer = store_from_url(_url_of(backend, request))
@@ -710,8 +782,9 @@ async def test_the_claims_of_a_batch_travel_together(
             assert response == {"batchItemFailures": []}
         assert len(runs) == 21
         assert set(runs.values()) == {1}
-        # the 20 claims of each delivery in one batch, none alone
-        assert (together, alone) == ([20, 20], [])
+        # the 20 claims of each delivery in two batches (those of the first two slots,
+        # then the rest while they run), none alone
+        assert (together, alone) == ([2, 18, 2, 18], [])
         if watched:  # each call reports the shared claim as its own round trip
             claimed = [e for e in events if e.kind is EventKind.CLAIMED]
             assert len(claimed) == 21

@@ -23,9 +23,10 @@ another: the first executes, the others replay its result.
 
 At most `concurrency` handlers run at once (a handler's slot is held until its
 result is stored); up to `claim_ahead` more records may already hold their claim while
-they wait for a slot: their claims are sent together before the handlers start (one
-batch on a pipelining cache store; `IdempotencyEngine.claim_each`) instead of one at a
-time. Once the store has failed in a batch, a record
+they wait for a slot: their claims are sent together (`IdempotencyEngine.claim_each`;
+one batch on a pipelining cache store) instead of one at a time, in two trips: those of
+the first `concurrency` records, on whose answer the handlers start, then the others,
+while the first handlers run. Once the store has failed in a batch, a record
 that was claimed before that failure is not started (`BatchHaltedError`): its result
 might not be storable, and running it could make its redelivery run it again.
 The key is the record's delivery identity unless the config's `event_key_jmespath`
@@ -338,6 +339,7 @@ class _Outcome:
     record: Record
     call: PreparedCall | None = None  # None: no key (runs unprotected) or `error`
     claim: SentClaim | None = None  # its first claim, sent ahead with others
+    claiming: asyncio.Future[list[SentClaim]] | None = None  # sets `claim` when answered
     ok: bool = False
     error: BaseException | None = None
     failures_at_claim: int = 0  # the batch's store failures when its claim was sent
@@ -456,9 +458,11 @@ async def process_batch(
         nonlocal store_failures
         if outcome.error is not None:
             return  # its key could not be derived: reported failed, never run
-        if outcome.claim is None:  # it claims now, in its slot
-            outcome.failures_at_claim = store_failures
         try:
+            if outcome.claiming is not None:  # its claim is on the way
+                await asyncio.shield(outcome.claiming)
+            if outcome.claim is None:  # it claims now, in its slot
+                outcome.failures_at_claim = store_failures
             if outcome.call is None:
                 await handle(outcome)
             elif outcome.claim is not None:  # its answer decides, as a replay's would
@@ -508,11 +512,15 @@ async def process_batch(
                 copies[outcome.call.key] = [outcome]
                 jobs.append(functools.partial(run_each, copies[outcome.call.key]))
     # The first records that may hold a claim (`concurrency + claim_ahead`) claim
-    # together, in one round trip where the store allows: the unordered ones whose key
-    # no other record of the batch claims first. The others claim once a slot is free.
+    # together where the store allows: the unordered ones whose key no other record of
+    # the batch claims first. The first `concurrency` go in one round trip, on whose
+    # answer their handlers start; the rest in a second, which travels while they run.
+    # The others claim once a slot is free.
     ahead = [copies[0] for copies in copies.values() if copies[0].call is not None][
         : concurrency + claim_ahead if claim_ahead else 0
     ]
+    chunks = (ahead[:concurrency], ahead[concurrency:]) if len(ahead) > 1 else ()
+    claiming = [_claim_together(engine, chunk) for chunk in chunks if chunk]
     pending = iter(jobs)
 
     async def slot() -> None:
@@ -521,18 +529,35 @@ async def process_batch(
         for job in pending:
             await job()
 
-    sent: list[SentClaim] = []
     try:
-        if len(ahead) > 1:
-            sent = await engine.claim_each([outcome.call for outcome in ahead if outcome.call])
-            for outcome, claim in zip(ahead, sent, strict=True):
-                outcome.claim = claim
         await _gather_all(slot() for _ in range(min(concurrency, len(jobs))))
     finally:
+        for task in claiming:  # still on the way only if the batch was cancelled
+            task.cancel()  # the engine releases the claims it sent
+        answers = await asyncio.gather(*claiming, return_exceptions=True)
+        sent = [claim for each in answers if isinstance(each, list) for claim in each]
         await engine.abandon(sent)  # those whose record never started (a cancellation)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
     return _response(kind, outcomes)
+
+
+def _claim_together(
+    engine: IdempotencyEngine, outcomes: list[_Outcome]
+) -> asyncio.Task[list[SentClaim]]:
+    """Send the claims of `outcomes` in one store operation (`IdempotencyEngine.claim_each`),
+    as a task: each outcome's `claiming` is done once its `claim` is set."""
+
+    async def send() -> list[SentClaim]:
+        sent = await engine.claim_each([outcome.call for outcome in outcomes if outcome.call])
+        for outcome, claim in zip(outcomes, sent, strict=True):
+            outcome.claim = claim
+        return sent
+
+    task = asyncio.ensure_future(send())
+    for outcome in outcomes:
+        outcome.claiming = task
+    return task
 
 
 def _failed(outcome: _Outcome, exc: Exception) -> None:
