@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import enum
 import functools
+import gc
 import hashlib
 import json
 import random
@@ -26,6 +27,7 @@ from typing import Any
 import jmespath
 import jmespath.exceptions
 import jmespath.functions
+import jmespath.visitor
 import pydantic
 import pytest
 from aws_lambda_powertools.shared.json_encoder import Encoder as PowertoolsEncoder
@@ -634,6 +636,31 @@ def test_jmespath_options_replace_the_powertools_functions() -> None:
             key_prefix="p",
         ).idempotency_key({"body": "{}"})
     assert isinstance(caught.value.__cause__, jmespath.exceptions.UnknownFunctionError)
+
+
+def test_deriving_keys_leaves_no_garbage_for_the_collector() -> None:
+    # A key derived per call must not leave reference cycles behind: with many calls
+    # they set off the garbage collector's full passes over the whole heap.
+    engine = IdempotencyEngine(
+        InMemoryPersistenceLayer(),
+        IdempotencyConfig(
+            event_key_jmespath="powertools_json(body).order_id",
+            payload_validation_jmespath="amount",
+        ),
+        key_prefix="p",
+    )
+    payloads = [{"body": json.dumps({"order_id": f"o-{n}"}), "amount": n} for n in range(100)]
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage
+    try:
+        keys = {engine.idempotency_key(payload) for payload in payloads}
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, jmespath.visitor.TreeInterpreter)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert len(keys) == len(payloads)
+    assert left == []
 
 
 def test_key_prefix_replaces_the_derived_prefix() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import jmespath
 import jmespath.functions
 import jmespath.parser
+import jmespath.visitor
 
 from aioidempotency._config import IdempotencyConfig
 from aioidempotency._encoding import dumps_key_data
@@ -52,6 +53,15 @@ class PowertoolsFunctions(jmespath.functions.Functions):  # type: ignore[misc]
 @functools.lru_cache(maxsize=1)
 def _default_options() -> jmespath.Options:
     return jmespath.Options(custom_functions=PowertoolsFunctions())
+
+
+@functools.lru_cache(maxsize=1)
+def _default_interpreter() -> jmespath.visitor.TreeInterpreter:
+    """The interpreter of the default options, shared by every search that uses them:
+    `ParsedResult.search` builds one per call, and each leaves a reference cycle (its
+    method cache holds its bound methods) for the garbage collector to find, three
+    objects per key derived. It keeps no state between searches."""
+    return jmespath.visitor.TreeInterpreter(_default_options())
 
 
 def _options(config: IdempotencyConfig) -> jmespath.Options:
@@ -94,6 +104,8 @@ def _search(
     expression: jmespath.parser.ParsedResult, source: str, data: Any, config: IdempotencyConfig
 ) -> Any:
     try:
+        if not config.jmespath_options:
+            return _default_interpreter().visit(expression.parsed, data)
         return expression.search(data, options=_options(config))
     except Exception as exc:
         # e.g. powertools_json() of a missing body or of text that is not JSON
