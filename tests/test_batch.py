@@ -10,7 +10,7 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -551,17 +551,23 @@ async def _noop(record: Any) -> None:
     return None
 
 
-@pytest.mark.parametrize("concurrency", [10, 1])
-async def test_cancelling_the_batch_releases_every_claim(concurrency: int) -> None:
-    # concurrency 1: four of the five hold their claim waiting for the handler slot
-    store = OutstandingStore(target=5)
-    records = [sqs_record({"n": n}) for n in range(5)]
+def _hanging_handler() -> tuple[asyncio.Event, Callable[[SQSRecord], Awaitable[None]]]:
+    """A record handler that never returns, and the event it sets once it has started."""
     started = asyncio.Event()
 
     async def hang(record: SQSRecord) -> None:
         started.set()
         await asyncio.Event().wait()
 
+    return started, hang
+
+
+@pytest.mark.parametrize("concurrency", [10, 1])
+async def test_cancelling_the_batch_releases_every_claim(concurrency: int) -> None:
+    # concurrency 1: four of the five hold their claim waiting for the handler slot
+    store = OutstandingStore(target=5)
+    records = [sqs_record({"n": n}) for n in range(5)]
+    started, hang = _hanging_handler()
     task = asyncio.ensure_future(
         process_batch(batch(records), hang, persistence_store=store, concurrency=concurrency)
     )
@@ -626,12 +632,7 @@ async def test_cancelled_while_the_second_claims_travel_releases_them() -> None:
     store = HeldSecondTrip()
     engine = IdempotencyEngine(store, IdempotencyConfig(event_key_jmespath="messageId"))
     records = [sqs_record({"n": n}) for n in range(6)]
-    started = asyncio.Event()
-
-    async def hang(record: SQSRecord) -> None:
-        started.set()
-        await asyncio.Event().wait()
-
+    started, hang = _hanging_handler()
     task = asyncio.ensure_future(
         process_batch(batch(records), hang, persistence_store=store, engine=engine, concurrency=2)
     )
