@@ -339,7 +339,7 @@ class _Outcome:
     record: Record
     call: PreparedCall | None = None  # None: no key (runs unprotected) or `error`
     claim: SentClaim | None = None  # its first claim, sent ahead with others
-    claiming: asyncio.Future[list[SentClaim]] | None = None  # sets `claim` when answered
+    claiming: asyncio.Future[None] | None = None  # sets `claim` when answered
     ok: bool = False
     error: BaseException | None = None
     failures_at_claim: int = 0  # the batch's store failures when its claim was sent
@@ -534,25 +534,22 @@ async def process_batch(
     finally:
         for task in claiming:  # still on the way only if the batch was cancelled
             task.cancel()  # the engine releases the claims it sent
-        answers = await asyncio.gather(*claiming, return_exceptions=True)
-        sent = [claim for each in answers if isinstance(each, list) for claim in each]
+        await asyncio.gather(*claiming, return_exceptions=True)
+        sent = [outcome.claim for outcome in ahead if outcome.claim is not None]
         await engine.abandon(sent)  # those whose record never started (a cancellation)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
     return _response(kind, outcomes)
 
 
-def _claim_together(
-    engine: IdempotencyEngine, outcomes: list[_Outcome]
-) -> asyncio.Task[list[SentClaim]]:
+def _claim_together(engine: IdempotencyEngine, outcomes: list[_Outcome]) -> asyncio.Task[None]:
     """Send the claims of `outcomes` in one store operation (`IdempotencyEngine.claim_each`),
     as a task: each outcome's `claiming` is done once its `claim` is set."""
 
-    async def send() -> list[SentClaim]:
+    async def send() -> None:
         sent = await engine.claim_each([outcome.call for outcome in outcomes if outcome.call])
         for outcome, claim in zip(outcomes, sent, strict=True):
             outcome.claim = claim
-        return sent
 
     task = asyncio.ensure_future(send())
     for outcome in outcomes:

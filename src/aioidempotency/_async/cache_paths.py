@@ -152,11 +152,13 @@ class AtomicPath:
 
     def _plain_error(self, key: str, exc: Exception) -> Exception | None:
         """What a failed ``SET NX GET`` on `key` reports (`exc`, or the record's wrong
-        type), or None when the server does not know the command's form (the layer
-        then claims with the script from now on)."""
+        type with `exc` as its cause), or None when the server does not know the
+        command's form (the layer then claims with the script from now on)."""
         kind = classify(exc)
         if kind == WRONG_TYPE:
-            return wrong_type(key)
+            error = wrong_type(key)
+            error.__cause__ = exc
+            return error
         if kind == SYNTAX:
             self.plain_claims = False  # a server before 7.0: NX and GET do not combine
             return None
@@ -241,10 +243,7 @@ class AtomicPath:
         if reply is None:
             return ClaimResult(claimed=True)
         if isinstance(reply, Exception):
-            error = self._plain_error(key, reply)
-            if error is not None and error is not reply:
-                error.__cause__ = reply
-            return error
+            return self._plain_error(key, reply)
         try:
             existing = self.attributes.from_json(key, reply)
         except IdempotencyInvalidStatusError as exc:
